@@ -1,0 +1,96 @@
+// lowrank (PowerSGD): exact on low-rank matrices, converges to the best rank-r
+// approximation under warm start, handles every size and view.
+
+#include <Eigen/Dense>
+
+#include "tests/cpp/core/codec/test_util.h"
+
+namespace strait::core {
+namespace {
+
+using namespace testing;
+using Matrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+
+std::vector<float> lowRankMatrix(int rows, int cols, int rank, uint64_t seed) {
+  const auto a = gaussian(size_t(rows) * rank, seed);
+  const auto b = gaussian(size_t(cols) * rank, seed + 1);
+  Eigen::Map<const Matrix> A(a.data(), rows, rank), B(b.data(), cols, rank);
+  Matrix m = A * B.transpose();
+  return std::vector<float>(m.data(), m.data() + m.size());
+}
+
+double relError(const std::vector<float>& x, const std::vector<float>& y) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < x.size(); ++i) {
+    num += double(x[i] - y[i]) * (x[i] - y[i]);
+    den += double(x[i]) * x[i];
+  }
+  return den == 0 ? std::sqrt(num) : std::sqrt(num / den);
+}
+
+TEST(LowRank, RecoversAMatrixOfAtMostItsRankInOneStep) {
+  for (int rank : {1, 2, 4}) {
+    const auto x = lowRankMatrix(64, 48, rank, 10 + rank);
+    const Pipeline p = Pipeline::parse("lowrank(rank=" + std::to_string(rank) + ")");
+    const auto y = roundTrip(p, x, 3, TensorShape{{64, 48}});
+    EXPECT_LT(relError(x, y), 1e-4) << "rank " << rank;
+  }
+}
+
+TEST(LowRank, WarmStartConvergesToTheBestRankRApproximation) {
+  // A full-rank matrix with a clear spectral gap after the 4th singular value.
+  const int rows = 80, cols = 60, r = 4;
+  auto x = lowRankMatrix(rows, cols, r, 77);
+  const auto noise = gaussian(size_t(rows) * cols, 78, 0.05f);
+  for (size_t i = 0; i < x.size(); ++i) x[i] += noise[i];
+  // Reference: the truncated SVD (Eckart-Young optimum).
+  Eigen::Map<const Matrix> M(x.data(), rows, cols);
+  Eigen::JacobiSVD<Eigen::MatrixXf> svd(M, Eigen::ComputeThinU | Eigen::ComputeThinV);
+  Eigen::MatrixXf best = svd.matrixU().leftCols(r) * svd.singularValues().head(r).asDiagonal() *
+                         svd.matrixV().leftCols(r).transpose();
+  Matrix best_rm = best;
+  const std::vector<float> best_v(best_rm.data(), best_rm.data() + best_rm.size());
+  const double optimal = relError(x, best_v);
+
+  const Pipeline p = Pipeline::parse("lowrank(rank=4)");
+  CodecState st(5);
+  std::vector<uint8_t> payload;
+  std::vector<float> y(x.size());
+  double first = 0, last = 0;
+  for (int step = 0; step < 10; ++step) {
+    p.encode(x.data(), x.size(), TensorShape{{rows, cols}}, st, payload);
+    decode(payload.data(), payload.size(), y.data(), y.size());
+    last = relError(x, y);
+    if (step == 0) first = last;
+  }
+  EXPECT_LE(last, first + 1e-6);
+  EXPECT_LE(last, optimal * 1.01) << "optimal " << optimal;
+}
+
+TEST(LowRank, EverySizeDecodesFiniteAndShapesAreHonoured) {
+  const Pipeline p = Pipeline::parse("lowrank(rank=3)");
+  for (size_t n : allSizes()) {
+    const auto x = gaussian(n, n);
+    const auto y = roundTrip(p, x);
+    ASSERT_EQ(y.size(), n);
+    for (float v : y) ASSERT_TRUE(std::isfinite(v));
+    // Rank >= min(rows, cols) of the near-square view: exact up to rounding.
+    if (n > 0 && n <= 8) {
+      EXPECT_LT(relError(x, y), 1e-5) << n;
+    }
+  }
+  // A conv-like 4-D shape is viewed as [dims0, rest].
+  const auto x = lowRankMatrix(16, 3 * 3 * 4, 2, 9);
+  const auto y = roundTrip(Pipeline::parse("lowrank(rank=2)"), x, 1, TensorShape{{16, 4, 3, 3}});
+  EXPECT_LT(relError(x, y), 1e-4);
+}
+
+TEST(LowRank, PayloadIsRowsPlusColsTimesRank) {
+  const auto x = gaussian(1000 * 200, 1);
+  const auto payload = encodeOnce(Pipeline::parse("lowrank(rank=4) -> fp16"), x, 1,
+                                  TensorShape{{1000, 200}});
+  EXPECT_EQ(payload.size(), 16u + 12u + 8u + (1000u + 200u) * 4u * 2u);
+}
+
+}  // namespace
+}  // namespace strait::core

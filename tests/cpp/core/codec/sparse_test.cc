@@ -1,0 +1,162 @@
+// topk and randomk: exact selection against a reference, ties, index coding,
+// stratified random subsets.
+
+#include <set>
+
+#include "tests/cpp/core/codec/test_util.h"
+
+namespace strait::core {
+namespace {
+
+using namespace testing;
+
+std::vector<float> denseFrom(const std::vector<float>& x, const std::vector<size_t>& keep) {
+  std::vector<float> y(x.size(), 0.0f);
+  for (size_t i : keep) y[i] = x[i];
+  return y;
+}
+
+class TopKExact : public ::testing::TestWithParam<const char*> {};
+
+TEST_P(TopKExact, KeepsExactlyTheKLargestMagnitudes) {
+  const std::string method = GetParam();
+  // 300,000 values exercise the sampled threshold (it samples only above 262,144).
+  for (size_t n : {size_t{0}, size_t{1}, size_t{2}, size_t{129}, size_t{1000}, size_t{300000}}) {
+    for (double ratio : {0.001, 0.01, 0.3, 1.0}) {
+      const auto x = gaussian(n, n + size_t(ratio * 1000));
+      const Pipeline p = Pipeline::parse("topk(ratio=" + std::to_string(ratio) +
+                                         ", method=" + method + ")");
+      const size_t k = n == 0 ? 0 : std::min(n, std::max<size_t>(1, size_t(std::ceil(ratio * n))));
+      const auto y = roundTrip(p, x);
+      ASSERT_EQ(y, denseFrom(x, referenceTopK(x, k))) << "n=" << n << " ratio=" << ratio;
+    }
+  }
+}
+
+TEST_P(TopKExact, TiesGoToTheLowerIndex) {
+  const std::string method = GetParam();
+  // Magnitudes from a tiny set, signs mixed: most of the k-th magnitude's
+  // values are ties, and +1 and -1 count as equal.
+  for (size_t n : {size_t{50}, size_t{300000}}) {
+    std::vector<float> x(n);
+    for (size_t i = 0; i < n; ++i) {
+      const int m = int((i * 7919) % 5);
+      x[i] = float(m) * ((i % 3 == 0) ? -1.0f : 1.0f);
+    }
+    for (size_t k : {size_t{1}, n / 10, n / 5 + 3, n - 1}) {
+      const Pipeline p = Pipeline::parse("topk(count=" + std::to_string(k) + ", method=" + method + ")");
+      ASSERT_EQ(roundTrip(p, x), denseFrom(x, referenceTopK(x, k))) << "n=" << n << " k=" << k;
+    }
+  }
+}
+
+TEST_P(TopKExact, AllEqualAndAllZeroInputs) {
+  const std::string method = GetParam();
+  for (float v : {0.0f, 2.5f}) {
+    std::vector<float> x(300000, v);
+    const Pipeline p = Pipeline::parse("topk(0.01, method=" + method + ")");
+    const auto y = roundTrip(p, x);
+    EXPECT_EQ(y, denseFrom(x, referenceTopK(x, 3000)));
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Methods, TopKExact, ::testing::Values("sample", "radix"));
+
+TEST(TopK, CountLargerThanTensorKeepsEverything) {
+  const auto x = gaussian(10, 3);
+  EXPECT_EQ(roundTrip(Pipeline::parse("topk(count=50)"), x), x);
+  EXPECT_EQ(roundTrip(Pipeline::parse("topk(1000)"), x), x);  // integer literal: a count
+}
+
+TEST(TopK, FarApartIndicesUseWideDeltas) {
+  // Two spikes 10 million apart: the delta needs 24 bits.
+  std::vector<float> x(10000001, 0.0f);
+  x[0] = 5.0f;
+  x[10000000] = -7.0f;
+  const auto payload = encodeOnce(Pipeline::parse("topk(count=2)"), x);
+  const auto y = decodeAll(payload, x.size());
+  EXPECT_EQ(y[0], 5.0f);
+  EXPECT_EQ(y[10000000], -7.0f);
+  EXPECT_LT(payload.size(), 64u);
+}
+
+TEST(TopK, IndicesCostAboutLogOfTheGapBits) {
+  // At 1% density the indices take about log2(100) + 1 bits each and the
+  // int8 values 8 + 32/256: together well under 0.2 bits per input value.
+  const size_t n = 1 << 20;
+  const auto x = gaussian(n, 99);
+  const auto payload = encodeOnce(Pipeline::parse("topk(0.01) -> int8"), x);
+  const double bits_per_value = 8.0 * double(payload.size()) / double(n);
+  EXPECT_LT(bits_per_value, 0.2) << payload.size() << " bytes";
+  const auto fp32 = encodeOnce(Pipeline::parse("topk(0.01)"), x);
+  const double index_bits = 8.0 * double(fp32.size() - 16 - 8 - 8 - 4 * 10486) / 10486;
+  EXPECT_LT(index_bits, 10.0);
+}
+
+TEST(TopK, QuantisedValuesLandOnTheTopKPositions) {
+  const auto x = gaussian(5000, 5);
+  const auto y = roundTrip(Pipeline::parse("topk(0.02) -> int8"), x);
+  const auto keep = referenceTopK(x, 100);
+  std::set<size_t> kept(keep.begin(), keep.end());
+  float amax = 0;
+  for (size_t i : keep) amax = std::max(amax, std::fabs(x[i]));
+  for (size_t i = 0; i < x.size(); ++i) {
+    if (kept.count(i)) {
+      EXPECT_NEAR(y[i], x[i], amax / 127 * 0.5f + 1e-6f);
+    } else {
+      EXPECT_EQ(y[i], 0.0f);
+    }
+  }
+}
+
+TEST(RandomK, KeepsExactlyKDistinctValuesUnchanged) {
+  for (size_t n : {size_t{1}, size_t{7}, size_t{1000}, size_t{100003}}) {
+    for (double ratio : {0.01, 0.5, 1.0}) {
+      auto x = gaussian(n, n);
+      for (auto& v : x) v = std::fabs(v) + 1.0f;  // nonzero, so kept positions are visible
+      const Pipeline p = Pipeline::parse("randomk(ratio=" + std::to_string(ratio) + ")");
+      const auto y = roundTrip(p, x, 42);
+      const size_t k = std::min(n, std::max<size_t>(1, size_t(std::ceil(ratio * n))));
+      size_t kept = 0;
+      for (size_t i = 0; i < n; ++i) {
+        if (y[i] != 0.0f) {
+          ++kept;
+          ASSERT_EQ(y[i], x[i]);
+        }
+      }
+      EXPECT_EQ(kept, k) << "n=" << n << " ratio=" << ratio;
+    }
+  }
+}
+
+TEST(RandomK, SubsetChangesEveryStepAndCoversPositionsUniformly) {
+  const size_t n = 1000, steps = 2000;
+  std::vector<float> x(n, 1.0f);
+  const Pipeline p = Pipeline::parse("randomk(0.1)");
+  CodecState st(7);
+  std::vector<uint8_t> payload;
+  std::vector<int> hits(n, 0);
+  std::vector<float> y(n);
+  std::vector<float> previous;
+  for (size_t s = 0; s < steps; ++s) {
+    p.encode(x.data(), n, st, payload);
+    decode(payload.data(), payload.size(), y.data(), n);
+    EXPECT_NE(y, previous);
+    previous = y;
+    for (size_t i = 0; i < n; ++i) hits[i] += y[i] != 0.0f;
+  }
+  // Each position is kept with probability 0.1: 200 expected hits, sd ~13.4.
+  for (size_t i = 0; i < n; ++i) {
+    EXPECT_GT(hits[i], 200 - 70) << i;
+    EXPECT_LT(hits[i], 200 + 70) << i;
+  }
+}
+
+TEST(RandomK, PayloadCarriesNoIndices) {
+  const auto x = gaussian(100000, 1);
+  const auto payload = encodeOnce(Pipeline::parse("randomk(0.01)"), x);
+  EXPECT_EQ(payload.size(), 16u + 16u + 8u + 1000u * 4u);
+}
+
+}  // namespace
+}  // namespace strait::core
