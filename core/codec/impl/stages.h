@@ -76,6 +76,10 @@ class ValueSection {
   uint64_t count() const { return count_; }
 
  private:
+  // Copies values [at, at + len) of a float kind into raw (4- or 2-byte
+  // words) and throws ProtocolError if any is NaN or Inf.
+  void loadCheckedChunk(size_t at, size_t len, void* raw) const;
+
   ValueKind kind_ = ValueKind::kFp32;
   int bits_ = 32;
   uint32_t block_ = 0;

@@ -588,29 +588,29 @@ ValueSection ValueSection::read(ByteReader& r, uint64_t count) {
   return s;
 }
 
+void ValueSection::loadCheckedChunk(size_t at, size_t len, void* raw) const {
+  if (kind_ == ValueKind::kFp32) {
+    std::memcpy(raw, data_ + at * 4, len * 4);
+    if (absMaxBits(static_cast<const float*>(raw), len) >= kExpMask) {
+      fail<ProtocolError>("fp32 values: non-finite value near index ", at);
+    }
+    return;
+  }
+  std::memcpy(raw, data_ + at * 2, len * 2);
+  const uint16_t mask = kind_ == ValueKind::kFp16 ? 0x7c00 : 0x7f80;
+  if (anyExpAllOnes(static_cast<const uint16_t*>(raw), len, mask)) {
+    fail<ProtocolError>(valueKindName(kind_), " values: NaN or Inf near index ", at);
+  }
+}
+
 void ValueSection::validate() const {
   switch (kind_) {
-    case ValueKind::kFp32: {
-      uint32_t tmp[kChunk];
-      for (size_t at = 0; at < count_; at += kChunk) {
-        const size_t len = std::min<size_t>(kChunk, count_ - at);
-        std::memcpy(tmp, data_ + at * 4, len * 4);
-        if (absMaxBits(reinterpret_cast<const float*>(tmp), len) >= kExpMask) {
-          fail<ProtocolError>("fp32 values: non-finite value near index ", at);
-        }
-      }
-      return;
-    }
+    case ValueKind::kFp32:
     case ValueKind::kFp16:
     case ValueKind::kBf16: {
-      const uint16_t mask = kind_ == ValueKind::kFp16 ? 0x7c00 : 0x7f80;
-      uint16_t tmp[kChunk];
+      uint32_t tmp[kChunk];
       for (size_t at = 0; at < count_; at += kChunk) {
-        const size_t len = std::min<size_t>(kChunk, count_ - at);
-        std::memcpy(tmp, data_ + at * 2, len * 2);
-        if (anyExpAllOnes(tmp, len, mask)) {
-          fail<ProtocolError>(valueKindName(kind_), " values: NaN or Inf near index ", at);
-        }
+        loadCheckedChunk(at, std::min<size_t>(kChunk, count_ - at), tmp);
       }
       return;
     }
@@ -642,35 +642,21 @@ void ValueSection::decodeChecked(float* out) const {
   // Float kinds validate each L1-sized chunk just before converting it: one
   // pass over the input instead of two. Blockwise kinds validate up front
   // (scales are few; the code scan is cheap next to the decode).
-  switch (kind_) {
-    case ValueKind::kFp32: {
-      for (size_t at = 0; at < count_; at += kChunk) {
-        const size_t len = std::min<size_t>(kChunk, count_ - at);
-        std::memcpy(out + at, data_ + at * 4, len * 4);
-        if (absMaxBits(out + at, len) >= kExpMask) {
-          fail<ProtocolError>("fp32 values: non-finite value near index ", at);
-        }
-      }
-      return;
+  if (kind_ == ValueKind::kInt || kind_ == ValueKind::kQsgd || kind_ == ValueKind::kSign) {
+    validate();
+    decode(0, count_, out);
+    return;
+  }
+  uint16_t tmp[kChunk];
+  for (size_t at = 0; at < count_; at += kChunk) {
+    const size_t len = std::min<size_t>(kChunk, count_ - at);
+    if (kind_ == ValueKind::kFp32) {
+      loadCheckedChunk(at, len, out + at);
+    } else {
+      loadCheckedChunk(at, len, tmp);
+      if (kind_ == ValueKind::kFp16) halfToFloat(tmp, len, out + at);
+      else bf16Decode(tmp, len, out + at, 1.0f, false);
     }
-    case ValueKind::kFp16:
-    case ValueKind::kBf16: {
-      const uint16_t mask = kind_ == ValueKind::kFp16 ? 0x7c00 : 0x7f80;
-      uint16_t tmp[kChunk];
-      for (size_t at = 0; at < count_; at += kChunk) {
-        const size_t len = std::min<size_t>(kChunk, count_ - at);
-        std::memcpy(tmp, data_ + at * 2, len * 2);
-        if (anyExpAllOnes(tmp, len, mask)) {
-          fail<ProtocolError>(valueKindName(kind_), " values: NaN or Inf near index ", at);
-        }
-        if (kind_ == ValueKind::kFp16) halfToFloat(tmp, len, out + at);
-        else bf16Decode(tmp, len, out + at, 1.0f, false);
-      }
-      return;
-    }
-    default:
-      validate();
-      decode(0, count_, out);
   }
 }
 
