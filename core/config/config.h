@@ -24,6 +24,7 @@ struct SiteConfig {
   std::string jurisdiction;  // ISO 3166-1 alpha-2, upper case ("CN", "SG")
   std::string endpoint;      // where its gateway listens: tcp://HOST:PORT
   std::string public_key;    // path to the gateway's CurveZMQ public key file ("" = none)
+  std::string secret_key;    // path to its secret key file; read only by that site ("" = none)
   double weight = 1.0;       // relative weight in the cross-site mean, > 0
   int workers = 1;           // processes inside the site, >= 1
   int line = 0;              // line of the entry in the source, for messages
@@ -64,6 +65,20 @@ struct CompressionConfig {
   const CompressionRule& ruleFor(const std::string& name, uint64_t size) const;
 };
 
+// The gateways' link settings (docs/CONFIG.md, "transport").
+struct TransportConfig {
+  uint64_t chunk_bytes = 1 << 20;               // [4 KiB, 256 MiB]
+  uint64_t max_message_bytes = uint64_t{1} << 30;  // >= chunk_bytes
+  int max_rounds_in_flight = 4;                 // [1, 1024]
+  int high_water_mark = 64;                     // messages, [1, 1000000]
+  int heartbeat_ms = 500;                       // [10, 60000]
+  int peer_timeout_ms = 5000;                   // > heartbeat_ms
+  double round_deadline_s = 60;                 // > 0
+  double hard_deadline_s = 600;                 // >= round_deadline_s
+  bool on_site_loss_continue = false;           // on_site_loss: wait (false) | continue
+  bool insecure = false;                        // plaintext, loopback endpoints only
+};
+
 struct JobConfig {
   std::string source = "<string>";  // file the config came from, for messages
   std::string job_id;                // [A-Za-z0-9_.-], 1..64 chars
@@ -71,6 +86,11 @@ struct JobConfig {
   SyncMode mode = SyncMode::kEveryStep;
   DiLoCoConfig diloco;
   CompressionConfig compression;
+  TransportConfig transport;
+
+  // Canonical text of everything every site must agree on (all but key file
+  // paths); its hash is the config fingerprint peers compare in the handshake.
+  std::string sharedText() const;
 
   // Loads and validates a YAML file. Throws ConfigError (also for an
   // unreadable file or YAML syntax errors, with line and column).

@@ -223,7 +223,7 @@ Pipeline parsePipeline(const Field& f) {
 }
 
 SiteConfig parseSite(const Field& f) {
-  f.expectMap({"name", "jurisdiction", "endpoint", "public_key", "weight", "workers"});
+  f.expectMap({"name", "jurisdiction", "endpoint", "public_key", "secret_key", "weight", "workers"});
   SiteConfig s;
   s.line = f.line();
   const Field name = f.required("name");
@@ -241,6 +241,7 @@ SiteConfig parseSite(const Field& f) {
   s.endpoint = endpoint.scalar();
   checkEndpoint(endpoint, s.endpoint);
   s.public_key = f.child("public_key").text();
+  s.secret_key = f.child("secret_key").text();
   s.weight = f.child("weight").number(1.0, [](double v) { return v > 0; }, "a number > 0");
   s.workers = static_cast<int>(f.child("workers").integer(1, 1, 4096, "an integer in [1, 4096]"));
   return s;
@@ -306,7 +307,68 @@ void parseCompression(const Field& f, CompressionConfig& c) {
   }
 }
 
+void parseTransport(const Field& f, TransportConfig& t) {
+  if (!f.present()) return;
+  f.expectMap({"chunk_bytes", "max_message_bytes", "max_rounds_in_flight", "high_water_mark",
+               "heartbeat_ms", "peer_timeout_ms", "round_deadline_s", "hard_deadline_s",
+               "on_site_loss", "insecure"});
+  t.chunk_bytes = static_cast<uint64_t>(
+      f.child("chunk_bytes").integer(t.chunk_bytes, 4096, 256 << 20, "an integer in [4096, 268435456]"));
+  const Field mm = f.child("max_message_bytes");
+  t.max_message_bytes = mm.unsignedInteger(t.max_message_bytes, "an integer >= chunk_bytes");
+  if (t.max_message_bytes < t.chunk_bytes) {
+    mm.reject("an integer >= chunk_bytes (" + std::to_string(t.chunk_bytes) + ")");
+  }
+  t.max_rounds_in_flight = static_cast<int>(f.child("max_rounds_in_flight")
+                                                .integer(t.max_rounds_in_flight, 1, 1024, "an integer in [1, 1024]"));
+  t.high_water_mark = static_cast<int>(
+      f.child("high_water_mark").integer(t.high_water_mark, 1, 1000000, "an integer in [1, 1000000]"));
+  t.heartbeat_ms = static_cast<int>(
+      f.child("heartbeat_ms").integer(t.heartbeat_ms, 10, 60000, "an integer in [10, 60000]"));
+  const Field pt = f.child("peer_timeout_ms");
+  t.peer_timeout_ms = static_cast<int>(pt.integer(t.peer_timeout_ms, 1, 3600000, "an integer in [1, 3600000]"));
+  if (t.peer_timeout_ms <= t.heartbeat_ms) {
+    pt.reject("greater than heartbeat_ms (" + std::to_string(t.heartbeat_ms) + ")");
+  }
+  t.round_deadline_s = f.child("round_deadline_s").number(t.round_deadline_s, [](double v) { return v > 0; },
+                                                          "a number of seconds > 0");
+  const Field hd = f.child("hard_deadline_s");
+  t.hard_deadline_s = hd.number(t.hard_deadline_s, [](double v) { return v > 0; }, "a number of seconds > 0");
+  if (t.hard_deadline_s < t.round_deadline_s) {
+    hd.reject("at least round_deadline_s (" + std::to_string(t.round_deadline_s) + ")");
+  }
+  t.on_site_loss_continue = f.child("on_site_loss").choice("wait", {"wait", "continue"}) == "continue";
+  t.insecure = f.child("insecure").boolean(false);
+}
+
 }  // namespace
+
+std::string JobConfig::sharedText() const {
+  std::ostringstream o;
+  o.precision(17);
+  o << "job " << job_id << "\n";
+  for (const SiteConfig& s : sites) {
+    o << "site " << s.name << " " << s.jurisdiction << " " << s.endpoint << " " << s.weight << " "
+      << s.workers << "\n";
+  }
+  o << "sync " << syncModeName(mode);
+  if (mode == SyncMode::kDiLoCo) {
+    o << " " << diloco.sync_every << " " << diloco.outer_lr << " " << diloco.outer_momentum << " "
+      << diloco.nesterov << " " << diloco.fragments;
+  }
+  o << "\ncompression " << compression.fallback.pipeline.toString() << " "
+    << compression.fallback.error_feedback << " " << compression.seed << "\n";
+  for (const CompressionRule& r : compression.rules) {
+    o << "rule " << r.match << " " << r.min_size << " " << r.max_size << " " << r.pipeline.toString()
+      << " " << r.error_feedback << "\n";
+  }
+  const TransportConfig& t = transport;
+  o << "transport " << t.chunk_bytes << " " << t.max_message_bytes << " " << t.max_rounds_in_flight
+    << " " << t.high_water_mark << " " << t.heartbeat_ms << " " << t.peer_timeout_ms << " "
+    << t.round_deadline_s << " " << t.hard_deadline_s << " " << t.on_site_loss_continue << " "
+    << t.insecure << "\n";
+  return o.str();
+}
 
 JobConfig JobConfig::parse(const std::string& yaml, const std::string& source) {
   JobConfig job;
@@ -320,7 +382,7 @@ JobConfig JobConfig::parse(const std::string& yaml, const std::string& source) {
   const Field top(root, "", job.source);
   if (!top.present()) fail<ConfigError>(source, ": the document is empty; it needs job and sites");
   try {
-    top.expectMap({"job", "sites", "sync", "compression"});
+    top.expectMap({"job", "sites", "sync", "compression", "transport"});
 
     const Field j = top.required("job");
     j.expectMap({"id"});
@@ -353,6 +415,7 @@ JobConfig JobConfig::parse(const std::string& yaml, const std::string& source) {
 
     parseSync(top.child("sync"), job);
     parseCompression(top.child("compression"), job.compression);
+    parseTransport(top.child("transport"), job.transport);
   } catch (const YAML::Exception& e) {
     // Type conversions inside yaml-cpp (rare: keys that are not scalars).
     fail<ConfigError>(source, ":", e.mark.line + 1, ": ", e.msg);

@@ -1,0 +1,315 @@
+// Gateways in one process (each with its own I/O thread and real ZeroMQ
+// sockets on loopback): all-gather, chunking, CurveZMQ admission, handshake
+// refusals, corruption, limits, missing and slow sites. Every wait has a
+// deadline.
+
+#include <gtest/gtest.h>
+
+#include <fstream>
+#include <memory>
+#include <thread>
+
+#include "tests/cpp/transport/transport_test_util.h"
+
+namespace strait::transport {
+namespace {
+
+using namespace testing;
+using std::chrono::milliseconds;
+
+std::vector<std::unique_ptr<Gateway>> start(const Job& job) {
+  std::vector<std::unique_ptr<Gateway>> g;
+  for (const GatewayOptions& o : job.sites) g.push_back(std::make_unique<Gateway>(o));
+  return g;
+}
+
+// Every site exchanges `rounds` rounds; checks every payload of every site.
+void exchangeAndCheck(std::vector<std::unique_ptr<Gateway>>& g, uint64_t rounds,
+                      const std::vector<size_t>& sizes) {
+  for (uint64_t r = 0; r < rounds; ++r) {
+    const size_t bytes = sizes[r % sizes.size()];
+    std::vector<std::future<RoundResult>> futures;
+    for (size_t s = 0; s < g.size(); ++s) futures.push_back(g[s]->exchange(r, "grad", payloadFor(s, r, bytes)));
+    for (size_t s = 0; s < g.size(); ++s) {
+      RoundResult res = getWithin(futures[s]);
+      ASSERT_EQ(res.round, r);
+      ASSERT_EQ(res.tag, "grad");
+      ASSERT_TRUE(res.missing.empty());
+      ASSERT_EQ(res.payloads.size(), g.size());
+      for (size_t from = 0; from < g.size(); ++from) {
+        ASSERT_TRUE(res.payloads[from].has_value());
+        ASSERT_EQ(*res.payloads[from], payloadFor(from, r, bytes)) << "site " << s << " from " << from << " round " << r;
+      }
+      ASSERT_EQ(res.peers.size(), g.size() - 1);
+    }
+  }
+}
+
+class Sites : public ::testing::TestWithParam<std::tuple<int, bool>> {};
+
+TEST_P(Sites, AllGatherInSiteOrderAcrossChunkBoundaries) {
+  const auto [n, insecure] = GetParam();
+  Job job = makeJob(size_t(n), insecure, 64 * 1024);
+  auto g = start(job);
+  // 0 bytes, 1 byte, one chunk exactly, just over, several chunks.
+  exchangeAndCheck(g, 6, {0, 1, 64 * 1024, 64 * 1024 + 1, 300000, 17});
+}
+
+INSTANTIATE_TEST_SUITE_P(Gateways, Sites,
+                         ::testing::Combine(::testing::Values(2, 3, 4), ::testing::Values(false, true)),
+                         [](const ::testing::TestParamInfo<std::tuple<int, bool>>& p) {
+                           return std::to_string(std::get<0>(p.param)) + "sites_" +
+                                  (std::get<1>(p.param) ? "plaintext" : "curve");
+                         });
+
+TEST(Gateway, SeveralRoundsInFlightAtOnce) {
+  Job job = makeJob(3);
+  for (auto& o : job.sites) o.max_rounds_in_flight = 4;
+  auto g = start(job);
+  std::vector<std::vector<std::future<RoundResult>>> f(3);
+  for (uint64_t r = 0; r < 4; ++r) {
+    for (size_t s = 0; s < 3; ++s) f[s].push_back(g[s]->exchange(r, "t", payloadFor(s, r, 100000)));
+  }
+  for (size_t s = 0; s < 3; ++s) {
+    for (uint64_t r = 0; r < 4; ++r) {
+      RoundResult res = getWithin(f[s][r]);
+      for (size_t from = 0; from < 3; ++from) ASSERT_EQ(*res.payloads[from], payloadFor(from, r, 100000));
+    }
+  }
+}
+
+TEST(Gateway, TagsSeparateConcurrentExchangesOfOneRound) {
+  Job job = makeJob(2);
+  auto g = start(job);
+  auto a1 = g[0]->exchange(7, "a", {1, 2, 3});
+  auto b1 = g[0]->exchange(7, "b", {4});
+  auto b2 = g[1]->exchange(7, "b", {5});
+  auto a2 = g[1]->exchange(7, "a", {6, 7});
+  EXPECT_EQ(*getWithin(a1).payloads[1], (std::vector<uint8_t>{6, 7}));
+  EXPECT_EQ(*getWithin(b1).payloads[1], (std::vector<uint8_t>{5}));
+  EXPECT_EQ(*getWithin(a2).payloads[0], (std::vector<uint8_t>{1, 2, 3}));
+  EXPECT_EQ(*getWithin(b2).payloads[0], (std::vector<uint8_t>{4}));
+}
+
+TEST(Gateway, CorruptedChunkIsDetectedAndRetransmitted) {
+  Job job = makeJob(2);
+  job.sites[0].test_corrupt_chunk = 2;  // every payload's chunk 2, first send
+  ::testing::internal::CaptureStderr();
+  {
+    auto g = start(job);
+    auto f0 = g[0]->exchange(0, "g", payloadFor(0, 0, 500000));
+    auto f1 = g[1]->exchange(0, "g", payloadFor(1, 0, 500000));
+    RoundResult r1 = getWithin(f1);
+    EXPECT_EQ(*r1.payloads[0], payloadFor(0, 0, 500000)) << "the corrupt chunk was never accepted";
+    RoundResult r0 = getWithin(f0);
+    EXPECT_GE(r0.peers[0].retransmissions, 1u);
+  }
+  const std::string log = ::testing::internal::GetCapturedStderr();
+  EXPECT_NE(log.find("failed its checksum"), std::string::npos) << log;
+}
+
+TEST(Gateway, UnknownKeyIsRefusedAndLogged) {
+  Job job = makeJob(2);
+  // s1 presents a key s0 does not know (s1's own config is self-consistent).
+  const KeyPair intruder = generateKeyPair();
+  job.sites[1].secret_key = intruder.secret_key;
+  job.sites[1].sites[1].public_key = intruder.public_key;
+  ::testing::internal::CaptureStderr();
+  std::string error;
+  {
+    auto g = start(job);
+    auto f = g[1]->exchange(0, "g", {1});
+    try {
+      getWithin(f, std::chrono::seconds(20));
+    } catch (const ProtocolError& e) {
+      error = e.what();
+    }
+  }
+  const std::string log = ::testing::internal::GetCapturedStderr();
+  EXPECT_NE(error.find("refused our CurveZMQ key"), std::string::npos) << error;
+  EXPECT_NE(log.find("public key " + intruder.public_key + " is not one of this job's sites"), std::string::npos)
+      << log;
+  EXPECT_NE(log.find("refused a connection from 127.0.0.1"), std::string::npos) << log;
+}
+
+// A handshake refusal reaches the refused site's exchange() as ProtocolError.
+std::string refusal(Job job) {
+  ::testing::internal::CaptureStderr();
+  std::string error;
+  {
+    auto g = start(job);
+    auto f = g[1]->exchange(0, "g", {1});
+    try {
+      getWithin(f, std::chrono::seconds(20));
+      error = "(accepted)";
+    } catch (const ProtocolError& e) {
+      error = e.what();
+    }
+  }
+  ::testing::internal::GetCapturedStderr();
+  return error;
+}
+
+TEST(Gateway, WrongJobIdIsRefusedSayingWhich) {
+  Job job = makeJob(2);
+  job.sites[1].job_id = "other-job";
+  EXPECT_NE(refusal(job).find("job id 'other-job' differs from this site's job 'test-job'"), std::string::npos);
+}
+
+TEST(Gateway, WrongProtocolVersionIsRefused) {
+  Job job = makeJob(2);
+  job.sites[1].test_protocol_version = 2;
+  EXPECT_NE(refusal(job).find("protocol version 2 is not supported (this gateway speaks 1)"), std::string::npos);
+}
+
+TEST(Gateway, DifferentConfigIsRefused) {
+  Job job = makeJob(2);
+  job.sites[1].config_fingerprint = {9, 9, 9, 9};
+  EXPECT_NE(refusal(job).find("config fingerprint 09090909... differs"), std::string::npos);
+}
+
+TEST(Gateway, OversizedPayloadsAreRefusedAtBothEnds) {
+  Job job = makeJob(2);
+  job.sites[0].max_message_bytes = 1000;
+  auto g = start(job);
+  EXPECT_THROW(g[0]->exchange(0, "g", std::vector<uint8_t>(1001)), InvalidArgument);
+  // s1 allows more than s0 accepts: s0 refuses before allocating, s1 learns why.
+  auto f1 = g[1]->exchange(0, "g", std::vector<uint8_t>(5000));
+  auto f0 = g[0]->exchange(0, "g", std::vector<uint8_t>(10));
+  try {
+    getWithin(f1);
+    FAIL() << "accepted";
+  } catch (const ProtocolError& e) {
+    EXPECT_NE(std::string(e.what()).find("exceeds max_message_bytes = 1000"), std::string::npos) << e.what();
+  }
+  EXPECT_THROW(getWithin(f0), ProtocolError);
+}
+
+TEST(Gateway, RepeatedRoundAndTagIsRefused) {
+  Job job = makeJob(2);
+  auto g = start(job);
+  auto f = g[0]->exchange(1, "g", {1});
+  EXPECT_THROW(g[0]->exchange(1, "g", {1}), InvalidArgument);
+  auto f1 = g[1]->exchange(1, "g", {2});
+  getWithin(f);
+  getWithin(f1);
+}
+
+TEST(Gateway, InsecureOnlyOnLoopback) {
+  Job job = makeJob(2, true);
+  job.sites[0].sites[1].endpoint = "tcp://10.1.2.3:7000";
+  try {
+    Gateway g(job.sites[0]);
+    FAIL() << "accepted";
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("only on loopback"), std::string::npos) << e.what();
+  }
+}
+
+TEST(Gateway, MissingKeysAreAnError) {
+  Job job = makeJob(2);
+  job.sites[0].secret_key = "";
+  EXPECT_THROW(Gateway g(job.sites[0]), InvalidArgument);
+}
+
+TEST(Gateway, SlowPeerIsWaitedFor) {
+  Job job = makeJob(2);
+  auto g = start(job);
+  auto f0 = g[0]->exchange(0, "g", payloadFor(0, 0, 1000));
+  std::this_thread::sleep_for(milliseconds(1500));
+  EXPECT_EQ(f0.wait_for(milliseconds(0)), std::future_status::timeout);
+  auto f1 = g[1]->exchange(0, "g", payloadFor(1, 0, 1000));
+  EXPECT_EQ(*getWithin(f0).payloads[1], payloadFor(1, 0, 1000));
+  EXPECT_EQ(*getWithin(f1).payloads[0], payloadFor(0, 0, 1000));
+}
+
+TEST(Gateway, MissingSiteWithContinueFinishesWithThePresentOnes) {
+  Job job = makeJob(3);
+  for (auto& o : job.sites) {
+    o.on_site_loss = OnSiteLoss::kContinue;
+    o.round_deadline = milliseconds(800);
+  }
+  ::testing::internal::CaptureStderr();
+  {
+    Gateway a(job.sites[0]), b(job.sites[1]);  // s2 never starts
+    auto fa = a.exchange(0, "g", payloadFor(0, 0, 100));
+    auto fb = b.exchange(0, "g", payloadFor(1, 0, 100));
+    RoundResult ra = getWithin(fa), rb = getWithin(fb);
+    EXPECT_EQ(ra.missing, std::vector<std::string>{"s2"});
+    EXPECT_FALSE(ra.payloads[2].has_value());
+    EXPECT_EQ(*ra.payloads[1], payloadFor(1, 0, 100));
+    EXPECT_EQ(*rb.payloads[0], payloadFor(0, 0, 100));
+    EXPECT_TRUE(ra.peers[1].missing);
+  }
+  const std::string log = ::testing::internal::GetCapturedStderr();
+  EXPECT_NE(log.find("continuing without s2"), std::string::npos) << log;
+}
+
+TEST(Gateway, MissingSiteWithWaitTimesOutNamingIt) {
+  Job job = makeJob(2);
+  job.sites[0].round_deadline = milliseconds(300);
+  job.sites[0].hard_deadline = milliseconds(1200);
+  ::testing::internal::CaptureStderr();
+  std::string error;
+  {
+    Gateway a(job.sites[0]);
+    auto f = a.exchange(0, "g", {1});
+    try {
+      getWithin(f);
+    } catch (const TimeoutError& e) {
+      error = e.what();
+    }
+  }
+  const std::string log = ::testing::internal::GetCapturedStderr();
+  EXPECT_NE(error.find("no payload from s1 within the hard deadline"), std::string::npos) << error;
+  EXPECT_NE(error.find("s1: never connected"), std::string::npos) << error;
+  EXPECT_NE(log.find("waiting for s1"), std::string::npos) << log;
+}
+
+TEST(Gateway, RestartedPeerRejoinsAndMissedPayloadsAreResent) {
+  Job job = makeJob(2);
+  auto a = std::make_unique<Gateway>(job.sites[0]);
+  {
+    auto b = std::make_unique<Gateway>(job.sites[1]);
+    auto fa = a->exchange(0, "g", payloadFor(0, 0, 200000));
+    auto fb = b->exchange(0, "g", payloadFor(1, 0, 200000));
+    getWithin(fa);
+    getWithin(fb);
+  }  // b is gone
+  // a starts round 1 while b is down; b comes back (a new incarnation).
+  auto fa = a->exchange(1, "g", payloadFor(0, 1, 200000));
+  std::this_thread::sleep_for(milliseconds(300));
+  auto b = std::make_unique<Gateway>(job.sites[1]);
+  auto fb = b->exchange(1, "g", payloadFor(1, 1, 200000));
+  EXPECT_EQ(*getWithin(fa).payloads[1], payloadFor(1, 1, 200000));
+  EXPECT_EQ(*getWithin(fb).payloads[0], payloadFor(0, 1, 200000));
+}
+
+TEST(Gateway, MetricsArriveWithTheResultAndAsJsonLines) {
+  Job job = makeJob(2);
+  char path[] = "/tmp/strait-metrics-XXXXXX";
+  close(mkstemp(path));
+  job.sites[0].metrics_path = path;
+  {
+    auto g = start(job);
+    auto f0 = g[0]->exchange(3, "g", payloadFor(0, 3, 150000));
+    auto f1 = g[1]->exchange(3, "g", payloadFor(1, 3, 100000));
+    RoundResult r = getWithin(f0);
+    getWithin(f1);
+    ASSERT_EQ(r.peers.size(), 1u);
+    EXPECT_EQ(r.peers[0].site, "s1");
+    EXPECT_EQ(r.peers[0].bytes_sent, 150000u);
+    EXPECT_EQ(r.peers[0].bytes_received, 100000u);
+    EXPECT_GT(r.peers[0].goodput_mbps, 0.0);
+    EXPECT_GT(r.seconds, 0.0);
+  }
+  std::ifstream in(path);
+  std::string line;
+  std::getline(in, line);
+  EXPECT_NE(line.find("\"site\": \"s0\", \"peer\": \"s1\", \"round\": 3"), std::string::npos) << line;
+  EXPECT_NE(line.find("\"bytes_received\": 100000"), std::string::npos) << line;
+  std::remove(path);
+}
+
+}  // namespace
+}  // namespace strait::transport

@@ -1,0 +1,138 @@
+#pragma once
+// The site gateway: one per site, run by the site leader. It exchanges opaque
+// payloads with the gateways of every other site of the job — an all-gather
+// per (round, tag) — over ZeroMQ, chunked and checksummed, encrypted and
+// authenticated with CurveZMQ.
+//
+// Threads: a background I/O thread alone touches ZeroMQ. exchange() may be
+// called from any thread; it hands the payload over and returns a future.
+// Errors raised on the I/O thread (a peer refusing our handshake, a fatal
+// socket error) are stored and rethrown by the next exchange() and by the
+// futures still pending.
+//
+// Bounded resources: at most max_rounds_in_flight exchanges are open at a
+// time (exchange() blocks for a free slot, up to hard_deadline), ZeroMQ queues
+// are capped by high-water marks, every incoming payload is capped by
+// max_message_bytes before its buffer is allocated.
+
+#include <chrono>
+#include <cstdint>
+#include <future>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "core/config/config.h"
+
+namespace strait::transport {
+
+constexpr uint32_t kProtocolVersion = 1;
+
+enum class OnSiteLoss { kWait, kContinue };
+
+struct SiteEndpoint {
+  std::string name;
+  std::string jurisdiction;
+  std::string endpoint;    // tcp://HOST:PORT where its gateway listens
+  std::string public_key;  // Z85 text (40 chars); empty with insecure
+};
+
+struct GatewayOptions {
+  std::string job_id;
+  std::string site;                  // this gateway's site
+  std::vector<SiteEndpoint> sites;   // every site of the job, in the job's fixed order
+  std::vector<uint8_t> config_fingerprint;  // peers must present the same bytes
+
+  bool insecure = false;       // plaintext; only allowed with loopback endpoints
+  std::string secret_key;      // this site's CurveZMQ secret key, Z85
+
+  size_t chunk_bytes = 1 << 20;
+  size_t max_message_bytes = size_t{1} << 30;
+  int max_rounds_in_flight = 4;
+  int high_water_mark = 64;    // messages queued per socket and peer
+  std::chrono::milliseconds heartbeat{500};
+  std::chrono::milliseconds peer_timeout{5000};     // silent this long = missing
+  std::chrono::milliseconds round_deadline{60000};  // then on_site_loss decides
+  std::chrono::milliseconds hard_deadline{600000};  // wait mode gives up here
+  OnSiteLoss on_site_loss = OnSiteLoss::kWait;
+
+  std::string metrics_path;    // JSON lines, one per round per peer ("" = none)
+
+  // Test hooks: corrupt the bytes of chunk `index` of every first send to
+  // peers (retransmissions are clean); pretend to speak another version.
+  int64_t test_corrupt_chunk = -1;
+  uint32_t test_protocol_version = kProtocolVersion;
+
+  // Builds options for `site` from a job config: endpoints, public keys read
+  // from the key files the config names, transport settings, fingerprint.
+  // Throws ConfigError on unreadable or malformed key files.
+  static GatewayOptions fromConfig(const core::JobConfig& config, const std::string& site);
+};
+
+// Per round, per peer.
+struct PeerMetrics {
+  std::string site;
+  uint64_t bytes_sent = 0;       // payload bytes, retransmissions included
+  uint64_t bytes_received = 0;
+  uint64_t retransmissions = 0;  // chunks sent again
+  double goodput_mbps = 0;       // payload received / time from round start to its arrival
+  bool missing = false;
+};
+
+struct RoundResult {
+  uint64_t round = 0;
+  std::string tag;
+  // One entry per site in the job's order, this site's own payload included.
+  // nullopt for a site that was missing (only with on_site_loss = continue).
+  std::vector<std::optional<std::vector<uint8_t>>> payloads;
+  std::vector<std::string> missing;  // names of missing sites
+  double seconds = 0;                // round latency: exchange() to completion
+  std::vector<PeerMetrics> peers;    // one per other site
+};
+
+class Gateway {
+ public:
+  // Binds this site's endpoint, connects to every peer and starts the I/O
+  // thread. Throws InvalidArgument on bad options (insecure with a
+  // non-loopback endpoint, missing keys) and Error if the endpoint cannot be
+  // bound.
+  explicit Gateway(GatewayOptions options);
+  ~Gateway();  // stops the I/O thread; pending futures fail with Error
+  Gateway(const Gateway&) = delete;
+  Gateway& operator=(const Gateway&) = delete;
+
+  // Sends payload to every other site for (round, tag) and returns a future
+  // of every site's payload for the same (round, tag). Blocks only while
+  // max_rounds_in_flight exchanges are open. The future throws TimeoutError
+  // (wait mode, hard deadline), ProtocolError (a peer's payload was refused)
+  // or Error (the gateway failed). A repeated (round, tag) throws
+  // InvalidArgument.
+  std::future<RoundResult> exchange(uint64_t round, const std::string& tag,
+                                    std::vector<uint8_t> payload);
+
+  // This site's position in the job's site order.
+  size_t siteIndex() const;
+  const GatewayOptions& options() const;
+
+  // Sites heard from within peer_timeout (handshake done), by name.
+  std::vector<std::string> livePeers() const;
+
+ private:
+  class Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+// CurveZMQ keys as Z85 text.
+struct KeyPair {
+  std::string public_key;
+  std::string secret_key;
+};
+
+KeyPair generateKeyPair();
+// Writes DIR/SITE.pub (0644) and DIR/SITE.key (0600). Refuses to overwrite.
+void writeKeyPair(const KeyPair& keys, const std::string& dir, const std::string& site);
+// Reads a key file written by writeKeyPair (one Z85 line). Throws ConfigError.
+std::string readKeyFile(const std::string& path);
+
+}  // namespace strait::transport

@@ -1,0 +1,1045 @@
+// The site gateway's I/O thread: sockets, handshake, chunking, liveness.
+// docs/PROTOCOL.md ("Gateway protocol") is the contract; this file is one
+// implementation of it.
+//
+// Sockets (all owned by the I/O thread):
+//   router_   bound at this site's endpoint; receives every peer's DEALER
+//             (Hello, Heartbeat, Chunk) and answers on it (Welcome, Ack,
+//             Nack, Refuse). CurveZMQ server.
+//   dealers_  one per peer, connected to the peer's ROUTER; we send our
+//             Hello, heartbeats and payload chunks there. CurveZMQ client.
+//   zap_      the ZAP handler (RFC 27): admits only the job's public keys.
+//   monitors  one per DEALER: reconnects trigger a new Hello and a resend.
+// exchange() talks to the thread through a mutex-guarded queue and an eventfd.
+
+#include "transport/gateway.h"
+
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <condition_variable>
+#include <cstdio>
+#include <cstring>
+#include <deque>
+#include <fstream>
+#include <map>
+#include <mutex>
+#include <random>
+#include <set>
+#include <sstream>
+#include <thread>
+#include <zmq.hpp>
+#include <zmq_addon.hpp>
+
+#include "core/error.h"
+#include "transport/crc32c.h"
+#include "transport/proto/strait.pb.h"
+
+namespace strait::transport {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+using Key = std::pair<uint64_t, std::string>;  // (round, tag)
+
+constexpr uint32_t kKindModelUpdate = 1;
+
+double secondsSince(Clock::time_point t) {
+  return std::chrono::duration<double>(Clock::now() - t).count();
+}
+
+bool isLoopback(const std::string& endpoint) {
+  const std::string rest = endpoint.substr(endpoint.find("://") == std::string::npos ? 0 : endpoint.find("://") + 3);
+  const std::string host = rest.substr(0, rest.rfind(':'));
+  return host == "localhost" || host == "[::1]" || host.rfind("127.", 0) == 0;
+}
+
+std::string hex(const std::string& bytes, size_t max = 8) {
+  static const char* d = "0123456789abcdef";
+  std::string s;
+  for (size_t i = 0; i < bytes.size() && i < max; ++i) {
+    s += d[uint8_t(bytes[i]) >> 4];
+    s += d[uint8_t(bytes[i]) & 15];
+  }
+  return s;
+}
+
+// Our payload on its way to one peer.
+struct Outgoing {
+  uint32_t next = 0;              // next chunk of the first pass
+  std::deque<uint32_t> resend;    // chunks asked for again (Nack)
+  bool acked = false;
+  bool abandoned = false;         // the round finished without this peer
+};
+
+// A peer's payload being reassembled.
+struct Incoming {
+  uint64_t incarnation = 0;
+  uint64_t total = 0;
+  uint32_t count = 0;
+  std::vector<uint8_t> data;
+  std::vector<bool> have;
+  uint32_t have_count = 0;
+  bool complete = false;
+  Clock::time_point done_at;
+};
+
+struct Round {
+  Key key;
+  bool local = false;  // exchange() was called for it (else: a peer ran ahead)
+  std::shared_ptr<std::vector<uint8_t>> payload;
+  uint32_t chunk_count = 0;
+  std::vector<Outgoing> out;  // per site (own index unused)
+  std::vector<Incoming> in;   // per site (own index unused)
+  std::vector<PeerMetrics> metrics;  // per site
+  std::promise<RoundResult> promise;
+  bool completed = false;     // promise fulfilled
+  std::string failure;        // set when a peer refused our payload
+  Clock::time_point start;
+  Clock::time_point next_wait_log;
+};
+
+struct Peer {
+  size_t index = 0;
+  std::string name;
+  std::unique_ptr<zmq::socket_t> dealer;
+  std::unique_ptr<zmq::socket_t> monitor;
+  bool welcomed = false;              // our Hello accepted by its ROUTER
+  Clock::time_point hello_sent;
+  uint64_t incarnation = 0;           // its gateway's, from its Hello to us
+  bool greeted = false;               // its Hello to our ROUTER was accepted
+  Clock::time_point last_heard{};     // any valid message from it
+  Clock::time_point last_heartbeat{};
+};
+
+struct Command {
+  uint64_t round;
+  std::string tag;
+  std::shared_ptr<std::vector<uint8_t>> payload;
+  std::promise<RoundResult> promise;
+};
+
+}  // namespace
+
+class Gateway::Impl {
+ public:
+  explicit Impl(GatewayOptions options) : opt_(std::move(options)) {
+    validate();
+    wake_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (wake_fd_ < 0) fail<Error>("gateway: eventfd failed: ", std::strerror(errno));
+    std::random_device rd;
+    incarnation_ = (uint64_t(rd()) << 32) ^ rd() ^ uint64_t(Clock::now().time_since_epoch().count());
+    std::promise<void> started;
+    auto ready = started.get_future();
+    io_ = std::thread([this, &started] { run(started); });
+    try {
+      ready.get();
+    } catch (...) {
+      io_.join();
+      ::close(wake_fd_);
+      throw;
+    }
+  }
+
+  ~Impl() {
+    stop_.store(true);
+    wake();
+    if (io_.joinable()) io_.join();
+    ::close(wake_fd_);
+  }
+
+  std::future<RoundResult> exchange(uint64_t round, const std::string& tag, std::vector<uint8_t> payload) {
+    if (payload.size() > opt_.max_message_bytes) {
+      fail<InvalidArgument>("exchange: payload of ", payload.size(), " bytes exceeds max_message_bytes = ",
+                            opt_.max_message_bytes);
+    }
+    std::unique_lock<std::mutex> lock(mu_);
+    rethrowFatal();
+    if (!open_keys_.insert({round, tag}).second) {
+      fail<InvalidArgument>("exchange: round ", round, " tag '", tag, "' is already in flight");
+    }
+    const auto deadline = Clock::now() + opt_.hard_deadline;
+    while (open_rounds_ >= opt_.max_rounds_in_flight) {
+      if (slots_.wait_until(lock, deadline) == std::cv_status::timeout &&
+          open_rounds_ >= opt_.max_rounds_in_flight) {
+        open_keys_.erase({round, tag});
+        fail<TimeoutError>("exchange: ", open_rounds_, " rounds still in flight after the hard deadline (",
+                           opt_.hard_deadline.count(), " ms); max_rounds_in_flight = ",
+                           opt_.max_rounds_in_flight);
+      }
+      rethrowFatal();
+    }
+    ++open_rounds_;
+    Command c{round, tag, std::make_shared<std::vector<uint8_t>>(std::move(payload)), {}};
+    auto future = c.promise.get_future();
+    commands_.push_back(std::move(c));
+    lock.unlock();
+    wake();
+    return future;
+  }
+
+  std::vector<std::string> livePeers() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return live_;
+  }
+
+  const GatewayOptions& options() const { return opt_; }
+  size_t self() const { return self_; }
+
+ private:
+  // ------------------------------------------------------------- setup ---
+
+  void validate() {
+    if (opt_.sites.empty()) fail<InvalidArgument>("gateway: no sites");
+    self_ = opt_.sites.size();
+    for (size_t i = 0; i < opt_.sites.size(); ++i) {
+      if (opt_.sites[i].name == opt_.site) self_ = i;
+    }
+    if (self_ == opt_.sites.size()) fail<InvalidArgument>("gateway: site '", opt_.site, "' is not a site of the job");
+    if (opt_.chunk_bytes == 0) fail<InvalidArgument>("gateway: chunk_bytes must be > 0");
+    if (opt_.max_rounds_in_flight < 1) fail<InvalidArgument>("gateway: max_rounds_in_flight must be >= 1");
+    if (opt_.insecure) {
+      for (const SiteEndpoint& s : opt_.sites) {
+        if (!isLoopback(s.endpoint)) {
+          fail<InvalidArgument>("gateway: insecure (plaintext) is allowed only on loopback endpoints; site '",
+                                s.name, "' is at ", s.endpoint, ". Configure CurveZMQ keys instead");
+        }
+      }
+    } else {
+      if (opt_.secret_key.size() != 40) {
+        fail<InvalidArgument>("gateway: site '", opt_.site, "' has no CurveZMQ secret key (40 Z85 characters); "
+                              "generate one with ./strait keys generate ", opt_.site);
+      }
+      for (const SiteEndpoint& s : opt_.sites) {
+        if (s.public_key.size() != 40) {
+          fail<InvalidArgument>("gateway: site '", s.name, "' has no CurveZMQ public key (40 Z85 characters)");
+        }
+      }
+    }
+  }
+
+  void setCommon(zmq::socket_t& s) {
+    s.set(zmq::sockopt::linger, 0);
+    s.set(zmq::sockopt::sndhwm, opt_.high_water_mark);
+    s.set(zmq::sockopt::rcvhwm, opt_.high_water_mark);
+    // ZMTP heartbeats: a silent TCP connection is dropped and re-established.
+    s.set(zmq::sockopt::heartbeat_ivl, static_cast<int>(opt_.heartbeat.count()));
+    s.set(zmq::sockopt::heartbeat_timeout, static_cast<int>(opt_.peer_timeout.count()));
+    s.set(zmq::sockopt::heartbeat_ttl, static_cast<int>(std::min<int64_t>(opt_.peer_timeout.count(), 6553500)));
+    // A single frame never exceeds a chunk plus its envelope.
+    s.set(zmq::sockopt::maxmsgsize, static_cast<int64_t>(opt_.chunk_bytes + 65536));
+  }
+
+  void openSockets() {
+    if (!opt_.insecure) {
+      zap_ = std::make_unique<zmq::socket_t>(ctx_, zmq::socket_type::rep);
+      zap_->set(zmq::sockopt::linger, 0);
+      zap_->bind("inproc://zeromq.zap.01");
+    }
+    router_ = std::make_unique<zmq::socket_t>(ctx_, zmq::socket_type::router);
+    setCommon(*router_);
+    router_->set(zmq::sockopt::router_mandatory, 1);
+    router_->set(zmq::sockopt::router_handover, 1);
+    if (!opt_.insecure) {
+      router_->set(zmq::sockopt::curve_server, 1);
+      router_->set(zmq::sockopt::curve_secretkey, opt_.secret_key);
+      router_->set(zmq::sockopt::zap_domain, "strait");
+    }
+    const std::string& me = opt_.sites[self_].endpoint;
+    try {
+      router_->bind(me);
+    } catch (const zmq::error_t& e) {
+      fail<Error>("gateway '", opt_.site, "': cannot listen on ", me, ": ", e.what());
+    }
+    for (size_t i = 0; i < opt_.sites.size(); ++i) {
+      if (i == self_) continue;
+      Peer p;
+      p.index = i;
+      p.name = opt_.sites[i].name;
+      p.dealer = std::make_unique<zmq::socket_t>(ctx_, zmq::socket_type::dealer);
+      setCommon(*p.dealer);
+      p.dealer->set(zmq::sockopt::routing_id, opt_.site);
+      p.dealer->set(zmq::sockopt::immediate, 1);  // queue only to a live connection
+      p.dealer->set(zmq::sockopt::reconnect_ivl, 100);
+      p.dealer->set(zmq::sockopt::reconnect_ivl_max, 2000);
+      if (!opt_.insecure) {
+        p.dealer->set(zmq::sockopt::curve_serverkey, opt_.sites[i].public_key);
+        p.dealer->set(zmq::sockopt::curve_publickey, opt_.sites[self_].public_key);
+        p.dealer->set(zmq::sockopt::curve_secretkey, opt_.secret_key);
+      }
+      const std::string mon = "inproc://monitor-" + std::to_string(i);
+      if (zmq_socket_monitor(p.dealer->handle(), mon.c_str(),
+                             ZMQ_EVENT_CONNECTED | ZMQ_EVENT_DISCONNECTED |
+                                 ZMQ_EVENT_HANDSHAKE_FAILED_AUTH) != 0) {
+        fail<Error>("gateway: cannot monitor socket: ", zmq_strerror(zmq_errno()));
+      }
+      p.monitor = std::make_unique<zmq::socket_t>(ctx_, zmq::socket_type::pair);
+      p.monitor->set(zmq::sockopt::linger, 0);
+      p.monitor->connect(mon);
+      p.dealer->connect(opt_.sites[i].endpoint);
+      peers_.push_back(std::move(p));
+    }
+  }
+
+  // ---------------------------------------------------------- the loop ---
+
+  void run(std::promise<void>& started) {
+    try {
+      openSockets();
+    } catch (...) {
+      closeSockets();
+      started.set_exception(std::current_exception());
+      return;
+    }
+    started.set_value();
+    try {
+      while (!stop_.load()) {
+        poll();
+        takeCommands();
+        sendChunks();
+        timers();
+        finishRounds();
+      }
+    } catch (const std::exception& e) {
+      setFatal(std::current_exception(), e.what());
+    }
+    failAll("gateway stopped");
+    closeSockets();
+  }
+
+  void closeSockets() {
+    for (Peer& p : peers_) {
+      if (p.dealer) zmq_socket_monitor(p.dealer->handle(), nullptr, 0);
+      p.monitor.reset();
+      p.dealer.reset();
+    }
+    router_.reset();
+    zap_.reset();
+    ctx_.close();
+  }
+
+  void poll() {
+    std::vector<zmq::pollitem_t> items;
+    items.push_back({nullptr, wake_fd_, ZMQ_POLLIN, 0});
+    items.push_back({router_->handle(), 0, ZMQ_POLLIN, 0});
+    if (zap_) items.push_back({zap_->handle(), 0, ZMQ_POLLIN, 0});
+    const size_t first_peer = items.size();
+    for (Peer& p : peers_) {
+      short events = ZMQ_POLLIN;
+      if (p.welcomed && hasWork(p.index)) events |= ZMQ_POLLOUT;
+      items.push_back({p.dealer->handle(), 0, events, 0});
+      items.push_back({p.monitor->handle(), 0, ZMQ_POLLIN, 0});
+    }
+    zmq::poll(items.data(), items.size(), std::chrono::milliseconds(pollTimeoutMs()));
+    if (items[0].revents & ZMQ_POLLIN) {
+      uint64_t v;
+      while (::read(wake_fd_, &v, sizeof v) > 0) {
+      }
+    }
+    if (zap_ && (items[2].revents & ZMQ_POLLIN)) handleZap();
+    // Drain in bounded batches so one busy socket cannot starve the others.
+    for (int i = 0; i < 256 && (items[1].revents & ZMQ_POLLIN); ++i) {
+      if (!receiveRouter()) break;
+    }
+    for (size_t k = 0; k < peers_.size(); ++k) {
+      const zmq::pollitem_t& d = items[first_peer + 2 * k];
+      const zmq::pollitem_t& m = items[first_peer + 2 * k + 1];
+      if (m.revents & ZMQ_POLLIN) handleMonitor(peers_[k]);
+      for (int i = 0; i < 64 && (d.revents & ZMQ_POLLIN); ++i) {
+        if (!receiveDealer(peers_[k])) break;
+      }
+    }
+  }
+
+  long pollTimeoutMs() const {
+    long ms = std::max<long>(1, std::min<long>(opt_.heartbeat.count() / 2, 50));
+    return ms;
+  }
+
+  void wake() {
+    const uint64_t one = 1;
+    ssize_t r = ::write(wake_fd_, &one, sizeof one);
+    (void)r;
+  }
+
+  // -------------------------------------------------------------- ZAP ---
+
+  void handleZap() {
+    std::vector<zmq::message_t> req;
+    if (!zmq::recv_multipart(*zap_, std::back_inserter(req), zmq::recv_flags::dontwait)) return;
+    // RFC 27: version, request id, domain, address, routing id, mechanism, credentials...
+    std::string status = "400", text = "malformed ZAP request", user;
+    std::string address = req.size() > 3 ? req[3].to_string() : "?";
+    if (req.size() >= 7 && req[0].to_string() == "1.0" && req[5].to_string() == "CURVE" && req[6].size() == 32) {
+      char z85[41];
+      zmq_z85_encode(z85, static_cast<const uint8_t*>(req[6].data()), 32);
+      const std::string key(z85);
+      text = "unknown key";
+      for (const SiteEndpoint& s : opt_.sites) {
+        if (s.public_key == key) {
+          status = "200";
+          text = "OK";
+          user = s.name;
+        }
+      }
+      if (status != "200") {
+        log("refused a connection from " + address + ": public key " + key +
+            " is not one of this job's sites");
+      }
+    }
+    const std::string version = "1.0", request = req.size() > 1 ? req[1].to_string() : "", metadata;
+    std::array<zmq::const_buffer, 6> frames = {zmq::buffer(version), zmq::buffer(request), zmq::buffer(status),
+                                               zmq::buffer(text),    zmq::buffer(user),    zmq::buffer(metadata)};
+    zmq::send_multipart(*zap_, frames);
+  }
+
+  // ----------------------------------------------------- dealer events ---
+
+  void handleMonitor(Peer& p) {
+    while (true) {
+      zmq::message_t event, addr;
+      if (!p.monitor->recv(event, zmq::recv_flags::dontwait)) return;
+      if (!p.monitor->recv(addr, zmq::recv_flags::dontwait)) return;
+      uint16_t id;
+      std::memcpy(&id, event.data(), sizeof id);
+      if (id == ZMQ_EVENT_CONNECTED) {
+        // A new TCP connection: whatever was in flight on the old one may be
+        // lost. Say hello again; once welcomed, resend what is unacked.
+        sendHello(p);
+      } else if (id == ZMQ_EVENT_DISCONNECTED) {
+        p.welcomed = false;
+      } else if (id == ZMQ_EVENT_HANDSHAKE_FAILED_AUTH) {
+        throw ProtocolError("site '" + p.name + "' refused our CurveZMQ key: it does not list this site's "
+                            "public key (check both sites' key files and configs)");
+      }
+    }
+  }
+
+  void sendHello(Peer& p) {
+    wire::Envelope env;
+    wire::Hello* h = env.mutable_hello();
+    h->set_protocol_version(opt_.test_protocol_version);
+    h->set_job_id(opt_.job_id);
+    h->set_site(opt_.site);
+    h->set_jurisdiction(opt_.sites[self_].jurisdiction);
+    h->set_config_fingerprint(std::string(opt_.config_fingerprint.begin(), opt_.config_fingerprint.end()));
+    h->set_incarnation(incarnation_);
+    p.welcomed = false;
+    p.hello_sent = Clock::now();
+    sendEnvelope(*p.dealer, env, nullptr);
+  }
+
+  bool receiveDealer(Peer& p) {
+    zmq::message_t frame;
+    if (!p.dealer->recv(frame, zmq::recv_flags::dontwait)) return false;
+    dropRest(*p.dealer, frame);
+    wire::Envelope env;
+    if (!env.ParseFromArray(frame.data(), static_cast<int>(frame.size()))) {
+      log("malformed message from " + p.name + " (not a protocol envelope): ignored");
+      return true;
+    }
+    switch (env.body_case()) {
+      case wire::Envelope::kWelcome:
+        if (!env.welcome().accepted()) {
+          throw ProtocolError("site '" + p.name + "' refused our handshake: " + env.welcome().reason());
+        }
+        if (!p.welcomed) {
+          p.welcomed = true;
+          restartSends(p.index);
+        }
+        break;
+      case wire::Envelope::kAck: {
+        auto it = rounds_.find({env.ack().round(), env.ack().tag()});
+        if (it != rounds_.end() && it->second.local) it->second.out[p.index].acked = true;
+        break;
+      }
+      case wire::Envelope::kNack: {
+        auto it = rounds_.find({env.nack().round(), env.nack().tag()});
+        if (it != rounds_.end() && it->second.local && env.nack().index() < it->second.chunk_count) {
+          it->second.out[p.index].resend.push_back(env.nack().index());
+          it->second.metrics[p.index].retransmissions++;
+        }
+        break;
+      }
+      case wire::Envelope::kRefuse: {
+        auto it = rounds_.find({env.refuse().round(), env.refuse().tag()});
+        if (it != rounds_.end() && it->second.local) {
+          it->second.failure = "site '" + p.name + "' refused our payload: " + env.refuse().reason();
+        }
+        break;
+      }
+      default:
+        log("unexpected message from " + p.name + " on its reply channel: ignored");
+    }
+    return true;
+  }
+
+  // Everything unacked to this peer goes again from the first chunk.
+  void restartSends(size_t peer) {
+    for (auto& kv : rounds_) {
+      Round& r = kv.second;
+      if (!r.local) continue;
+      Outgoing& o = r.out[peer];
+      if (o.acked || o.abandoned) continue;
+      o.next = 0;
+      o.resend.clear();
+    }
+  }
+
+  // ------------------------------------------------------ router side ---
+
+  void dropRest(zmq::socket_t& s, zmq::message_t& last) {
+    while (last.more()) {
+      if (!s.recv(last, zmq::recv_flags::dontwait)) break;
+    }
+  }
+
+  Peer* peerByName(const std::string& name) {
+    for (Peer& p : peers_) {
+      if (p.name == name) return &p;
+    }
+    return nullptr;
+  }
+
+  bool receiveRouter() {
+    zmq::message_t id, frame;
+    if (!router_->recv(id, zmq::recv_flags::dontwait)) return false;
+    if (!id.more()) return true;
+    if (!router_->recv(frame, zmq::recv_flags::dontwait)) return true;
+    zmq::message_t data;
+    bool has_data = false;
+    if (frame.more()) {
+      has_data = router_->recv(data, zmq::recv_flags::dontwait).has_value();
+      if (has_data) dropRest(*router_, data);
+    }
+    const std::string routing = id.to_string();
+    wire::Envelope env;
+    if (!env.ParseFromArray(frame.data(), static_cast<int>(frame.size()))) {
+      log("malformed message from connection '" + routing + "' (not a protocol envelope): ignored");
+      return true;
+    }
+    if (env.body_case() == wire::Envelope::kHello) {
+      handleHello(routing, frame, env.hello());
+      return true;
+    }
+    Peer* p = peerByName(routing);
+    if (p == nullptr || !p->greeted) {
+      return true;  // no (valid) handshake on this connection yet: ignore
+    }
+    p->last_heard = Clock::now();
+    if (env.body_case() == wire::Envelope::kChunk) {
+      if (!has_data) {
+        reply(routing, refuseEnv(env.chunk().round(), env.chunk().tag(), "chunk without a data frame"));
+        return true;
+      }
+      handleChunk(*p, env.chunk(), data);
+    }
+    return true;
+  }
+
+  void handleHello(const std::string& routing, const zmq::message_t& frame, const wire::Hello& h) {
+    std::string reason;
+    Peer* p = peerByName(h.site());
+    if (h.protocol_version() != kProtocolVersion) {
+      reason = "protocol version " + std::to_string(h.protocol_version()) + " is not supported (this gateway speaks " +
+               std::to_string(kProtocolVersion) + ")";
+    } else if (h.job_id() != opt_.job_id) {
+      reason = "job id '" + h.job_id() + "' differs from this site's job '" + opt_.job_id + "'";
+    } else if (p == nullptr) {
+      reason = "site '" + h.site() + "' is not a site of job '" + opt_.job_id + "'";
+    } else if (routing != h.site()) {
+      reason = "connection identity '" + routing + "' does not match the site name '" + h.site() + "'";
+    } else if (h.config_fingerprint() != std::string(opt_.config_fingerprint.begin(), opt_.config_fingerprint.end())) {
+      reason = "config fingerprint " + hex(h.config_fingerprint()) + "... differs from this site's " +
+               hex(std::string(opt_.config_fingerprint.begin(), opt_.config_fingerprint.end())) +
+               "...: every site must run the same job config (only key file paths may differ)";
+    } else if (!opt_.insecure) {
+      const char* user = zmq_msg_gets(const_cast<zmq_msg_t*>(frame.handle()), "User-Id");
+      if (user == nullptr || h.site() != user) {
+        reason = "site '" + h.site() + "' connected with the key of '" + std::string(user ? user : "?") + "'";
+      }
+    }
+    wire::Envelope env;
+    wire::Welcome* w = env.mutable_welcome();
+    w->set_site(opt_.site);
+    w->set_incarnation(incarnation_);
+    if (!reason.empty()) {
+      w->set_accepted(false);
+      w->set_reason(reason);
+      log("refused handshake from '" + h.site() + "': " + reason);
+      reply(routing, env);
+      return;
+    }
+    w->set_accepted(true);
+    const bool restarted = p->greeted && p->incarnation != h.incarnation();
+    p->greeted = true;
+    p->last_heard = Clock::now();
+    if (restarted || p->incarnation != h.incarnation()) {
+      if (restarted) log("site '" + p->name + "' restarted: resending what it has not acknowledged");
+      p->incarnation = h.incarnation();
+      // Partial payloads from its previous life are useless now.
+      for (auto& kv : rounds_) {
+        Incoming& in = kv.second.in[p->index];
+        if (!in.complete && in.incarnation != h.incarnation()) in = Incoming{};
+      }
+      // What it lost is resent when our DEALER reconnects and is welcomed
+      // again (handleMonitor, receiveDealer).
+    }
+    reply(routing, env);
+  }
+
+  wire::Envelope refuseEnv(uint64_t round, const std::string& tag, const std::string& why) {
+    wire::Envelope env;
+    wire::Refuse* r = env.mutable_refuse();
+    r->set_round(round);
+    r->set_tag(tag);
+    r->set_reason(why);
+    return env;
+  }
+
+  void handleChunk(Peer& p, const wire::Chunk& c, const zmq::message_t& data) {
+    const Key key{c.round(), c.tag()};
+    if (finished_.count(key)) {  // stale or duplicate: it may have missed our Ack
+      wire::Envelope ack;
+      ack.mutable_ack()->set_round(c.round());
+      ack.mutable_ack()->set_tag(c.tag());
+      reply(p.name, ack);
+      return;
+    }
+    // Layout checks before anything is allocated.
+    const uint64_t total = c.total_bytes();
+    const uint64_t expect_count = total == 0 ? 1 : (total + opt_.chunk_bytes - 1) / opt_.chunk_bytes;
+    std::string bad;
+    if (total > opt_.max_message_bytes) {
+      bad = "payload of " + std::to_string(total) + " bytes exceeds max_message_bytes = " +
+            std::to_string(opt_.max_message_bytes);
+    } else if (c.count() != expect_count || c.index() >= c.count()) {
+      bad = "chunk " + std::to_string(c.index()) + " of " + std::to_string(c.count()) +
+            " does not fit a payload of " + std::to_string(total) + " bytes in chunks of " +
+            std::to_string(opt_.chunk_bytes);
+    } else {
+      const uint64_t off = uint64_t(c.index()) * opt_.chunk_bytes;
+      const uint64_t len = std::min<uint64_t>(opt_.chunk_bytes, total - std::min(total, off));
+      if (data.size() != len) bad = "chunk " + std::to_string(c.index()) + " has " + std::to_string(data.size()) +
+                                    " bytes, expected " + std::to_string(len);
+    }
+    auto it = rounds_.find(key);
+    if (bad.empty() && it == rounds_.end()) {
+      size_t ahead = 0;
+      for (const auto& kv : rounds_) ahead += !kv.second.local;
+      if (ahead >= size_t(2 * opt_.max_rounds_in_flight) * opt_.sites.size()) {
+        bad = "too many rounds opened ahead of this site (" + std::to_string(ahead) + ")";
+      }
+    }
+    if (!bad.empty()) {
+      log("refused round " + std::to_string(c.round()) + " '" + c.tag() + "' from '" + p.name + "': " + bad);
+      reply(p.name, refuseEnv(c.round(), c.tag(), bad));
+      if (it != rounds_.end() && it->second.local) it->second.failure = "site '" + p.name + "' sent a bad payload: " + bad;
+      return;
+    }
+    Round& r = it != rounds_.end() ? it->second : newRound(key, false);
+    Incoming& in = r.in[p.index];
+    if (in.complete) return;
+    if (in.count == 0 || in.incarnation != c.incarnation()) {
+      in = Incoming{};
+      in.incarnation = c.incarnation();
+      in.total = total;
+      in.count = c.count();
+      in.data.resize(total);
+      in.have.assign(c.count(), false);
+    }
+    if (in.total != total || in.count != c.count()) {
+      reply(p.name, refuseEnv(c.round(), c.tag(), "chunk layout changed within one payload"));
+      return;
+    }
+    if (in.have[c.index()]) return;
+    if (crc32c(data.data(), data.size()) != c.crc32c()) {
+      log("chunk " + std::to_string(c.index()) + " of round " + std::to_string(c.round()) + " '" + c.tag() +
+          "' from '" + p.name + "' failed its checksum: asking for it again");
+      wire::Envelope nack;
+      nack.mutable_nack()->set_round(c.round());
+      nack.mutable_nack()->set_tag(c.tag());
+      nack.mutable_nack()->set_index(c.index());
+      reply(p.name, nack);
+      return;
+    }
+    if (data.size() > 0) std::memcpy(in.data.data() + uint64_t(c.index()) * opt_.chunk_bytes, data.data(), data.size());
+    in.have[c.index()] = true;
+    r.metrics[p.index].bytes_received += data.size();
+    if (++in.have_count == in.count) {
+      in.complete = true;
+      in.done_at = Clock::now();
+      wire::Envelope ack;
+      ack.mutable_ack()->set_round(c.round());
+      ack.mutable_ack()->set_tag(c.tag());
+      reply(p.name, ack);
+    }
+  }
+
+  void reply(const std::string& routing, const wire::Envelope& env) {
+    std::string bytes = env.SerializeAsString();
+    try {
+      router_->send(zmq::buffer(routing), zmq::send_flags::sndmore | zmq::send_flags::dontwait);
+      router_->send(zmq::buffer(bytes), zmq::send_flags::dontwait);
+    } catch (const zmq::error_t& e) {
+      // EHOSTUNREACH: the peer's connection is gone; it will hello again.
+      if (e.num() != EHOSTUNREACH) throw;
+    }
+  }
+
+  bool sendEnvelope(zmq::socket_t& s, const wire::Envelope& env, zmq::message_t* data) {
+    std::string bytes = env.SerializeAsString();
+    zmq::message_t head(bytes.data(), bytes.size());
+    auto flags = zmq::send_flags::dontwait | (data ? zmq::send_flags::sndmore : zmq::send_flags::none);
+    if (!s.send(head, flags)) return false;
+    if (data) s.send(*data, zmq::send_flags::none);  // the second frame follows atomically
+    return true;
+  }
+
+  // ----------------------------------------------------------- rounds ---
+
+  Round& newRound(const Key& key, bool local) {
+    Round& r = rounds_[key];
+    r.key = key;
+    r.local = local;
+    r.out.resize(opt_.sites.size());
+    r.in.resize(opt_.sites.size());
+    r.metrics.resize(opt_.sites.size());
+    for (size_t i = 0; i < opt_.sites.size(); ++i) r.metrics[i].site = opt_.sites[i].name;
+    r.start = Clock::now();
+    r.next_wait_log = r.start + opt_.round_deadline;
+    return r;
+  }
+
+  void takeCommands() {
+    std::deque<Command> cmds;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      cmds.swap(commands_);
+    }
+    for (Command& c : cmds) {
+      const Key key{c.round, c.tag};
+      if (finished_.count(key)) {
+        c.promise.set_exception(std::make_exception_ptr(InvalidArgument(
+            "exchange: round " + std::to_string(c.round) + " tag '" + c.tag + "' was already exchanged")));
+        std::lock_guard<std::mutex> lock(mu_);
+        --open_rounds_;
+        open_keys_.erase(key);
+        slots_.notify_all();
+        continue;
+      }
+      auto it = rounds_.find(key);
+      Round& r = it != rounds_.end() ? it->second : newRound(key, true);
+      r.local = true;
+      r.start = Clock::now();
+      r.next_wait_log = r.start + opt_.round_deadline;
+      r.payload = std::move(c.payload);
+      r.chunk_count = r.payload->empty() ? 1 : uint32_t((r.payload->size() + opt_.chunk_bytes - 1) / opt_.chunk_bytes);
+      r.promise = std::move(c.promise);
+    }
+  }
+
+  bool hasWork(size_t peer) const {
+    for (const auto& kv : rounds_) {
+      const Round& r = kv.second;
+      if (!r.local) continue;
+      const Outgoing& o = r.out[peer];
+      if (!o.acked && !o.abandoned && (o.next < r.chunk_count || !o.resend.empty())) return true;
+    }
+    return false;
+  }
+
+  // Sends as many chunks as the sockets take, round-robin over rounds.
+  void sendChunks() {
+    for (Peer& p : peers_) {
+      if (!p.welcomed) continue;
+      bool progress = true;
+      while (progress) {
+        progress = false;
+        for (auto& kv : rounds_) {
+          Round& r = kv.second;
+          if (!r.local) continue;
+          Outgoing& o = r.out[p.index];
+          if (o.acked || o.abandoned) continue;
+          uint32_t index;
+          bool retry = false;
+          if (!o.resend.empty()) {
+            index = o.resend.front();
+            retry = true;
+          } else if (o.next < r.chunk_count) {
+            index = o.next;
+          } else {
+            continue;
+          }
+          if (!sendChunk(p, r, index, retry)) return;  // socket full: later
+          if (retry) o.resend.pop_front(); else ++o.next;
+          progress = true;
+        }
+      }
+    }
+  }
+
+  bool sendChunk(Peer& p, Round& r, uint32_t index, bool retry) {
+    const uint64_t off = uint64_t(index) * opt_.chunk_bytes;
+    const size_t len = size_t(std::min<uint64_t>(opt_.chunk_bytes, r.payload->size() - std::min<uint64_t>(off, r.payload->size())));
+    const uint8_t* bytes = r.payload->data() + off;
+    wire::Envelope env;
+    wire::Chunk* c = env.mutable_chunk();
+    c->set_round(r.key.first);
+    c->set_tag(r.key.second);
+    c->set_incarnation(incarnation_);
+    c->set_index(index);
+    c->set_count(r.chunk_count);
+    c->set_total_bytes(r.payload->size());
+    c->set_crc32c(crc32c(bytes, len));
+    c->set_kind(kKindModelUpdate);
+    zmq::message_t data;
+    if (!retry && opt_.test_corrupt_chunk == int64_t(index) && len > 0) {
+      data.rebuild(bytes, len);
+      static_cast<uint8_t*>(data.data())[len / 2] ^= 0x5a;
+    } else if (len > 0) {
+      // Zero copy: the frame borrows the payload and holds a reference to it.
+      auto* hold = new std::shared_ptr<std::vector<uint8_t>>(r.payload);
+      data.rebuild(const_cast<uint8_t*>(bytes), len,
+                   [](void*, void* hint) { delete static_cast<std::shared_ptr<std::vector<uint8_t>>*>(hint); },
+                   hold);
+    }
+    if (!sendEnvelope(*p.dealer, env, &data)) return false;
+    r.metrics[p.index].bytes_sent += len;
+    return true;
+  }
+
+  void timers() {
+    const auto now = Clock::now();
+    std::vector<std::string> live;
+    for (Peer& p : peers_) {
+      if (now - p.last_heartbeat >= opt_.heartbeat) {
+        p.last_heartbeat = now;
+        if (p.welcomed) {
+          wire::Envelope env;
+          env.mutable_heartbeat()->set_incarnation(incarnation_);
+          sendEnvelope(*p.dealer, env, nullptr);
+        } else if (now - p.hello_sent >= opt_.heartbeat * 2) {
+          sendHello(p);  // no Welcome yet (peer not up, or the Hello was lost)
+        }
+      }
+      if (p.greeted && now - p.last_heard < opt_.peer_timeout) live.push_back(p.name);
+    }
+    std::lock_guard<std::mutex> lock(mu_);
+    live_.swap(live);
+  }
+
+  bool peerSilent(const Peer& p) const {
+    return !p.greeted || Clock::now() - p.last_heard >= opt_.peer_timeout;
+  }
+
+  void finishRounds() {
+    const auto now = Clock::now();
+    std::vector<Key> done;
+    for (auto& kv : rounds_) {
+      Round& r = kv.second;
+      if (!r.local) continue;
+      if (!r.completed) {
+        if (!r.failure.empty()) {
+          completeWithError(r, std::make_exception_ptr(ProtocolError(
+                                   "round " + std::to_string(r.key.first) + " '" + r.key.second + "': " + r.failure)));
+        } else {
+          // Done when every peer's payload is here and every peer has
+          // acknowledged ours (so the metrics are whole and nobody depends
+          // on a payload we might drop).
+          std::vector<std::string> missing, waiting;
+          for (const Peer& p : peers_) {
+            const bool in = r.in[p.index].complete;
+            if (!in) missing.push_back(p.name);
+            if (!in || !r.out[p.index].acked) waiting.push_back(p.name);
+          }
+          const double age = secondsSince(r.start);
+          if (waiting.empty()) {
+            complete(r, missing);
+          } else if (now >= r.start + opt_.round_deadline && opt_.on_site_loss == OnSiteLoss::kContinue) {
+            if (!missing.empty()) {
+              log("round " + std::to_string(r.key.first) + " '" + r.key.second + "': continuing without " +
+                  join(missing) + " after " + fmt(age) + " s");
+            }
+            complete(r, missing);
+          } else if (now >= r.start + opt_.hard_deadline) {
+            completeWithError(r, std::make_exception_ptr(TimeoutError(
+                                     "round " + std::to_string(r.key.first) + " '" + r.key.second +
+                                     "': no payload from " + join(waiting) + " within the hard deadline of " +
+                                     fmt(opt_.hard_deadline.count() / 1000.0) + " s (" + silence(waiting) + ")")));
+          } else if (now >= r.next_wait_log) {
+            log("round " + std::to_string(r.key.first) + " '" + r.key.second + "': waiting for " + join(waiting) +
+                " (" + silence(waiting) + "); giving up at the hard deadline in " +
+                fmt(opt_.hard_deadline.count() / 1000.0 - age) + " s");
+            r.next_wait_log = now + opt_.round_deadline;
+          }
+        }
+      }
+      if (r.completed) {
+        // Keep sending to peers that have not acknowledged, unless they are
+        // gone (silent) or the hard deadline passed.
+        bool pending = false;
+        for (const Peer& p : peers_) {
+          Outgoing& o = r.out[p.index];
+          if (o.acked || o.abandoned) continue;
+          if (peerSilent(p) || now >= r.start + opt_.hard_deadline || !r.failure.empty()) {
+            o.abandoned = true;
+          } else {
+            pending = true;
+          }
+        }
+        if (!pending) done.push_back(kv.first);
+      }
+    }
+    for (const Key& k : done) {
+      rounds_.erase(k);
+      finished_.insert(k);
+      finished_order_.push_back(k);
+      while (finished_order_.size() > size_t(16 * opt_.max_rounds_in_flight)) {
+        finished_.erase(finished_order_.front());
+        finished_order_.pop_front();
+      }
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        --open_rounds_;
+        open_keys_.erase(k);
+      }
+      slots_.notify_all();
+    }
+  }
+
+  void complete(Round& r, const std::vector<std::string>& missing) {
+    RoundResult res;
+    res.round = r.key.first;
+    res.tag = r.key.second;
+    res.seconds = secondsSince(r.start);
+    res.missing = missing;
+    res.payloads.resize(opt_.sites.size());
+    res.payloads[self_] = *r.payload;
+    for (const Peer& p : peers_) {
+      Incoming& in = r.in[p.index];
+      PeerMetrics m = r.metrics[p.index];
+      if (in.complete) {
+        const double secs = std::max(1e-9, std::chrono::duration<double>(in.done_at - r.start).count());
+        m.goodput_mbps = 8.0 * double(in.total) / secs / 1e6;
+        res.payloads[p.index] = std::move(in.data);
+      } else {
+        m.missing = true;
+      }
+      res.peers.push_back(m);
+    }
+    writeMetrics(res);
+    r.promise.set_value(std::move(res));
+    r.completed = true;
+  }
+
+  void completeWithError(Round& r, std::exception_ptr e) {
+    r.promise.set_exception(e);
+    r.completed = true;
+    if (r.failure.empty()) r.failure = "failed";
+  }
+
+  void writeMetrics(const RoundResult& res) {
+    if (opt_.metrics_path.empty()) return;
+    std::ofstream out(opt_.metrics_path, std::ios::app);
+    for (const PeerMetrics& m : res.peers) {
+      out << "{\"site\": \"" << opt_.site << "\", \"peer\": \"" << m.site << "\", \"round\": " << res.round
+          << ", \"tag\": \"" << res.tag << "\", \"bytes_sent\": " << m.bytes_sent
+          << ", \"bytes_received\": " << m.bytes_received << ", \"retransmissions\": " << m.retransmissions
+          << ", \"goodput_mbps\": " << m.goodput_mbps << ", \"round_seconds\": " << res.seconds
+          << ", \"missing\": " << (m.missing ? "true" : "false") << "}\n";
+    }
+  }
+
+  // ------------------------------------------------------------ errors ---
+
+  void rethrowFatal() {
+    if (fatal_) std::rethrow_exception(fatal_);
+  }
+
+  void setFatal(std::exception_ptr e, const std::string& what) {
+    log("fatal: " + what);
+    std::lock_guard<std::mutex> lock(mu_);
+    fatal_ = e;
+    slots_.notify_all();
+  }
+
+  void failAll(const std::string& why) {
+    std::exception_ptr e;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      e = fatal_ ? fatal_ : std::make_exception_ptr(Error("gateway '" + opt_.site + "': " + why));
+      for (Command& c : commands_) c.promise.set_exception(e);
+      commands_.clear();
+    }
+    for (auto& kv : rounds_) {
+      if (kv.second.local && !kv.second.completed) kv.second.promise.set_exception(e);
+    }
+    rounds_.clear();
+  }
+
+  // -------------------------------------------------------------- logs ---
+
+  void log(const std::string& line) const {
+    std::fprintf(stderr, "strait gateway %s: %s\n", opt_.site.c_str(), line.c_str());
+  }
+  static std::string join(const std::vector<std::string>& v) {
+    std::string s;
+    for (const auto& x : v) s += (s.empty() ? "" : ", ") + x;
+    return s;
+  }
+  static std::string fmt(double v) {
+    char b[32];
+    std::snprintf(b, sizeof b, "%.1f", v);
+    return b;
+  }
+  std::string silence(const std::vector<std::string>& names) {
+    std::string s;
+    for (const std::string& n : names) {
+      const Peer* p = peerByName(n);
+      s += (s.empty() ? "" : "; ") + n + ": " +
+           (p && p->greeted ? "last heard " + fmt(secondsSince(p->last_heard)) + " s ago" : "never connected");
+    }
+    return s;
+  }
+
+  GatewayOptions opt_;
+  size_t self_ = 0;
+  uint64_t incarnation_ = 0;
+  int wake_fd_ = -1;
+  std::thread io_;
+  std::atomic<bool> stop_{false};
+
+  // Shared with API threads, under mu_.
+  mutable std::mutex mu_;
+  std::condition_variable slots_;
+  int open_rounds_ = 0;
+  std::deque<Command> commands_;
+  std::set<Key> open_keys_;  // (round, tag) of open exchanges: at most max_rounds_in_flight
+  std::exception_ptr fatal_;
+  std::vector<std::string> live_;
+
+  // I/O thread only.
+  zmq::context_t ctx_;
+  std::unique_ptr<zmq::socket_t> router_;
+  std::unique_ptr<zmq::socket_t> zap_;
+  std::vector<Peer> peers_;
+  std::map<Key, Round> rounds_;
+  std::set<Key> finished_;
+  std::deque<Key> finished_order_;
+};
+
+Gateway::Gateway(GatewayOptions options) : impl_(std::make_unique<Impl>(std::move(options))) {}
+Gateway::~Gateway() = default;
+
+std::future<RoundResult> Gateway::exchange(uint64_t round, const std::string& tag, std::vector<uint8_t> payload) {
+  return impl_->exchange(round, tag, std::move(payload));
+}
+size_t Gateway::siteIndex() const { return impl_->self(); }
+const GatewayOptions& Gateway::options() const { return impl_->options(); }
+std::vector<std::string> Gateway::livePeers() const { return impl_->livePeers(); }
+
+}  // namespace strait::transport
