@@ -1,0 +1,99 @@
+// strait_test_peer: one site's gateway in its own process, for the
+// multi-process transport tests and the transport benchmark.
+//
+//   strait_test_peer --site I --ports P0,P1,... [--keys DIR | --insecure]
+//                    [--rounds N] [--first-round R] [--bytes B] [--chunk C]
+//                    [--continue] [--round-deadline-ms MS] [--hard-deadline-ms MS]
+//
+// Site I exchanges rounds R..N-1, sending payloadFor(I, round, B) and checking
+// that every other site's payload is payloadFor(site, round, B). Prints
+// "round R ok seconds S missing M" per round; exits 0 when all rounds passed,
+// 1 with a message on any error. Keys: DIR/sK.pub and DIR/sK.key.
+
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <sstream>
+
+#include "tests/cpp/transport/transport_test_util.h"
+
+using namespace strait::transport;
+
+int main(int argc, char** argv) {
+  size_t site = 0;
+  std::vector<int> ports;
+  std::string keys;
+  bool insecure = false;
+  uint64_t rounds = 3, first = 0;
+  size_t bytes = 1 << 20, chunk = 1 << 20;
+  bool cont = false;
+  int64_t round_ms = 20000, hard_ms = 60000;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    auto next = [&]() -> std::string {
+      if (i + 1 >= argc) {
+        std::fprintf(stderr, "missing value after %s\n", a.c_str());
+        std::exit(2);
+      }
+      return argv[++i];
+    };
+    if (a == "--site") site = std::stoul(next());
+    else if (a == "--ports") {
+      std::stringstream ss(next());
+      std::string p;
+      while (std::getline(ss, p, ',')) ports.push_back(std::stoi(p));
+    } else if (a == "--keys") keys = next();
+    else if (a == "--insecure") insecure = true;
+    else if (a == "--rounds") rounds = std::stoull(next());
+    else if (a == "--first-round") first = std::stoull(next());
+    else if (a == "--bytes") bytes = std::stoull(next());
+    else if (a == "--chunk") chunk = std::stoull(next());
+    else if (a == "--continue") cont = true;
+    else if (a == "--round-deadline-ms") round_ms = std::stoll(next());
+    else if (a == "--hard-deadline-ms") hard_ms = std::stoll(next());
+    else {
+      std::fprintf(stderr, "unknown argument %s\n", a.c_str());
+      return 2;
+    }
+  }
+  try {
+    GatewayOptions o;
+    o.job_id = "test-job";
+    o.site = "s" + std::to_string(site);
+    for (size_t k = 0; k < ports.size(); ++k) {
+      SiteEndpoint e{"s" + std::to_string(k), "CN", "tcp://127.0.0.1:" + std::to_string(ports[k]), ""};
+      if (!insecure) e.public_key = readKeyFile(keys + "/s" + std::to_string(k) + ".pub");
+      o.sites.push_back(e);
+    }
+    o.insecure = insecure;
+    if (!insecure) o.secret_key = readKeyFile(keys + "/s" + std::to_string(site) + ".key");
+    o.config_fingerprint = {1, 2, 3, 4};
+    o.chunk_bytes = chunk;
+    o.max_message_bytes = std::max<size_t>(bytes, chunk);
+    o.heartbeat = std::chrono::milliseconds(100);
+    o.peer_timeout = std::chrono::milliseconds(1500);
+    o.round_deadline = std::chrono::milliseconds(round_ms);
+    o.hard_deadline = std::chrono::milliseconds(hard_ms);
+    o.on_site_loss = cont ? OnSiteLoss::kContinue : OnSiteLoss::kWait;
+    Gateway g(o);
+    for (uint64_t r = first; r < rounds; ++r) {
+      auto f = g.exchange(r, "grad", testing::payloadFor(site, r, bytes));
+      RoundResult res = testing::getWithin(f, std::chrono::seconds(hard_ms / 1000 + 30));
+      for (size_t k = 0; k < res.payloads.size(); ++k) {
+        if (res.payloads[k] && *res.payloads[k] != testing::payloadFor(k, r, bytes)) {
+          std::fprintf(stderr, "round %llu: payload from s%zu is wrong\n", (unsigned long long)r, k);
+          return 1;
+        }
+      }
+      std::string missing;
+      for (const auto& m : res.missing) missing += (missing.empty() ? "" : ",") + m;
+      std::printf("round %llu ok seconds %.6f missing %s\n", (unsigned long long)r, res.seconds,
+                  missing.empty() ? "-" : missing.c_str());
+      std::fflush(stdout);
+    }
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "s%zu: %s\n", site, e.what());
+    return 1;
+  }
+  return 0;
+}
