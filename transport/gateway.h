@@ -111,6 +111,11 @@ class Gateway {
   std::future<RoundResult> exchange(uint64_t round, const std::string& tag,
                                     std::vector<uint8_t> payload);
 
+  // Gives a payload buffer back for reuse by later receives, so that a
+  // steady-state round allocates (and page-faults) nothing. Optional;
+  // thread-safe; keeps at most a few buffers and frees the rest.
+  void recycle(std::vector<uint8_t> buffer);
+
   // This site's position in the job's site order.
   size_t siteIndex() const;
   const GatewayOptions& options() const;

@@ -35,7 +35,7 @@
 #include <zmq_addon.hpp>
 
 #include "core/error.h"
-#include "transport/crc32c.h"
+#include "transport/checksum.h"
 #include "transport/proto/strait.pb.h"
 
 namespace strait::transport {
@@ -181,6 +181,13 @@ class Gateway::Impl {
     return future;
   }
 
+  void recycle(std::vector<uint8_t> buffer) {
+    if (buffer.capacity() == 0) return;
+    buffer.resize(buffer.capacity());  // keep it sized: a later resize down is free
+    std::lock_guard<std::mutex> lock(mu_);
+    if (pool_.size() < poolLimit()) pool_.push_back(std::move(buffer));
+  }
+
   std::vector<std::string> livePeers() const {
     std::lock_guard<std::mutex> lock(mu_);
     return live_;
@@ -190,6 +197,25 @@ class Gateway::Impl {
   size_t self() const { return self_; }
 
  private:
+  size_t poolLimit() const { return size_t(opt_.max_rounds_in_flight) * opt_.sites.size(); }
+
+  // A buffer of `bytes` bytes: a recycled one that is large enough, else new.
+  std::vector<uint8_t> takeBuffer(uint64_t bytes) {
+    std::vector<uint8_t> out;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      for (size_t i = 0; i < pool_.size(); ++i) {
+        if (pool_[i].size() >= bytes) {
+          out = std::move(pool_[i]);
+          pool_.erase(pool_.begin() + long(i));
+          break;
+        }
+      }
+    }
+    out.resize(bytes);
+    return out;
+  }
+
   // ------------------------------------------------------------- setup ---
 
   void validate() {
@@ -648,7 +674,7 @@ class Gateway::Impl {
       in.incarnation = c.incarnation();
       in.total = total;
       in.count = c.count();
-      in.data.resize(total);
+      in.data = takeBuffer(total);
       in.have.assign(c.count(), false);
     }
     if (in.total != total || in.count != c.count()) {
@@ -656,7 +682,7 @@ class Gateway::Impl {
       return;
     }
     if (in.have[c.index()]) return;
-    if (crc32c(data.data(), data.size()) != c.crc32c()) {
+    if (chunkChecksum(data.data(), data.size()) != c.xxh3()) {
       log("chunk " + std::to_string(c.index()) + " of round " + std::to_string(c.round()) + " '" + c.tag() +
           "' from '" + p.name + "' failed its checksum: asking for it again");
       wire::Envelope nack;
@@ -794,7 +820,7 @@ class Gateway::Impl {
     c->set_index(index);
     c->set_count(r.chunk_count);
     c->set_total_bytes(r.payload->size());
-    c->set_crc32c(crc32c(bytes, len));
+    c->set_xxh3(chunkChecksum(bytes, len));
     c->set_kind(kKindModelUpdate);
     zmq::message_t data;
     if (!retry && opt_.test_corrupt_chunk == int64_t(index) && len > 0) {
@@ -918,7 +944,16 @@ class Gateway::Impl {
     res.seconds = secondsSince(r.start);
     res.missing = missing;
     res.payloads.resize(opt_.sites.size());
-    res.payloads[self_] = *r.payload;
+    // Once every peer has acknowledged, nothing will be sent again and no
+    // frame borrows the payload any more: hand it back without a copy.
+    bool delivered = true;
+    for (const Peer& p : peers_) delivered = delivered && r.out[p.index].acked;
+    if (delivered && r.payload.use_count() == 1) {
+      res.payloads[self_] = std::move(*r.payload);
+      r.payload = std::make_shared<std::vector<uint8_t>>();
+    } else {
+      res.payloads[self_] = *r.payload;
+    }
     for (const Peer& p : peers_) {
       Incoming& in = r.in[p.index];
       PeerMetrics m = r.metrics[p.index];
@@ -1021,9 +1056,10 @@ class Gateway::Impl {
   std::set<Key> open_keys_;  // (round, tag) of open exchanges: at most max_rounds_in_flight
   std::exception_ptr fatal_;
   std::vector<std::string> live_;
+  std::vector<std::vector<uint8_t>> pool_;  // recycled receive buffers, at most poolLimit()
 
   // I/O thread only.
-  zmq::context_t ctx_;
+  zmq::context_t ctx_{2};  // two I/O threads: sending and receiving proceed in parallel
   std::unique_ptr<zmq::socket_t> router_;
   std::unique_ptr<zmq::socket_t> zap_;
   std::vector<Peer> peers_;
@@ -1041,5 +1077,6 @@ std::future<RoundResult> Gateway::exchange(uint64_t round, const std::string& ta
 size_t Gateway::siteIndex() const { return impl_->self(); }
 const GatewayOptions& Gateway::options() const { return impl_->options(); }
 std::vector<std::string> Gateway::livePeers() const { return impl_->livePeers(); }
+void Gateway::recycle(std::vector<uint8_t> buffer) { impl_->recycle(std::move(buffer)); }
 
 }  // namespace strait::transport

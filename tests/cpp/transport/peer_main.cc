@@ -4,6 +4,7 @@
 //   strait_test_peer --site I --ports P0,P1,... [--keys DIR | --insecure]
 //                    [--rounds N] [--first-round R] [--bytes B] [--chunk C]
 //                    [--continue] [--round-deadline-ms MS] [--hard-deadline-ms MS]
+//                    [--hosts H0,H1,...]   (default: 127.0.0.1 for every site)
 //
 // Site I exchanges rounds R..N-1, sending payloadFor(I, round, B) and checking
 // that every other site's payload is payloadFor(site, round, B). Prints
@@ -22,6 +23,7 @@ using namespace strait::transport;
 int main(int argc, char** argv) {
   size_t site = 0;
   std::vector<int> ports;
+  std::vector<std::string> hosts;
   std::string keys;
   bool insecure = false;
   uint64_t rounds = 3, first = 0;
@@ -42,6 +44,10 @@ int main(int argc, char** argv) {
       std::stringstream ss(next());
       std::string p;
       while (std::getline(ss, p, ',')) ports.push_back(std::stoi(p));
+    } else if (a == "--hosts") {
+      std::stringstream ss(next());
+      std::string h;
+      while (std::getline(ss, h, ',')) hosts.push_back(h);
     } else if (a == "--keys") keys = next();
     else if (a == "--insecure") insecure = true;
     else if (a == "--rounds") rounds = std::stoull(next());
@@ -61,7 +67,8 @@ int main(int argc, char** argv) {
     o.job_id = "test-job";
     o.site = "s" + std::to_string(site);
     for (size_t k = 0; k < ports.size(); ++k) {
-      SiteEndpoint e{"s" + std::to_string(k), "CN", "tcp://127.0.0.1:" + std::to_string(ports[k]), ""};
+      const std::string host = k < hosts.size() ? hosts[k] : "127.0.0.1";
+      SiteEndpoint e{"s" + std::to_string(k), "CN", "tcp://" + host + ":" + std::to_string(ports[k]), ""};
       if (!insecure) e.public_key = readKeyFile(keys + "/s" + std::to_string(k) + ".pub");
       o.sites.push_back(e);
     }
@@ -76,11 +83,13 @@ int main(int argc, char** argv) {
     o.hard_deadline = std::chrono::milliseconds(hard_ms);
     o.on_site_loss = cont ? OnSiteLoss::kContinue : OnSiteLoss::kWait;
     Gateway g(o);
+    std::vector<uint8_t> mine;
     for (uint64_t r = first; r < rounds; ++r) {
-      auto f = g.exchange(r, "grad", testing::payloadFor(site, r, bytes));
+      testing::fillPayload(mine, site, r, bytes);
+      auto f = g.exchange(r, "grad", std::move(mine));
       RoundResult res = testing::getWithin(f, std::chrono::seconds(hard_ms / 1000 + 30));
       for (size_t k = 0; k < res.payloads.size(); ++k) {
-        if (res.payloads[k] && *res.payloads[k] != testing::payloadFor(k, r, bytes)) {
+        if (res.payloads[k] && !testing::isPayloadOf(*res.payloads[k], k, r, bytes)) {
           std::fprintf(stderr, "round %llu: payload from s%zu is wrong\n", (unsigned long long)r, k);
           return 1;
         }
@@ -90,6 +99,12 @@ int main(int argc, char** argv) {
       std::printf("round %llu ok seconds %.6f missing %s\n", (unsigned long long)r, res.seconds,
                   missing.empty() ? "-" : missing.c_str());
       std::fflush(stdout);
+      // Buffers go back: ours to refill, the peers' to the gateway's pool.
+      for (size_t k = 0; k < res.payloads.size(); ++k) {
+        if (!res.payloads[k]) continue;
+        if (k == site) mine = std::move(*res.payloads[k]);
+        else g.recycle(std::move(*res.payloads[k]));
+      }
     }
   } catch (const std::exception& e) {
     std::fprintf(stderr, "s%zu: %s\n", site, e.what());

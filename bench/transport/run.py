@@ -1,0 +1,185 @@
+#!/usr/bin/python3
+"""`./strait bench transport [--json]`: the gateway's goodput next to raw TCP.
+
+Two processes exchange a payload (256 MiB each way by default, the pattern of
+a two-site all-gather): raw TCP sockets (bench/transport/raw_tcp.cc), then two
+strait gateways in plaintext and with CurveZMQ, all on loopback in one run.
+As root it repeats raw TCP and the gateway across two network namespaces
+joined by a veth pair limited to 100 Mbit/s with `tc tbf`. The gateway runs
+CurveZMQ there: strait refuses plaintext off loopback by design, so
+shaped_plain_mbps is null and shaped_curve_mbps carries the figure.
+
+Rates are in bits per second (Gbit/s, Mbit/s) of payload, one direction.
+Progress goes to stderr; --json prints one JSON object on stdout.
+"""
+
+import argparse
+import json
+import os
+import re
+import resource
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+NS = ("strait-bench-a", "strait-bench-b")
+NS_ADDR = ("10.77.0.1", "10.77.0.2")
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_pair(cmds, timeout):
+    """Starts two commands, waits for both, returns their stdout."""
+    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in cmds]
+    outs = []
+    deadline = time.time() + timeout
+    for p in procs:
+        try:
+            out, err = p.communicate(timeout=max(1, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise SystemExit(f"bench transport: {cmds[0][0]} did not finish within {timeout} s")
+        if p.returncode != 0:
+            for q in procs:
+                q.kill()
+            raise SystemExit(f"bench transport: {' '.join(p.args)} failed ({p.returncode}): {err.strip()}")
+        outs.append(out)
+    return outs
+
+
+def raw_tcp(binary, addrs, ports, nbytes, rounds, wrap=(None, None)):
+    cmds = []
+    for i in range(2):
+        c = [binary, "--listen", f"{addrs[i]}:{ports[i]}", "--peer", f"{addrs[1 - i]}:{ports[1 - i]}",
+             "--bytes", str(nbytes), "--rounds", str(rounds)]
+        cmds.append((wrap[i] or []) + c)
+    outs = run_pair(cmds, timeout=600)
+    secs = max(float(re.search(r"seconds ([0-9.]+)", o).group(1)) for o in outs)
+    return nbytes * 8 / secs
+
+
+def gateway(binary, ports, nbytes, rounds, keys=None, chunk=1 << 20, wrap=(None, None), hosts=None):
+    cmds = []
+    for i in range(2):
+        c = [binary, "--site", str(i), "--ports", ",".join(map(str, ports)), "--rounds", str(rounds),
+             "--bytes", str(nbytes), "--chunk", str(chunk), "--hard-deadline-ms", "600000",
+             "--round-deadline-ms", "600000"]
+        c += ["--keys", keys] if keys else ["--insecure"]
+        if hosts:
+            c += ["--hosts", ",".join(hosts)]
+        cmds.append((wrap[i] or []) + c)
+    outs = run_pair(cmds, timeout=900)
+    best = min(float(s) for o in outs for s in re.findall(r"seconds ([0-9.]+)", o))
+    return nbytes * 8 / best
+
+
+def setup_namespaces(rate_mbit):
+    teardown_namespaces()
+    cmds = [
+        ["ip", "netns", "add", NS[0]], ["ip", "netns", "add", NS[1]],
+        ["ip", "link", "add", "strait-va", "type", "veth", "peer", "name", "strait-vb"],
+        ["ip", "link", "set", "strait-va", "netns", NS[0]], ["ip", "link", "set", "strait-vb", "netns", NS[1]],
+    ]
+    for i, dev in enumerate(("strait-va", "strait-vb")):
+        ns = ["ip", "netns", "exec", NS[i]]
+        cmds += [ns + ["ip", "addr", "add", f"{NS_ADDR[i]}/24", "dev", dev], ns + ["ip", "link", "set", dev, "up"],
+                 ns + ["ip", "link", "set", "lo", "up"],
+                 ns + ["tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", f"{rate_mbit}mbit",
+                       "burst", "128kb", "latency", "100ms"]]
+    for c in cmds:
+        subprocess.run(c, check=True, capture_output=True)
+
+
+def teardown_namespaces():
+    for ns in NS:
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--build", required=True)
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--bytes", type=int, default=256 << 20)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--no-shaped", action="store_true", help="skip the network-namespace run")
+    ap.add_argument("--rate-mbit", type=int, default=100)
+    args = ap.parse_args()
+
+    tcp_bin = os.path.join(args.build, "bench", "strait_bench_tcp")
+    peer_bin = os.path.join(args.build, "tests", "cpp", "strait_test_peer")
+    keys_bin = os.path.join(args.build, "transport", "strait_keys")
+    n = args.bytes
+    res = {"payload_bytes": n, "units": "bits per second of payload, one direction"}
+
+    lo = ("127.0.0.1", "127.0.0.1")
+    log(f"raw TCP, loopback, {n >> 20} MiB each way ...")
+    res["raw_tcp_gbps"] = raw_tcp(tcp_bin, lo, (free_port(), free_port()), n, args.rounds) / 1e9
+    log("strait gateway, plaintext, loopback ...")
+    res["plain_gbps"] = gateway(peer_bin, (free_port(), free_port()), n, args.rounds) / 1e9
+    keydir = tempfile.mkdtemp(prefix="strait-bench-keys-")
+    try:
+        for s in ("s0", "s1"):
+            subprocess.run([keys_bin, "generate", s, "--dir", keydir], check=True, capture_output=True)
+        log("strait gateway, CurveZMQ, loopback ...")
+        res["curve_gbps"] = gateway(peer_bin, (free_port(), free_port()), n, args.rounds, keys=keydir) / 1e9
+    finally:
+        shutil.rmtree(keydir, ignore_errors=True)
+    res["peer_max_rss_mib"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    res["plain_vs_raw"] = res["plain_gbps"] / res["raw_tcp_gbps"]
+    res["curve_vs_raw"] = res["curve_gbps"] / res["raw_tcp_gbps"]
+
+    if args.no_shaped:
+        res["shaped"] = "skipped (--no-shaped)"
+    elif os.geteuid() != 0:
+        res["shaped"] = "skipped: needs root for network namespaces (ip netns, tc tbf)"
+        log(res["shaped"])
+    else:
+        try:
+            setup_namespaces(args.rate_mbit)
+            wrap = tuple(["ip", "netns", "exec", ns] for ns in NS)
+            res["shaped_link_mbps"] = args.rate_mbit
+            log(f"raw TCP across a {args.rate_mbit} Mbit/s veth (tc tbf), {n >> 20} MiB each way ...")
+            res["shaped_raw_tcp_mbps"] = raw_tcp(tcp_bin, NS_ADDR, (7301, 7302), n, 1, wrap) / 1e6
+            log("strait gateway, CurveZMQ, same link (plaintext is refused off loopback) ...")
+            keydir = tempfile.mkdtemp(prefix="strait-bench-keys-")
+            try:
+                for s in ("s0", "s1"):
+                    subprocess.run([keys_bin, "generate", s, "--dir", keydir], check=True, capture_output=True)
+                res["shaped_curve_mbps"] = gateway(peer_bin, (7401, 7402), n, 1, keys=keydir, wrap=wrap,
+                                                   hosts=NS_ADDR) / 1e6
+            finally:
+                shutil.rmtree(keydir, ignore_errors=True)
+            res["shaped_plain_mbps"] = None
+            res["shaped_curve_vs_link"] = res["shaped_curve_mbps"] / args.rate_mbit
+        finally:
+            teardown_namespaces()
+
+    if args.json:
+        print(json.dumps(res))
+        return
+    print(f"payload {n >> 20} MiB each way between two processes; rates are payload bits/s, one direction")
+    print(f"  raw TCP, loopback           {res['raw_tcp_gbps']:8.2f} Gbit/s")
+    print(f"  strait plaintext, loopback  {res['plain_gbps']:8.2f} Gbit/s  ({res['plain_vs_raw']:.2f}x raw TCP)")
+    print(f"  strait CurveZMQ, loopback   {res['curve_gbps']:8.2f} Gbit/s  ({res['curve_vs_raw']:.2f}x raw TCP)")
+    print(f"  peak RSS of a gateway process: {res['peer_max_rss_mib']:.0f} MiB")
+    if "shaped_curve_mbps" in res:
+        print(f"  {args.rate_mbit} Mbit/s link: raw TCP {res['shaped_raw_tcp_mbps']:.1f} Mbit/s, strait CurveZMQ "
+              f"{res['shaped_curve_mbps']:.1f} Mbit/s ({res['shaped_curve_vs_link']:.2f}x the link)")
+    else:
+        print(f"  shaped link: {res['shaped']}")
+
+
+if __name__ == "__main__":
+    main()
