@@ -653,17 +653,25 @@ class Gateway::Impl {
                                     " bytes, expected " + std::to_string(len);
     }
     auto it = rounds_.find(key);
+    bool flood = false;
     if (bad.empty() && it == rounds_.end()) {
       size_t ahead = 0;
       for (const auto& kv : rounds_) ahead += !kv.second.local;
       if (ahead >= size_t(2 * opt_.max_rounds_in_flight) * opt_.sites.size()) {
         bad = "too many rounds opened ahead of this site (" + std::to_string(ahead) + ")";
+        flood = true;
       }
     }
     if (!bad.empty()) {
       log("refused round " + std::to_string(c.round()) + " '" + c.tag() + "' from '" + p.name + "': " + bad);
       reply(p.name, refuseEnv(c.round(), c.tag(), bad));
-      if (it != rounds_.end() && it->second.local) it->second.failure = "site '" + p.name + "' sent a bad payload: " + bad;
+      // With `continue` the site simply counts as missing for this round.
+      // With `wait` nothing good can come any more: fail the round now, with
+      // the reason, instead of at the hard deadline.
+      if (opt_.on_site_loss == OnSiteLoss::kWait && !flood) {
+        Round& r = it != rounds_.end() ? it->second : newRound(key, false);
+        if (r.failure.empty()) r.failure = "site '" + p.name + "' sent a bad payload: " + bad;
+      }
       return;
     }
     Round& r = it != rounds_.end() ? it->second : newRound(key, false);
