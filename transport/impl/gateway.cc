@@ -337,6 +337,13 @@ class Gateway::Impl {
   }
 
   void closeSockets() {
+    // Give queued replies (an Ack sent just before shutdown) a bounded time
+    // to leave; a peer waiting for it would otherwise wait for nothing.
+    const int linger = static_cast<int>(std::min<int64_t>(opt_.peer_timeout.count(), 1000));
+    if (router_) router_->set(zmq::sockopt::linger, linger);
+    for (Peer& p : peers_) {
+      if (p.dealer) p.dealer->set(zmq::sockopt::linger, linger);
+    }
     for (Peer& p : peers_) {
       if (p.dealer) zmq_socket_monitor(p.dealer->handle(), nullptr, 0);
       p.monitor.reset();
@@ -654,11 +661,14 @@ class Gateway::Impl {
     }
     auto it = rounds_.find(key);
     bool flood = false;
-    if (bad.empty() && it == rounds_.end()) {
+    if (bad.empty() && (it == rounds_.end() || !it->second.local) &&
+        (it == rounds_.end() || it->second.in[p.index].count == 0)) {
+      // Each peer may open only a few keys this site has not reached yet, so
+      // one flooding peer can neither exhaust memory nor crowd out the others.
       size_t ahead = 0;
-      for (const auto& kv : rounds_) ahead += !kv.second.local;
-      if (ahead >= size_t(2 * opt_.max_rounds_in_flight) * opt_.sites.size()) {
-        bad = "too many rounds opened ahead of this site (" + std::to_string(ahead) + ")";
+      for (const auto& kv : rounds_) ahead += !kv.second.local && kv.second.in[p.index].count > 0;
+      if (ahead >= size_t(2 * opt_.max_rounds_in_flight)) {
+        bad = "too many rounds opened ahead of this site (" + std::to_string(ahead) + " from this peer)";
         flood = true;
       }
     }
@@ -884,11 +894,14 @@ class Gateway::Impl {
           // Done when every peer's payload is here and every peer has
           // acknowledged ours (so the metrics are whole and nobody depends
           // on a payload we might drop).
+          // A peer whose payload is here but whose acknowledgement is not is
+          // waited for only while it is alive: a site that finished and
+          // left (or died) after sending cannot acknowledge any more.
           std::vector<std::string> missing, waiting;
           for (const Peer& p : peers_) {
             const bool in = r.in[p.index].complete;
             if (!in) missing.push_back(p.name);
-            if (!in || !r.out[p.index].acked) waiting.push_back(p.name);
+            if (!in || (!r.out[p.index].acked && !peerSilent(p))) waiting.push_back(p.name);
           }
           const double age = secondsSince(r.start);
           if (waiting.empty()) {
