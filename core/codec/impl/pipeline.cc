@@ -138,8 +138,13 @@ size_t SparseAmount::kFor(size_t n) const {
 
 std::string SparseAmount::text() const {
   if (count > 0) return "count=" + std::to_string(count);
-  char buf[32];
-  std::snprintf(buf, sizeof buf, "ratio=%.17g", ratio);
+  // The shortest form that reads back as the same double ("0.1", not
+  // "0.10000000000000001").
+  char buf[40];
+  for (int digits = 6; digits <= 17; ++digits) {
+    std::snprintf(buf, sizeof buf, "ratio=%.*g", digits, ratio);
+    if (std::strtod(buf + 6, nullptr) == ratio) break;
+  }
   return buf;
 }
 

@@ -1,0 +1,131 @@
+"""torch.ops.strait against references written with PyTorch ops: what `import
+strait` gives a training script. (torch.library.opcheck does not exist in the
+installed torch 1.13; the schema is exercised through torch.ops directly.)"""
+
+import pytest
+import torch
+
+import strait
+
+
+def gaussian(n, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, generator=g) * scale
+
+
+SIZES = [0, 1, 7, 256, 257, 4099]
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_fp16_and_bf16_match_torch_rounding(n):
+    x = gaussian(n, n, 10.0)
+    assert torch.equal(strait.decode(strait.encode(x, "fp16"), x.shape), x.half().float())
+    assert torch.equal(strait.decode(strait.encode(x, "bf16"), x.shape), x.bfloat16().float())
+
+
+def int_reference(x, bits, block):
+    """Blockwise symmetric quantisation, nearest rounding, written with torch ops."""
+    L = (1 << (bits - 1)) - 1
+    out = torch.empty_like(x)
+    for start in range(0, x.numel(), block):
+        b = x[start:start + block]
+        amax = b.abs().max()
+        scale = amax / L
+        inv = L / amax if amax > 0 else torch.tensor(0.0)
+        q = torch.round(b * inv).clamp(-L, L)  # torch.round is half-to-even
+        out[start:start + block] = q * scale
+    return out
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize("n", [1, 255, 1000])
+def test_int_matches_reference(bits, n):
+    x = gaussian(n, bits * n)
+    y = strait.decode(strait.encode(x, f"int{bits}(block=64)"), x.shape)
+    assert torch.equal(y, int_reference(x, bits, 64))
+
+
+def test_topk_keeps_what_torch_topk_keeps():
+    x = gaussian(10000, 3)
+    y = strait.decode(strait.encode(x, "topk(0.01)"), x.shape)
+    idx = torch.topk(x.abs(), 100).indices
+    expect = torch.zeros_like(x)
+    expect[idx] = x[idx]
+    assert torch.equal(y, expect)
+
+
+def test_shapes_are_kept_and_lowrank_uses_them():
+    a = gaussian(64 * 3, 1).view(64, 3)
+    b = gaussian(3 * 48, 2).view(3, 48)
+    m = a @ b  # rank 3
+    y = strait.decode(strait.encode(m, "lowrank(rank=3)"), m.shape)
+    assert y.shape == m.shape
+    assert torch.allclose(y, m, rtol=1e-4, atol=1e-4)
+    n, structure, values, bits = strait.payload_info(strait.encode(m, "lowrank(rank=3) -> fp16"))
+    assert (n, structure, values, bits) == (64 * 48, "lowrank", "fp16", 16)
+
+
+@pytest.mark.parametrize("pipeline", ["int8", "topk(0.05) -> int4", "sign", "lowrank(2) -> bf16", "randomk(0.1)"])
+def test_decode_accumulate_adds_the_weighted_decode(pipeline):
+    x = gaussian(3000, 5)
+    p = strait.encode(x, pipeline, seed=7)
+    acc = gaussian(3000, 6)
+    expect = acc + 0.25 * strait.decode(p, x.shape)
+    strait.decode_accumulate(acc, p, 0.25)
+    assert torch.allclose(acc, expect, rtol=1e-6, atol=1e-6)
+
+
+def test_a_corrupt_payload_raises_and_leaves_the_accumulator_alone():
+    x = gaussian(1000, 1)
+    p = strait.encode(x, "topk(0.1) -> int8").clone()
+    p[30] ^= 0xFF  # inside the index section
+    acc = torch.ones(1000)
+    for bad in (p[:-1], p):
+        try:
+            strait.decode_accumulate(acc, bad, 1.0)
+        except RuntimeError as e:
+            assert "strait.decode_accumulate" in str(e)
+        assert torch.isfinite(acc).all()
+    truncated = strait.encode(x, "int8")[:-3]
+    before = acc.clone()
+    with pytest.raises(RuntimeError, match="truncated payload"):
+        strait.decode_accumulate(acc, truncated, 1.0)
+    assert torch.equal(acc, before)
+
+
+def test_errors_name_the_problem():
+    with pytest.raises(RuntimeError, match="expected a float32 tensor, got Int"):
+        strait.encode(torch.zeros(3, dtype=torch.int32), "int8")
+    x = gaussian(100, 1)
+    x[42] = float("inf")
+    with pytest.raises(RuntimeError, match="at index 42"):
+        strait.encode(x, "int8")
+    with pytest.raises(RuntimeError, match="unknown stage 'int9'"):
+        strait.encode(gaussian(10), "int9")
+    with pytest.raises(RuntimeError, match="holds 10 values but the destination has 11"):
+        strait.decode(strait.encode(gaussian(10), "fp32"), [11])
+    with pytest.raises(RuntimeError, match="1-D uint8 tensor"):
+        strait.decode(torch.zeros(4), [1])
+
+
+def test_compressor_error_feedback_loses_nothing():
+    c = strait.Compressor("topk(0.05) -> int8", seed=3, error_feedback=True)
+    assert c.error_feedback and c.pipeline.startswith("topk(ratio=0.05")
+    g = gaussian(2000, 9)
+    sent = torch.zeros(2000, dtype=torch.float64)
+    steps = 50
+    for _ in range(steps):
+        sent += strait.decode(c.encode(g), g.shape).double()
+    total = sent + c.residual().double()
+    assert torch.allclose(total, g.double() * steps, atol=1e-3 * steps)
+    c.reset()
+    assert c.residual().numel() == 0
+    with pytest.raises(RuntimeError, match="no error feedback"):
+        strait.Compressor("int8", error_feedback=False).set_residual(torch.zeros(3))
+
+
+def test_ops_are_registered_under_torch_ops_strait():
+    for name in ("encode", "decode", "decode_accumulate", "payload_info"):
+        assert hasattr(torch.ops.strait, name)
+    p = torch.ops.strait.encode(gaussian(8), "fp32", 0)
+    assert torch.ops.strait.payload_info(p)[0] == 8

@@ -1,0 +1,182 @@
+// torch.ops.strait: the compression library as PyTorch operators, and the
+// stateful Compressor (error feedback, warm starts) as a TorchScript class.
+//
+// Kernels only adapt: check arguments, view the tensor as a flat float32
+// buffer, call core/. Tensors on another device (CUDA) are staged through the
+// CPU: the payload is bytes bound for the network anyway, and decoded values
+// are added on the device with a torch op. Dedicated GPU kernels come later.
+
+#include <torch/custom_class.h>
+#include <torch/library.h>
+#include <torch/torch.h>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "core/codec/codec.h"
+#include "core/codec/error_feedback.h"
+#include "core/error.h"
+
+namespace strait::torch_ext {
+
+namespace {
+
+// A contiguous float32 CPU copy (or view) of x, with a clear message for
+// anything else.
+at::Tensor floatCpu(const at::Tensor& x, const char* op) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat, op, ": expected a float32 tensor, got ", x.scalar_type(),
+              " (convert with .float())");
+  return x.to(at::kCPU).contiguous();
+}
+
+at::Tensor bytesCpu(const at::Tensor& payload, const char* op) {
+  TORCH_CHECK(payload.scalar_type() == at::kByte && payload.dim() == 1, op,
+              ": the payload must be a 1-D uint8 tensor (what strait.encode returns), got ",
+              payload.scalar_type(), " with ", payload.dim(), " dimensions");
+  return payload.to(at::kCPU).contiguous();
+}
+
+core::TensorShape shapeOf(const at::Tensor& x) {
+  core::TensorShape s;
+  for (int64_t d : x.sizes()) s.dims.push_back(d);
+  return s;
+}
+
+at::Tensor toTensor(const std::vector<uint8_t>& bytes) {
+  at::Tensor out = at::empty({static_cast<int64_t>(bytes.size())}, at::kByte);
+  if (!bytes.empty()) std::memcpy(out.data_ptr<uint8_t>(), bytes.data(), bytes.size());
+  return out;
+}
+
+// Runs fn, turning strait's exceptions into c10 errors (RuntimeError in
+// Python) that keep strait's message.
+template <typename Fn>
+auto translate(const char* op, Fn&& fn) -> decltype(fn()) {
+  try {
+    return fn();
+  } catch (const strait::Error& e) {
+    TORCH_CHECK(false, op, ": ", e.what());
+  }
+}
+
+at::Tensor encode(const at::Tensor& x, const std::string& pipeline, int64_t seed) {
+  return translate("strait.encode", [&] {
+    const at::Tensor flat = floatCpu(x, "strait.encode");
+    const core::Pipeline p = core::Pipeline::parse(pipeline);
+    core::CodecState state(static_cast<uint64_t>(seed));
+    std::vector<uint8_t> out;
+    p.encode(flat.data_ptr<float>(), static_cast<size_t>(flat.numel()), shapeOf(x), state, out);
+    return toTensor(out);
+  });
+}
+
+at::Tensor decode(const at::Tensor& payload, at::IntArrayRef shape) {
+  return translate("strait.decode", [&] {
+    const at::Tensor bytes = bytesCpu(payload, "strait.decode");
+    at::Tensor out = at::empty(shape, at::kFloat);
+    core::decode(bytes.data_ptr<uint8_t>(), static_cast<size_t>(bytes.numel()), out.data_ptr<float>(),
+                 static_cast<size_t>(out.numel()));
+    return out;
+  });
+}
+
+void decodeAccumulate(at::Tensor acc, const at::Tensor& payload, double weight) {
+  translate("strait.decode_accumulate", [&] {
+    TORCH_CHECK(acc.scalar_type() == at::kFloat, "strait.decode_accumulate: the accumulator must be float32, got ",
+                acc.scalar_type());
+    const at::Tensor bytes = bytesCpu(payload, "strait.decode_accumulate");
+    if (acc.device().is_cpu() && acc.is_contiguous()) {
+      core::decodeAccumulate(bytes.data_ptr<uint8_t>(), static_cast<size_t>(bytes.numel()), acc.data_ptr<float>(),
+                             static_cast<size_t>(acc.numel()), static_cast<float>(weight));
+      return;
+    }
+    // Another device or layout: decode on the CPU, add with a torch op.
+    at::Tensor tmp = at::empty(acc.sizes(), at::kFloat);
+    core::decode(bytes.data_ptr<uint8_t>(), static_cast<size_t>(bytes.numel()), tmp.data_ptr<float>(),
+                 static_cast<size_t>(tmp.numel()));
+    acc.add_(tmp.to(acc.device()), weight);
+  });
+}
+
+std::tuple<int64_t, std::string, std::string, int64_t> payloadInfo(const at::Tensor& payload) {
+  return translate("strait.payload_info", [&] {
+    const at::Tensor bytes = bytesCpu(payload, "strait.payload_info");
+    const core::PayloadInfo i = core::inspectPayload(bytes.data_ptr<uint8_t>(), static_cast<size_t>(bytes.numel()));
+    return std::make_tuple(static_cast<int64_t>(i.n), i.structure, i.values, static_cast<int64_t>(i.bits));
+  });
+}
+
+}  // namespace
+
+// One tensor's compressor: a pipeline, its codec state and, with error
+// feedback, the residual. Not thread-safe (one per tensor per process).
+class Compressor : public torch::CustomClassHolder {
+ public:
+  Compressor(const std::string& pipeline, int64_t seed, bool error_feedback)
+      : text_(pipeline),
+        pipeline_(translate("strait.Compressor", [&] { return core::Pipeline::parse(pipeline); })),
+        state_(static_cast<uint64_t>(seed)) {
+    if (error_feedback) ef_.emplace(pipeline_, static_cast<uint64_t>(seed));
+  }
+
+  at::Tensor encode(const at::Tensor& x) {
+    return translate("strait.Compressor.encode", [&] {
+      const at::Tensor flat = floatCpu(x, "strait.Compressor.encode");
+      std::vector<uint8_t>& out = scratch_;
+      if (ef_) {
+        ef_->encode(flat.data_ptr<float>(), static_cast<size_t>(flat.numel()), shapeOf(x), out);
+      } else {
+        pipeline_.encode(flat.data_ptr<float>(), static_cast<size_t>(flat.numel()), shapeOf(x), state_, out);
+      }
+      return toTensor(out);
+    });
+  }
+
+  at::Tensor residual() const {
+    if (!ef_ || ef_->residual().empty()) return at::empty({0}, at::kFloat);
+    const auto& r = ef_->residual();
+    at::Tensor out = at::empty({static_cast<int64_t>(r.size())}, at::kFloat);
+    std::memcpy(out.data_ptr<float>(), r.data(), r.size() * sizeof(float));
+    return out;
+  }
+
+  void setResidual(const at::Tensor& r) {
+    translate("strait.Compressor.set_residual", [&] {
+      TORCH_CHECK(ef_.has_value(), "strait.Compressor.set_residual: this compressor has no error feedback");
+      const at::Tensor flat = floatCpu(r, "strait.Compressor.set_residual");
+      ef_->setResidual(std::vector<float>(flat.data_ptr<float>(), flat.data_ptr<float>() + flat.numel()));
+    });
+  }
+
+  void reset() {
+    if (ef_) ef_->reset();
+  }
+
+  std::string pipeline() const { return pipeline_.toString(); }
+  bool errorFeedback() const { return ef_.has_value(); }
+
+ private:
+  std::string text_;
+  core::Pipeline pipeline_;
+  core::CodecState state_;
+  std::optional<core::ErrorFeedback> ef_;
+  std::vector<uint8_t> scratch_;
+};
+
+TORCH_LIBRARY(strait, m) {
+  m.def("encode(Tensor x, str pipeline, int seed=0) -> Tensor", &encode);
+  m.def("decode(Tensor payload, int[] shape) -> Tensor", &decode);
+  m.def("decode_accumulate(Tensor(a!) acc, Tensor payload, float weight=1.0) -> ()", &decodeAccumulate);
+  m.def("payload_info(Tensor payload) -> (int, str, str, int)", &payloadInfo);
+  m.class_<Compressor>("Compressor")
+      .def(torch::init<std::string, int64_t, bool>())
+      .def("encode", &Compressor::encode)
+      .def("residual", &Compressor::residual)
+      .def("set_residual", &Compressor::setResidual)
+      .def("reset", &Compressor::reset)
+      .def("pipeline", &Compressor::pipeline)
+      .def("error_feedback", &Compressor::errorFeedback);
+}
+
+}  // namespace strait::torch_ext

@@ -1,0 +1,91 @@
+"""strait: train one model across borders.
+
+`import strait` loads the C++ extension and exposes typed wrappers over
+`torch.ops.strait.*`:
+
+    payload = strait.encode(grad, "topk(0.01) -> int8")     # uint8 tensor
+    strait.decode_accumulate(mean, payload, weight=0.5)      # mean += 0.5 * decoded
+    c = strait.Compressor("sign", error_feedback=True)       # one per tensor
+    payload = c.encode(grad)
+
+Pipelines are documented in docs/CONFIG.md. The session, the DDP
+communication hook and DiLoCo arrive with the torch_ext issue.
+"""
+
+import os
+
+import torch
+
+__all__ = ["encode", "decode", "decode_accumulate", "payload_info", "Compressor", "library_path"]
+
+
+def _find_library():
+    """The extension: $STRAIT_TORCH_LIB, next to this package (installed), or
+    the in-tree build (build/torch_ext/)."""
+    env = os.environ.get("STRAIT_TORCH_LIB")
+    if env:
+        return env
+    here = os.path.dirname(os.path.abspath(__file__))
+    candidates = [os.path.join(here, "libstrait_torch.so")]
+    root = os.path.dirname(os.path.dirname(os.path.dirname(here)))
+    build = os.environ.get("STRAIT_BUILD_DIR", os.path.join(root, "build"))
+    candidates.append(os.path.join(build, "torch_ext", "libstrait_torch.so"))
+    for c in candidates:
+        if os.path.exists(c):
+            return c
+    raise ImportError("strait: the C++ extension libstrait_torch.so was not found (looked in "
+                      + ", ".join(candidates) + "); build it with ./strait build or set STRAIT_TORCH_LIB")
+
+
+library_path = _find_library()
+torch.ops.load_library(library_path)
+_ops = torch.ops.strait
+
+
+def encode(x: torch.Tensor, pipeline: str, seed: int = 0) -> torch.Tensor:
+    """Compresses a float32 tensor; returns the self-describing payload (uint8)."""
+    return _ops.encode(x, pipeline, seed)
+
+
+def decode(payload: torch.Tensor, shape) -> torch.Tensor:
+    """Decodes a payload into a new float32 CPU tensor of `shape`."""
+    return _ops.decode(payload, list(shape))
+
+
+def decode_accumulate(acc: torch.Tensor, payload: torch.Tensor, weight: float = 1.0) -> None:
+    """acc += weight * decode(payload), in place; a malformed payload raises
+    and leaves acc untouched (CPU)."""
+    _ops.decode_accumulate(acc, payload, float(weight))
+
+
+def payload_info(payload: torch.Tensor):
+    """(number of values, structure, value codec, bits per value) from a payload's header."""
+    return _ops.payload_info(payload)
+
+
+class Compressor:
+    """One tensor's compressor: its pipeline, codec state (stochastic rounding
+    stream, lowrank warm start) and, with error feedback, its residual."""
+
+    def __init__(self, pipeline: str, seed: int = 0, error_feedback: bool = True):
+        self._c = torch.classes.strait.Compressor(pipeline, seed, error_feedback)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self._c.encode(x)
+
+    def residual(self) -> torch.Tensor:
+        return self._c.residual()
+
+    def set_residual(self, r: torch.Tensor) -> None:
+        self._c.set_residual(r)
+
+    def reset(self) -> None:
+        self._c.reset()
+
+    @property
+    def pipeline(self) -> str:
+        return self._c.pipeline()
+
+    @property
+    def error_feedback(self) -> bool:
+        return self._c.error_feedback()
