@@ -4,10 +4,13 @@
 // Every validation error is a ConfigError whose message names the source
 // (file path or "<string>"), the line, the key path, the bad value and what is
 // allowed, e.g.
-//   job.yaml:14: compression.rules[2].max_size = -1: must be an integer >= 0
-// Unknown keys are errors too (a typo must not silently fall back to a
-// default). docs/CONFIG.md is the reference for every key;
-// examples/config.yaml shows each one.
+//   job.yaml:14: compression.rules[2].max_size = -1: must be an integer >= min_size (0)
+// Unknown and duplicate keys are errors too (a typo must not silently fall
+// back to a default). docs/CONFIG.md is the reference for every key and the
+// message format; examples/config.yaml shows each key.
+//
+// A JobConfig is a plain value: copy it freely. load() and parse() share no
+// state and may run on several threads at once.
 
 #include <cstdint>
 #include <limits>

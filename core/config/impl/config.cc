@@ -1,18 +1,26 @@
-// YAML -> JobConfig, with validation messages that name source, line, key,
-// value and what is allowed.
+// YAML -> JobConfig. Every check goes through Field, which carries the key
+// path and the source, so that every message has one shape:
+//   SOURCE:LINE: KEYPATH = VALUE: must be WHAT
+// Values are read from the scalar text with strict parsers of our own, not
+// yaml-cpp's as<T>(): that one takes yes/no/on/off as booleans, "0x10" as 16
+// and truncates "1.5" to an integer, none of which a config should mean.
 
 #include "core/config/config.h"
 
+#include <fcntl.h>
 #include <fnmatch.h>
+#include <sys/stat.h>
+#include <unistd.h>
 #include <yaml-cpp/yaml.h>
 
 #include <algorithm>
 #include <cctype>
 #include <cerrno>
 #include <cmath>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
-#include <fstream>
+#include <limits>
 #include <sstream>
 
 #include "core/error.h"
@@ -45,6 +53,8 @@ const SiteConfig& JobConfig::site(const std::string& name) const {
 
 namespace {
 
+constexpr uint64_t kU64Max = std::numeric_limits<uint64_t>::max();
+
 size_t editDistance(const std::string& a, const std::string& b) {
   std::vector<size_t> prev(b.size() + 1), cur(b.size() + 1);
   for (size_t j = 0; j <= b.size(); ++j) prev[j] = j;
@@ -58,54 +68,173 @@ size_t editDistance(const std::string& a, const std::string& b) {
   return prev[b.size()];
 }
 
-// A YAML node with the key path that leads to it, for messages.
+std::string listOf(const std::vector<const char*>& items) {
+  std::string s;
+  for (const char* i : items) s += (s.empty() ? "" : ", ") + std::string(i);
+  return s;
+}
+
+// A value as messages show it: bare when that is unambiguous, else quoted.
+std::string quoted(const std::string& s) {
+  std::string q = "\"";
+  for (char c : s) {
+    if (c == '"' || c == '\\') q += '\\';
+    q += c;
+  }
+  return q + "\"";
+}
+
+std::string shownValue(const std::string& s) {
+  const bool plain = !s.empty() && std::none_of(s.begin(), s.end(), [](char c) {
+    return std::isspace(static_cast<unsigned char>(c)) || std::iscntrl(static_cast<unsigned char>(c)) ||
+           c == '"' || c == '\\';
+  });
+  return plain ? s : quoted(s);
+}
+
+// Plain decimal only: an optional '-' and digits. No '+', spaces, 0x10, 0o17,
+// 1_000, 1.0 or 1e3 (YAML 1.1 and strtoll would each take some of those).
+bool parseDecimal(const std::string& s, bool* negative, uint64_t* magnitude) {
+  size_t i = 0;
+  *negative = !s.empty() && s[0] == '-';
+  if (*negative) i = 1;
+  if (i == s.size()) return false;
+  uint64_t v = 0;
+  for (; i < s.size(); ++i) {
+    if (s[i] < '0' || s[i] > '9') return false;
+    const uint64_t d = static_cast<uint64_t>(s[i] - '0');
+    if (v > (kU64Max - d) / 10) return false;
+    v = v * 10 + d;
+  }
+  *magnitude = v;
+  return true;
+}
+
+// A decimal number such as 1, -0.5, 2.5e-3. Hex floats, inf and nan are not
+// numbers here (and YAML's .inf / .nan are not finite either).
+bool parseNumber(const std::string& s, double* out) {
+  if (s.empty()) return false;
+  for (char c : s) {
+    if (!((c >= '0' && c <= '9') || c == '.' || c == 'e' || c == 'E' || c == '-' || c == '+')) return false;
+  }
+  errno = 0;
+  char* end = nullptr;
+  const double v = std::strtod(s.c_str(), &end);
+  if (*end != '\0' || !std::isfinite(v)) return false;
+  *out = v;
+  return true;
+}
+
+std::string numberText(double v) {
+  std::ostringstream o;
+  o << v;
+  return o.str();
+}
+
+// A range of numbers, with the words that describe it in messages.
+struct Interval {
+  double lo;
+  double hi;
+  bool lo_open;
+  bool hi_open;
+
+  static Interval above(double lo) { return {lo, HUGE_VAL, true, true}; }
+  static Interval halfOpen(double lo, double hi) { return {lo, hi, false, true}; }
+
+  bool contains(double v) const {
+    return (lo_open ? v > lo : v >= lo) && (hi_open ? v < hi : v <= hi);
+  }
+  std::string text() const {
+    if (std::isinf(hi)) return std::string("a number ") + (lo_open ? "> " : ">= ") + numberText(lo);
+    return std::string("a number in ") + (lo_open ? "(" : "[") + numberText(lo) + ", " + numberText(hi) +
+           (hi_open ? ")" : "]");
+  }
+};
+
+// A YAML node with the key path that leads to it. The getters return the
+// fallback when the key is absent or has no value (`key:` or `key: ~`), and
+// throw ConfigError when it is there but not acceptable.
 class Field {
  public:
-  Field(const YAML::Node& node, std::string path, const std::string& source)
-      : node_(node), path_(std::move(path)), source_(source) {}
+  Field(const YAML::Node& node, std::string path, const std::string& source, int line = 0)
+      : node_(node), path_(std::move(path)), source_(source), line_(line > 0 ? line : node_.Mark().line + 1) {}
 
-  const YAML::Node& node() const { return node_; }
-  const std::string& path() const { return path_; }
-  int line() const { return node_.Mark().line + 1; }
-
-  [[noreturn]] void reject(const std::string& what) const {
-    fail<ConfigError>(source_, ":", line(), ": ", path_, " = ", shown(), ": must be ", what);
-  }
-  [[noreturn]] void error(const std::string& what) const {
-    fail<ConfigError>(source_, ":", line(), ": ", path_.empty() ? std::string("document") : path_,
-                      ": ", what);
-  }
-
-  // The child at key, or an undefined Field when absent.
-  Field child(const char* key) const {
-    return Field(node_[key], join(key), source_);
-  }
-  Field item(size_t i) const {
-    return Field(node_[i], path_ + "[" + std::to_string(i) + "]", source_);
-  }
+  int line() const { return line_; }
   bool present() const { return node_.IsDefined() && !node_.IsNull(); }
+
+  // "SOURCE:LINE: PATH = VALUE: must be WHAT"
+  [[noreturn]] void reject(const std::string& what) const { invalid(shown(), "must be " + what); }
+  // "SOURCE:LINE: PATH = VALUE: DETAIL", the value as the caller shows it.
+  [[noreturn]] void invalid(const std::string& value, const std::string& detail) const {
+    fail<ConfigError>(source_, ":", line(), ": ", name(), " = ", value, ": ", detail);
+  }
+  // "SOURCE:LINE: PATH: WHAT", for problems with a whole mapping or list.
+  [[noreturn]] void error(const std::string& what) const {
+    fail<ConfigError>(source_, ":", line(), ": ", name(), ": ", what);
+  }
+
+  // Only call these on a node already checked with expectMap / expectList:
+  // subscripting a scalar throws inside yaml-cpp.
+  Field child(const char* key) const {
+    for (const auto& kv : node_) {
+      if (kv.first.IsScalar() && kv.first.Scalar() == key) {
+        // yaml-cpp marks an empty value where the next token starts, often
+        // on a later line: point at the key instead.
+        const YAML::Node& at = kv.second.IsNull() ? kv.first : kv.second;
+        return Field(kv.second, join(key), source_, at.Mark().line + 1);
+      }
+    }
+    return Field(node_[key], join(key), source_, line_);  // absent: undefined
+  }
+  Field item(size_t i) const { return Field(node_[i], path_ + "[" + std::to_string(i) + "]", source_); }
 
   Field required(const char* key) const {
     Field f = child(key);
-    if (!f.present()) error(std::string("missing required key '") + key + "'");
+    if (!f.node_.IsDefined()) error(std::string("missing required key '") + key + "'");
+    if (f.node_.IsNull()) f.error("required, but has no value");
     return f;
   }
 
+  // Checks that the node is a mapping whose keys are all in `allowed`, each
+  // at most once (yaml-cpp itself keeps a duplicate key silently).
   void expectMap(const std::vector<const char*>& allowed) const {
-    if (!node_.IsMap()) error("must be a mapping of keys (" + list(allowed) + ")");
+    if (!node_.IsMap()) reject("a mapping with keys " + listOf(allowed));
+    std::vector<std::pair<std::string, int>> seen;
     for (const auto& kv : node_) {
-      const std::string key = kv.first.as<std::string>();
-      bool ok = false;
-      for (const char* a : allowed) ok = ok || key == a;
-      if (ok) continue;
-      std::string hint;
-      for (const char* a : allowed) {
-        if (editDistance(key, a) <= 2) hint = std::string("; did you mean '") + a + "'?";
+      const int key_line = kv.first.Mark().line + 1;
+      if (!kv.first.IsScalar()) {
+        fail<ConfigError>(source_, ":", key_line, ": a key ", where(), " is not a plain name; allowed: ",
+                          listOf(allowed));
       }
-      fail<ConfigError>(source_, ":", kv.first.Mark().line + 1, ": unknown key '", key, "' ",
-                        path_.empty() ? std::string("at the top level") : "in " + path_,
-                        "; allowed: ", list(allowed), hint);
+      const std::string& key = kv.first.Scalar();
+      for (const auto& s : seen) {
+        if (s.first == key) {
+          fail<ConfigError>(source_, ":", key_line, ": duplicate key '", key, "' ", where(),
+                            " (first at line ", s.second, ")");
+        }
+      }
+      seen.emplace_back(key, key_line);
+      if (std::any_of(allowed.begin(), allowed.end(), [&](const char* a) { return key == a; })) continue;
+      std::string hint;
+      size_t best = 3;
+      for (const char* a : allowed) {
+        const size_t d = editDistance(key, a);
+        if (d < best) {
+          best = d;
+          hint = std::string("; did you mean '") + a + "'?";
+        }
+      }
+      fail<ConfigError>(source_, ":", key_line, ": unknown key '", key, "' ", where(), "; allowed: ",
+                        listOf(allowed), hint);
     }
+  }
+
+  // Checks that the node is a sequence of lo..hi items; returns the count.
+  size_t expectList(size_t lo, size_t hi, const std::string& what) const {
+    if (!node_.IsSequence()) reject(what);
+    const size_t n = node_.size();
+    if (n < lo || n > hi) invalid("(" + std::to_string(n) + " items)", "must be " + what);
+    return n;
   }
 
   std::string scalar() const {
@@ -113,36 +242,26 @@ class Field {
     return node_.Scalar();
   }
 
-  std::string text(const std::string& fallback = "") const {
-    return present() ? scalar() : fallback;
-  }
+  std::string text(const std::string& fallback) const { return present() ? scalar() : fallback; }
 
-  int64_t integer(int64_t fallback, int64_t lo, int64_t hi, const std::string& what) const {
+  // An integer in [lo, hi]; `what` replaces the generated description.
+  uint64_t integer(uint64_t fallback, uint64_t lo, uint64_t hi, const std::string& what = "") const {
     if (!present()) return fallback;
-    const std::string s = scalar();
-    errno = 0;
-    char* end = nullptr;
-    const long long v = std::strtoll(s.c_str(), &end, 10);
-    if (s.empty() || *end != '\0' || errno != 0 || v < lo || v > hi) reject(what);
+    bool negative = false;
+    uint64_t v = 0;
+    const bool ok = parseDecimal(scalar(), &negative, &v) && (!negative || v == 0) && v >= lo && v <= hi;
+    if (!ok) {
+      reject(!what.empty() ? what
+             : hi == kU64Max ? "an integer >= " + std::to_string(lo)
+                             : "an integer in [" + std::to_string(lo) + ", " + std::to_string(hi) + "]");
+    }
     return v;
   }
 
-  uint64_t unsignedInteger(uint64_t fallback, const std::string& what) const {
+  double number(double fallback, const Interval& range, const std::string& what = "") const {
     if (!present()) return fallback;
-    const std::string s = scalar();
-    errno = 0;
-    char* end = nullptr;
-    const unsigned long long v = std::strtoull(s.c_str(), &end, 10);
-    if (s.empty() || s[0] == '-' || *end != '\0' || errno != 0) reject(what);
-    return v;
-  }
-
-  double number(double fallback, bool (*ok)(double), const std::string& what) const {
-    if (!present()) return fallback;
-    const std::string s = scalar();
-    char* end = nullptr;
-    const double v = std::strtod(s.c_str(), &end);
-    if (s.empty() || *end != '\0' || !std::isfinite(v) || !ok(v)) reject(what);
+    double v = 0;
+    if (!parseNumber(scalar(), &v) || !range.contains(v)) reject(what.empty() ? range.text() : what);
     return v;
   }
 
@@ -160,57 +279,53 @@ class Field {
     for (const char* a : allowed) {
       if (s == a) return s;
     }
-    reject("one of " + list(allowed));
+    reject("one of " + listOf(allowed));
   }
 
  private:
   std::string join(const char* key) const { return path_.empty() ? key : path_ + "." + key; }
-  std::string shown() const {
-    if (node_.IsScalar()) return node_.Scalar().empty() ? "\"\"" : node_.Scalar();
-    return "(" + kind() + ")";
-  }
+  std::string name() const { return path_.empty() ? "document" : path_; }
+  std::string where() const { return path_.empty() ? "at the top level" : "in " + path_; }
+  std::string shown() const { return node_.IsScalar() ? shownValue(node_.Scalar()) : "(" + kind() + ")"; }
   std::string kind() const {
     if (node_.IsMap()) return "mapping";
     if (node_.IsSequence()) return "sequence";
     if (node_.IsNull()) return "empty value";
     return "scalar";
   }
-  static std::string list(const std::vector<const char*>& items) {
-    std::string s;
-    for (const char* i : items) s += (s.empty() ? "" : ", ") + std::string(i);
-    return s;
-  }
 
   YAML::Node node_;
   std::string path_;
   const std::string& source_;
+  int line_;  // 1-based
 };
 
-bool matchesChars(const std::string& s, const char* extra, bool upper_ok) {
-  for (char c : s) {
-    const bool ok = (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') ||
-                    (upper_ok && c >= 'A' && c <= 'Z') || std::strchr(extra, c) != nullptr;
-    if (!ok || c == '\0') return false;
-  }
-  return true;
+bool onlyChars(const std::string& s, bool upper, const char* extra) {
+  return std::all_of(s.begin(), s.end(), [&](char c) {
+    return (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || (upper && c >= 'A' && c <= 'Z') ||
+           (c != '\0' && std::strchr(extra, c) != nullptr);
+  });
 }
 
-void checkEndpoint(const Field& f, const std::string& e) {
+// tcp://HOST:PORT: HOST a name or IPv4 address, or an IPv6 address in
+// brackets; PORT plain digits in 1..65535.
+bool validEndpoint(const std::string& e) {
   const std::string prefix = "tcp://";
-  const std::string allowed = "tcp://HOST:PORT with a port in 1..65535";
-  if (e.compare(0, prefix.size(), prefix) != 0) f.reject(allowed);
+  if (e.compare(0, prefix.size(), prefix) != 0) return false;
   const size_t colon = e.rfind(':');
-  if (colon == std::string::npos || colon < prefix.size()) f.reject(allowed);
-  std::string host = e.substr(prefix.size(), colon - prefix.size());
-  if (!host.empty() && host.front() == '[') {
-    if (host.back() != ']' || host.size() < 3) f.reject(allowed + " (IPv6 as [addr])");
-  } else if (host.empty() || host.find(':') != std::string::npos) {
-    f.reject(allowed + " (IPv6 as [addr])");
-  }
+  if (colon == std::string::npos || colon < prefix.size()) return false;
+  const std::string host = e.substr(prefix.size(), colon - prefix.size());
   const std::string port = e.substr(colon + 1);
-  char* end = nullptr;
-  const long p = std::strtol(port.c_str(), &end, 10);
-  if (port.empty() || *end != '\0' || p < 1 || p > 65535) f.reject(allowed);
+  bool negative = false;
+  uint64_t p = 0;
+  if (!parseDecimal(port, &negative, &p) || negative || p < 1 || p > 65535) return false;
+  if (host.size() >= 2 && host.front() == '[' && host.back() == ']') {
+    const std::string v6 = host.substr(1, host.size() - 2);
+    return v6.find(':') != std::string::npos && std::all_of(v6.begin(), v6.end(), [](char c) {
+             return std::isxdigit(static_cast<unsigned char>(c)) || c == ':' || c == '.';
+           });
+  }
+  return !host.empty() && onlyChars(host, true, "._-");
 }
 
 Pipeline parsePipeline(const Field& f) {
@@ -218,7 +333,7 @@ Pipeline parsePipeline(const Field& f) {
   try {
     return Pipeline::parse(text);
   } catch (const ConfigError& e) {
-    f.error(std::string("\"") + text + "\": " + e.what());
+    f.invalid(quoted(text), e.what());
   }
 }
 
@@ -228,114 +343,124 @@ SiteConfig parseSite(const Field& f) {
   s.line = f.line();
   const Field name = f.required("name");
   s.name = name.scalar();
-  if (s.name.empty() || s.name.size() > 32 || !matchesChars(s.name, "_-", false)) {
+  if (s.name.empty() || s.name.size() > 32 || !onlyChars(s.name, false, "_-")) {
     name.reject("1 to 32 characters from a-z, 0-9, '_' and '-'");
   }
-  const Field jur = f.required("jurisdiction");
-  s.jurisdiction = jur.scalar();
-  if (s.jurisdiction.size() != 2 || !std::isupper(static_cast<unsigned char>(s.jurisdiction[0])) ||
-      !std::isupper(static_cast<unsigned char>(s.jurisdiction[1]))) {
-    jur.reject("an ISO 3166-1 alpha-2 code: two upper-case letters such as CN or SG");
+  const Field jurisdiction = f.required("jurisdiction");
+  s.jurisdiction = jurisdiction.scalar();
+  if (s.jurisdiction.size() != 2 ||
+      !std::all_of(s.jurisdiction.begin(), s.jurisdiction.end(), [](char c) { return c >= 'A' && c <= 'Z'; })) {
+    jurisdiction.reject("an ISO 3166-1 alpha-2 code: two upper-case letters such as CN or SG");
   }
   const Field endpoint = f.required("endpoint");
   s.endpoint = endpoint.scalar();
-  checkEndpoint(endpoint, s.endpoint);
-  s.public_key = f.child("public_key").text();
-  s.secret_key = f.child("secret_key").text();
-  s.weight = f.child("weight").number(1.0, [](double v) { return v > 0; }, "a number > 0");
-  s.workers = static_cast<int>(f.child("workers").integer(1, 1, 4096, "an integer in [1, 4096]"));
+  if (!validEndpoint(s.endpoint)) {
+    endpoint.reject("tcp://HOST:PORT, with HOST a host name, an IPv4 address or an IPv6 address in [ ], "
+                    "and a port in 1..65535");
+  }
+  s.public_key = f.child("public_key").text("");
+  s.secret_key = f.child("secret_key").text("");
+  s.weight = f.child("weight").number(s.weight, Interval::above(0));
+  s.workers = static_cast<int>(f.child("workers").integer(s.workers, 1, 4096));
   return s;
+}
+
+void parseSites(const Field& f, std::vector<SiteConfig>& sites) {
+  const size_t n = f.expectList(1, 64, "a list of 1 to 64 sites (- name: ...)");
+  for (size_t i = 0; i < n; ++i) {
+    const Field entry = f.item(i);
+    SiteConfig s = parseSite(entry);
+    for (size_t j = 0; j < sites.size(); ++j) {
+      const SiteConfig& other = sites[j];
+      const std::string where = "sites[" + std::to_string(j) + "] at line " + std::to_string(other.line);
+      if (other.name == s.name) {
+        entry.child("name").reject("unique in the job: " + where + " has the same name");
+      }
+      if (other.endpoint == s.endpoint) {
+        entry.child("endpoint").reject("unique in the job: " + where + " ('" + other.name +
+                                       "') already listens there");
+      }
+    }
+    sites.push_back(std::move(s));
+  }
 }
 
 void parseSync(const Field& f, JobConfig& job) {
   if (!f.present()) return;
   f.expectMap({"mode", "diloco"});
-  job.mode = f.child("mode").choice("every_step", {"every_step", "diloco"}) == "diloco"
-                 ? SyncMode::kDiLoCo
-                 : SyncMode::kEveryStep;
+  job.mode = f.child("mode").choice("every_step", {"every_step", "diloco"}) == "diloco" ? SyncMode::kDiLoCo
+                                                                                         : SyncMode::kEveryStep;
   const Field d = f.child("diloco");
   if (!d.present()) return;
   if (job.mode != SyncMode::kDiLoCo) {
-    d.error("is only used with 'mode: diloco' (mode is every_step); remove it or set the mode");
+    d.error(std::string("is ignored unless mode: diloco (mode is ") + syncModeName(job.mode) +
+            "); remove it or set sync.mode: diloco");
   }
   d.expectMap({"sync_every", "outer_lr", "outer_momentum", "nesterov", "fragments"});
   DiLoCoConfig& c = job.diloco;
-  c.sync_every = static_cast<int>(
-      d.child("sync_every").integer(c.sync_every, 1, 1000000, "an integer in [1, 1000000]"));
-  c.outer_lr = d.child("outer_lr").number(c.outer_lr, [](double v) { return v > 0; }, "a number > 0");
-  c.outer_momentum = d.child("outer_momentum")
-                         .number(c.outer_momentum, [](double v) { return v >= 0 && v < 1; },
-                                 "a number in [0, 1)");
+  c.sync_every = static_cast<int>(d.child("sync_every").integer(c.sync_every, 1, 1000000));
+  c.outer_lr = d.child("outer_lr").number(c.outer_lr, Interval::above(0));
+  c.outer_momentum = d.child("outer_momentum").number(c.outer_momentum, Interval::halfOpen(0, 1));
   c.nesterov = d.child("nesterov").boolean(c.nesterov);
-  const Field frag = d.child("fragments");
-  c.fragments = static_cast<int>(frag.integer(c.fragments, 1, 1024, "an integer in [1, 1024]"));
-  if (c.fragments > c.sync_every) {
-    frag.reject("at most sync_every (" + std::to_string(c.sync_every) +
-                "): each fragment syncs at its own step within the period");
-  }
+  // Streaming DiLoCo (Douillard et al. 2025) syncs each fragment at its own
+  // step of the period, so there cannot be more fragments than steps.
+  const uint64_t max_fragments = std::min(1024, c.sync_every);
+  c.fragments = static_cast<int>(d.child("fragments").integer(
+      c.fragments, 1, max_fragments,
+      "an integer in [1, 1024] and at most sync_every (" + std::to_string(c.sync_every) + ")"));
+}
+
+CompressionRule parseRule(const Field& r, bool default_error_feedback) {
+  r.expectMap({"match", "min_size", "max_size", "pipeline", "error_feedback"});
+  CompressionRule rule;
+  rule.line = r.line();
+  const Field match = r.required("match");
+  rule.match = match.scalar();
+  if (rule.match.empty()) match.reject("a non-empty glob such as \"*.bias\"");
+  rule.min_size = r.child("min_size").integer(rule.min_size, 0, kU64Max);
+  rule.max_size = r.child("max_size").integer(rule.max_size, rule.min_size, kU64Max,
+                                              "an integer >= min_size (" + std::to_string(rule.min_size) + ")");
+  rule.pipeline = parsePipeline(r.required("pipeline"));
+  rule.error_feedback = r.child("error_feedback").boolean(default_error_feedback);
+  return rule;
 }
 
 void parseCompression(const Field& f, CompressionConfig& c) {
-  c.fallback.match = "*";
-  c.fallback.line = 0;
+  c.fallback = CompressionRule();  // match "*", every size, fp32, line 0
   if (!f.present()) return;
   f.expectMap({"pipeline", "error_feedback", "seed", "rules"});
-  const Field p = f.child("pipeline");
-  if (p.present()) c.fallback.pipeline = parsePipeline(p);
+  const Field pipeline = f.child("pipeline");
+  if (pipeline.present()) c.fallback.pipeline = parsePipeline(pipeline);
   c.fallback.error_feedback = f.child("error_feedback").boolean(true);
-  c.seed = f.child("seed").unsignedInteger(0, "an integer in [0, 2^64)");
+  c.seed = f.child("seed").integer(0, 0, kU64Max, "an integer in [0, 2^64-1]");
   const Field rules = f.child("rules");
   if (!rules.present()) return;
-  if (!rules.node().IsSequence()) rules.error("must be a list of rules (- match: ...)");
-  for (size_t i = 0; i < rules.node().size(); ++i) {
-    const Field r = rules.item(i);
-    r.expectMap({"match", "min_size", "max_size", "pipeline", "error_feedback"});
-    CompressionRule rule;
-    rule.line = r.line();
-    const Field m = r.required("match");
-    rule.match = m.scalar();
-    if (rule.match.empty()) m.reject("a non-empty glob such as \"*.bias\"");
-    rule.min_size = r.child("min_size").unsignedInteger(0, "an integer >= 0");
-    const Field mx = r.child("max_size");
-    rule.max_size = mx.unsignedInteger(rule.max_size, "an integer >= 0");
-    if (rule.max_size < rule.min_size) {
-      mx.reject("an integer >= min_size (" + std::to_string(rule.min_size) + ")");
-    }
-    rule.pipeline = parsePipeline(r.required("pipeline"));
-    rule.error_feedback = r.child("error_feedback").boolean(c.fallback.error_feedback);
-    c.rules.push_back(std::move(rule));
-  }
+  const size_t n = rules.expectList(0, SIZE_MAX, "a list of rules (- match: ...)");
+  for (size_t i = 0; i < n; ++i) c.rules.push_back(parseRule(rules.item(i), c.fallback.error_feedback));
 }
 
 void parseTransport(const Field& f, TransportConfig& t) {
   if (!f.present()) return;
-  f.expectMap({"chunk_bytes", "max_message_bytes", "max_rounds_in_flight", "high_water_mark",
-               "heartbeat_ms", "peer_timeout_ms", "round_deadline_s", "hard_deadline_s",
-               "on_site_loss", "insecure"});
-  t.chunk_bytes = static_cast<uint64_t>(
-      f.child("chunk_bytes").integer(t.chunk_bytes, 4096, 256 << 20, "an integer in [4096, 268435456]"));
-  const Field mm = f.child("max_message_bytes");
-  t.max_message_bytes = mm.unsignedInteger(t.max_message_bytes, "an integer >= chunk_bytes");
-  if (t.max_message_bytes < t.chunk_bytes) {
-    mm.reject("an integer >= chunk_bytes (" + std::to_string(t.chunk_bytes) + ")");
-  }
-  t.max_rounds_in_flight = static_cast<int>(f.child("max_rounds_in_flight")
-                                                .integer(t.max_rounds_in_flight, 1, 1024, "an integer in [1, 1024]"));
-  t.high_water_mark = static_cast<int>(
-      f.child("high_water_mark").integer(t.high_water_mark, 1, 1000000, "an integer in [1, 1000000]"));
-  t.heartbeat_ms = static_cast<int>(
-      f.child("heartbeat_ms").integer(t.heartbeat_ms, 10, 60000, "an integer in [10, 60000]"));
-  const Field pt = f.child("peer_timeout_ms");
-  t.peer_timeout_ms = static_cast<int>(pt.integer(t.peer_timeout_ms, 1, 3600000, "an integer in [1, 3600000]"));
+  f.expectMap({"chunk_bytes", "max_message_bytes", "max_rounds_in_flight", "high_water_mark", "heartbeat_ms",
+               "peer_timeout_ms", "round_deadline_s", "hard_deadline_s", "on_site_loss", "insecure"});
+  t.chunk_bytes = f.child("chunk_bytes").integer(t.chunk_bytes, 4096, 256 << 20);
+  t.max_message_bytes = f.child("max_message_bytes")
+                            .integer(t.max_message_bytes, t.chunk_bytes, kU64Max,
+                                     "an integer >= chunk_bytes (" + std::to_string(t.chunk_bytes) + ")");
+  t.max_rounds_in_flight = static_cast<int>(f.child("max_rounds_in_flight").integer(t.max_rounds_in_flight, 1, 1024));
+  t.high_water_mark = static_cast<int>(f.child("high_water_mark").integer(t.high_water_mark, 1, 1000000));
+  t.heartbeat_ms = static_cast<int>(f.child("heartbeat_ms").integer(t.heartbeat_ms, 10, 60000));
+  const Field peer_timeout = f.child("peer_timeout_ms");
+  t.peer_timeout_ms = static_cast<int>(peer_timeout.integer(t.peer_timeout_ms, 1, 3600000));
   if (t.peer_timeout_ms <= t.heartbeat_ms) {
-    pt.reject("greater than heartbeat_ms (" + std::to_string(t.heartbeat_ms) + ")");
+    peer_timeout.reject("greater than heartbeat_ms (" + std::to_string(t.heartbeat_ms) + ")");
   }
-  t.round_deadline_s = f.child("round_deadline_s").number(t.round_deadline_s, [](double v) { return v > 0; },
+  t.round_deadline_s = f.child("round_deadline_s").number(t.round_deadline_s, Interval::above(0),
                                                           "a number of seconds > 0");
-  const Field hd = f.child("hard_deadline_s");
-  t.hard_deadline_s = hd.number(t.hard_deadline_s, [](double v) { return v > 0; }, "a number of seconds > 0");
+  const Field hard = f.child("hard_deadline_s");
+  t.hard_deadline_s = hard.number(t.hard_deadline_s, Interval::above(0), "a number of seconds > 0");
   if (t.hard_deadline_s < t.round_deadline_s) {
-    hd.reject("at least round_deadline_s (" + std::to_string(t.round_deadline_s) + ")");
+    hard.reject("at least round_deadline_s (" + numberText(t.round_deadline_s) + ")");
   }
   t.on_site_loss_continue = f.child("on_site_loss").choice("wait", {"wait", "continue"}) == "continue";
   t.insecure = f.child("insecure").boolean(false);
@@ -373,14 +498,21 @@ std::string JobConfig::sharedText() const {
 JobConfig JobConfig::parse(const std::string& yaml, const std::string& source) {
   JobConfig job;
   job.source = source;
-  YAML::Node root;
+  std::vector<YAML::Node> docs;
   try {
-    root = YAML::Load(yaml);
+    docs = YAML::LoadAll(yaml);
   } catch (const YAML::Exception& e) {
+    if (e.mark.is_null()) fail<ConfigError>(source, ": YAML syntax error: ", e.msg);
     fail<ConfigError>(source, ":", e.mark.line + 1, ":", e.mark.column + 1, ": YAML syntax error: ", e.msg);
   }
-  const Field top(root, "", job.source);
-  if (!top.present()) fail<ConfigError>(source, ": the document is empty; it needs job and sites");
+  if (docs.size() > 1) {
+    fail<ConfigError>(source, ":", docs[1].Mark().line + 1,
+                      ": a second YAML document; a config file holds exactly one");
+  }
+  if (docs.empty() || docs[0].IsNull()) {
+    fail<ConfigError>(source, ":1: the document is empty; it needs at least job and sites");
+  }
+  const Field top(docs[0], "", job.source);
   try {
     top.expectMap({"job", "sites", "sync", "compression", "transport"});
 
@@ -388,48 +520,45 @@ JobConfig JobConfig::parse(const std::string& yaml, const std::string& source) {
     j.expectMap({"id"});
     const Field id = j.required("id");
     job.job_id = id.scalar();
-    if (job.job_id.empty() || job.job_id.size() > 64 || !matchesChars(job.job_id, "_.-", true)) {
+    if (job.job_id.empty() || job.job_id.size() > 64 || !onlyChars(job.job_id, true, "_.-")) {
       id.reject("1 to 64 characters from A-Z, a-z, 0-9, '_', '.' and '-'");
     }
 
-    const Field sites = top.required("sites");
-    if (!sites.node().IsSequence() || sites.node().size() == 0) {
-      sites.error("must be a list of 1 to 64 sites (- name: ...)");
-    }
-    if (sites.node().size() > 64) sites.error("has " + std::to_string(sites.node().size()) + " sites; at most 64");
-    for (size_t i = 0; i < sites.node().size(); ++i) {
-      const Field sf = sites.item(i);
-      SiteConfig s = parseSite(sf);
-      for (const SiteConfig& other : job.sites) {
-        if (other.name == s.name) {
-          sf.child("name").error("duplicate site name '" + s.name + "' (first defined at line " +
-                                 std::to_string(other.line) + ")");
-        }
-        if (other.endpoint == s.endpoint) {
-          sf.child("endpoint").error("endpoint " + s.endpoint + " is also site '" + other.name +
-                                     "''s (line " + std::to_string(other.line) + ")");
-        }
-      }
-      job.sites.push_back(std::move(s));
-    }
-
+    parseSites(top.required("sites"), job.sites);
     parseSync(top.child("sync"), job);
     parseCompression(top.child("compression"), job.compression);
     parseTransport(top.child("transport"), job.transport);
   } catch (const YAML::Exception& e) {
-    // Type conversions inside yaml-cpp (rare: keys that are not scalars).
+    // Field reads nodes only in ways that do not throw; this is a safety net
+    // so that nothing but ConfigError leaves the config loader.
     fail<ConfigError>(source, ":", e.mark.line + 1, ": ", e.msg);
   }
   return job;
 }
 
 JobConfig JobConfig::load(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) fail<ConfigError>("cannot read config file '", path, "': ", std::strerror(errno));
-  std::ostringstream text;
-  text << in.rdbuf();
-  if (in.bad()) fail<ConfigError>("error reading config file '", path, "': ", std::strerror(errno));
-  return parse(text.str(), path);
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) fail<ConfigError>("cannot read config file '", path, "': ", std::strerror(errno));
+  // Closes fd on every path out, exceptions included.
+  struct Closer {
+    int fd;
+    ~Closer() { ::close(fd); }
+  } closer{fd};
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) fail<ConfigError>("cannot read config file '", path, "': ", std::strerror(errno));
+  if (S_ISDIR(st.st_mode)) fail<ConfigError>("cannot read config file '", path, "': ", std::strerror(EISDIR));
+  std::string text;
+  char buf[1 << 14];
+  for (;;) {
+    const ssize_t got = ::read(fd, buf, sizeof buf);
+    if (got == 0) break;
+    if (got < 0) {
+      if (errno == EINTR) continue;
+      fail<ConfigError>("error reading config file '", path, "': ", std::strerror(errno));
+    }
+    text.append(buf, static_cast<size_t>(got));
+  }
+  return parse(text, path);
 }
 
 }  // namespace strait::core
