@@ -445,8 +445,8 @@ class Gateway::Impl {
       } else if (id == ZMQ_EVENT_DISCONNECTED) {
         p.welcomed = false;
       } else if (id == ZMQ_EVENT_HANDSHAKE_FAILED_AUTH) {
-        throw ProtocolError("site '" + p.name + "' refused our CurveZMQ key: it does not list this site's "
-                            "public key (check both sites' key files and configs)");
+        refusedBy("site '" + p.name + "' refused our CurveZMQ key: it does not list this site's "
+                  "public key (check both sites' key files and configs)");
       }
     }
   }
@@ -477,7 +477,8 @@ class Gateway::Impl {
     switch (env.body_case()) {
       case wire::Envelope::kWelcome:
         if (!env.welcome().accepted()) {
-          throw ProtocolError("site '" + p.name + "' refused our handshake: " + env.welcome().reason());
+          refusedBy("site '" + p.name + "' refused our handshake: " + env.welcome().reason());
+          break;
         }
         if (!p.welcomed) {
           p.welcomed = true;
@@ -866,7 +867,7 @@ class Gateway::Impl {
           wire::Envelope env;
           env.mutable_heartbeat()->set_incarnation(incarnation_);
           sendEnvelope(*p.dealer, env, nullptr);
-        } else if (now - p.hello_sent >= opt_.heartbeat * 2) {
+        } else if (!fatal_ && now - p.hello_sent >= opt_.heartbeat * 2) {
           sendHello(p);  // no Welcome yet (peer not up, or the Hello was lost)
         }
       }
@@ -1011,6 +1012,25 @@ class Gateway::Impl {
   }
 
   // ------------------------------------------------------------ errors ---
+
+  // A peer refused us: a configuration error no retry fixes. Every pending
+  // and later exchange fails with the reason, but the I/O thread keeps
+  // running, so this site still answers the handshakes of others (who then
+  // learn their own refusal instead of waiting for a site that went away).
+  void refusedBy(const std::string& why) {
+    if (fatal_) return;
+    const auto e = std::make_exception_ptr(ProtocolError(why));
+    setFatal(e, why);
+    for (auto& kv : rounds_) {
+      if (kv.second.local && !kv.second.completed) completeWithError(kv.second, e);
+    }
+    std::deque<Command> cmds;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      cmds.swap(commands_);
+    }
+    for (Command& c : cmds) c.promise.set_exception(e);
+  }
 
   void rethrowFatal() {
     if (fatal_) std::rethrow_exception(fatal_);
