@@ -10,13 +10,17 @@
 #include <torch/library.h>
 #include <torch/torch.h>
 
+#include <map>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
 
 #include "core/codec/codec.h"
 #include "core/codec/error_feedback.h"
+#include "core/config/config.h"
 #include "core/error.h"
+#include "transport/gateway.h"
 
 namespace strait::torch_ext {
 
@@ -107,6 +111,10 @@ std::tuple<int64_t, std::string, std::string, int64_t> payloadInfo(const at::Ten
   });
 }
 
+void validateConfig(const std::string& path) {
+  translate("strait.init", [&] { core::JobConfig::load(path); });
+}
+
 }  // namespace
 
 // One tensor's compressor: a pipeline, its codec state and, with error
@@ -164,11 +172,68 @@ class Compressor : public torch::CustomClassHolder {
   std::vector<uint8_t> scratch_;
 };
 
+// The site gateway for Python. exchange() starts an all-gather and returns at
+// once; ready() polls it without blocking (so Python threads keep the GIL
+// moving); result() collects it. The network never blocks the interpreter.
+class SiteGateway : public torch::CustomClassHolder {
+ public:
+  SiteGateway(const std::string& config_path, const std::string& site)
+      : gateway_(translate("strait.Gateway", [&] {
+          return std::make_unique<transport::Gateway>(
+              transport::GatewayOptions::fromConfig(core::JobConfig::load(config_path), site));
+        })) {}
+
+  void exchange(int64_t round, const std::string& tag, const at::Tensor& payload) {
+    translate("strait.Gateway.exchange", [&] {
+      const at::Tensor bytes = bytesCpu(payload, "strait.Gateway.exchange");
+      std::vector<uint8_t> v(bytes.data_ptr<uint8_t>(), bytes.data_ptr<uint8_t>() + bytes.numel());
+      const Key key{round, tag};
+      TORCH_CHECK(pending_.count(key) == 0, "strait.Gateway.exchange: round ", round, " tag '", tag,
+                  "' is already pending");
+      pending_.emplace(key, gateway_->exchange(static_cast<uint64_t>(round), tag, std::move(v)));
+    });
+  }
+
+  bool ready(int64_t round, const std::string& tag) {
+    auto it = pending_.find({round, tag});
+    TORCH_CHECK(it != pending_.end(), "strait.Gateway.ready: no pending exchange for round ", round, " tag '", tag,
+                "'");
+    return it->second.wait_for(std::chrono::seconds(0)) == std::future_status::ready;
+  }
+
+  // Every site's payload in the job's site order (an empty tensor for a
+  // missing site) and the names of the missing sites. Blocks until ready.
+  std::tuple<std::vector<at::Tensor>, std::vector<std::string>> result(int64_t round, const std::string& tag) {
+    return translate("strait.Gateway.result", [&] {
+      auto it = pending_.find({round, tag});
+      TORCH_CHECK(it != pending_.end(), "strait.Gateway.result: no pending exchange for round ", round, " tag '",
+                  tag, "'");
+      std::future<transport::RoundResult> f = std::move(it->second);
+      pending_.erase(it);
+      transport::RoundResult r = f.get();
+      std::vector<at::Tensor> payloads;
+      for (auto& p : r.payloads) {
+        payloads.push_back(p ? toTensor(*p) : at::empty({0}, at::kByte));
+        if (p) gateway_->recycle(std::move(*p));
+      }
+      return std::make_tuple(std::move(payloads), r.missing);
+    });
+  }
+
+  int64_t siteIndex() const { return static_cast<int64_t>(gateway_->siteIndex()); }
+
+ private:
+  using Key = std::pair<int64_t, std::string>;
+  std::unique_ptr<transport::Gateway> gateway_;
+  std::map<Key, std::future<transport::RoundResult>> pending_;
+};
+
 TORCH_LIBRARY(strait, m) {
   m.def("encode(Tensor x, str pipeline, int seed=0) -> Tensor", &encode);
   m.def("decode(Tensor payload, int[] shape) -> Tensor", &decode);
   m.def("decode_accumulate(Tensor(a!) acc, Tensor payload, float weight=1.0) -> ()", &decodeAccumulate);
   m.def("payload_info(Tensor payload) -> (int, str, str, int)", &payloadInfo);
+  m.def("validate_config(str path) -> ()", &validateConfig);
   m.class_<Compressor>("Compressor")
       .def(torch::init<std::string, int64_t, bool>())
       .def("encode", &Compressor::encode)
@@ -177,6 +242,12 @@ TORCH_LIBRARY(strait, m) {
       .def("reset", &Compressor::reset)
       .def("pipeline", &Compressor::pipeline)
       .def("error_feedback", &Compressor::errorFeedback);
+  m.class_<SiteGateway>("Gateway")
+      .def(torch::init<std::string, std::string>())
+      .def("exchange", &SiteGateway::exchange)
+      .def("ready", &SiteGateway::ready)
+      .def("result", &SiteGateway::result)
+      .def("site_index", &SiteGateway::siteIndex);
 }
 
 }  // namespace strait::torch_ext

@@ -8,15 +8,21 @@
     c = strait.Compressor("sign", error_feedback=True)       # one per tensor
     payload = c.encode(grad)
 
-Pipelines are documented in docs/CONFIG.md. The session, the DDP
-communication hook and DiLoCo arrive with the torch_ext issue.
+Training across sites:
+
+    session = strait.init("job.yaml", site="hangzhou")   # torchrun env inside the site
+    ddp.register_comm_hook(session, strait.ddp_hook)      # every-step mode
+    diloco = strait.DiLoCo(model, opt, session, sync_every=50)   # or DiLoCo
+
+Pipelines and config keys are documented in docs/CONFIG.md.
 """
 
 import os
 
 import torch
 
-__all__ = ["encode", "decode", "decode_accumulate", "payload_info", "Compressor", "library_path"]
+__all__ = ["encode", "decode", "decode_accumulate", "payload_info", "Compressor", "library_path",
+           "init", "Session", "StraitError", "ddp_hook", "DiLoCo"]
 
 
 def _find_library():
@@ -89,3 +95,8 @@ class Compressor:
     @property
     def error_feedback(self) -> bool:
         return self._c.error_feedback()
+
+
+from .session import Session, StraitError, init  # noqa: E402
+from .ddp import ddp_hook  # noqa: E402
+from .diloco import DiLoCo  # noqa: E402

@@ -1,0 +1,99 @@
+"""One worker of a two-site job, for tests/python/test_two_sites.py.
+
+Environment: RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT describe the worker's
+own site (one torch.distributed world per site, as torchrun would set up).
+Trains a small MLP on this site's share of scikit-learn's digits and writes a
+JSON result: a hash of the final parameters and the loss curve."""
+
+import argparse
+import faulthandler
+import hashlib
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+import strait
+
+
+def site_data(site_index, rank, size):
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    x = torch.tensor(x, dtype=torch.float32) / 16.0
+    y = torch.tensor(y, dtype=torch.int64)
+    # Site 0 holds digits 0-4 and a little of 5-9, site 1 the reverse: neither
+    # site alone sees every class well.
+    mine = (y < 5) if site_index == 0 else (y >= 5)
+    keep = mine | (torch.arange(len(y)) % 10 == 0)
+    x, y = x[keep], y[keep]
+    return x[rank::size], y[rank::size]
+
+
+def param_hash(model):
+    h = hashlib.sha256()
+    for p in model.parameters():
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def main():
+    # A hung worker dumps every thread's stack and exits: the test reports
+    # where, instead of waiting for its own deadline.
+    faulthandler.dump_traceback_later(int(os.environ.get("STRAIT_WORKER_TIMEOUT", "200")), exit=True)
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--site", required=True)
+    ap.add_argument("--mode", choices=["every_step", "diloco"], required=True)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--sync-every", type=int, default=10)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    session = strait.init(args.config, site=args.site)
+    x, y = site_data(session.site_index, session.rank, session.size)
+
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    ddp = nn.parallel.DistributedDataParallel(model)
+    loss_fn = nn.CrossEntropyLoss()
+    losses = []
+    if args.mode == "every_step":
+        ddp.register_comm_hook(session, strait.ddp_hook)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.5)
+        for _ in range(args.steps):
+            opt.zero_grad()
+            loss = loss_fn(ddp(x), y)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    else:
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.2)
+        diloco = strait.DiLoCo(model, opt, session, sync_every=args.sync_every, outer_lr=0.7, outer_momentum=0.5)
+        for _ in range(args.steps):
+            opt.zero_grad()
+            loss = loss_fn(ddp(x), y)
+            loss.backward()
+            opt.step()
+            diloco.step()
+            losses.append(loss.item())
+    with open(args.out, "w") as f:
+        json.dump({"site": args.site, "rank": session.rank, "hash": param_hash(model), "losses": losses}, f)
+    # Tear down in order: both workers done, DDP (and its reducer) gone, then
+    # the process group. Destroying them the other way round can hang gloo.
+    dist.barrier()
+    del ddp
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except strait.StraitError as e:
+        print(f"strait error: {e}", file=sys.stderr)
+        sys.exit(3)

@@ -1,0 +1,87 @@
+"""DiLoCo (Douillard et al. 2023, "DiLoCo: Distributed Low-Communication
+Training of Language Models"): H local steps with the inner optimizer, then
+one outer step on compressed pseudo-gradients from every site."""
+
+import torch
+
+
+class DiLoCo:
+    """Wraps a model and its inner optimizer.
+
+        diloco = strait.DiLoCo(model, inner_opt, session, sync_every=50)
+        for batch in data:
+            loss = ...; loss.backward(); inner_opt.step(); inner_opt.zero_grad()
+            diloco.step()          # syncs every `sync_every` calls
+
+    At a sync the site leader forms the pseudo-gradient (global - local
+    parameters, flattened), compresses it with error feedback, exchanges it
+    and averages every site's decoded payload (weighted, in site order). Every
+    site then applies the same outer step — SGD with (Nesterov) momentum — to
+    the same global parameters, broadcasts them inside the site, and the local
+    parameters restart from them. Parameters are bitwise identical on every
+    worker of every site after each sync.
+
+    Streaming fragments (Douillard et al. 2025) are not implemented yet: the
+    whole model syncs at once.
+    """
+
+    def __init__(self, model, inner_optimizer, session, sync_every=50, outer_lr=0.7, outer_momentum=0.9,
+                 nesterov=True, pipeline=None):
+        if sync_every < 1:
+            raise ValueError(f"DiLoCo: sync_every = {sync_every}: must be >= 1")
+        if not (outer_lr > 0):
+            raise ValueError(f"DiLoCo: outer_lr = {outer_lr}: must be > 0")
+        if not (0 <= outer_momentum < 1):
+            raise ValueError(f"DiLoCo: outer_momentum = {outer_momentum}: must be in [0, 1)")
+        self.model = model
+        self.inner = inner_optimizer
+        self.session = session
+        self.sync_every = sync_every
+        self.outer_lr = outer_lr
+        self.mu = outer_momentum
+        self.nesterov = nesterov
+        self.pipeline = pipeline
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        with torch.no_grad():
+            flat = torch.cat([p.detach().reshape(-1).float().cpu() for p in self.params])
+            # Start from one set of weights everywhere: site 0's leader's.
+            self.global_params = self._agree(flat)
+            self._load(self.global_params)
+        self.momentum = torch.zeros_like(self.global_params)
+        self.local_steps = 0
+        self.syncs = 0
+
+    def _load(self, flat):
+        offset = 0
+        for p in self.params:
+            n = p.numel()
+            p.data.copy_(flat[offset:offset + n].view_as(p).to(p.device, p.dtype))
+            offset += n
+
+    def _agree(self, flat):
+        """Every worker adopts site 0's initial parameters (fp32, uncompressed)."""
+        s = self.session
+        if s.leader:
+            mean = s.average_across_sites_exact(flat, "diloco.init")
+            flat = mean
+        return s.broadcast(flat.contiguous())
+
+    def step(self):
+        self.local_steps += 1
+        if self.local_steps % self.sync_every == 0:
+            self.sync()
+
+    @torch.no_grad()
+    def sync(self):
+        s = self.session
+        local = torch.cat([p.detach().reshape(-1).float().cpu() for p in self.params])
+        outer_grad = torch.empty_like(local)
+        if s.leader:
+            outer_grad = s.average_across_sites(self.global_params - local, "diloco", self.pipeline)
+        s.broadcast(outer_grad)
+        # The same outer step, in the same float32 ops, on every worker.
+        self.momentum.mul_(self.mu).add_(outer_grad)
+        update = outer_grad.add(self.momentum, alpha=self.mu) if self.nesterov else self.momentum
+        self.global_params.sub_(update, alpha=self.outer_lr)
+        self._load(self.global_params)
+        self.syncs += 1

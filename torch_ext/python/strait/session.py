@@ -1,0 +1,152 @@
+"""The strait session of one process: its site, its process group inside the
+site, and (on the site leader) the gateway to the other sites."""
+
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+from . import _ops  # noqa: F401  (loads the extension)
+
+
+class StraitError(RuntimeError):
+    """A strait failure surfaced in Python (config, gateway, consistency)."""
+
+
+def _load_config(path):
+    """The parts of the job config Python needs (the C++ side validates all of it)."""
+    import yaml  # python3-yaml
+
+    with open(path) as f:
+        doc = yaml.safe_load(f)
+    return doc
+
+
+class Session:
+    """Created by strait.init(). Holds:
+
+    - site: this process's site name; site_index: its position in the job's order
+    - group: the torch.distributed group of this site's workers (WORLD by default)
+    - leader: True on the site's rank 0, which alone talks to the other sites
+    - weights: each site's weight, in site order
+    """
+
+    def __init__(self, config, site, group=None, timeout_s=None):
+        if not os.path.exists(config):
+            raise StraitError(f"strait.init: config file '{config}' does not exist")
+        self.config_path = os.path.abspath(config)
+        # Validation with the C++ rules and messages (line, key, allowed).
+        try:
+            torch.ops.strait.validate_config(self.config_path)
+        except RuntimeError as e:
+            raise StraitError(str(e).splitlines()[0]) from None
+        doc = _load_config(self.config_path)
+        names = [s["name"] for s in doc["sites"]]
+        if site not in names:
+            raise StraitError(f"strait.init: site '{site}' is not in {config}; its sites are: {', '.join(names)}")
+        self.site = site
+        self.site_index = names.index(site)
+        self.sites = names
+        self.weights = [float(s.get("weight", 1.0)) for s in doc["sites"]]
+        comp = doc.get("compression") or {}
+        self.pipeline = comp.get("pipeline", "fp32")
+        self.error_feedback = bool(comp.get("error_feedback", True))
+        self.seed = int(comp.get("seed", 0))
+        sync = doc.get("sync") or {}
+        self.mode = sync.get("mode", "every_step")
+        transport = doc.get("transport") or {}
+        self.timeout_s = timeout_s or float(transport.get("hard_deadline_s", 600)) + 30
+
+        if not dist.is_initialized():
+            # torchrun / SLURM-style environment, one world per site.
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            dist.init_process_group(backend=backend)
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.size = dist.get_world_size(group)
+        self.leader_rank = dist.get_global_rank(group, 0) if group is not None else 0
+        self.leader = self.rank == 0
+        self.gateway = None
+        if self.leader:
+            try:
+                self.gateway = torch.classes.strait.Gateway(self.config_path, site)
+            except RuntimeError as e:
+                raise StraitError(str(e).splitlines()[0]) from None
+        self._compressors = {}
+        self._rounds = {}
+
+    # -- the cross-site step, used by the hook and DiLoCo ----------------
+
+    def compressor(self, key, pipeline=None):
+        c = self._compressors.get(key)
+        if c is None:
+            from . import Compressor
+            c = Compressor(pipeline or self.pipeline, seed=self.seed + 7919 * len(self._compressors),
+                           error_feedback=self.error_feedback)
+            self._compressors[key] = c
+        return c
+
+    def next_round(self, tag):
+        r = self._rounds.get(tag, 0)
+        self._rounds[tag] = r + 1
+        return r
+
+    def _exchange(self, tag, payload):
+        """Leader only: the next round of `tag` with every site; returns
+        (payloads in site order, missing site names). Polls, so other Python
+        threads keep running while the network works; bounded by timeout_s."""
+        round_ = self.next_round(tag)
+        try:
+            self.gateway.exchange(round_, tag, payload)
+            deadline = time.monotonic() + self.timeout_s
+            while not self.gateway.ready(round_, tag):
+                if time.monotonic() > deadline:
+                    raise StraitError(f"strait: round {round_} '{tag}' did not complete within {self.timeout_s:.0f} s")
+                time.sleep(0.0005)
+            return self.gateway.result(round_, tag)
+        except RuntimeError as e:
+            raise StraitError(str(e).splitlines()[0]) from None
+
+    def average_across_sites(self, tensor, tag, pipeline=None):
+        """Leader only: compresses `tensor` (with this tag's compressor and its
+        error feedback), exchanges with every site and returns the weighted mean
+        of every site's *decoded* payload, in site order — the same bits on
+        every site. Missing sites (on_site_loss: continue) are left out and the
+        weights renormalised."""
+        assert self.leader
+        flat = tensor.detach().reshape(-1).float().cpu().contiguous()
+        payloads, missing = self._exchange(tag, self.compressor(tag, pipeline).encode(flat))
+        present = [i for i, p in enumerate(payloads) if p.numel() > 0]
+        total = sum(self.weights[i] for i in present)
+        out = torch.zeros_like(flat)
+        for i in present:  # fixed site order: identical bits everywhere
+            torch.ops.strait.decode_accumulate(out, payloads[i], self.weights[i] / total)
+        self.last_missing = list(missing)
+        return out.view(tensor.shape)
+
+    def average_across_sites_exact(self, tensor, tag):
+        """Leader only: site 0's tensor, sent uncompressed (fp32) to every
+        site — for initial weights, which must agree exactly."""
+        assert self.leader
+        flat = tensor.detach().reshape(-1).float().cpu().contiguous()
+        payloads, _ = self._exchange(tag, torch.ops.strait.encode(flat, "fp32", 0))
+        if payloads[0].numel() == 0:
+            raise StraitError("strait: site 0 did not send its initial parameters")
+        return torch.ops.strait.decode(payloads[0], list(flat.shape)).view(tensor.shape)
+
+    def broadcast(self, tensor):
+        """Site leader's tensor to every worker of the site."""
+        if self.size > 1:
+            dist.broadcast(tensor, src=self.leader_rank, group=self.group)
+        return tensor
+
+
+def init(config, site=None, group=None, timeout_s=None):
+    """Starts strait in this process: finds or creates the site's process group
+    (torchrun environment variables work) and starts the gateway on the site
+    leader. `site` defaults to $STRAIT_SITE."""
+    site = site or os.environ.get("STRAIT_SITE")
+    if not site:
+        raise StraitError("strait.init: no site given (pass site=... or set STRAIT_SITE)")
+    return Session(config, site, group=group, timeout_s=timeout_s)
