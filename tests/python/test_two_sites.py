@@ -38,7 +38,7 @@ transport: {{insecure: true, round_deadline_s: 60, hard_deadline_s: 120, heartbe
     return path
 
 
-def run_job(mode, pipeline, steps, extra_args=()):
+def run_job(mode, pipeline, steps, extra_args=(), site_args=None, expect_ok=True):
     with tempfile.TemporaryDirectory(prefix="strait-two-sites-") as tmp:
         config = write_config(tmp, mode, pipeline)
         procs, outs = [], []
@@ -49,7 +49,8 @@ def run_job(mode, pipeline, steps, extra_args=()):
                 env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                            MASTER_PORT=str(port))
                 cmd = [sys.executable, os.path.join(HERE, "two_site_worker.py"), "--config", config,
-                       "--site", site, "--mode", mode, "--steps", str(steps), "--out", out, *extra_args]
+                       "--site", site, "--mode", mode, "--steps", str(steps), "--out", out, *extra_args,
+                       *(site_args or {}).get(site, ())]
                 procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                               text=True))
                 outs.append(out)
@@ -68,6 +69,8 @@ def run_job(mode, pipeline, steps, extra_args=()):
             for i, p in enumerate(procs):
                 if i >= len(errors):
                     errors.append(p.communicate()[1])
+        if not expect_ok:
+            return [(p.returncode, errors[i]) for i, p in enumerate(procs)]
         failed = [(i, p.returncode, errors[i][-1500:]) for i, p in enumerate(procs) if p.returncode != 0]
         assert not failed, "workers failed:\n" + "\n".join(f"#{i} rc={rc}: {e}" for i, rc, e in failed)
         return [json.load(open(o)) for o in outs]
@@ -86,3 +89,11 @@ def test_every_step_mode_keeps_replicas_identical_and_learns():
 
 def test_diloco_mode_keeps_replicas_identical_and_learns():
     check(run_job("diloco", "int4(rounding=stochastic)", steps=40, extra_args=("--sync-every", "10")))
+
+
+@pytest.mark.parametrize("mode", ["every_step", "diloco"])
+def test_a_model_that_differs_between_sites_is_a_clear_error_everywhere(mode):
+    results = run_job(mode, "int8", steps=5, site_args={"singapore": ("--hidden", "33")}, expect_ok=False)
+    for rc, err in results:
+        assert rc == 3, err[-1500:]  # StraitError, on every worker of both sites
+        assert "the model differs between sites" in err, err[-1500:]

@@ -19,10 +19,15 @@ def ddp_hook(session, bucket):
     exchange with the rest of backward.
     """
     buf = bucket.buffer()
+    tag = f"ddp.b{bucket.index()}"
+    if tag not in session._checked:
+        # First time this bucket syncs: every site must have the same one.
+        session._checked.add(tag)
+        session.check_same_everywhere(
+            tag + ".shapes", "\n".join(f"{tuple(p.shape)} {p.dtype}" for p in bucket.parameters()))
     if session.size > 1:
         dist.all_reduce(buf, group=session.group)
         buf.div_(session.size)
-    tag = f"ddp.b{bucket.index()}"
     if session.leader:
         mean = session.average_across_sites(buf, tag)
         buf.copy_(mean.to(buf.device, buf.dtype))

@@ -41,7 +41,9 @@ class DiLoCo:
         self.mu = outer_momentum
         self.nesterov = nesterov
         self.pipeline = pipeline
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in named]
+        session.check_same_everywhere("diloco.model", "\n".join(f"{n} {tuple(p.shape)}" for n, p in named))
         with torch.no_grad():
             flat = torch.cat([p.detach().reshape(-1).float().cpu() for p in self.params])
             # Start from one set of weights everywhere: site 0's leader's.

@@ -1,6 +1,7 @@
 """The strait session of one process: its site, its process group inside the
 site, and (on the site leader) the gateway to the other sites."""
 
+import datetime
 import os
 import time
 
@@ -59,9 +60,11 @@ class Session:
         self.timeout_s = timeout_s or float(transport.get("hard_deadline_s", 600)) + 30
 
         if not dist.is_initialized():
-            # torchrun / SLURM-style environment, one world per site.
+            # torchrun / SLURM-style environment, one world per site. The
+            # site's collectives get the same deadline as the cross-site
+            # rounds, so a lost worker cannot hang the others forever.
             backend = "nccl" if torch.cuda.is_available() else "gloo"
-            dist.init_process_group(backend=backend)
+            dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=self.timeout_s))
         self.group = group
         self.rank = dist.get_rank(group)
         self.size = dist.get_world_size(group)
@@ -75,6 +78,7 @@ class Session:
                 raise StraitError(str(e).splitlines()[0]) from None
         self._compressors = {}
         self._rounds = {}
+        self._checked = set()
 
     # -- the cross-site step, used by the hook and DiLoCo ----------------
 
@@ -134,6 +138,28 @@ class Session:
         if payloads[0].numel() == 0:
             raise StraitError("strait: site 0 did not send its initial parameters")
         return torch.ops.strait.decode(payloads[0], list(flat.shape)).view(tensor.shape)
+
+    def check_same_everywhere(self, tag, description):
+        """Every worker of every site must pass the same `description` (a
+        string, e.g. parameter names and shapes). Raises StraitError on every
+        worker, naming the first site that differs, if they do not."""
+        error = ""
+        if self.leader:
+            payloads, missing = self._exchange(tag, torch.tensor(list(description.encode()), dtype=torch.uint8))
+            mine = description
+            for i, p in enumerate(payloads):
+                theirs = bytes(p.tolist()).decode(errors="replace") if p.numel() else None
+                if theirs is not None and theirs != mine:
+                    a, b = mine.splitlines(), theirs.splitlines()
+                    first = next((k for k in range(min(len(a), len(b))) if a[k] != b[k]), min(len(a), len(b)))
+                    error = (f"strait: the model differs between sites: site '{self.sites[i]}' has "
+                             f"{b[first] if first < len(b) else '(nothing)'!r} where site '{self.site}' has "
+                             f"{a[first] if first < len(a) else '(nothing)'!r} (entry {first} of '{tag}')")
+                    break
+        status = torch.tensor([1 if error else 0], dtype=torch.int64)
+        self.broadcast(status)
+        if status.item():
+            raise StraitError(error or "strait: the model differs between sites (see the site leader's error)")
 
     def broadcast(self, tensor):
         """Site leader's tensor to every worker of the site."""
