@@ -1,0 +1,139 @@
+// The libtorch C++ API: two sites (threads, real gateways on loopback)
+// average tensors and run DiLoCo; results are bitwise identical everywhere.
+
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <fstream>
+#include <future>
+#include <thread>
+
+#include "core/error.h"
+#include "tests/cpp/transport/transport_test_util.h"
+#include "torch_ext/strait_torch.h"
+
+namespace strait::torch {
+namespace {
+
+std::string writeConfig(const std::string& pipeline, double w0 = 1.0, double w1 = 1.0) {
+  char tmpl[] = "/tmp/strait-api-XXXXXX";
+  const std::string dir = mkdtemp(tmpl);
+  const std::string path = dir + "/job.yaml";
+  std::ofstream(path) << "job: {id: api-test}\n"
+                      << "sites:\n"
+                      << "  - {name: a, jurisdiction: CN, endpoint: \"tcp://127.0.0.1:" << transport::testing::freePort()
+                      << "\", weight: " << w0 << "}\n"
+                      << "  - {name: b, jurisdiction: SG, endpoint: \"tcp://127.0.0.1:" << transport::testing::freePort()
+                      << "\", weight: " << w1 << "}\n"
+                      << "compression: {pipeline: \"" << pipeline << "\"}\n"
+                      << "transport: {insecure: true, round_deadline_s: 30, hard_deadline_s: 60, heartbeat_ms: 50, "
+                         "peer_timeout_ms: 2000}\n";
+  return path;
+}
+
+// Runs fa on site a in this thread and fb on site b in another.
+template <typename Fa, typename Fb>
+void bothSites(const std::string& config, Fa fa, Fb fb) {
+  auto other = std::async(std::launch::async, [&] {
+    Site b(config, "b");
+    fb(b);
+  });
+  Site a(config, "a");
+  fa(a);
+  ASSERT_EQ(other.wait_for(std::chrono::seconds(60)), std::future_status::ready);
+  other.get();
+}
+
+TEST(TorchApi, AveragesAcrossSitesWithWeightsInSiteOrder) {
+  const std::string config = writeConfig("fp32", 1.0, 3.0);
+  const at::Tensor x = at::randn({4, 5}), y = at::randn({7});
+  const at::Tensor u = at::randn({4, 5}), v = at::randn({7});
+  std::vector<at::Tensor> ta = {x.clone(), y.clone()}, tb = {u.clone(), v.clone()};
+  bothSites(
+      config, [&](Site& s) { s.averageAcrossSites(ta, "g"); }, [&](Site& s) { s.averageAcrossSites(tb, "g"); });
+  // acc = 0 + 0.25 * a, then += 0.75 * b: the same float ops as below.
+  const at::Tensor ex = x * 0.25f + u * 0.75f, ey = y * 0.25f + v * 0.75f;
+  EXPECT_TRUE(at::equal(ta[0], ex));
+  EXPECT_TRUE(at::equal(ta[1], ey));
+  EXPECT_TRUE(at::equal(tb[0], ta[0])) << "both sites hold the same bits";
+  EXPECT_TRUE(at::equal(tb[1], ta[1]));
+}
+
+TEST(TorchApi, CompressedAveragesAreIdenticalOnBothSites) {
+  const std::string config = writeConfig("topk(0.2) -> int8");
+  std::vector<at::Tensor> ta = {at::randn({1000})}, tb = {at::randn({1000})};
+  bothSites(
+      config,
+      [&](Site& s) {
+        for (int i = 0; i < 3; ++i) s.averageAcrossSites(ta, "g");
+      },
+      [&](Site& s) {
+        for (int i = 0; i < 3; ++i) s.averageAcrossSites(tb, "g");
+      });
+  EXPECT_TRUE(at::equal(ta[0], tb[0]));
+}
+
+TEST(TorchApi, DifferentShapesAreAClearError) {
+  const std::string config = writeConfig("fp32");
+  std::vector<at::Tensor> ta = {at::randn({3})}, tb = {at::randn({4})};
+  std::string ea, eb;
+  bothSites(
+      config,
+      [&](Site& s) {
+        try {
+          s.averageAcrossSites(ta, "g");
+        } catch (const InvalidArgument& e) {
+          ea = e.what();
+        }
+      },
+      [&](Site& s) {
+        try {
+          s.averageAcrossSites(tb, "g");
+        } catch (const InvalidArgument& e) {
+          eb = e.what();
+        }
+      });
+  EXPECT_NE(ea.find("the tensors of 'g' differ between sites: site 'b' has\n[4] Float"), std::string::npos) << ea;
+  EXPECT_NE(eb.find("site 'a' has\n[3] Float"), std::string::npos) << eb;
+}
+
+// Each site fits y = 3x + 1 on its own half of the data; DiLoCo keeps the two
+// replicas identical after every sync and the shared model finds the line.
+void trainSite(Site& site, int which, at::Tensor& weight_out, at::Tensor& bias_out) {
+  ::torch::manual_seed(100 + which);  // different local inits: DiLoCo adopts site 0's
+  ::torch::nn::Linear model(1, 1);
+  ::torch::optim::SGD opt(model->parameters(), 0.1);
+  DiLoCo diloco(site, model->parameters(), {5, 0.8, 0.5, true});
+  const at::Tensor x = at::linspace(which == 0 ? -1.0 : 0.0, which == 0 ? 0.0 : 1.0, 64).view({64, 1});
+  const at::Tensor y = 3 * x + 1;
+  for (int step = 0; step < 100; ++step) {
+    opt.zero_grad();
+    auto loss = ::torch::mse_loss(model->forward(x), y);
+    loss.backward();
+    opt.step();
+    diloco.step();
+  }
+  EXPECT_EQ(diloco.syncs(), 20);
+  weight_out = model->weight.detach().clone();
+  bias_out = model->bias.detach().clone();
+}
+
+TEST(TorchApi, DiLoCoKeepsReplicasIdenticalAndLearns) {
+  const std::string config = writeConfig("int8(rounding=stochastic)");
+  at::Tensor wa, ba, wb, bb;
+  bothSites(
+      config, [&](Site& s) { trainSite(s, 0, wa, ba); }, [&](Site& s) { trainSite(s, 1, wb, bb); });
+  EXPECT_TRUE(at::equal(wa, wb));
+  EXPECT_TRUE(at::equal(ba, bb));
+  EXPECT_NEAR(wa.item<float>(), 3.0f, 0.3f);
+  EXPECT_NEAR(ba.item<float>(), 1.0f, 0.3f);
+}
+
+TEST(TorchApi, BadOptionsAndConfigsThrow) {
+  EXPECT_THROW(Site("/nonexistent/job.yaml", "a"), ConfigError);
+  const std::string config = writeConfig("fp32");
+  EXPECT_THROW(Site(config, "tokyo"), ConfigError);
+}
+
+}  // namespace
+}  // namespace strait::torch

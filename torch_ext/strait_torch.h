@@ -1,0 +1,87 @@
+#pragma once
+// The libtorch C++ API: cross-site synchronisation for C++ training loops.
+//
+// A strait::torch::Site is one site leader's view of the job: its gateway to
+// the other sites and one compressor (pipeline + error feedback) per tensor
+// slot. Inside a site, averaging across workers stays the caller's business
+// (torch::distributed or one process per site).
+//
+//   strait::torch::Site site("job.yaml", "hangzhou");
+//   ... loss.backward();
+//   std::vector<at::Tensor> grads = ...;       // e.g. p.grad() for every parameter
+//   site.averageAcrossSites(grads, "grads");   // in place: the weighted mean of every site's decoded update
+//   optimizer.step();
+//
+//   strait::torch::DiLoCo diloco(site, params, {.sync_every = 50});
+//   ... after each inner optimizer step: diloco.step();
+//
+// Every call blocks until every site has contributed (or the job's deadlines
+// decide); afterwards the tensors are bitwise identical on every site. Errors
+// are strait::Error subclasses (ConfigError, ProtocolError, TimeoutError).
+// Not thread-safe: one thread per Site.
+
+#include <ATen/ATen.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace strait::torch {
+
+class Site {
+ public:
+  // Loads and validates the job config and starts this site's gateway.
+  Site(const std::string& config_path, const std::string& site);
+  ~Site();
+  Site(const Site&) = delete;
+  Site& operator=(const Site&) = delete;
+
+  // Replaces every tensor (float32, any device) with the weighted mean over
+  // sites of the decoded, compressed tensors (the config's pipeline and error
+  // feedback; one compressor per tensor slot of this tag). Sites missing
+  // under on_site_loss: continue are left out and the weights renormalised.
+  // Tensor shapes must match across sites (checked on the first call).
+  void averageAcrossSites(std::vector<at::Tensor>& tensors, const std::string& tag);
+
+  // Site 0's tensors, uncompressed, on every site (initial weights).
+  void adoptFromFirstSite(std::vector<at::Tensor>& tensors, const std::string& tag);
+
+  const std::string& name() const;
+  size_t index() const;
+  // Sites missing from the last round (on_site_loss: continue).
+  const std::vector<std::string>& lastMissing() const;
+
+ private:
+  class Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+struct DiLoCoOptions {
+  int sync_every = 50;
+  double outer_lr = 0.7;
+  double outer_momentum = 0.9;
+  bool nesterov = true;
+};
+
+// DiLoCo (Douillard et al. 2023) over a Site: every sync_every steps the
+// pseudo-gradient (global - local parameters) is averaged across sites and
+// the same outer SGD step with (Nesterov) momentum updates the global
+// parameters everywhere; the local parameters restart from them.
+class DiLoCo {
+ public:
+  // Adopts site 0's parameters as the common start. Throws InvalidArgument on
+  // bad options.
+  DiLoCo(Site& site, std::vector<at::Tensor> params, DiLoCoOptions options = {});
+  void step();  // after each inner optimizer step
+  void sync();  // now
+  int64_t syncs() const { return syncs_; }
+
+ private:
+  Site& site_;
+  std::vector<at::Tensor> params_;
+  DiLoCoOptions opt_;
+  std::vector<at::Tensor> global_, momentum_;
+  int64_t steps_ = 0, syncs_ = 0;
+};
+
+}  // namespace strait::torch
