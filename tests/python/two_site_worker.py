@@ -61,7 +61,9 @@ def main():
     x, y = site_data(session.site_index, session.rank, session.size)
 
     model = nn.Sequential(nn.Linear(64, args.hidden), nn.ReLU(), nn.Linear(args.hidden, 10))
-    ddp = nn.parallel.DistributedDataParallel(model)
+    # Tiny buckets: several per step, and DDP rebuilds them after the first
+    # iteration, as it does for real models.
+    ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.002)
     loss_fn = nn.CrossEntropyLoss()
     losses = []
     if args.mode == "every_step":

@@ -20,16 +20,22 @@ def ddp_hook(session, bucket):
     """
     buf = bucket.buffer()
     tag = f"ddp.b{bucket.index()}"
-    if tag not in session._checked:
-        # First time this bucket syncs: every site must have the same one.
-        session._checked.add(tag)
+    # DDP rebuilds its buckets after the first iteration, so a bucket index
+    # can stand for another set of parameters later: compressors (and their
+    # residuals) are keyed by the layout too, and each new layout is checked
+    # against the other sites once.
+    layout = f"{tag}.n{buf.numel()}"
+    if layout not in session._checked:
+        session._checked.add(layout)
+        # The round tag must not depend on the layout: sites whose layouts
+        # differ must still meet in the same round to find out.
         session.check_same_everywhere(
             tag + ".shapes", "\n".join(f"{tuple(p.shape)} {p.dtype}" for p in bucket.parameters()))
     if session.size > 1:
         dist.all_reduce(buf, group=session.group)
         buf.div_(session.size)
     if session.leader:
-        mean = session.average_across_sites(buf, tag)
+        mean = session.average_across_sites(buf, tag, compressor_key=layout)
         buf.copy_(mean.to(buf.device, buf.dtype))
     else:
         session.next_round(tag)  # keep round numbers in step with the leader

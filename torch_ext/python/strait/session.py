@@ -112,7 +112,7 @@ class Session:
         except RuntimeError as e:
             raise StraitError(str(e).splitlines()[0]) from None
 
-    def average_across_sites(self, tensor, tag, pipeline=None):
+    def average_across_sites(self, tensor, tag, pipeline=None, compressor_key=None):
         """Leader only: compresses `tensor` (with this tag's compressor and its
         error feedback), exchanges with every site and returns the weighted mean
         of every site's *decoded* payload, in site order — the same bits on
@@ -120,7 +120,7 @@ class Session:
         weights renormalised."""
         assert self.leader
         flat = tensor.detach().reshape(-1).float().cpu().contiguous()
-        payloads, missing = self._exchange(tag, self.compressor(tag, pipeline).encode(flat))
+        payloads, missing = self._exchange(tag, self.compressor(compressor_key or tag, pipeline).encode(flat))
         present = [i for i, p in enumerate(payloads) if p.numel() > 0]
         total = sum(self.weights[i] for i in present)
         out = torch.zeros_like(flat)
