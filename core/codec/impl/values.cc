@@ -416,62 +416,44 @@ class Fp32Codec final : public ValueCodec {
   }
 };
 
-class Fp16Codec final : public ValueCodec {
+// fp16 and bf16: the same chunked loop, a different limit and conversion.
+// `limit` is the float bit pattern of the smallest magnitude that would round
+// to Inf; such values (and NaN/Inf) are refused with `what_range`.
+class Float16Codec final : public ValueCodec {
  public:
-  std::string text() const override { return "fp16"; }
-  ValueKind kind() const override { return ValueKind::kFp16; }
-  int bits() const override { return 16; }
-  size_t sectionBytes(size_t count) const override { return kValueHeaderBytes + count * 2; }
-  void encode(const float* in, size_t count, uint64_t, uint8_t* out,
-              size_t offset) const override {
-    writeValueHeader(out, kind(), 16, 0, 0);
-    out += kValueHeaderBytes;
-    uint16_t tmp[kChunk];
-    const uint32_t kLimit = 0x477ff000U;  // 65520.0f: the first value that rounds to Inf
-    for (size_t at = 0; at < count; at += kChunk) {
-      const size_t len = std::min(kChunk, count - at);
-      if (absMaxBits(in + at, len) >= kLimit) {
-        for (size_t j = 0; j < len; ++j) {
-          if (!std::isfinite(in[at + j])) failNonFinite(in + at + j, 1, offset + at + j);
-          if (std::fabs(in[at + j]) >= 65520.0f) {
-            fail<InvalidArgument>("value ", in[at + j], " at index ", offset + at + j,
-                                  " is outside the fp16 range (|x| <= 65504); use bf16 or int8");
-          }
-        }
-      }
-      floatToHalf(in + at, len, tmp);
-      std::memcpy(out + at * 2, tmp, len * 2);
-    }
-  }
-};
+  using Convert = void (*)(const float*, size_t, uint16_t*);
+  Float16Codec(ValueKind kind, uint32_t limit, const char* what_range, Convert convert)
+      : kind_(kind), limit_(limit), what_range_(what_range), convert_(convert) {}
 
-class Bf16Codec final : public ValueCodec {
- public:
-  std::string text() const override { return "bf16"; }
-  ValueKind kind() const override { return ValueKind::kBf16; }
+  std::string text() const override { return valueKindName(kind_); }
+  ValueKind kind() const override { return kind_; }
   int bits() const override { return 16; }
   size_t sectionBytes(size_t count) const override { return kValueHeaderBytes + count * 2; }
   void encode(const float* in, size_t count, uint64_t, uint8_t* out,
               size_t offset) const override {
-    writeValueHeader(out, kind(), 16, 0, 0);
+    writeValueHeader(out, kind_, 16, 0, 0);
     out += kValueHeaderBytes;
     uint16_t tmp[kChunk];
-    const uint32_t kLimit = 0x7f7f8000U;  // the first finite value that rounds to Inf
     for (size_t at = 0; at < count; at += kChunk) {
       const size_t len = std::min(kChunk, count - at);
-      if (absMaxBits(in + at, len) >= kLimit) {
+      if (absMaxBits(in + at, len) >= limit_) {
         for (size_t j = 0; j < len; ++j) {
           if (!std::isfinite(in[at + j])) failNonFinite(in + at + j, 1, offset + at + j);
-          if ((floatBits(in[at + j]) & 0x7fffffffU) >= kLimit) {
-            fail<InvalidArgument>("value ", in[at + j], " at index ", offset + at + j,
-                                  " rounds to Inf in bf16");
+          if ((floatBits(in[at + j]) & 0x7fffffffU) >= limit_) {
+            fail<InvalidArgument>("value ", in[at + j], " at index ", offset + at + j, " ", what_range_);
           }
         }
       }
-      bf16Encode(in + at, len, tmp);
+      convert_(in + at, len, tmp);
       std::memcpy(out + at * 2, tmp, len * 2);
     }
   }
+
+ private:
+  ValueKind kind_;
+  uint32_t limit_;
+  const char* what_range_;
+  Convert convert_;
 };
 
 class BlockCodec final : public ValueCodec {
@@ -737,11 +719,13 @@ std::shared_ptr<const ValueCodec> makeFp32(const StageArgs& args) {
 }
 std::shared_ptr<const ValueCodec> makeFp16(const StageArgs& args) {
   ArgReader(args).finish();
-  return std::make_shared<Fp16Codec>();
+  // 65520.0f (0x477ff000) is the first value that rounds to Inf in fp16.
+  return std::make_shared<Float16Codec>(ValueKind::kFp16, 0x477ff000U,
+                                        "is outside the fp16 range (|x| <= 65504); use bf16 or int8", floatToHalf);
 }
 std::shared_ptr<const ValueCodec> makeBf16(const StageArgs& args) {
   ArgReader(args).finish();
-  return std::make_shared<Bf16Codec>();
+  return std::make_shared<Float16Codec>(ValueKind::kBf16, 0x7f7f8000U, "rounds to Inf in bf16", bf16Encode);
 }
 std::shared_ptr<const ValueCodec> makeInt8(const StageArgs& args) { return makeInt(args, 8); }
 std::shared_ptr<const ValueCodec> makeInt4(const StageArgs& args) { return makeInt(args, 4); }

@@ -108,32 +108,9 @@ TEST(Gateway, CorruptedChunkIsDetectedAndRetransmitted) {
   EXPECT_NE(log.find("failed its checksum"), std::string::npos) << log;
 }
 
-TEST(Gateway, UnknownKeyIsRefusedAndLogged) {
-  Job job = makeJob(2);
-  // s1 presents a key s0 does not know (s1's own config is self-consistent).
-  const KeyPair intruder = generateKeyPair();
-  job.sites[1].secret_key = intruder.secret_key;
-  job.sites[1].sites[1].public_key = intruder.public_key;
-  ::testing::internal::CaptureStderr();
-  std::string error;
-  {
-    auto g = start(job);
-    auto f = g[1]->exchange(0, "g", {1});
-    try {
-      getWithin(f, std::chrono::seconds(20));
-    } catch (const ProtocolError& e) {
-      error = e.what();
-    }
-  }
-  const std::string log = ::testing::internal::GetCapturedStderr();
-  EXPECT_NE(error.find("refused our CurveZMQ key"), std::string::npos) << error;
-  EXPECT_NE(log.find("public key " + intruder.public_key + " is not one of this job's sites"), std::string::npos)
-      << log;
-  EXPECT_NE(log.find("refused a connection from 127.0.0.1"), std::string::npos) << log;
-}
-
-// A handshake refusal reaches the refused site's exchange() as ProtocolError.
-std::string refusal(Job job) {
+// Runs a job whose site s1 is refused: returns the error s1's exchange()
+// raised (or "(accepted)") and everything the gateways logged.
+std::pair<std::string, std::string> refusalAndLog(Job job) {
   ::testing::internal::CaptureStderr();
   std::string error;
   {
@@ -146,8 +123,22 @@ std::string refusal(Job job) {
       error = e.what();
     }
   }
-  ::testing::internal::GetCapturedStderr();
-  return error;
+  return {error, ::testing::internal::GetCapturedStderr()};
+}
+
+std::string refusal(Job job) { return refusalAndLog(std::move(job)).first; }
+
+TEST(Gateway, UnknownKeyIsRefusedAndLogged) {
+  Job job = makeJob(2);
+  // s1 presents a key s0 does not know (s1's own config is self-consistent).
+  const KeyPair intruder = generateKeyPair();
+  job.sites[1].secret_key = intruder.secret_key;
+  job.sites[1].sites[1].public_key = intruder.public_key;
+  const auto [error, log] = refusalAndLog(job);
+  EXPECT_NE(error.find("refused our CurveZMQ key"), std::string::npos) << error;
+  EXPECT_NE(log.find("public key " + intruder.public_key + " is not one of this job's sites"), std::string::npos)
+      << log;
+  EXPECT_NE(log.find("refused a connection from 127.0.0.1"), std::string::npos) << log;
 }
 
 TEST(Gateway, WrongJobIdIsRefusedSayingWhich) {
