@@ -14,6 +14,8 @@
 
 #include "transport/gateway.h"
 
+#include <pthread.h>
+#include <signal.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
 
@@ -46,6 +48,8 @@ using Clock = std::chrono::steady_clock;
 using Key = std::pair<uint64_t, std::string>;  // (round, tag)
 
 constexpr uint32_t kKindModelUpdate = 1;
+constexpr size_t kMaxTagBytes = 256;
+constexpr size_t kMaxRefusedKeys = 256;  // refusals remembered for rounds not opened yet
 
 double secondsSince(Clock::time_point t) {
   return std::chrono::duration<double>(Clock::now() - t).count();
@@ -70,7 +74,8 @@ std::string hex(const std::string& bytes, size_t max = 8) {
 // Our payload on its way to one peer.
 struct Outgoing {
   uint32_t next = 0;              // next chunk of the first pass
-  std::deque<uint32_t> resend;    // chunks asked for again (Nack)
+  std::deque<uint32_t> resend;    // chunks asked for again (Nack), each at most once
+  std::vector<bool> queued;       // which chunks are in `resend`: bounds it by the chunk count
   bool acked = false;
   bool abandoned = false;         // the round finished without this peer
 };
@@ -170,7 +175,10 @@ class Gateway::Impl {
                            opt_.hard_deadline.count(), " ms); max_rounds_in_flight = ",
                            opt_.max_rounds_in_flight);
       }
-      rethrowFatal();
+      if (fatal_) {
+        open_keys_.erase({round, tag});
+        std::rethrow_exception(fatal_);
+      }
     }
     ++open_rounds_;
     Command c{round, tag, std::make_shared<std::vector<uint8_t>>(std::move(payload)), {}};
@@ -298,7 +306,7 @@ class Gateway::Impl {
       }
       const std::string mon = "inproc://monitor-" + std::to_string(i);
       if (zmq_socket_monitor(p.dealer->handle(), mon.c_str(),
-                             ZMQ_EVENT_CONNECTED | ZMQ_EVENT_DISCONNECTED |
+                             ZMQ_EVENT_HANDSHAKE_SUCCEEDED | ZMQ_EVENT_DISCONNECTED |
                                  ZMQ_EVENT_HANDSHAKE_FAILED_AUTH) != 0) {
         fail<Error>("gateway: cannot monitor socket: ", zmq_strerror(zmq_errno()));
       }
@@ -313,6 +321,11 @@ class Gateway::Impl {
   // ---------------------------------------------------------- the loop ---
 
   void run(std::promise<void>& started) {
+    // Signals go to the application's threads: an EINTR here would
+    // otherwise surface as a fatal zmq error.
+    sigset_t all;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, nullptr);
     try {
       openSockets();
     } catch (...) {
@@ -438,9 +451,11 @@ class Gateway::Impl {
       if (!p.monitor->recv(addr, zmq::recv_flags::dontwait)) return;
       uint16_t id;
       std::memcpy(&id, event.data(), sizeof id);
-      if (id == ZMQ_EVENT_CONNECTED) {
-        // A new TCP connection: whatever was in flight on the old one may be
-        // lost. Say hello again; once welcomed, resend what is unacked.
+      if (id == ZMQ_EVENT_HANDSHAKE_SUCCEEDED) {
+        // A new connection, ready for messages (the TCP-level CONNECTED
+        // event comes before the ZMTP/Curve handshake, when a send would be
+        // dropped). Whatever was in flight on an old one may be lost: say
+        // hello again; once welcomed, resend what is unacknowledged.
         sendHello(p);
       } else if (id == ZMQ_EVENT_DISCONNECTED) {
         p.welcomed = false;
@@ -461,8 +476,8 @@ class Gateway::Impl {
     h->set_config_fingerprint(std::string(opt_.config_fingerprint.begin(), opt_.config_fingerprint.end()));
     h->set_incarnation(incarnation_);
     p.welcomed = false;
-    p.hello_sent = Clock::now();
-    sendEnvelope(*p.dealer, env, nullptr);
+    // Not sent (no ready connection yet): the next timer tick tries again.
+    p.hello_sent = sendEnvelope(*p.dealer, env, nullptr) ? Clock::now() : Clock::time_point{};
   }
 
   bool receiveDealer(Peer& p) {
@@ -493,8 +508,14 @@ class Gateway::Impl {
       case wire::Envelope::kNack: {
         auto it = rounds_.find({env.nack().round(), env.nack().tag()});
         if (it != rounds_.end() && it->second.local && env.nack().index() < it->second.chunk_count) {
-          it->second.out[p.index].resend.push_back(env.nack().index());
-          it->second.metrics[p.index].retransmissions++;
+          Outgoing& o = it->second.out[p.index];
+          const uint32_t index = env.nack().index();
+          if (o.queued.size() != it->second.chunk_count) o.queued.assign(it->second.chunk_count, false);
+          if (!o.acked && !o.queued[index]) {
+            o.queued[index] = true;
+            o.resend.push_back(index);
+            it->second.metrics[p.index].retransmissions++;
+          }
         }
         break;
       }
@@ -520,6 +541,7 @@ class Gateway::Impl {
       if (o.acked || o.abandoned) continue;
       o.next = 0;
       o.resend.clear();
+      o.queued.clear();
     }
   }
 
@@ -562,6 +584,14 @@ class Gateway::Impl {
     Peer* p = peerByName(routing);
     if (p == nullptr || !p->greeted) {
       return true;  // no (valid) handshake on this connection yet: ignore
+    }
+    if (!opt_.insecure) {
+      // The routing id is the sender's choice; the CurveZMQ key is not.
+      const char* user = zmq_msg_gets(const_cast<zmq_msg_t*>(frame.handle()), "User-Id");
+      if (user == nullptr || routing != user) {
+        log("dropped a message claiming to be '" + routing + "' from the key of '" + (user ? user : "?") + "'");
+        return true;
+      }
     }
     p->last_heard = Clock::now();
     if (env.body_case() == wire::Envelope::kChunk) {
@@ -612,8 +642,15 @@ class Gateway::Impl {
     p->greeted = true;
     p->last_heard = Clock::now();
     if (restarted || p->incarnation != h.incarnation()) {
-      if (restarted) log("site '" + p->name + "' restarted: resending what it has not acknowledged");
+      if (restarted) log("site '" + p->name + "' restarted: resending this site's open payloads");
       p->incarnation = h.incarnation();
+      // Its new life lost whatever its old one acknowledged.
+      for (auto& kv : rounds_) {
+        if (!kv.second.local) continue;
+        Outgoing& o = kv.second.out[p->index];
+        if (o.abandoned) continue;
+        o = Outgoing{};
+      }
       // Partial payloads from its previous life are useless now.
       for (auto& kv : rounds_) {
         Incoming& in = kv.second.in[p->index];
@@ -635,6 +672,9 @@ class Gateway::Impl {
   }
 
   void handleChunk(Peer& p, const wire::Chunk& c, const zmq::message_t& data) {
+    // Only the incarnation that said Hello may send: a stale or forged one
+    // could otherwise make us drop and reallocate buffers at will.
+    if (c.incarnation() != p.incarnation) return;
     const Key key{c.round(), c.tag()};
     if (finished_.count(key)) {  // stale or duplicate: it may have missed our Ack
       wire::Envelope ack;
@@ -647,7 +687,9 @@ class Gateway::Impl {
     const uint64_t total = c.total_bytes();
     const uint64_t expect_count = total == 0 ? 1 : (total + opt_.chunk_bytes - 1) / opt_.chunk_bytes;
     std::string bad;
-    if (total > opt_.max_message_bytes) {
+    if (c.tag().size() > kMaxTagBytes) {
+      bad = "tag of " + std::to_string(c.tag().size()) + " bytes exceeds " + std::to_string(kMaxTagBytes);
+    } else if (total > opt_.max_message_bytes) {
       bad = "payload of " + std::to_string(total) + " bytes exceeds max_message_bytes = " +
             std::to_string(opt_.max_message_bytes);
     } else if (c.count() != expect_count || c.index() >= c.count()) {
@@ -680,20 +722,43 @@ class Gateway::Impl {
       // With `wait` nothing good can come any more: fail the round now, with
       // the reason, instead of at the hard deadline.
       if (opt_.on_site_loss == OnSiteLoss::kWait && !flood) {
-        Round& r = it != rounds_.end() ? it->second : newRound(key, false);
-        if (r.failure.empty()) r.failure = "site '" + p.name + "' sent a bad payload: " + bad;
+        const std::string why = "site '" + p.name + "' sent a bad payload: " + bad;
+        if (it != rounds_.end() && it->second.local) {
+          if (it->second.failure.empty()) it->second.failure = why;
+        } else if (!refused_.count(key)) {  // for when this site opens the round
+          refused_.emplace(key, why);
+          refused_order_.push_back(key);
+          while (refused_order_.size() > kMaxRefusedKeys) {
+            refused_.erase(refused_order_.front());
+            refused_order_.pop_front();
+          }
+        }
       }
       return;
     }
     Round& r = it != rounds_.end() ? it->second : newRound(key, false);
     Incoming& in = r.in[p.index];
-    if (in.complete) return;
+    if (in.complete) {  // our Ack may have been lost: acknowledge again
+      wire::Envelope ack;
+      ack.mutable_ack()->set_round(c.round());
+      ack.mutable_ack()->set_tag(c.tag());
+      reply(p.name, ack);
+      return;
+    }
     if (in.count == 0 || in.incarnation != c.incarnation()) {
       in = Incoming{};
       in.incarnation = c.incarnation();
       in.total = total;
       in.count = c.count();
-      in.data = takeBuffer(total);
+      try {
+        in.data = takeBuffer(total);
+      } catch (const std::bad_alloc&) {
+        in = Incoming{};
+        log("cannot allocate " + std::to_string(total) + " bytes for round " + std::to_string(c.round()) + " '" +
+            c.tag() + "' from '" + p.name + "'");
+        reply(p.name, refuseEnv(c.round(), c.tag(), "the receiver cannot allocate the payload"));
+        return;
+      }
       in.have.assign(c.count(), false);
     }
     if (in.total != total || in.count != c.count()) {
@@ -782,6 +847,8 @@ class Gateway::Impl {
       r.start = Clock::now();
       r.next_wait_log = r.start + opt_.round_deadline;
       r.payload = std::move(c.payload);
+      auto refused = refused_.find(key);
+      if (refused != refused_.end()) r.failure = refused->second;
       r.chunk_count = r.payload->empty() ? 1 : uint32_t((r.payload->size() + opt_.chunk_bytes - 1) / opt_.chunk_bytes);
       r.promise = std::move(c.promise);
     }
@@ -802,7 +869,8 @@ class Gateway::Impl {
     for (Peer& p : peers_) {
       if (!p.welcomed) continue;
       bool progress = true;
-      while (progress) {
+      bool full = false;
+      while (progress && !full) {
         progress = false;
         for (auto& kv : rounds_) {
           Round& r = kv.second;
@@ -819,8 +887,16 @@ class Gateway::Impl {
           } else {
             continue;
           }
-          if (!sendChunk(p, r, index, retry)) return;  // socket full: later
-          if (retry) o.resend.pop_front(); else ++o.next;
+          if (!sendChunk(p, r, index, retry)) {  // this peer's socket is full: the next peer
+            full = true;
+            break;
+          }
+          if (retry) {
+            o.resend.pop_front();
+            o.queued[index] = false;
+          } else {
+            ++o.next;
+          }
           progress = true;
         }
       }
@@ -883,10 +959,15 @@ class Gateway::Impl {
 
   void finishRounds() {
     const auto now = Clock::now();
-    std::vector<Key> done;
+    std::vector<Key> done, stale;
     for (auto& kv : rounds_) {
       Round& r = kv.second;
-      if (!r.local) continue;
+      if (!r.local) {
+        // A peer ran ahead into a round this site never opened: give its
+        // buffers back once the hard deadline has passed.
+        if (now >= r.start + opt_.hard_deadline) stale.push_back(kv.first);
+        continue;
+      }
       if (!r.completed) {
         if (!r.failure.empty()) {
           completeWithError(r, std::make_exception_ptr(ProtocolError(
@@ -942,6 +1023,7 @@ class Gateway::Impl {
         if (!pending) done.push_back(kv.first);
       }
     }
+    for (const Key& k : stale) rounds_.erase(k);
     for (const Key& k : done) {
       rounds_.erase(k);
       finished_.insert(k);
@@ -1030,6 +1112,12 @@ class Gateway::Impl {
       cmds.swap(commands_);
     }
     for (Command& c : cmds) c.promise.set_exception(e);
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      open_rounds_ -= static_cast<int>(cmds.size());
+      for (const Command& c : cmds) open_keys_.erase({c.round, c.tag});
+    }
+    slots_.notify_all();
   }
 
   void rethrowFatal() {
@@ -1105,6 +1193,8 @@ class Gateway::Impl {
   std::unique_ptr<zmq::socket_t> zap_;
   std::vector<Peer> peers_;
   std::map<Key, Round> rounds_;
+  std::map<Key, std::string> refused_;  // bad payloads for keys not opened yet, at most kMaxRefusedKeys
+  std::deque<Key> refused_order_;
   std::set<Key> finished_;
   std::deque<Key> finished_order_;
 };
