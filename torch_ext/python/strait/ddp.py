@@ -5,21 +5,7 @@ import torch
 import torch.distributed as dist
 
 
-def ddp_hook(session, bucket):
-    """Register with `ddp_model.register_comm_hook(session, strait.ddp_hook)`.
-
-    Per gradient bucket: all-reduce (mean) inside the site; the site leader
-    compresses the bucket with error feedback, exchanges it with every site and
-    takes the weighted mean of every site's decoded payload in site order;
-    the result is broadcast inside the site. Every worker of every site ends
-    with the same bits.
-
-    This first version runs the cross-site step synchronously inside the hook
-    and returns a completed future: correct, but it does not yet overlap the
-    exchange with the rest of backward.
-    """
-    buf = bucket.buffer()
-    tag = f"ddp.b{bucket.index()}"
+def _sync_bucket(session, buf, tag, params):
     # DDP rebuilds its buckets after the first iteration, so a bucket index
     # can stand for another set of parameters later: compressors (and their
     # residuals) are keyed by the layout too, and each new layout is checked
@@ -29,8 +15,7 @@ def ddp_hook(session, bucket):
         session._checked.add(layout)
         # The round tag must not depend on the layout: sites whose layouts
         # differ must still meet in the same round to find out.
-        session.check_same_everywhere(
-            tag + ".shapes", "\n".join(f"{tuple(p.shape)} {p.dtype}" for p in bucket.parameters()))
+        session.check_same_everywhere(tag + ".shapes", "\n".join(f"{tuple(p.shape)} {p.dtype}" for p in params))
     if session.size > 1:
         dist.all_reduce(buf, group=session.group)
         buf.div_(session.size)
@@ -40,6 +25,34 @@ def ddp_hook(session, bucket):
     else:
         session.next_round(tag)  # keep round numbers in step with the leader
     session.broadcast(buf)
+    return buf
+
+
+def ddp_hook(session, bucket):
+    """Register with `ddp_model.register_comm_hook(session, strait.ddp_hook)`.
+
+    Per gradient bucket: all-reduce (mean) inside the site; the site leader
+    compresses the bucket with error feedback, exchanges it with every site and
+    takes the weighted mean of every site's decoded payload in site order;
+    the result is broadcast inside the site. Every worker of every site ends
+    with the same bits.
+
+    The work runs on the session's communication thread and the hook returns
+    at once with a future, so backward goes on computing the next buckets
+    while this one crosses the border; DDP waits for every future before the
+    optimizer step. One thread, buckets in the order DDP hands them over: the
+    same order of collectives on every worker.
+    """
+    buf = bucket.buffer()
+    tag = f"ddp.b{bucket.index()}"
+    params = list(bucket.parameters())
     fut = torch.futures.Future()
-    fut.set_result(buf)
+
+    def work():
+        try:
+            fut.set_result(_sync_bucket(session, buf, tag, params))
+        except BaseException as e:  # noqa: B902 - surfaces in DDP's wait, on this worker
+            fut.set_exception(e)
+
+    session.comm_thread().submit(work)
     return fut

@@ -79,8 +79,17 @@ class Session:
         self._compressors = {}
         self._rounds = {}
         self._checked = set()
+        self._comm = None
 
     # -- the cross-site step, used by the hook and DiLoCo ----------------
+
+    def comm_thread(self):
+        """The single thread that runs the DDP hook's cross-site work, so it
+        overlaps with backward while keeping collectives in order."""
+        if self._comm is None:
+            import concurrent.futures
+            self._comm = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="strait-comm")
+        return self._comm
 
     def compressor(self, key, pipeline=None):
         c = self._compressors.get(key)
