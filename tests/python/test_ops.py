@@ -129,3 +129,21 @@ def test_ops_are_registered_under_torch_ops_strait():
         assert hasattr(torch.ops.strait, name)
     p = torch.ops.strait.encode(gaussian(8), "fp32", 0)
     assert torch.ops.strait.payload_info(p)[0] == 8
+
+
+def test_rule_for_applies_the_config_rules(tmp_path):
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text("""job: {id: j}
+sites:
+  - {name: a, jurisdiction: CN, endpoint: "tcp://127.0.0.1:7001"}
+compression:
+  pipeline: "topk(0.01) -> int8"
+  rules:
+    - {match: "ddp.bucket0", pipeline: fp16, error_feedback: false}
+    - {match: "*", max_size: 100, pipeline: bf16}
+""")
+    rule = torch.ops.strait.rule_for
+    assert tuple(rule(str(cfg), "ddp.bucket0", 10**6)) == ("fp16", False)
+    assert tuple(rule(str(cfg), "ddp.bucket1", 50)) == ("bf16", True)
+    pipeline, ef = rule(str(cfg), "ddp.bucket1", 10**6)
+    assert pipeline.startswith("topk(ratio=0.01") and ef

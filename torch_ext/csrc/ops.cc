@@ -115,6 +115,15 @@ void validateConfig(const std::string& path) {
   translate("strait.init", [&] { core::JobConfig::load(path); });
 }
 
+// The config's compression rule for a tensor: (canonical pipeline, error feedback).
+std::tuple<std::string, bool> ruleFor(const std::string& path, const std::string& name, int64_t size) {
+  return translate("strait.rule_for", [&] {
+    const core::JobConfig config = core::JobConfig::load(path);
+    const core::CompressionRule& r = config.compression.ruleFor(name, static_cast<uint64_t>(size));
+    return std::make_tuple(r.pipeline.toString(), r.error_feedback);
+  });
+}
+
 }  // namespace
 
 // One tensor's compressor: a pipeline, its codec state and, with error
@@ -234,6 +243,7 @@ TORCH_LIBRARY(strait, m) {
   m.def("decode_accumulate(Tensor(a!) acc, Tensor payload, float weight=1.0) -> ()", &decodeAccumulate);
   m.def("payload_info(Tensor payload) -> (int, str, str, int)", &payloadInfo);
   m.def("validate_config(str path) -> ()", &validateConfig);
+  m.def("rule_for(str config, str name, int size) -> (str, bool)", &ruleFor);
   m.class_<Compressor>("Compressor")
       .def(torch::init<std::string, int64_t, bool>())
       .def("encode", &Compressor::encode)

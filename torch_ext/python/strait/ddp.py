@@ -5,7 +5,8 @@ import torch
 import torch.distributed as dist
 
 
-def _sync_bucket(session, buf, tag, params):
+def _sync_bucket(session, buf, index, params):
+    tag = f"ddp.b{index}"
     # DDP rebuilds its buckets after the first iteration, so a bucket index
     # can stand for another set of parameters later: compressors (and their
     # residuals) are keyed by the layout too, and each new layout is checked
@@ -20,7 +21,8 @@ def _sync_bucket(session, buf, tag, params):
         dist.all_reduce(buf, group=session.group)
         buf.div_(session.size)
     if session.leader:
-        mean = session.average_across_sites(buf, tag, compressor_key=layout)
+        # Config rules see a bucket as "ddp.bucket<INDEX>" of its size.
+        mean = session.average_across_sites(buf, tag, compressor_key=layout, name=f"ddp.bucket{index}")
         buf.copy_(mean.to(buf.device, buf.dtype))
     else:
         session.next_round(tag)  # keep round numbers in step with the leader
@@ -32,7 +34,8 @@ def ddp_hook(session, bucket):
     """Register with `ddp_model.register_comm_hook(session, strait.ddp_hook)`.
 
     Per gradient bucket: all-reduce (mean) inside the site; the site leader
-    compresses the bucket with error feedback, exchanges it with every site and
+    compresses the bucket with the config's rule for "ddp.bucket<INDEX>" of
+    its size (or the default pipeline) and error feedback, exchanges it with every site and
     takes the weighted mean of every site's decoded payload in site order;
     the result is broadcast inside the site. Every worker of every site ends
     with the same bits.
@@ -44,13 +47,13 @@ def ddp_hook(session, bucket):
     same order of collectives on every worker.
     """
     buf = bucket.buffer()
-    tag = f"ddp.b{bucket.index()}"
+    index = bucket.index()
     params = list(bucket.parameters())
     fut = torch.futures.Future()
 
     def work():
         try:
-            fut.set_result(_sync_bucket(session, buf, tag, params))
+            fut.set_result(_sync_bucket(session, buf, index, params))
         except BaseException as e:  # noqa: B902 - surfaces in DDP's wait, on this worker
             fut.set_exception(e)
 

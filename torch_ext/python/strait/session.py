@@ -51,7 +51,6 @@ class Session:
         self.sites = names
         self.weights = [float(s.get("weight", 1.0)) for s in doc["sites"]]
         comp = doc.get("compression") or {}
-        self.pipeline = comp.get("pipeline", "fp32")
         self.error_feedback = bool(comp.get("error_feedback", True))
         self.seed = int(comp.get("seed", 0))
         sync = doc.get("sync") or {}
@@ -91,12 +90,17 @@ class Session:
             self._comm = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="strait-comm")
         return self._comm
 
-    def compressor(self, key, pipeline=None):
+    def compressor(self, key, pipeline=None, name=None, size=0):
+        """The compressor of `key`, created on first use. Its pipeline and
+        error feedback come from the config's first rule matching (`name`,
+        `size`) — the same rules as in C++ — unless `pipeline` is given."""
         c = self._compressors.get(key)
         if c is None:
             from . import Compressor
-            c = Compressor(pipeline or self.pipeline, seed=self.seed + 7919 * len(self._compressors),
-                           error_feedback=self.error_feedback)
+            error_feedback = self.error_feedback
+            if pipeline is None:
+                pipeline, error_feedback = torch.ops.strait.rule_for(self.config_path, name or key, int(size))
+            c = Compressor(pipeline, seed=self.seed + 7919 * len(self._compressors), error_feedback=error_feedback)
             self._compressors[key] = c
         return c
 
@@ -121,7 +125,7 @@ class Session:
         except RuntimeError as e:
             raise StraitError(str(e).splitlines()[0]) from None
 
-    def average_across_sites(self, tensor, tag, pipeline=None, compressor_key=None):
+    def average_across_sites(self, tensor, tag, pipeline=None, compressor_key=None, name=None):
         """Leader only: compresses `tensor` (with this tag's compressor and its
         error feedback), exchanges with every site and returns the weighted mean
         of every site's *decoded* payload, in site order — the same bits on
@@ -129,7 +133,8 @@ class Session:
         weights renormalised."""
         assert self.leader
         flat = tensor.detach().reshape(-1).float().cpu().contiguous()
-        payloads, missing = self._exchange(tag, self.compressor(compressor_key or tag, pipeline).encode(flat))
+        compressor = self.compressor(compressor_key or tag, pipeline, name=name or tag, size=flat.numel())
+        payloads, missing = self._exchange(tag, compressor.encode(flat))
         present = [i for i, p in enumerate(payloads) if p.numel() > 0]
         total = sum(self.weights[i] for i in present)
         out = torch.zeros_like(flat)
