@@ -79,6 +79,8 @@ class ValueSection {
   // Copies values [at, at + len) of a float kind into raw (4- or 2-byte
   // words) and throws ProtocolError if any is NaN or Inf.
   void loadCheckedChunk(size_t at, size_t len, void* raw) const;
+  // fp16/bf16 values [begin, begin + len) into out (= or += weight *).
+  void convert16(size_t begin, size_t len, float* out, float weight, bool accumulate) const;
 
   ValueKind kind_ = ValueKind::kFp32;
   int bits_ = 32;

@@ -642,22 +642,29 @@ void ValueSection::decodeChecked(float* out) const {
   }
 }
 
+void ValueSection::convert16(size_t begin, size_t len, float* out, float weight, bool accumulate) const {
+  uint16_t tmp[kChunk];  // the section may sit at any byte offset: copy, then convert
+  for (size_t at = 0; at < len; at += kChunk) {
+    const size_t n = std::min(kChunk, len - at);
+    std::memcpy(tmp, data_ + (begin + at) * 2, n * 2);
+    if (kind_ == ValueKind::kBf16) {
+      bf16Decode(tmp, n, out + at, weight, accumulate);
+    } else if (accumulate) {
+      halfAccumulate(tmp, n, out + at, weight);
+    } else {
+      halfToFloat(tmp, n, out + at);
+    }
+  }
+}
+
 void ValueSection::decode(size_t begin, size_t len, float* out) const {
   switch (kind_) {
     case ValueKind::kFp32:
       std::memcpy(out, data_ + begin * 4, len * 4);
       return;
     case ValueKind::kFp16:
-    case ValueKind::kBf16: {
-      uint16_t tmp[kChunk];
-      for (size_t at = 0; at < len; at += kChunk) {
-        const size_t n = std::min(kChunk, len - at);
-        std::memcpy(tmp, data_ + (begin + at) * 2, n * 2);
-        if (kind_ == ValueKind::kFp16) halfToFloat(tmp, n, out + at);
-        else bf16Decode(tmp, n, out + at, 1.0f, false);
-      }
-      return;
-    }
+    case ValueKind::kBf16:
+      return convert16(begin, len, out, 1.0f, false);
     default:
       decodeBlocks(scales_, data_, bits_, block_, begin, len, out, 1.0f, false);
   }
@@ -675,16 +682,8 @@ void ValueSection::accumulate(size_t begin, size_t len, float* acc, float weight
       return;
     }
     case ValueKind::kFp16:
-    case ValueKind::kBf16: {
-      uint16_t tmp[kChunk];
-      for (size_t at = 0; at < len; at += kChunk) {
-        const size_t n = std::min(kChunk, len - at);
-        std::memcpy(tmp, data_ + (begin + at) * 2, n * 2);
-        if (kind_ == ValueKind::kFp16) halfAccumulate(tmp, n, acc + at, weight);
-        else bf16Decode(tmp, n, acc + at, weight, true);
-      }
-      return;
-    }
+    case ValueKind::kBf16:
+      return convert16(begin, len, acc, weight, true);
     default:
       decodeBlocks(scales_, data_, bits_, block_, begin, len, acc, weight, true);
   }
