@@ -79,6 +79,7 @@ class Session:
         self._rounds = {}
         self._checked = set()
         self._comm = None
+        self.bytes_sent = 0  # payload bytes this site sent to each other site (leader)
 
     # -- the cross-site step, used by the hook and DiLoCo ----------------
 
@@ -134,7 +135,9 @@ class Session:
         assert self.leader
         flat = tensor.detach().reshape(-1).float().cpu().contiguous()
         compressor = self.compressor(compressor_key or tag, pipeline, name=name or tag, size=flat.numel())
-        payloads, missing = self._exchange(tag, compressor.encode(flat))
+        payload = compressor.encode(flat)
+        self.bytes_sent += payload.numel()
+        payloads, missing = self._exchange(tag, payload)
         present = [i for i, p in enumerate(payloads) if p.numel() > 0]
         total = sum(self.weights[i] for i in present)
         out = torch.zeros_like(flat)
