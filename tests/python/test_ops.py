@@ -147,3 +147,16 @@ compression:
     assert tuple(rule(str(cfg), "ddp.bucket1", 50)) == ("bf16", True)
     pipeline, ef = rule(str(cfg), "ddp.bucket1", 10**6)
     assert pipeline.startswith("topk(ratio=0.01") and ef
+
+
+def test_init_errors_name_the_problem(tmp_path):
+    with pytest.raises(strait.StraitError, match="does not exist"):
+        strait.init(str(tmp_path / "missing.yaml"), site="a")
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text("job: {id: j}\nsites:\n  - {name: a, jurisdiction: CN, endpoint: \"tcp://127.0.0.1:7001\"}\n")
+    with pytest.raises(strait.StraitError, match="site 'tokyo' is not in .*its sites are: a"):
+        strait.init(str(cfg), site="tokyo")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("job: {id: j}\nsites:\n  - {name: a, jurisdiction: China, endpoint: \"tcp://127.0.0.1:7001\"}\n")
+    with pytest.raises(strait.StraitError, match=r"bad.yaml:3: sites\[0\].jurisdiction = China"):
+        strait.init(str(bad), site="a")
