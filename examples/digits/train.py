@@ -50,12 +50,15 @@ def accuracy(m, x, y):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--config", required=True)
-    ap.add_argument("--site", required=True)
+    # ./strait launch sets STRAIT_CONFIG and STRAIT_SITE for every worker.
+    ap.add_argument("--config", default=os.environ.get("STRAIT_CONFIG"))
+    ap.add_argument("--site", default=os.environ.get("STRAIT_SITE"))
     ap.add_argument("--steps", type=int, default=150)
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", required=True, help="result file; {site} and {rank} are filled in")
     ap.add_argument("--progress", action="store_true", help="print a progress line per step (stderr)")
     args = ap.parse_args()
+    if not args.config or not args.site:
+        ap.error("--config and --site are required (or STRAIT_CONFIG / STRAIT_SITE, as ./strait launch sets)")
 
     import strait
 
@@ -88,7 +91,7 @@ def main():
     result = {"site": args.site, "rank": session.rank, "losses": losses, "bytes_sent": sent,
               "test_accuracy": accuracy(m, xte, yte),
               "params": [p.detach().reshape(-1).tolist() for p in m.parameters()]}
-    with open(args.out, "w") as f:
+    with open(args.out.format(site=args.site, rank=session.rank), "w") as f:
         json.dump(result, f)
     dist.barrier()
     del ddp

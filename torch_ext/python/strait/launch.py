@@ -1,0 +1,125 @@
+"""`./strait launch CONFIG [--site NAME] -- COMMAND ...`
+
+Starts the workers of a job's sites on this machine. Each site gets its own
+torch.distributed world: `workers` processes (from the config) with RANK,
+WORLD_SIZE, MASTER_ADDR, MASTER_PORT, STRAIT_SITE and STRAIT_CONFIG set, the
+same variables torchrun would set inside one site. Without --site every site
+of the config starts here (a local simulation); with --site only that site's
+workers start, for deployments where each site runs its own command in its
+own country. Inside a site, MASTER_ADDR / MASTER_PORT from the environment are
+kept when given (so it composes with a cluster scheduler).
+
+Output lines are prefixed with [site/rank]. If any worker fails, the others
+are stopped and the launcher exits with that worker's status.
+"""
+
+import argparse
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _sites(config):
+    import yaml
+
+    import strait  # noqa: F401  (loads the extension for validation)
+    import torch
+
+    try:
+        torch.ops.strait.validate_config(os.path.abspath(config))
+    except RuntimeError as e:
+        raise SystemExit(f"strait launch: {str(e).splitlines()[0]}")
+    with open(config) as f:
+        doc = yaml.safe_load(f)
+    return [(s["name"], int(s.get("workers", 1))) for s in doc["sites"]]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="strait launch", description=__doc__.splitlines()[0])
+    ap.add_argument("config")
+    ap.add_argument("--site", help="start only this site's workers")
+    ap.add_argument("--timeout", type=float, default=0, help="stop everything after this many seconds (0: none)")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Everything after "--" is the workers' command, untouched by argparse.
+    command = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = ap.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    if not command:
+        ap.error("no command: ./strait launch CONFIG [--site NAME] -- python3 train.py ...")
+    sites = _sites(args.config)
+    names = [n for n, _ in sites]
+    if args.site and args.site not in names:
+        raise SystemExit(f"strait launch: site '{args.site}' is not in {args.config}; its sites are: {', '.join(names)}")
+
+    procs = []
+    sel = selectors.DefaultSelector()
+    for name, workers in sites:
+        if args.site and name != args.site:
+            continue
+        addr = os.environ.get("MASTER_ADDR", "127.0.0.1") if args.site else "127.0.0.1"
+        port = os.environ.get("MASTER_PORT") if args.site else None
+        port = port or str(_free_port())
+        for rank in range(workers):
+            env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(workers), MASTER_ADDR=addr, MASTER_PORT=port,
+                       STRAIT_SITE=name, STRAIT_CONFIG=os.path.abspath(args.config))
+            p = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            procs.append((f"{name}/{rank}", p))
+            sel.register(p.stdout, selectors.EVENT_READ, f"{name}/{rank}")
+
+    deadline = time.monotonic() + args.timeout if args.timeout > 0 else None
+    status = 0
+    open_streams = len(procs)
+    try:
+        while open_streams:
+            if deadline and time.monotonic() > deadline:
+                print(f"strait launch: stopping after the {args.timeout:.0f} s timeout", file=sys.stderr)
+                status = status or 124
+                break
+            for key, _ in sel.select(timeout=0.5):
+                line = key.fileobj.readline()
+                if not line:
+                    sel.unregister(key.fileobj)
+                    open_streams -= 1
+                    continue
+                sys.stdout.write(f"[{key.data}] {line.decode(errors='replace')}")
+                sys.stdout.flush()
+            for tag, p in procs:
+                if p.poll() not in (None, 0) and status == 0:
+                    status = p.returncode if p.returncode > 0 else 128 - p.returncode
+                    print(f"strait launch: worker {tag} failed with status {p.returncode}; stopping the others",
+                          file=sys.stderr)
+            if status:
+                break
+    except KeyboardInterrupt:
+        status = 130
+    finally:
+        if status:
+            for _, p in procs:
+                if p.poll() is None:
+                    p.send_signal(signal.SIGTERM)
+        for _, p in procs:
+            try:
+                p.wait(timeout=10 if not status else 5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        if not status:
+            for tag, p in procs:
+                if p.returncode:
+                    status = p.returncode if p.returncode > 0 else 128 - p.returncode
+                    print(f"strait launch: worker {tag} failed with status {p.returncode}", file=sys.stderr)
+                    break
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
