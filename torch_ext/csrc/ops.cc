@@ -131,8 +131,7 @@ std::tuple<std::string, bool> ruleFor(const std::string& path, const std::string
 class Compressor : public torch::CustomClassHolder {
  public:
   Compressor(const std::string& pipeline, int64_t seed, bool error_feedback)
-      : text_(pipeline),
-        pipeline_(translate("strait.Compressor", [&] { return core::Pipeline::parse(pipeline); })),
+      : pipeline_(translate("strait.Compressor", [&] { return core::Pipeline::parse(pipeline); })),
         state_(static_cast<uint64_t>(seed)) {
     if (error_feedback) ef_.emplace(pipeline_, static_cast<uint64_t>(seed));
   }
@@ -174,7 +173,6 @@ class Compressor : public torch::CustomClassHolder {
   bool errorFeedback() const { return ef_.has_value(); }
 
  private:
-  std::string text_;
   core::Pipeline pipeline_;
   core::CodecState state_;
   std::optional<core::ErrorFeedback> ef_;

@@ -53,8 +53,6 @@ class Session:
         comp = doc.get("compression") or {}
         self.error_feedback = bool(comp.get("error_feedback", True))
         self.seed = int(comp.get("seed", 0))
-        sync = doc.get("sync") or {}
-        self.mode = sync.get("mode", "every_step")
         transport = doc.get("transport") or {}
         self.timeout_s = timeout_s or float(transport.get("hard_deadline_s", 600)) + 30
 
