@@ -641,15 +641,18 @@ class Gateway::Impl {
     const bool restarted = p->greeted && p->incarnation != h.incarnation();
     p->greeted = true;
     p->last_heard = Clock::now();
-    if (restarted || p->incarnation != h.incarnation()) {
-      if (restarted) log("site '" + p->name + "' restarted: resending this site's open payloads");
+    if (p->incarnation != h.incarnation()) {
       p->incarnation = h.incarnation();
-      // Its new life lost whatever its old one acknowledged.
-      for (auto& kv : rounds_) {
-        if (!kv.second.local) continue;
-        Outgoing& o = kv.second.out[p->index];
-        if (o.abandoned) continue;
-        o = Outgoing{};
+      if (restarted) {
+        // Its new life lost whatever its old one acknowledged. (Not on the
+        // first Hello: what is already on its way to it is still good.)
+        log("site '" + p->name + "' restarted: resending this site's open payloads");
+        for (auto& kv : rounds_) {
+          if (!kv.second.local) continue;
+          Outgoing& o = kv.second.out[p->index];
+          if (o.abandoned) continue;
+          o = Outgoing{};
+        }
       }
       // Partial payloads from its previous life are useless now.
       for (auto& kv : rounds_) {
