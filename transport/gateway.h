@@ -34,7 +34,8 @@ enum class OnSiteLoss { kWait, kContinue };
 struct SiteEndpoint {
   std::string name;
   std::string jurisdiction;
-  std::string endpoint;    // tcp://HOST:PORT where its gateway listens
+  std::string endpoint;    // tcp://HOST:PORT where the other sites reach its gateway
+  std::string bind;        // where it listens, if not at endpoint ("" = endpoint)
   std::string public_key;  // Z85 text (40 chars); empty with insecure
 };
 

@@ -25,7 +25,8 @@ namespace strait::core {
 struct SiteConfig {
   std::string name;          // [a-z0-9_-], 1..32 chars, unique in the job
   std::string jurisdiction;  // ISO 3166-1 alpha-2, upper case ("CN", "SG")
-  std::string endpoint;      // where its gateway listens: tcp://HOST:PORT
+  std::string endpoint;      // where the other sites reach its gateway: tcp://HOST:PORT
+  std::string bind;          // where the gateway listens, when not at `endpoint` (NAT, a proxy); "" = endpoint
   std::string public_key;    // path to the gateway's CurveZMQ public key file ("" = none)
   std::string secret_key;    // path to its secret key file; read only by that site ("" = none)
   double weight = 1.0;       // relative weight in the cross-site mean, > 0

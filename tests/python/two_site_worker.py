@@ -95,10 +95,19 @@ def main():
 
 
 if __name__ == "__main__":
+    code = 0
     try:
         main()
     except RuntimeError as e:  # StraitError, or one raised in the DDP hook and rewrapped by autograd
         if "strait" not in str(e):
             raise
         print(f"strait error: {e}", file=sys.stderr)
-        sys.exit(3)
+        code = 3
+    # On the error path too: the traceback (and with it DDP) is gone once the
+    # except block ends; a gloo group left to interpreter teardown can abort
+    # the process ("terminate called without an active exception").
+    if dist.is_initialized():
+        import gc
+        gc.collect()
+        dist.destroy_process_group()
+    sys.exit(code)

@@ -237,9 +237,11 @@ class Gateway::Impl {
     if (opt_.max_rounds_in_flight < 1) fail<InvalidArgument>("gateway: max_rounds_in_flight must be >= 1");
     if (opt_.insecure) {
       for (const SiteEndpoint& s : opt_.sites) {
-        if (!isLoopback(s.endpoint)) {
-          fail<InvalidArgument>("gateway: insecure (plaintext) is allowed only on loopback endpoints; site '",
-                                s.name, "' is at ", s.endpoint, ". Configure CurveZMQ keys instead");
+        for (const std::string& where : {s.endpoint, s.bind}) {
+          if (!where.empty() && !isLoopback(where)) {
+            fail<InvalidArgument>("gateway: insecure (plaintext) is allowed only on loopback endpoints; site '",
+                                  s.name, "' is at ", where, ". Configure CurveZMQ keys instead");
+          }
         }
       }
     } else {
@@ -282,7 +284,8 @@ class Gateway::Impl {
       router_->set(zmq::sockopt::curve_secretkey, opt_.secret_key);
       router_->set(zmq::sockopt::zap_domain, "strait");
     }
-    const std::string& me = opt_.sites[self_].endpoint;
+    const SiteEndpoint& self = opt_.sites[self_];
+    const std::string& me = self.bind.empty() ? self.endpoint : self.bind;
     try {
       router_->bind(me);
     } catch (const zmq::error_t& e) {

@@ -80,7 +80,7 @@ GatewayOptions GatewayOptions::fromConfig(const core::JobConfig& config, const s
   const core::TransportConfig& t = config.transport;
   o.insecure = t.insecure;
   for (const core::SiteConfig& s : config.sites) {
-    SiteEndpoint e{s.name, s.jurisdiction, s.endpoint, ""};
+    SiteEndpoint e{s.name, s.jurisdiction, s.endpoint, s.bind, ""};
     if (!t.insecure) {
       if (s.public_key.empty()) {
         fail<ConfigError>(config.source, ":", s.line, ": site '", s.name,

@@ -338,7 +338,7 @@ Pipeline parsePipeline(const Field& f) {
 }
 
 SiteConfig parseSite(const Field& f) {
-  f.expectMap({"name", "jurisdiction", "endpoint", "public_key", "secret_key", "weight", "workers"});
+  f.expectMap({"name", "jurisdiction", "endpoint", "bind", "public_key", "secret_key", "weight", "workers"});
   SiteConfig s;
   s.line = f.line();
   const Field name = f.required("name");
@@ -357,6 +357,13 @@ SiteConfig parseSite(const Field& f) {
   if (!validEndpoint(s.endpoint)) {
     endpoint.reject("tcp://HOST:PORT, with HOST a host name, an IPv4 address or an IPv6 address in [ ], "
                     "and a port in 1..65535");
+  }
+  const Field bind = f.child("bind");
+  if (bind.present()) {
+    s.bind = bind.scalar();
+    if (!validEndpoint(s.bind)) {
+      bind.reject("tcp://HOST:PORT like endpoint (tcp://0.0.0.0:PORT listens on every address)");
+    }
   }
   s.public_key = f.child("public_key").text("");
   s.secret_key = f.child("secret_key").text("");

@@ -197,6 +197,34 @@ TEST(Gateway, InsecureOnlyOnLoopback) {
   }
 }
 
+TEST(Gateway, InsecureBindOnlyOnLoopback) {
+  Job job = makeJob(2, true);
+  job.sites[0].sites[0].bind = "tcp://0.0.0.0:7000";
+  EXPECT_THROW(Gateway g(job.sites[0]), InvalidArgument);
+}
+
+// `bind` is where the gateway listens; `endpoint` is only what peers dial
+// (behind NAT or a proxy the two differ).
+TEST(Gateway, ListensOnBindNotOnEndpoint) {
+  Job job = makeJob(2, true);
+  const int bind_port = freePort();
+  job.sites[0].sites[0].bind = "tcp://127.0.0.1:" + std::to_string(bind_port);
+  const int endpoint_port = std::stoi(job.sites[0].sites[0].endpoint.substr(job.sites[0].sites[0].endpoint.rfind(':') + 1));
+  Gateway g(job.sites[0]);
+  auto connects = [](int port) {
+    const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    a.sin_port = htons(static_cast<uint16_t>(port));
+    const bool ok = ::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0;
+    ::close(fd);
+    return ok;
+  };
+  EXPECT_TRUE(connects(bind_port));
+  EXPECT_FALSE(connects(endpoint_port));
+}
+
 TEST(Gateway, MissingKeysAreAnError) {
   Job job = makeJob(2);
   job.sites[0].secret_key = "";

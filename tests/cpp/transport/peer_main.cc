@@ -68,7 +68,7 @@ int main(int argc, char** argv) {
     o.site = "s" + std::to_string(site);
     for (size_t k = 0; k < ports.size(); ++k) {
       const std::string host = k < hosts.size() ? hosts[k] : "127.0.0.1";
-      SiteEndpoint e{"s" + std::to_string(k), "CN", "tcp://" + host + ":" + std::to_string(ports[k]), ""};
+      SiteEndpoint e{"s" + std::to_string(k), "CN", "tcp://" + host + ":" + std::to_string(ports[k]), "", ""};
       if (!insecure) e.public_key = readKeyFile(keys + "/s" + std::to_string(k) + ".pub");
       o.sites.push_back(e);
     }

@@ -49,7 +49,7 @@ inline Job makeJob(size_t n, bool insecure = false, size_t chunk_bytes = 64 * 10
   for (size_t i = 0; i < n; ++i) {
     job.keys.push_back(generateKeyPair());
     endpoints.push_back({"s" + std::to_string(i), jurisdictions[i % 6],
-                         "tcp://127.0.0.1:" + std::to_string(freePort()),
+                         "tcp://127.0.0.1:" + std::to_string(freePort()), "",
                          insecure ? "" : job.keys.back().public_key});
   }
   for (size_t i = 0; i < n; ++i) {

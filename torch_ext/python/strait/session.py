@@ -56,7 +56,8 @@ class Session:
         transport = doc.get("transport") or {}
         self.timeout_s = timeout_s or float(transport.get("hard_deadline_s", 600)) + 30
 
-        if not dist.is_initialized():
+        self._owns_group = not dist.is_initialized()
+        if self._owns_group:
             # torchrun / SLURM-style environment, one world per site. The
             # site's collectives get the same deadline as the cross-site
             # rounds, so a lost worker cannot hang the others forever.
@@ -78,6 +79,24 @@ class Session:
         self._checked = set()
         self._comm = None
         self.bytes_sent = 0  # payload bytes this site sent to each other site (leader)
+        # At exit, while the interpreter is still whole: a gloo group or a
+        # gateway left to interpreter teardown can abort the process.
+        import atexit
+        import weakref
+        ref = weakref.ref(self)
+        atexit.register(lambda: ref() is not None and ref().close())
+
+    def close(self):
+        """Ends this process's part of the job: the hook's thread, the gateway
+        (its I/O thread and sockets) and the process group if strait.init
+        created it. Safe to call twice; called at exit."""
+        if self._comm is not None:
+            self._comm.shutdown(wait=True)
+            self._comm = None
+        self.gateway = None
+        if self._owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+            self._owns_group = False
 
     # -- the cross-site step, used by the hook and DiLoCo ----------------
 

@@ -91,7 +91,7 @@ TEST_P(Rejects, NamingLineKeyValueAndWhatIsAllowed) {
 std::string instanceName(const ::testing::TestParamInfo<Bad>& info) { return info.param.name; }
 
 const std::string kSiteKeys =
-    "must be a mapping with keys name, jurisdiction, endpoint, public_key, secret_key, weight, workers";
+    "must be a mapping with keys name, jurisdiction, endpoint, bind, public_key, secret_key, weight, workers";
 const std::string kEndpointRule = "must be tcp://HOST:PORT, with HOST a host name, an IPv4 address or an IPv6 "
                                   "address in [ ], and a port in 1..65535";
 
@@ -134,7 +134,7 @@ INSTANTIATE_TEST_SUITE_P(Sites, Rejects, ::testing::Values(
         {"job.yaml:2: sites = (mapping): must be a list of 1 to 64 sites"}},
     Bad{"SiteAsScalar", "job: {id: x}\nsites:\n  - hangzhou\n", {"job.yaml:3: sites[0] = hangzhou: " + kSiteKeys}},
     Bad{"UnknownSiteKey", siteWith("    wieght: 2\n"),
-        {"job.yaml:6: unknown key 'wieght' in sites[0]; allowed: name, jurisdiction, endpoint, public_key, "
+        {"job.yaml:6: unknown key 'wieght' in sites[0]; allowed: name, jurisdiction, endpoint, bind, public_key, "
          "secret_key, weight, workers; did you mean 'weight'?"}},
     Bad{"MissingName", "job: {id: x}\nsites:\n  - jurisdiction: CN\n    endpoint: tcp://h:1\n",
         {"job.yaml:3: sites[0]: missing required key 'name'"}},
@@ -173,6 +173,8 @@ INSTANTIATE_TEST_SUITE_P(Sites, Rejects, ::testing::Values(
         {"job.yaml:5: sites[0].endpoint = tcp://::1:80: " + kEndpointRule}},
     Bad{"EndpointWithPath", oneSite("a", "CN", "tcp://h/x:80"),
         {"job.yaml:5: sites[0].endpoint = tcp://h/x:80: " + kEndpointRule}},
+    Bad{"BindNotTcp", siteWith("    bind: udp://h:1\n"),
+        {"job.yaml:6: sites[0].bind = udp://h:1: must be tcp://HOST:PORT like endpoint"}},
     Bad{"DuplicateEndpoint",
         "job: {id: x}\nsites:\n  - {name: a, jurisdiction: CN, endpoint: \"tcp://h:1\"}\n"
         "  - {name: b, jurisdiction: SG, endpoint: \"tcp://h:1\"}\n",
@@ -482,7 +484,7 @@ TEST(Config, FullConfigSetsEveryField) {
 TEST(Config, LayoutKeyOrderAndKeyPathsDoNotChangeTheSharedText) {
   const JobConfig a = JobConfig::parse(kFull);
   // The same job in flow style with keys reordered, as another site's copy
-  // with its own key paths might be.
+  // with its own key paths and listen address (bind) might be.
   const JobConfig b = JobConfig::parse(R"yaml(
 transport: {insecure: true, on_site_loss: continue, hard_deadline_s: 2.5, round_deadline_s: 2.5,
             peer_timeout_ms: 101, heartbeat_ms: 100, high_water_mark: 16, max_rounds_in_flight: 8,
@@ -496,7 +498,8 @@ compression:
   pipeline: "topk(ratio=0.01) -> int8(rounding=nearest)"
 sync: {diloco: {fragments: 4, nesterov: false, outer_momentum: 0.0, outer_lr: 0.5, sync_every: 100}, mode: diloco}
 sites:
-  - {workers: 4096, weight: 3.0, endpoint: "tcp://127.0.0.1:7100", jurisdiction: CN, name: hangzhou}
+  - {workers: 4096, weight: 3.0, endpoint: "tcp://127.0.0.1:7100", jurisdiction: CN, name: hangzhou,
+     bind: "tcp://0.0.0.0:7100"}
   - {weight: 0.25, endpoint: "tcp://[::1]:65535", jurisdiction: SG, name: singapore-2, secret_key: mine.key}
 job: {id: Full.Job_1}
 )yaml");
