@@ -44,15 +44,32 @@ def write_config(out, name, pipeline):
     return path
 
 
-def run_job(config, out, tag, steps, progress):
+def run_job(config, out, tag, steps, progress, wan_profile=None):
+    """Runs the job; with wan_profile, across a simulated border (root only).
+    Returns every worker's result and what crossed the border (None without one)."""
+    if not wan_profile:
+        return run_workers(config, out, tag, steps, progress, None), None
+    sys.path.insert(0, os.path.join(ROOT, "torch_ext", "python"))
+    from strait import wan
+
+    try:
+        with wan.Border(wan_profile, [s for s, _ in SITES], log=lambda m: print(f"  border: {m}")) as border:
+            results = run_workers(border.rewrite_config(config, out), out, tag, steps, progress, border)
+        return results, border.total_bytes()
+    except wan.WanError as e:
+        raise SystemExit(f"demo: {e}")
+
+
+def run_workers(config, out, tag, steps, progress, border):
     procs, outs = [], []
     for site, _ in SITES:
         port = free_port()
         for rank in range(2):
             res = os.path.join(out, f"{tag}-{site}-{rank}.json")
             env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                       PYTHONPATH=os.path.join(ROOT, "torch_ext", "python"))
-            cmd = [sys.executable, os.path.join(HERE, "train.py"), "--config", config, "--site", site,
+                       PYTHONPATH=os.path.join(ROOT, "torch_ext", "python"), STRAIT_LOG="0",
+                       STRAIT_JSON_LOG=os.path.join(out, f"{tag}-rounds.jsonl"))
+            cmd = (border.prefix(site) if border else []) + [sys.executable, os.path.join(HERE, "train.py"), "--config", config, "--site", site,
                    "--steps", str(steps), "--out", res]
             if progress and site == SITES[0][0] and rank == 0:
                 cmd.append("--progress")
@@ -124,8 +141,12 @@ def main():
     ap.add_argument("--build", required=True)
     ap.add_argument("--out", default=os.path.join(ROOT, "build", "demo"))
     ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--wan", metavar="PROFILE", help="run across a simulated border, e.g. 100mbit-150ms (root)")
     args = ap.parse_args()
     out = os.path.abspath(args.out)
+    for tag in ("compressed", "fp32"):
+        if os.path.exists(os.path.join(out, f"{tag}-rounds.jsonl")):
+            os.remove(os.path.join(out, f"{tag}-rounds.jsonl"))
     os.makedirs(os.path.join(out, "keys"), exist_ok=True)
     for site, _ in SITES:
         if not os.path.exists(os.path.join(out, "keys", f"{site}.key")):
@@ -134,9 +155,14 @@ def main():
 
     print("strait demo: two sites (hangzhou CN, singapore SG), two workers each, CurveZMQ between them")
     print(f"training {args.steps} steps with compressed updates ...", flush=True)
-    compressed = run_job(write_config(out, "compressed", "topk(0.05) -> int8"), out, "compressed", args.steps, True)
+    started = time.monotonic()
+    compressed, wire_comp = run_job(write_config(out, "compressed", "topk(0.05) -> int8"), out, "compressed",
+                                    args.steps, True, args.wan)
+    took_comp = time.monotonic() - started
     print("the same job uncompressed (fp32), to measure what it would have sent ...", flush=True)
-    plain = run_job(write_config(out, "fp32", "fp32"), out, "fp32", args.steps, False)
+    started = time.monotonic()
+    plain, wire_plain = run_job(write_config(out, "fp32", "fp32"), out, "fp32", args.steps, False, args.wan)
+    took_plain = time.monotonic() - started
     print("each site trained alone ...", flush=True)
     alone_acc = [alone(i, args.steps) for i in range(len(SITES))]
 
@@ -147,7 +173,8 @@ def main():
     plot(png, compressed, plain)
     summary = {"shared_accuracy": shared_acc, "alone_accuracy": dict(zip([s for s, _ in SITES], alone_acc)),
                "bytes_crossed": b_comp, "bytes_fp32": b_plain, "replicas_identical": len(params) == 1,
-               "plot": png}
+               "plot": png, "wan": args.wan, "seconds": {"compressed": took_comp, "fp32": took_plain},
+               "wire_bytes": {"compressed": wire_comp, "fp32": wire_plain}}
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
 
@@ -157,7 +184,12 @@ def main():
         print(f"test accuracy, {site} alone:{' ' * (42 - len(site))}{acc * 100:5.1f}%")
     print(f"bytes across the border: {b_comp / 1e6:.2f} MB (fp32 gradients: {b_plain / 1e6:.2f} MB, "
           f"{b_plain / max(1, b_comp):.0f}x more)")
+    if args.wan:
+        print(f"across the simulated border ({args.wan}), as the network saw it (framing and handshakes "
+              f"included): {wire_comp / 1e6:.2f} MB vs {wire_plain / 1e6:.2f} MB; job time {took_comp:.0f} s vs "
+              f"{took_plain:.0f} s")
     print(f"all four workers hold identical parameters: {'yes' if len(params) == 1 else 'NO'}")
+    print(f"round log (one JSON object per round per site): {os.path.join(out, 'compressed-rounds.jsonl')}")
     print(f"plot: {png}")
     print(f"details: {os.path.join(out, 'summary.json')}; keys and configs in {out}")
     print("audit trail: not built yet (the sovereignty issue adds a signed log of every message)")

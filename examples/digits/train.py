@@ -82,6 +82,7 @@ def main():
         opt.step()
         losses.append(loss.item())
         sent.append(session.bytes_sent)
+        session.log(step, loss.item())  # a line per step on each site's leader; JSON with --json-log
         if args.progress and step % 5 == 4:
             done = (step + 1) * 30 // args.steps
             print(f"\r  [{'#' * done}{'.' * (30 - done)}] step {step + 1}/{args.steps} loss {loss.item():.3f}",

@@ -9,6 +9,9 @@ workers start, for deployments where each site runs its own command in its
 own country. Inside a site, MASTER_ADDR / MASTER_PORT from the environment are
 kept when given (so it composes with a cluster scheduler).
 
+With --wan PROFILE (root only) the sites run in network namespaces joined by a
+simulated border: a rate-limited link with added latency (see strait/wan.py).
+
 Output lines are prefixed with [site/rank]. If any worker fails, the others
 are stopped and the launcher exits with that worker's status.
 """
@@ -49,6 +52,10 @@ def main(argv=None):
     ap.add_argument("config")
     ap.add_argument("--site", help="start only this site's workers")
     ap.add_argument("--timeout", type=float, default=0, help="stop everything after this many seconds (0: none)")
+    ap.add_argument("--json-log", metavar="PATH",
+                    help="append one JSON object per round per site to PATH (sets STRAIT_JSON_LOG)")
+    ap.add_argument("--wan", metavar="PROFILE",
+                    help="run the sites across a simulated border, e.g. 100mbit-150ms (needs root)")
     argv = list(sys.argv[1:] if argv is None else argv)
     # Everything after "--" is the workers' command, untouched by argparse.
     command = argv[argv.index("--") + 1:] if "--" in argv else []
@@ -60,6 +67,30 @@ def main(argv=None):
     if args.site and args.site not in names:
         raise SystemExit(f"strait launch: site '{args.site}' is not in {args.config}; its sites are: {', '.join(names)}")
 
+    border = None
+    config = os.path.abspath(args.config)
+    if args.wan:
+        from . import wan
+        if args.site:
+            raise SystemExit("strait launch: --wan simulates the border between sites on this machine; with --site "
+                             "the border is the real network between machines")
+        try:
+            border = wan.Border(args.wan, names, log=lambda m: print(f"strait launch: {m}", file=sys.stderr))
+            border.__enter__()
+            config = border.rewrite_config(config)
+        except wan.WanError as e:
+            if border is not None:
+                border.close()
+            raise SystemExit(f"strait launch: {e}")
+    try:
+        return _run(args, command, sites, config, border)
+    finally:
+        if border is not None:
+            border.close()
+            print(f"strait launch: {border.summary()}", file=sys.stderr)
+
+
+def _run(args, command, sites, config, border):
     procs = []
     sel = selectors.DefaultSelector()
     for name, workers in sites:
@@ -70,8 +101,11 @@ def main(argv=None):
         port = port or str(_free_port())
         for rank in range(workers):
             env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(workers), MASTER_ADDR=addr, MASTER_PORT=port,
-                       STRAIT_SITE=name, STRAIT_CONFIG=os.path.abspath(args.config))
-            p = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                       STRAIT_SITE=name, STRAIT_CONFIG=config)
+            if args.json_log:
+                env["STRAIT_JSON_LOG"] = os.path.abspath(args.json_log)
+            prefix = border.prefix(name) if border else []
+            p = subprocess.Popen(prefix + command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
             procs.append((f"{name}/{rank}", p))
             sel.register(p.stdout, selectors.EVENT_READ, f"{name}/{rank}")
 

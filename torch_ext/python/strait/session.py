@@ -2,7 +2,10 @@
 site, and (on the site leader) the gateway to the other sites."""
 
 import datetime
+import json
 import os
+import sys
+import threading
 import time
 
 import torch
@@ -33,7 +36,7 @@ class Session:
     - weights: each site's weight, in site order
     """
 
-    def __init__(self, config, site, group=None, timeout_s=None):
+    def __init__(self, config, site, group=None, timeout_s=None, log=None, json_log=None):
         if not os.path.exists(config):
             raise StraitError(f"strait.init: config file '{config}' does not exist")
         self.config_path = os.path.abspath(config)
@@ -79,6 +82,11 @@ class Session:
         self._checked = set()
         self._comm = None
         self.bytes_sent = 0  # payload bytes this site sent to each other site (leader)
+        # Round log (leader): what crossed since the last log() call.
+        self.log_lines = bool(int(os.environ.get("STRAIT_LOG", "1"))) if log is None else bool(log)
+        self.json_log = json_log if json_log is not None else os.environ.get("STRAIT_JSON_LOG") or None
+        self._log_lock = threading.Lock()
+        self._pending = self._empty_pending()
         # At exit, while the interpreter is still whole: a gloo group or a
         # gateway left to interpreter teardown can abort the process.
         import atexit
@@ -132,16 +140,65 @@ class Session:
         (payloads in site order, missing site names). Polls, so other Python
         threads keep running while the network works; bounded by timeout_s."""
         round_ = self.next_round(tag)
+        start = time.monotonic()
         try:
             self.gateway.exchange(round_, tag, payload)
-            deadline = time.monotonic() + self.timeout_s
+            deadline = start + self.timeout_s
             while not self.gateway.ready(round_, tag):
                 if time.monotonic() > deadline:
                     raise StraitError(f"strait: round {round_} '{tag}' did not complete within {self.timeout_s:.0f} s")
                 time.sleep(0.0005)
-            return self.gateway.result(round_, tag)
+            payloads, missing = self.gateway.result(round_, tag)
         except RuntimeError as e:
             raise StraitError(str(e).splitlines()[0]) from None
+        with self._log_lock:
+            p = self._pending
+            p["rounds"] += 1
+            p["round_s"] += time.monotonic() - start
+            p["bytes_out"] += payload.numel() * (len(self.sites) - 1 - len(missing))
+            p["bytes_in"] += sum(x.numel() for i, x in enumerate(payloads) if i != self.site_index)
+            p["missing"].update(missing)
+        return payloads, missing
+
+    # -- the round log ---------------------------------------------------
+
+    @staticmethod
+    def _empty_pending():
+        return {"rounds": 0, "round_s": 0.0, "bytes_out": 0, "bytes_in": 0, "missing": set()}
+
+    def log(self, step, loss=None, **fields):
+        """Reports the cross-site rounds since the previous call: one line per
+        site (on its leader, to stderr) with step, loss, bytes out and in and
+        the rounds' time, and one JSON object per line to the JSON log
+        (strait.init(json_log=...) or $STRAIT_JSON_LOG) if set. Call it once
+        per training step on every worker; steps without a round (DiLoCo's
+        inner steps) print nothing. `loss` is this worker's (the leader's)."""
+        if not self.leader:
+            return None
+        with self._log_lock:
+            p, self._pending = self._pending, self._empty_pending()
+        if p["rounds"] == 0:
+            return None
+        record = {"time": round(time.time(), 3), "site": self.site, "step": int(step),
+                  "loss": None if loss is None else float(loss), "rounds": p["rounds"],
+                  "bytes_out": p["bytes_out"], "bytes_in": p["bytes_in"], "round_s": round(p["round_s"], 6),
+                  "missing": sorted(p["missing"])}
+        record.update(fields)
+        if self.log_lines:
+            loss_text = "" if loss is None else f" loss {float(loss):.4f}"
+            missing = f", missing {', '.join(record['missing'])}" if record["missing"] else ""
+            print(f"strait {self.site} step {step}:{loss_text}, out {_size(p['bytes_out'])}, "
+                  f"in {_size(p['bytes_in'])}, {p['rounds']} round{'s' if p['rounds'] > 1 else ''} "
+                  f"{p['round_s'] * 1000:.1f} ms{missing}", file=sys.stderr, flush=True)
+        if self.json_log:
+            line = (json.dumps(record) + "\n").encode()
+            # One write with O_APPEND: sites sharing a file never interleave within a line.
+            fd = os.open(self.json_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, line)
+            finally:
+                os.close(fd)
+        return record
 
     def average_across_sites(self, tensor, tag, pipeline=None, compressor_key=None, name=None):
         """Leader only: compresses `tensor` (with this tag's compressor and its
@@ -202,11 +259,20 @@ class Session:
         return tensor
 
 
-def init(config, site=None, group=None, timeout_s=None):
+def _size(n):
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def init(config, site=None, group=None, timeout_s=None, log=None, json_log=None):
     """Starts strait in this process: finds or creates the site's process group
     (torchrun environment variables work) and starts the gateway on the site
-    leader. `site` defaults to $STRAIT_SITE."""
+    leader. `site` defaults to $STRAIT_SITE. `log` (default $STRAIT_LOG, on)
+    prints a line per round on the site leader; `json_log` (default
+    $STRAIT_JSON_LOG) is a file that gets one JSON object per round per site."""
     site = site or os.environ.get("STRAIT_SITE")
     if not site:
         raise StraitError("strait.init: no site given (pass site=... or set STRAIT_SITE)")
-    return Session(config, site, group=group, timeout_s=timeout_s)
+    return Session(config, site, group=group, timeout_s=timeout_s, log=log, json_log=json_log)
