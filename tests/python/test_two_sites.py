@@ -23,7 +23,8 @@ def free_port():
         return s.getsockname()[1]
 
 
-def write_config(tmp, mode, pipeline, extra=""):
+def write_config(tmp, mode, pipeline, extra=None):
+    extra = extra or {}
     p0, p1 = free_port(), free_port()
     path = os.path.join(tmp, "job.yaml")
     with open(path, "w") as f:
@@ -31,16 +32,16 @@ def write_config(tmp, mode, pipeline, extra=""):
 sites:
   - {{name: hangzhou, jurisdiction: CN, endpoint: "tcp://127.0.0.1:{p0}", workers: 2}}
   - {{name: singapore, jurisdiction: SG, endpoint: "tcp://127.0.0.1:{p1}", workers: 2}}
-sync: {{mode: {mode}}}
-compression: {{pipeline: "{pipeline}", error_feedback: true}}
+{extra.get("sync") or f"sync: {{mode: {mode}}}"}
+compression: {{pipeline: "{pipeline}", error_feedback: true{extra.get("rules", "")}}}
 transport: {{insecure: true, round_deadline_s: 60, hard_deadline_s: 120, heartbeat_ms: 100, peer_timeout_ms: 3000}}
-{extra}""")
+""")
     return path
 
 
-def run_job(mode, pipeline, steps, extra_args=(), site_args=None, expect_ok=True):
+def run_job(mode, pipeline, steps, extra_args=(), site_args=None, expect_ok=True, extra_config=None):
     with tempfile.TemporaryDirectory(prefix="strait-two-sites-") as tmp:
-        config = write_config(tmp, mode, pipeline)
+        config = write_config(tmp, mode, pipeline, extra_config or None)
         procs, outs = [], []
         for site in ("hangzhou", "singapore"):
             port = free_port()
@@ -89,6 +90,14 @@ def test_every_step_mode_keeps_replicas_identical_and_learns():
 
 def test_diloco_mode_keeps_replicas_identical_and_learns():
     check(run_job("diloco", "int4(rounding=stochastic)", steps=40, extra_args=("--sync-every", "10")))
+
+
+def test_diloco_takes_its_settings_and_per_parameter_rules_from_the_config():
+    # Biases travel as fp32, the first layer's weight at 2 bits, the rest at
+    # the default; sync_every and the outer optimizer come from the config.
+    extra = {"sync": "sync: {mode: diloco, diloco: {sync_every: 10, outer_lr: 0.7, outer_momentum: 0.5}}",
+             "rules": ', rules: [{match: "*.bias", pipeline: fp32}, {match: "0.weight", pipeline: "int2(rounding=stochastic)"}]'}
+    check(run_job("diloco", "int4(rounding=stochastic)", steps=40, extra_config=extra))
 
 
 @pytest.mark.parametrize("mode", ["every_step", "diloco"])

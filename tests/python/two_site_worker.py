@@ -49,7 +49,7 @@ def main():
     ap.add_argument("--site", required=True)
     ap.add_argument("--mode", choices=["every_step", "diloco"], required=True)
     ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--sync-every", type=int, default=10)
+    ap.add_argument("--sync-every", type=int, default=None, help="default: the config's sync.diloco.sync_every")
     ap.add_argument("--out", required=True)
     ap.add_argument("--hidden", type=int, default=32, help="hidden width (tests give sites different models)")
     args = ap.parse_args()
@@ -77,7 +77,9 @@ def main():
             losses.append(loss.item())
     else:
         opt = torch.optim.SGD(ddp.parameters(), lr=0.2)
-        diloco = strait.DiLoCo(model, opt, session, sync_every=args.sync_every, outer_lr=0.7, outer_momentum=0.5)
+        extra = {} if args.sync_every is None else {"sync_every": args.sync_every, "outer_lr": 0.7,
+                                                    "outer_momentum": 0.5}
+        diloco = strait.DiLoCo(model, opt, session, **extra)
         for _ in range(args.steps):
             opt.zero_grad()
             loss = loss_fn(ddp(x), y)

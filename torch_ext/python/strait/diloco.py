@@ -14,19 +14,35 @@ class DiLoCo:
             diloco.step()          # syncs every `sync_every` calls
 
     At a sync the site leader forms the pseudo-gradient (global - local
-    parameters, flattened), compresses it with error feedback, exchanges it
-    and averages every site's decoded payload (weighted, in site order). Every
+    parameters), compresses each parameter's part with the config's rule for
+    its name (e.g. "blocks.0.attn.weight") and size, with error feedback, sends
+    all parts in one round, and averages every site's decoded parts (weighted,
+    in site order). Every
     site then applies the same outer step — SGD with (Nesterov) momentum — to
     the same global parameters, broadcasts them inside the site, and the local
     parameters restart from them. Parameters are bitwise identical on every
     worker of every site after each sync.
 
-    Streaming fragments (Douillard et al. 2025) are not implemented yet: the
-    whole model syncs at once.
+    sync_every, outer_lr, outer_momentum and nesterov default to the config's
+    sync.diloco block (then to its defaults: 50, 0.7, 0.9, true). `pipeline`
+    forces one pipeline for every parameter instead of the config's rules.
+
+    Streaming fragments (Douillard et al. 2025) are not implemented yet: a
+    config with sync.diloco.fragments > 1 is refused rather than ignored.
     """
 
-    def __init__(self, model, inner_optimizer, session, sync_every=50, outer_lr=0.7, outer_momentum=0.9,
-                 nesterov=True, pipeline=None):
+    def __init__(self, model, inner_optimizer, session, sync_every=None, outer_lr=None, outer_momentum=None,
+                 nesterov=None, pipeline=None):
+        from .session import StraitError
+
+        conf = session.sync_config.get("diloco") or {}
+        if int(conf.get("fragments", 1)) > 1:
+            raise StraitError("strait.DiLoCo: sync.diloco.fragments > 1 (streaming DiLoCo) is not implemented "
+                              "yet; remove it or set it to 1")
+        sync_every = int(conf.get("sync_every", 50)) if sync_every is None else sync_every
+        outer_lr = float(conf.get("outer_lr", 0.7)) if outer_lr is None else outer_lr
+        outer_momentum = float(conf.get("outer_momentum", 0.9)) if outer_momentum is None else outer_momentum
+        nesterov = bool(conf.get("nesterov", True)) if nesterov is None else nesterov
         if sync_every < 1:
             raise ValueError(f"DiLoCo: sync_every = {sync_every}: must be >= 1")
         if not (outer_lr > 0):
@@ -43,6 +59,10 @@ class DiLoCo:
         self.pipeline = pipeline
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.params = [p for _, p in named]
+        self.parts, offset = [], 0  # (offset, numel, name) of each parameter in the flat vector
+        for n, p in named:
+            self.parts.append((offset, p.numel(), n))
+            offset += p.numel()
         session.check_same_everywhere("diloco.model", "\n".join(f"{n} {tuple(p.shape)}" for n, p in named))
         with torch.no_grad():
             flat = torch.cat([p.detach().reshape(-1).float().cpu() for p in self.params])
@@ -79,7 +99,11 @@ class DiLoCo:
         local = torch.cat([p.detach().reshape(-1).float().cpu() for p in self.params])
         outer_grad = torch.empty_like(local)
         if s.leader:
-            outer_grad = s.average_across_sites(self.global_params - local, "diloco", self.pipeline)
+            pseudo = self.global_params - local
+            if self.pipeline is not None:
+                outer_grad = s.average_across_sites(pseudo, "diloco", self.pipeline)
+            else:
+                outer_grad = s.average_parts_across_sites(pseudo, self.parts, "diloco")
         s.broadcast(outer_grad)
         # The same outer step, in the same float32 ops, on every worker.
         self.momentum.mul_(self.mu).add_(outer_grad)

@@ -53,6 +53,7 @@ class Session:
         self.site_index = names.index(site)
         self.sites = names
         self.weights = [float(s.get("weight", 1.0)) for s in doc["sites"]]
+        self.sync_config = dict(doc.get("sync") or {})
         comp = doc.get("compression") or {}
         self.error_feedback = bool(comp.get("error_feedback", True))
         self.seed = int(comp.get("seed", 0))
@@ -219,6 +220,42 @@ class Session:
             torch.ops.strait.decode_accumulate(out, payloads[i], self.weights[i] / total)
         self.last_missing = list(missing)
         return out.view(tensor.shape)
+
+    def average_parts_across_sites(self, flat, parts, tag):
+        """Leader only: like average_across_sites, for a flat tensor made of
+        named parts (offset, numel, name): each part is compressed with its own
+        rule and error feedback, and all of them travel in one round as one
+        message: u64 count, u64 length of each part's payload, the payloads.
+        A message whose framing does not match this model is a StraitError
+        naming the site; its payloads are then decoded as hostile bytes."""
+        assert self.leader
+        flat = flat.detach().reshape(-1).float().cpu().contiguous()
+        pieces = []
+        for offset, numel, name in parts:
+            c = self.compressor(f"{tag}.{name}", name=name, size=numel)
+            pieces.append(c.encode(flat[offset:offset + numel]))
+        header = torch.tensor([len(pieces)] + [p.numel() for p in pieces], dtype=torch.int64)
+        message = torch.cat([header.view(torch.uint8)] + pieces)
+        self.bytes_sent += message.numel()
+        payloads, missing = self._exchange(tag, message)
+        present = [i for i, p in enumerate(payloads) if p.numel() > 0]
+        total = sum(self.weights[i] for i in present)
+        out = torch.zeros_like(flat)
+        for i in present:
+            blob = payloads[i]
+            n = len(parts)
+            head = 8 * (n + 1)
+            lengths = blob[:head].clone().view(torch.int64).tolist() if blob.numel() >= head else []
+            if not lengths or lengths[0] != n or min(lengths[1:]) < 0 or head + sum(lengths[1:]) != blob.numel():
+                raise StraitError(f"strait: site '{self.sites[i]}' sent a '{tag}' message whose framing does not "
+                                  f"match {n} parts ({blob.numel()} bytes)")
+            at = head
+            for (offset, numel, _), length in zip(parts, lengths[1:]):
+                torch.ops.strait.decode_accumulate(out[offset:offset + numel], blob[at:at + length],
+                                                   self.weights[i] / total)
+                at += length
+        self.last_missing = list(missing)
+        return out
 
     def average_across_sites_exact(self, tensor, tag):
         """Leader only: site 0's tensor, sent uncompressed (fp32) to every
