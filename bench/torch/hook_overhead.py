@@ -85,7 +85,7 @@ def main():
     print("plain DDP, one site of two workers ...", file=sys.stderr, flush=True)
     port = free_port()
     env = lambda rank, port: dict(os.environ, RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                                  MASTER_PORT=str(port))
+                                  MASTER_PORT=str(port), OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
     plain = run([subprocess.Popen(me + ["--mode", "plain"], env=env(r, port), stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True) for r in range(2)])
 

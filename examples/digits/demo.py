@@ -67,10 +67,12 @@ def run_workers(config, out, tag, steps, progress, border):
         for rank in range(2):
             res = os.path.join(out, f"{tag}-{site}-{rank}.json")
             env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                       PYTHONPATH=os.path.join(ROOT, "torch_ext", "python"), STRAIT_LOG="0",
+                       OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", STRAIT_LOG="0",
+                       PYTHONPATH=os.path.join(ROOT, "torch_ext", "python"),
                        STRAIT_JSON_LOG=os.path.join(out, f"{tag}-rounds.jsonl"))
-            cmd = (border.prefix(site) if border else []) + [sys.executable, os.path.join(HERE, "train.py"), "--config", config, "--site", site,
-                   "--steps", str(steps), "--out", res]
+            cmd = (border.prefix(site) if border else []) + [
+                sys.executable, os.path.join(HERE, "train.py"), "--config", config, "--site", site,
+                "--steps", str(steps), "--out", res]
             if progress and site == SITES[0][0] and rank == 0:
                 cmd.append("--progress")
             procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,

@@ -48,7 +48,7 @@ def run_job(mode, pipeline, steps, extra_args=(), site_args=None, expect_ok=True
             for rank in range(2):
                 out = os.path.join(tmp, f"{site}-{rank}.json")
                 env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                           MASTER_PORT=str(port))
+                           MASTER_PORT=str(port), OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
                 cmd = [sys.executable, os.path.join(HERE, "two_site_worker.py"), "--config", config,
                        "--site", site, "--mode", mode, "--steps", str(steps), "--out", out, *extra_args,
                        *(site_args or {}).get(site, ())]

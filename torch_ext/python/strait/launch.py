@@ -93,6 +93,10 @@ def main(argv=None):
 def _run(args, command, sites, config, border):
     procs = []
     sel = selectors.DefaultSelector()
+    # Like torchrun: workers sharing this machine get an even share of its
+    # cores for their math libraries, unless the environment says otherwise.
+    started = sum(w for n, w in sites if not args.site or n == args.site)
+    threads = str(max(1, (os.cpu_count() or 1) // max(1, started)))
     for name, workers in sites:
         if args.site and name != args.site:
             continue
@@ -102,6 +106,8 @@ def _run(args, command, sites, config, border):
         for rank in range(workers):
             env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(workers), MASTER_ADDR=addr, MASTER_PORT=port,
                        STRAIT_SITE=name, STRAIT_CONFIG=config)
+            for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+                env.setdefault(var, threads)
             if args.json_log:
                 env["STRAIT_JSON_LOG"] = os.path.abspath(args.json_log)
             prefix = border.prefix(name) if border else []
