@@ -160,3 +160,16 @@ def test_init_errors_name_the_problem(tmp_path):
     bad.write_text("job: {id: j}\nsites:\n  - {name: a, jurisdiction: China, endpoint: \"tcp://127.0.0.1:7001\"}\n")
     with pytest.raises(strait.StraitError, match=r"bad.yaml:3: sites\[0\].jurisdiction = China"):
         strait.init(str(bad), site="a")
+
+
+def test_init_without_config_or_site_says_which_is_missing(monkeypatch):
+    monkeypatch.delenv("STRAIT_CONFIG", raising=False)
+    monkeypatch.delenv("STRAIT_SITE", raising=False)
+    with pytest.raises(strait.StraitError, match="no config given"):
+        strait.init(site="a")
+    monkeypatch.setenv("STRAIT_CONFIG", "/nonexistent/job.yaml")
+    with pytest.raises(strait.StraitError, match="no site given"):
+        strait.init()
+    monkeypatch.setenv("STRAIT_SITE", "a")
+    with pytest.raises(strait.StraitError, match="'/nonexistent/job.yaml' does not exist"):
+        strait.init()

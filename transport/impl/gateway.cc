@@ -622,7 +622,7 @@ class Gateway::Impl {
     } else if (h.config_fingerprint() != std::string(opt_.config_fingerprint.begin(), opt_.config_fingerprint.end())) {
       reason = "config fingerprint " + hex(h.config_fingerprint()) + "... differs from this site's " +
                hex(std::string(opt_.config_fingerprint.begin(), opt_.config_fingerprint.end())) +
-               "...: every site must run the same job config (only key file paths may differ)";
+               "...: every site must run the same job config (only key file paths and bind may differ)";
     } else if (!opt_.insecure) {
       const char* user = zmq_msg_gets(const_cast<zmq_msg_t*>(frame.handle()), "User-Id");
       if (user == nullptr || h.site() != user) {

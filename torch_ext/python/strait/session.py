@@ -303,13 +303,17 @@ def _size(n):
     return f"{n} B"
 
 
-def init(config, site=None, group=None, timeout_s=None, log=None, json_log=None):
+def init(config=None, site=None, group=None, timeout_s=None, log=None, json_log=None):
     """Starts strait in this process: finds or creates the site's process group
     (torchrun environment variables work) and starts the gateway on the site
-    leader. `site` defaults to $STRAIT_SITE. `log` (default $STRAIT_LOG, on)
+    leader. `config` defaults to $STRAIT_CONFIG and `site` to $STRAIT_SITE
+    (both set by ./strait launch). `log` (default $STRAIT_LOG, on)
     prints a line per round on the site leader; `json_log` (default
     $STRAIT_JSON_LOG) is a file that gets one JSON object per round per site."""
     site = site or os.environ.get("STRAIT_SITE")
+    config = config or os.environ.get("STRAIT_CONFIG")
+    if not config:
+        raise StraitError("strait.init: no config given (pass the job's YAML path or set STRAIT_CONFIG)")
     if not site:
         raise StraitError("strait.init: no site given (pass site=... or set STRAIT_SITE)")
     return Session(config, site, group=group, timeout_s=timeout_s, log=log, json_log=json_log)
