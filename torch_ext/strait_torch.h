@@ -30,8 +30,9 @@ namespace strait::torch {
 
 class Site {
  public:
-  // Loads and validates the job config and starts this site's gateway.
-  Site(const std::string& config_path, const std::string& site);
+  // Loads and validates the job config (and the site's policy file, if
+  // given: egress kinds, signed audit log) and starts this site's gateway.
+  Site(const std::string& config_path, const std::string& site, const std::string& policy_path = "");
   ~Site();
   Site(const Site&) = delete;
   Site& operator=(const Site&) = delete;

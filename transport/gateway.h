@@ -60,6 +60,15 @@ struct GatewayOptions {
 
   std::string metrics_path;    // JSON lines, one per round per peer ("" = none)
 
+  // The site's policy (core::SitePolicy): kinds allowed to leave, the
+  // signed audit log, differential privacy.
+  std::vector<core::MessageKind> egress_allow{core::MessageKind::kModelUpdate, core::MessageKind::kModelState,
+                                              core::MessageKind::kControl};
+  std::string policy_source;          // the policy file, for messages ("" = none: defaults)
+  std::string audit_log;              // "" = no audit log
+  std::vector<uint8_t> signing_key;   // Ed25519 secret key (64 bytes), with audit_log
+  core::SitePolicy::Privacy privacy;  // enabled: model updates must go through privatize()
+
   // Test hooks: corrupt the bytes of chunk `index` of every first send to
   // peers (retransmissions are clean); pretend to speak another version.
   int64_t test_corrupt_chunk = -1;
@@ -68,7 +77,11 @@ struct GatewayOptions {
   // Builds options for `site` from a job config: endpoints, public keys read
   // from the key files the config names, transport settings, fingerprint.
   // Throws ConfigError on unreadable or malformed key files.
-  static GatewayOptions fromConfig(const core::JobConfig& config, const std::string& site);
+  // With a policy: its site and jurisdiction must match the config's entry
+  // for `site` (else PolicyViolation); its egress list, audit log and privacy
+  // settings apply.
+  static GatewayOptions fromConfig(const core::JobConfig& config, const std::string& site,
+                                   const core::SitePolicy* policy = nullptr);
 };
 
 // Per round, per peer.
@@ -109,8 +122,30 @@ class Gateway {
   // (wait mode, hard deadline), ProtocolError (a peer's payload was refused)
   // or Error (the gateway failed). A repeated (round, tag) throws
   // InvalidArgument.
-  std::future<RoundResult> exchange(uint64_t round, const std::string& tag,
-                                    std::vector<uint8_t> payload);
+  //
+  // `kind` must be in the site's egress list, else PolicyViolation (logged,
+  // and recorded in the audit log) and nothing leaves. With an audit log, one
+  // "out" record per peer is on disk before the payload is queued; received
+  // payloads get an "in" record before the future is fulfilled (an audit
+  // write failure fails the round). With privacy enabled, each model_update
+  // must follow its own privatize() call.
+  std::future<RoundResult> exchange(uint64_t round, const std::string& tag, std::vector<uint8_t> payload,
+                                    core::MessageKind kind = core::MessageKind::kModelUpdate);
+
+  // Differential privacy (the site policy's privacy section): clips x (n
+  // values) to L2 norm clip_norm and adds Gaussian noise of standard
+  // deviation noise_multiplier * clip_norm from libsodium's CSPRNG, after
+  // checking that one more release stays within the epsilon budget (else
+  // PolicyViolation, and x is untouched). Returns the epsilon spent so far,
+  // this release included. InvalidArgument without a privacy section.
+  double privatize(float* x, size_t n);
+  // Epsilon spent so far (0 without privacy) and the number of releases.
+  double privacySpent() const;
+  uint64_t privacyReleases() const;
+
+  // The audit log's path, record count and head hash ("" / 0 without one).
+  std::string auditHead() const;
+  uint64_t auditRecords() const;
 
   // Gives a payload buffer back for reuse by later receives, so that a
   // steady-state round allocates (and page-faults) nothing. Optional;

@@ -106,4 +106,41 @@ struct JobConfig {
   const SiteConfig& site(const std::string& name) const;
 };
 
+// What may leave a site, by kind. Every payload a gateway sends carries one.
+enum class MessageKind : uint32_t {
+  kModelUpdate = 1,  // gradients, pseudo-gradients (compressed)
+  kModelState = 2,   // whole parameters: a common start, a rejoining site's state
+  kControl = 3,      // agreement checks (model description), coordination
+  kMetrics = 4,      // losses, timings and other telemetry
+};
+const char* messageKindName(MessageKind kind);  // "model_update", ...
+// Parses a kind name; throws InvalidArgument listing the kinds.
+MessageKind parseMessageKind(const std::string& name);
+
+// A site's own policy file: what may leave it, where its audit log goes,
+// its differential-privacy budget and its datasets. It belongs to the site,
+// not to the job: a job config has no key that could widen it.
+struct SitePolicy {
+  std::string source;        // file path (or "<string>") for messages
+  std::string site;          // the site it governs
+  std::string jurisdiction;  // must match the job config's entry for the site
+  // Kinds allowed to leave. Default: model_update, model_state, control.
+  std::vector<MessageKind> egress_allow{MessageKind::kModelUpdate, MessageKind::kModelState,
+                                        MessageKind::kControl};
+  std::string audit_log;     // path of the signed audit log ("" = none); relative paths: to the file
+  std::string signing_key;   // path of the site's Ed25519 secret key file (needed with audit_log)
+  struct Privacy {
+    bool enabled = false;
+    double clip_norm = 1.0;         // C: an update's L2 norm is clipped to this
+    double noise_multiplier = 1.0;  // sigma: noise std = sigma * C
+    double epsilon_budget = 10.0;   // total epsilon the site allows
+    double delta = 1e-5;
+  } privacy;
+  std::vector<std::string> data;  // the site's dataset directories (resolved)
+
+  bool allows(MessageKind kind) const;
+  static SitePolicy load(const std::string& path);
+  static SitePolicy parse(const std::string& yaml, const std::string& source = "<string>");
+};
+
 }  // namespace strait::core

@@ -80,17 +80,20 @@ at::Tensor flatCpu(const at::Tensor& t) {
 
 class Site::Impl {
  public:
-  Impl(const std::string& config_path, const std::string& site)
+  Impl(const std::string& config_path, const std::string& site, const std::string& policy_path)
       : config_(core::JobConfig::load(config_path)),
-        gateway_(transport::GatewayOptions::fromConfig(config_, site)) {
+        policy_(policy_path.empty() ? std::optional<core::SitePolicy>()
+                                    : std::optional<core::SitePolicy>(core::SitePolicy::load(policy_path))),
+        gateway_(transport::GatewayOptions::fromConfig(config_, site, policy_ ? &*policy_ : nullptr)) {
     for (const core::SiteConfig& s : config_.sites) weights_.push_back(s.weight);
     timeout_ = std::chrono::milliseconds(int64_t(config_.transport.hard_deadline_s * 1000) + 30000);
   }
 
   // One round of `tag`: every site's bytes in site order (nullopt: missing).
-  std::vector<std::optional<std::vector<uint8_t>>> exchange(const std::string& tag, std::vector<uint8_t> bytes) {
+  std::vector<std::optional<std::vector<uint8_t>>> exchange(const std::string& tag, std::vector<uint8_t> bytes,
+                                                            core::MessageKind kind) {
     const uint64_t round = rounds_[tag]++;
-    auto f = gateway_.exchange(round, tag, std::move(bytes));
+    auto f = gateway_.exchange(round, tag, std::move(bytes), kind);
     if (f.wait_for(timeout_) != std::future_status::ready) {
       fail<TimeoutError>("strait::torch: round ", round, " '", tag, "' did not complete in time");
     }
@@ -102,7 +105,7 @@ class Site::Impl {
   void checkSame(const std::string& tag, const std::vector<at::Tensor>& tensors) {
     if (!checked_.insert(tag).second) return;
     const std::string mine = describe(tensors);
-    auto all = exchange(tag + ".shapes", std::vector<uint8_t>(mine.begin(), mine.end()));
+    auto all = exchange(tag + ".shapes", std::vector<uint8_t>(mine.begin(), mine.end()), core::MessageKind::kControl);
     for (size_t i = 0; i < all.size(); ++i) {
       if (!all[i]) continue;
       const std::string theirs(all[i]->begin(), all[i]->end());
@@ -153,6 +156,7 @@ class Site::Impl {
   };
 
   core::JobConfig config_;
+  std::optional<core::SitePolicy> policy_;
   transport::Gateway gateway_;
   std::vector<double> weights_;
   std::chrono::milliseconds timeout_;
@@ -162,8 +166,8 @@ class Site::Impl {
   std::vector<std::string> missing_;
 };
 
-Site::Site(const std::string& config_path, const std::string& site)
-    : impl_(std::make_unique<Impl>(config_path, site)) {}
+Site::Site(const std::string& config_path, const std::string& site, const std::string& policy_path)
+    : impl_(std::make_unique<Impl>(config_path, site, policy_path)) {}
 Site::~Site() = default;
 
 const std::string& Site::name() const { return impl_->gateway_.options().site; }
@@ -178,7 +182,7 @@ void Site::averageAcrossSites(std::vector<at::Tensor>& tensors, const std::strin
     flats.push_back(flatCpu(tensors[i]));
     parts.push_back(impl_->encode(tag, i, flats.back(), tensors[i]));
   }
-  auto all = impl_->exchange(tag, pack(parts));
+  auto all = impl_->exchange(tag, pack(parts), core::MessageKind::kModelUpdate);
   double total = 0;
   for (size_t s = 0; s < all.size(); ++s) {
     if (all[s]) total += impl_->weights_[s];
@@ -208,7 +212,7 @@ void Site::adoptFromFirstSite(std::vector<at::Tensor>& tensors, const std::strin
     const uint8_t* p = reinterpret_cast<const uint8_t*>(f.data_ptr<float>());
     parts.emplace_back(p, p + f.numel() * 4);
   }
-  auto all = impl_->exchange(tag, pack(parts));
+  auto all = impl_->exchange(tag, pack(parts), core::MessageKind::kModelState);
   if (!all[0]) fail<TimeoutError>("strait::torch: site 0 did not send its tensors for '", tag, "'");
   const auto unpacked = unpack(*all[0], tensors.size(), impl_->config_.sites[0].name);
   for (size_t i = 0; i < tensors.size(); ++i) {

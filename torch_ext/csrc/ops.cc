@@ -59,6 +59,9 @@ template <typename Fn>
 auto translate(const char* op, Fn&& fn) -> decltype(fn()) {
   try {
     return fn();
+  } catch (const strait::PolicyViolation& e) {
+    // Python raises strait.PolicyViolation for these.
+    TORCH_CHECK(false, op, ": policy violation: ", e.what());
   } catch (const strait::Error& e) {
     TORCH_CHECK(false, op, ": ", e.what());
   }
@@ -184,20 +187,28 @@ class Compressor : public torch::CustomClassHolder {
 // moving); result() collects it. The network never blocks the interpreter.
 class SiteGateway : public torch::CustomClassHolder {
  public:
-  SiteGateway(const std::string& config_path, const std::string& site)
+  // policy_path: the site's policy file, "" for none (default egress, no
+  // audit log, no differential privacy).
+  SiteGateway(const std::string& config_path, const std::string& site, const std::string& policy_path)
       : gateway_(translate("strait.Gateway", [&] {
-          return std::make_unique<transport::Gateway>(
-              transport::GatewayOptions::fromConfig(core::JobConfig::load(config_path), site));
+          const core::JobConfig config = core::JobConfig::load(config_path);
+          if (policy_path.empty()) {
+            return std::make_unique<transport::Gateway>(transport::GatewayOptions::fromConfig(config, site));
+          }
+          const core::SitePolicy policy = core::SitePolicy::load(policy_path);
+          return std::make_unique<transport::Gateway>(transport::GatewayOptions::fromConfig(config, site, &policy));
         })) {}
 
-  void exchange(int64_t round, const std::string& tag, const at::Tensor& payload) {
+  // kind: model_update, model_state, control or metrics (the egress policy's kinds).
+  void exchange(int64_t round, const std::string& tag, const at::Tensor& payload, const std::string& kind) {
     translate("strait.Gateway.exchange", [&] {
+      const core::MessageKind k = core::parseMessageKind(kind);
       const at::Tensor bytes = bytesCpu(payload, "strait.Gateway.exchange");
       std::vector<uint8_t> v(bytes.data_ptr<uint8_t>(), bytes.data_ptr<uint8_t>() + bytes.numel());
       const Key key{round, tag};
       TORCH_CHECK(pending_.count(key) == 0, "strait.Gateway.exchange: round ", round, " tag '", tag,
                   "' is already pending");
-      pending_.emplace(key, gateway_->exchange(static_cast<uint64_t>(round), tag, std::move(v)));
+      pending_.emplace(key, gateway_->exchange(static_cast<uint64_t>(round), tag, std::move(v), k));
     });
   }
 
@@ -229,6 +240,19 @@ class SiteGateway : public torch::CustomClassHolder {
 
   int64_t siteIndex() const { return static_cast<int64_t>(gateway_->siteIndex()); }
 
+  // Clips and noises x in place (the site policy's privacy section); returns
+  // the epsilon spent so far, this release included.
+  double privatize(at::Tensor x) {
+    return translate("strait.Gateway.privatize", [&] {
+      TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous(),
+                  "strait.Gateway.privatize: x must be a contiguous float32 CPU tensor");
+      return gateway_->privatize(x.data_ptr<float>(), static_cast<size_t>(x.numel()));
+    });
+  }
+  double privacySpent() const { return gateway_->privacySpent(); }
+  std::string auditHead() const { return gateway_->auditHead(); }
+  int64_t auditRecords() const { return static_cast<int64_t>(gateway_->auditRecords()); }
+
  private:
   using Key = std::pair<int64_t, std::string>;
   std::unique_ptr<transport::Gateway> gateway_;
@@ -251,8 +275,12 @@ TORCH_LIBRARY(strait, m) {
       .def("pipeline", &Compressor::pipeline)
       .def("error_feedback", &Compressor::errorFeedback);
   m.class_<SiteGateway>("Gateway")
-      .def(torch::init<std::string, std::string>())
+      .def(torch::init<std::string, std::string, std::string>())
       .def("exchange", &SiteGateway::exchange)
+      .def("privatize", &SiteGateway::privatize)
+      .def("privacy_spent", &SiteGateway::privacySpent)
+      .def("audit_head", &SiteGateway::auditHead)
+      .def("audit_records", &SiteGateway::auditRecords)
       .def("ready", &SiteGateway::ready)
       .def("result", &SiteGateway::result)
       .def("site_index", &SiteGateway::siteIndex);

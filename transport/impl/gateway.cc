@@ -37,7 +37,10 @@
 #include <zmq_addon.hpp>
 
 #include "core/error.h"
+#include "core/codec/codec.h"
+#include "transport/audit.h"
 #include "transport/checksum.h"
+#include "transport/privacy.h"
 #include "transport/proto/strait.pb.h"
 
 namespace strait::transport {
@@ -47,7 +50,7 @@ namespace {
 using Clock = std::chrono::steady_clock;
 using Key = std::pair<uint64_t, std::string>;  // (round, tag)
 
-constexpr uint32_t kKindModelUpdate = 1;
+using core::MessageKind;
 constexpr size_t kMaxTagBytes = 256;
 constexpr size_t kMaxRefusedKeys = 256;  // refusals remembered for rounds not opened yet
 
@@ -88,6 +91,7 @@ struct Incoming {
   std::vector<uint8_t> data;
   std::vector<bool> have;
   uint32_t have_count = 0;
+  uint32_t kind = 0;  // as the sender declared it
   bool complete = false;
   Clock::time_point done_at;
 };
@@ -95,6 +99,7 @@ struct Incoming {
 struct Round {
   Key key;
   bool local = false;  // exchange() was called for it (else: a peer ran ahead)
+  MessageKind kind = MessageKind::kModelUpdate;
   std::shared_ptr<std::vector<uint8_t>> payload;
   uint32_t chunk_count = 0;
   std::vector<Outgoing> out;  // per site (own index unused)
@@ -123,6 +128,7 @@ struct Peer {
 struct Command {
   uint64_t round;
   std::string tag;
+  MessageKind kind;
   std::shared_ptr<std::vector<uint8_t>> payload;
   std::promise<RoundResult> promise;
 };
@@ -133,6 +139,9 @@ class Gateway::Impl {
  public:
   explicit Impl(GatewayOptions options) : opt_(std::move(options)) {
     validate();
+    if (!opt_.audit_log.empty()) {
+      audit_ = std::make_unique<AuditLog>(opt_.audit_log, opt_.site, opt_.sites[self_].jurisdiction, opt_.signing_key);
+    }
     wake_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     if (wake_fd_ < 0) fail<Error>("gateway: eventfd failed: ", std::strerror(errno));
     std::random_device rd;
@@ -156,15 +165,33 @@ class Gateway::Impl {
     ::close(wake_fd_);
   }
 
-  std::future<RoundResult> exchange(uint64_t round, const std::string& tag, std::vector<uint8_t> payload) {
+  std::future<RoundResult> exchange(uint64_t round, const std::string& tag, std::vector<uint8_t> payload,
+                                    MessageKind kind) {
     if (payload.size() > opt_.max_message_bytes) {
       fail<InvalidArgument>("exchange: payload of ", payload.size(), " bytes exceeds max_message_bytes = ",
                             opt_.max_message_bytes);
     }
+    if (tag.empty() || tag.size() > kMaxTagBytes) {
+      fail<InvalidArgument>("exchange: a tag is 1 to ", kMaxTagBytes, " bytes");
+    }
+    checkEgress(round, tag, payload, kind);
     std::unique_lock<std::mutex> lock(mu_);
     rethrowFatal();
     if (!open_keys_.insert({round, tag}).second) {
       fail<InvalidArgument>("exchange: round ", round, " tag '", tag, "' is already in flight");
+    }
+    if (audit_) {
+      // Write-ahead: the records are on disk before anything can leave. A
+      // failure (a full disk) fails this call and nothing is sent.
+      lock.unlock();
+      try {
+        auditPayload("out", round, tag, payload.data(), payload.size(), kind, nullptr);
+      } catch (...) {
+        lock.lock();
+        open_keys_.erase({round, tag});
+        throw;
+      }
+      lock.lock();
     }
     const auto deadline = Clock::now() + opt_.hard_deadline;
     while (open_rounds_ >= opt_.max_rounds_in_flight) {
@@ -181,13 +208,114 @@ class Gateway::Impl {
       }
     }
     ++open_rounds_;
-    Command c{round, tag, std::make_shared<std::vector<uint8_t>>(std::move(payload)), {}};
+    Command c{round, tag, kind, std::make_shared<std::vector<uint8_t>>(std::move(payload)), {}};
     auto future = c.promise.get_future();
     commands_.push_back(std::move(c));
     lock.unlock();
     wake();
     return future;
   }
+
+  // ------------------------------------------------------------- policy ---
+
+  void checkEgress(uint64_t round, const std::string& tag, const std::vector<uint8_t>& payload, MessageKind kind) {
+    const bool allowed =
+        std::find(opt_.egress_allow.begin(), opt_.egress_allow.end(), kind) != opt_.egress_allow.end();
+    std::string why;
+    if (!allowed) {
+      std::string list;
+      for (MessageKind k : opt_.egress_allow) list += (list.empty() ? "" : ", ") + std::string(core::messageKindName(k));
+      why = std::string("egress policy") + (opt_.policy_source.empty() ? "" : " (" + opt_.policy_source + ")") +
+            " of site '" + opt_.site + "' does not allow '" + core::messageKindName(kind) +
+            "' to leave; allowed: " + (list.empty() ? "nothing" : list);
+    } else if (kind == MessageKind::kModelUpdate && opt_.privacy.enabled) {
+      std::lock_guard<std::mutex> lock(priv_mu_);
+      if (privatized_ == 0) {
+        why = "privacy policy" + (opt_.policy_source.empty() ? "" : " (" + opt_.policy_source + ")") + " of site '" +
+              opt_.site + "': a model update must be privatized (clipped and noised) before it leaves";
+      } else {
+        --privatized_;
+      }
+    }
+    if (why.empty()) return;
+    log("refused round " + std::to_string(round) + " '" + tag + "': " + why);
+    if (audit_) {
+      AuditEvent e;
+      e.event = "refused";
+      e.round = round;
+      e.tag = tag;
+      e.peer = "*";
+      e.kind = core::messageKindName(kind);
+      e.bytes = payload.size();
+      e.digest = digestHex(payload.data(), payload.size());
+      e.reason = why;
+      audit_->append(e);
+    }
+    fail<PolicyViolation>(why);
+  }
+
+  // One record per peer (out) or for one peer (in).
+  void auditPayload(const char* event, uint64_t round, const std::string& tag, const uint8_t* data, size_t size,
+                    MessageKind kind, const Peer* only) {
+    AuditEvent e;
+    e.event = event;
+    e.round = round;
+    e.tag = tag;
+    e.kind = core::messageKindName(kind);
+    e.bytes = size;
+    e.digest = digestHex(data, size);
+    try {
+      const core::PayloadInfo info = core::inspectPayload(data, size);
+      e.codec = info.structure + "/" + info.values;
+    } catch (const std::exception&) {
+      e.codec = "";  // not a codec payload (a framed message, a description)
+    }
+    if (opt_.privacy.enabled) {
+      std::lock_guard<std::mutex> lock(priv_mu_);
+      e.epsilon = spent_;
+      e.delta = opt_.privacy.delta;
+    }
+    for (size_t i = 0; i < opt_.sites.size(); ++i) {
+      if (i == self_ || (only != nullptr && only->index != i)) continue;
+      e.peer = opt_.sites[i].name;
+      e.peer_jurisdiction = opt_.sites[i].jurisdiction;
+      audit_->append(e);
+    }
+  }
+
+  double privatize(float* x, size_t n) {
+    if (!opt_.privacy.enabled) {
+      fail<InvalidArgument>("privatize: site '", opt_.site, "' has no privacy section in its policy");
+    }
+    std::lock_guard<std::mutex> lock(priv_mu_);
+    const auto& pr = opt_.privacy;
+    const double next = gaussianEpsilon(pr.noise_multiplier, releases_ + 1, pr.delta);
+    if (next > pr.epsilon_budget) {
+      const std::string why = "privacy budget of site '" + opt_.site + "' exhausted: release " +
+                              std::to_string(releases_ + 1) + " would bring epsilon to " + std::to_string(next) +
+                              " > budget " + std::to_string(pr.epsilon_budget) + " (delta " +
+                              std::to_string(pr.delta) + ", sigma " + std::to_string(pr.noise_multiplier) +
+                              "); spent so far: " + std::to_string(spent_);
+      log(why);
+      fail<PolicyViolation>(why);
+    }
+    clipAndNoise(x, n, pr.clip_norm, pr.noise_multiplier);
+    ++releases_;
+    ++privatized_;
+    spent_ = next;
+    return spent_;
+  }
+
+  double privacySpent() const {
+    std::lock_guard<std::mutex> lock(priv_mu_);
+    return spent_;
+  }
+  uint64_t privacyReleases() const {
+    std::lock_guard<std::mutex> lock(priv_mu_);
+    return releases_;
+  }
+  std::string auditHead() const { return audit_ ? audit_->head() : ""; }
+  uint64_t auditRecords() const { return audit_ ? audit_->records() : 0; }
 
   void recycle(std::vector<uint8_t> buffer) {
     if (buffer.capacity() == 0) return;
@@ -756,6 +884,7 @@ class Gateway::Impl {
       in.incarnation = c.incarnation();
       in.total = total;
       in.count = c.count();
+      in.kind = c.kind();
       try {
         in.data = takeBuffer(total);
       } catch (const std::bad_alloc&) {
@@ -853,6 +982,7 @@ class Gateway::Impl {
       r.start = Clock::now();
       r.next_wait_log = r.start + opt_.round_deadline;
       r.payload = std::move(c.payload);
+      r.kind = c.kind;
       auto refused = refused_.find(key);
       if (refused != refused_.end()) r.failure = refused->second;
       r.chunk_count = r.payload->empty() ? 1 : uint32_t((r.payload->size() + opt_.chunk_bytes - 1) / opt_.chunk_bytes);
@@ -922,7 +1052,7 @@ class Gateway::Impl {
     c->set_count(r.chunk_count);
     c->set_total_bytes(r.payload->size());
     c->set_xxh3(chunkChecksum(bytes, len));
-    c->set_kind(kKindModelUpdate);
+    c->set_kind(uint32_t(r.kind));
     zmq::message_t data;
     if (!retry && opt_.test_corrupt_chunk == int64_t(index) && len > 0) {
       data.rebuild(bytes, len);
@@ -1048,6 +1178,22 @@ class Gateway::Impl {
   }
 
   void complete(Round& r, const std::vector<std::string>& missing) {
+    if (audit_) {
+      // Every payload received is on record before the caller sees it.
+      try {
+        for (const Peer& p : peers_) {
+          const Incoming& in = r.in[p.index];
+          if (!in.complete) continue;
+          const MessageKind kind = in.kind >= 1 && in.kind <= 4 ? MessageKind(in.kind) : MessageKind::kModelUpdate;
+          auditPayload("in", r.key.first, r.key.second, in.data.data(), in.data.size(), kind, &p);
+        }
+      } catch (const std::exception& e) {
+        completeWithError(r, std::make_exception_ptr(Error(std::string("gateway '") + opt_.site + "': round " +
+                                                          std::to_string(r.key.first) + " '" + r.key.second +
+                                                          "' not delivered: " + e.what())));
+        return;
+      }
+    }
     RoundResult res;
     res.round = r.key.first;
     res.tag = r.key.second;
@@ -1183,6 +1329,13 @@ class Gateway::Impl {
   std::thread io_;
   std::atomic<bool> stop_{false};
 
+  // Policy state.
+  std::unique_ptr<AuditLog> audit_;  // thread-safe itself
+  mutable std::mutex priv_mu_;
+  uint64_t releases_ = 0;    // privatize() calls
+  uint64_t privatized_ = 0;  // privatized updates not yet sent
+  double spent_ = 0;         // epsilon after releases_
+
   // Shared with API threads, under mu_.
   mutable std::mutex mu_;
   std::condition_variable slots_;
@@ -1208,9 +1361,15 @@ class Gateway::Impl {
 Gateway::Gateway(GatewayOptions options) : impl_(std::make_unique<Impl>(std::move(options))) {}
 Gateway::~Gateway() = default;
 
-std::future<RoundResult> Gateway::exchange(uint64_t round, const std::string& tag, std::vector<uint8_t> payload) {
-  return impl_->exchange(round, tag, std::move(payload));
+std::future<RoundResult> Gateway::exchange(uint64_t round, const std::string& tag, std::vector<uint8_t> payload,
+                                           core::MessageKind kind) {
+  return impl_->exchange(round, tag, std::move(payload), kind);
 }
+double Gateway::privatize(float* x, size_t n) { return impl_->privatize(x, n); }
+double Gateway::privacySpent() const { return impl_->privacySpent(); }
+uint64_t Gateway::privacyReleases() const { return impl_->privacyReleases(); }
+std::string Gateway::auditHead() const { return impl_->auditHead(); }
+uint64_t Gateway::auditRecords() const { return impl_->auditRecords(); }
 size_t Gateway::siteIndex() const { return impl_->self(); }
 const GatewayOptions& Gateway::options() const { return impl_->options(); }
 std::vector<std::string> Gateway::livePeers() const { return impl_->livePeers(); }

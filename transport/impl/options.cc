@@ -12,6 +12,7 @@
 
 #include "core/error.h"
 #include "transport/gateway.h"
+#include "transport/audit.h"
 
 namespace strait::transport {
 
@@ -72,9 +73,22 @@ void writeKeyPair(const KeyPair& keys, const std::string& dir, const std::string
   write(dir + "/" + site + ".pub", keys.public_key, 0644);
 }
 
-GatewayOptions GatewayOptions::fromConfig(const core::JobConfig& config, const std::string& site) {
+GatewayOptions GatewayOptions::fromConfig(const core::JobConfig& config, const std::string& site,
+                                          const core::SitePolicy* policy) {
   const core::SiteConfig& me = config.site(site);
   GatewayOptions o;
+  if (policy != nullptr) {
+    if (policy->site != site || policy->jurisdiction != me.jurisdiction) {
+      fail<PolicyViolation>("policy file '", policy->source, "' governs site '", policy->site, "' (",
+                            policy->jurisdiction, "), but this gateway is site '", site, "' (", me.jurisdiction,
+                            ") in ", config.source);
+    }
+    o.policy_source = policy->source;
+    o.egress_allow = policy->egress_allow;
+    o.audit_log = policy->audit_log;
+    if (!o.audit_log.empty()) o.signing_key = readSigningSecretKey(policy->signing_key);
+    o.privacy = policy->privacy;
+  }
   o.job_id = config.job_id;
   o.site = site;
   const core::TransportConfig& t = config.transport;

@@ -502,9 +502,11 @@ std::string JobConfig::sharedText() const {
   return o.str();
 }
 
-JobConfig JobConfig::parse(const std::string& yaml, const std::string& source) {
-  JobConfig job;
-  job.source = source;
+namespace {
+
+// The one YAML document of `yaml`; ConfigError for syntax errors, a second
+// document or an empty one (which `needs` says what it should hold).
+YAML::Node singleDocument(const std::string& yaml, const std::string& source, const char* needs) {
   std::vector<YAML::Node> docs;
   try {
     docs = YAML::LoadAll(yaml);
@@ -517,9 +519,49 @@ JobConfig JobConfig::parse(const std::string& yaml, const std::string& source) {
                       ": a second YAML document; a config file holds exactly one");
   }
   if (docs.empty() || docs[0].IsNull()) {
-    fail<ConfigError>(source, ":1: the document is empty; it needs at least job and sites");
+    fail<ConfigError>(source, ":1: the document is empty; it needs at least ", needs);
   }
-  const Field top(docs[0], "", job.source);
+  return docs[0];
+}
+
+std::string readFile(const std::string& path, const char* what) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) fail<ConfigError>("cannot read ", what, " '", path, "': ", std::strerror(errno));
+  // Closes fd on every path out, exceptions included.
+  struct Closer {
+    int fd;
+    ~Closer() { ::close(fd); }
+  } closer{fd};
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) fail<ConfigError>("cannot read ", what, " '", path, "': ", std::strerror(errno));
+  if (S_ISDIR(st.st_mode)) fail<ConfigError>("cannot read ", what, " '", path, "': ", std::strerror(EISDIR));
+  std::string text;
+  char buf[1 << 14];
+  for (;;) {
+    const ssize_t got = ::read(fd, buf, sizeof buf);
+    if (got == 0) break;
+    if (got < 0) {
+      if (errno == EINTR) continue;
+      fail<ConfigError>("error reading ", what, " '", path, "': ", std::strerror(errno));
+    }
+    text.append(buf, static_cast<size_t>(got));
+  }
+  return text;
+}
+
+// `path` relative to the directory of `source` (unless absolute or source is not a file).
+std::string besideSource(const std::string& path, const std::string& source) {
+  if (path.empty() || path[0] == '/' || source.empty() || source[0] == '<') return path;
+  const size_t slash = source.rfind('/');
+  return slash == std::string::npos ? path : source.substr(0, slash + 1) + path;
+}
+
+}  // namespace
+
+JobConfig JobConfig::parse(const std::string& yaml, const std::string& source) {
+  JobConfig job;
+  job.source = source;
+  const Field top(singleDocument(yaml, source, "job and sites"), "", job.source);
   try {
     top.expectMap({"job", "sites", "sync", "compression", "transport"});
 
@@ -543,29 +585,89 @@ JobConfig JobConfig::parse(const std::string& yaml, const std::string& source) {
   return job;
 }
 
-JobConfig JobConfig::load(const std::string& path) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) fail<ConfigError>("cannot read config file '", path, "': ", std::strerror(errno));
-  // Closes fd on every path out, exceptions included.
-  struct Closer {
-    int fd;
-    ~Closer() { ::close(fd); }
-  } closer{fd};
-  struct stat st {};
-  if (::fstat(fd, &st) != 0) fail<ConfigError>("cannot read config file '", path, "': ", std::strerror(errno));
-  if (S_ISDIR(st.st_mode)) fail<ConfigError>("cannot read config file '", path, "': ", std::strerror(EISDIR));
-  std::string text;
-  char buf[1 << 14];
-  for (;;) {
-    const ssize_t got = ::read(fd, buf, sizeof buf);
-    if (got == 0) break;
-    if (got < 0) {
-      if (errno == EINTR) continue;
-      fail<ConfigError>("error reading config file '", path, "': ", std::strerror(errno));
-    }
-    text.append(buf, static_cast<size_t>(got));
+JobConfig JobConfig::load(const std::string& path) { return parse(readFile(path, "config file"), path); }
+
+// ------------------------------------------------------------ site policy ---
+
+const char* messageKindName(MessageKind kind) {
+  switch (kind) {
+    case MessageKind::kModelUpdate: return "model_update";
+    case MessageKind::kModelState: return "model_state";
+    case MessageKind::kControl: return "control";
+    case MessageKind::kMetrics: return "metrics";
   }
-  return parse(text, path);
+  return "unknown";
 }
+
+MessageKind parseMessageKind(const std::string& name) {
+  for (MessageKind k : {MessageKind::kModelUpdate, MessageKind::kModelState, MessageKind::kControl,
+                        MessageKind::kMetrics}) {
+    if (name == messageKindName(k)) return k;
+  }
+  fail<InvalidArgument>("unknown message kind '", name, "'; kinds: model_update, model_state, control, metrics");
+}
+
+bool SitePolicy::allows(MessageKind kind) const {
+  return std::find(egress_allow.begin(), egress_allow.end(), kind) != egress_allow.end();
+}
+
+SitePolicy SitePolicy::parse(const std::string& yaml, const std::string& source) {
+  SitePolicy p;
+  p.source = source;
+  const Field top(singleDocument(yaml, source, "site and jurisdiction"), "", source);
+  try {
+    top.expectMap({"site", "jurisdiction", "egress", "audit", "privacy", "data"});
+    const Field site = top.required("site");
+    p.site = site.scalar();
+    const Field jurisdiction = top.required("jurisdiction");
+    p.jurisdiction = jurisdiction.scalar();
+    if (p.jurisdiction.size() != 2 ||
+        !std::all_of(p.jurisdiction.begin(), p.jurisdiction.end(), [](char c) { return c >= 'A' && c <= 'Z'; })) {
+      jurisdiction.reject("an ISO 3166-1 alpha-2 code: two upper-case letters such as CN or SG");
+    }
+    const Field egress = top.child("egress");
+    if (egress.present()) {
+      egress.expectMap({"allow"});
+      const Field allow = egress.required("allow");
+      const size_t n = allow.expectList(0, 16, "a list of message kinds (model_update, model_state, control, metrics)");
+      p.egress_allow.clear();
+      for (size_t i = 0; i < n; ++i) {
+        const std::string k = allow.item(i).choice("", {"model_update", "model_state", "control", "metrics"});
+        const MessageKind kind = parseMessageKind(k);
+        if (!p.allows(kind)) p.egress_allow.push_back(kind);
+      }
+    }
+    const Field audit = top.child("audit");
+    if (audit.present()) {
+      audit.expectMap({"log", "signing_key"});
+      p.audit_log = besideSource(audit.required("log").scalar(), source);
+      const Field key = audit.child("signing_key");
+      if (!key.present()) {
+        audit.error("needs signing_key (the site's Ed25519 secret key file; ./strait keys generate " + p.site +
+                    " writes one) to sign the log");
+      }
+      p.signing_key = besideSource(key.scalar(), source);
+    }
+    const Field privacy = top.child("privacy");
+    if (privacy.present()) {
+      privacy.expectMap({"clip_norm", "noise_multiplier", "epsilon_budget", "delta"});
+      p.privacy.enabled = true;
+      p.privacy.clip_norm = privacy.required("clip_norm").number(0, Interval::above(0));
+      p.privacy.noise_multiplier = privacy.required("noise_multiplier").number(0, Interval::above(0));
+      p.privacy.epsilon_budget = privacy.required("epsilon_budget").number(0, Interval::above(0));
+      p.privacy.delta = privacy.child("delta").number(1e-5, Interval{0, 1, true, true});
+    }
+    const Field data = top.child("data");
+    if (data.present()) {
+      const size_t n = data.expectList(0, 1024, "a list of the site's dataset directories");
+      for (size_t i = 0; i < n; ++i) p.data.push_back(besideSource(data.item(i).scalar(), source));
+    }
+  } catch (const YAML::Exception& e) {
+    fail<ConfigError>(source, ":", e.mark.line + 1, ": ", e.msg);
+  }
+  return p;
+}
+
+SitePolicy SitePolicy::load(const std::string& path) { return parse(readFile(path, "policy file"), path); }
 
 }  // namespace strait::core

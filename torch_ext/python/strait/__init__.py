@@ -22,7 +22,7 @@ import os
 import torch
 
 __all__ = ["encode", "decode", "decode_accumulate", "payload_info", "Compressor", "library_path",
-           "init", "Session", "StraitError", "ddp_hook", "DiLoCo"]
+           "init", "Session", "StraitError", "PolicyViolation", "ddp_hook", "DiLoCo"]
 
 
 def _find_library():
@@ -97,6 +97,6 @@ class Compressor:
         return self._c.error_feedback()
 
 
-from .session import Session, StraitError, init  # noqa: E402
+from .session import PolicyViolation, Session, StraitError, init  # noqa: E402
 from .ddp import ddp_hook  # noqa: E402
 from .diloco import DiLoCo  # noqa: E402

@@ -18,6 +18,17 @@ class StraitError(RuntimeError):
     """A strait failure surfaced in Python (config, gateway, consistency)."""
 
 
+class PolicyViolation(StraitError):
+    """The site's policy refused something: a message kind that may not leave,
+    an exhausted privacy budget, a dataset from another jurisdiction."""
+
+
+def _error(e):
+    """The StraitError (or PolicyViolation) for a RuntimeError from the extension."""
+    text = str(e).splitlines()[0]
+    return PolicyViolation(text) if "policy violation:" in text else StraitError(text)
+
+
 def _load_config(path):
     """The parts of the job config Python needs (the C++ side validates all of it)."""
     import yaml  # python3-yaml
@@ -36,7 +47,7 @@ class Session:
     - weights: each site's weight, in site order
     """
 
-    def __init__(self, config, site, group=None, timeout_s=None, log=None, json_log=None):
+    def __init__(self, config, site, group=None, timeout_s=None, log=None, json_log=None, policy=None):
         if not os.path.exists(config):
             raise StraitError(f"strait.init: config file '{config}' does not exist")
         self.config_path = os.path.abspath(config)
@@ -51,6 +62,15 @@ class Session:
             raise StraitError(f"strait.init: site '{site}' is not in {config}; its sites are: {', '.join(names)}")
         self.site = site
         self.site_index = names.index(site)
+        self.jurisdiction = doc["sites"][self.site_index]["jurisdiction"]
+        # The site's own policy file (egress kinds, audit log, privacy, data).
+        self.policy_path = os.path.abspath(policy) if policy else None
+        self.policy = {}
+        if self.policy_path:
+            if not os.path.exists(self.policy_path):
+                raise StraitError(f"strait.init: policy file '{policy}' does not exist")
+            self.policy = _load_config(self.policy_path) or {}
+        self.privacy = bool(self.policy.get("privacy"))
         self.sites = names
         self.weights = [float(s.get("weight", 1.0)) for s in doc["sites"]]
         self.sync_config = dict(doc.get("sync") or {})
@@ -75,9 +95,9 @@ class Session:
         self.gateway = None
         if self.leader:
             try:
-                self.gateway = torch.classes.strait.Gateway(self.config_path, site)
+                self.gateway = torch.classes.strait.Gateway(self.config_path, site, self.policy_path or "")
             except RuntimeError as e:
-                raise StraitError(str(e).splitlines()[0]) from None
+                raise _error(e) from None
         self._compressors = {}
         self._rounds = {}
         self._checked = set()
@@ -88,6 +108,7 @@ class Session:
         self.json_log = json_log if json_log is not None else os.environ.get("STRAIT_JSON_LOG") or None
         self._log_lock = threading.Lock()
         self._pending = self._empty_pending()
+        self.privacy_spent = 0.0
         # At exit, while the interpreter is still whole: a gloo group or a
         # gateway left to interpreter teardown can abort the process.
         import atexit
@@ -136,22 +157,25 @@ class Session:
         self._rounds[tag] = r + 1
         return r
 
-    def _exchange(self, tag, payload):
+    def _exchange(self, tag, payload, kind="model_update"):
         """Leader only: the next round of `tag` with every site; returns
-        (payloads in site order, missing site names). Polls, so other Python
-        threads keep running while the network works; bounded by timeout_s."""
+        (payloads in site order, missing site names). `kind` is what the
+        site's egress policy judges. Polls, so other Python threads keep
+        running while the network works; bounded by timeout_s."""
         round_ = self.next_round(tag)
         start = time.monotonic()
         try:
-            self.gateway.exchange(round_, tag, payload)
+            self.gateway.exchange(round_, tag, payload, kind)
             deadline = start + self.timeout_s
             while not self.gateway.ready(round_, tag):
                 if time.monotonic() > deadline:
                     raise StraitError(f"strait: round {round_} '{tag}' did not complete within {self.timeout_s:.0f} s")
                 time.sleep(0.0005)
             payloads, missing = self.gateway.result(round_, tag)
+        except StraitError:
+            raise
         except RuntimeError as e:
-            raise StraitError(str(e).splitlines()[0]) from None
+            raise _error(e) from None
         with self._log_lock:
             p = self._pending
             p["rounds"] += 1
@@ -208,7 +232,7 @@ class Session:
         every site. Missing sites (on_site_loss: continue) are left out and the
         weights renormalised."""
         assert self.leader
-        flat = tensor.detach().reshape(-1).float().cpu().contiguous()
+        flat = self._privatized(tensor.detach().reshape(-1).float().cpu().contiguous())
         compressor = self.compressor(compressor_key or tag, pipeline, name=name or tag, size=flat.numel())
         payload = compressor.encode(flat)
         self.bytes_sent += payload.numel()
@@ -221,6 +245,18 @@ class Session:
         self.last_missing = list(missing)
         return out.view(tensor.shape)
 
+    def _privatized(self, flat):
+        """With the policy's privacy section: a clipped, noised copy of flat
+        (the gateway refuses a model update that skipped this)."""
+        if not self.privacy:
+            return flat
+        flat = flat.clone()
+        try:
+            self.privacy_spent = self.gateway.privatize(flat)
+        except RuntimeError as e:
+            raise _error(e) from None
+        return flat
+
     def average_parts_across_sites(self, flat, parts, tag):
         """Leader only: like average_across_sites, for a flat tensor made of
         named parts (offset, numel, name): each part is compressed with its own
@@ -229,7 +265,7 @@ class Session:
         A message whose framing does not match this model is a StraitError
         naming the site; its payloads are then decoded as hostile bytes."""
         assert self.leader
-        flat = flat.detach().reshape(-1).float().cpu().contiguous()
+        flat = self._privatized(flat.detach().reshape(-1).float().cpu().contiguous())
         pieces = []
         for offset, numel, name in parts:
             c = self.compressor(f"{tag}.{name}", name=name, size=numel)
@@ -262,7 +298,7 @@ class Session:
         site — for initial weights, which must agree exactly."""
         assert self.leader
         flat = tensor.detach().reshape(-1).float().cpu().contiguous()
-        payloads, _ = self._exchange(tag, torch.ops.strait.encode(flat, "fp32", 0))
+        payloads, _ = self._exchange(tag, torch.ops.strait.encode(flat, "fp32", 0), kind="model_state")
         if payloads[0].numel() == 0:
             raise StraitError("strait: site 0 did not send its initial parameters")
         return torch.ops.strait.decode(payloads[0], list(flat.shape)).view(tensor.shape)
@@ -273,7 +309,8 @@ class Session:
         worker, naming the first site that differs, if they do not."""
         error = ""
         if self.leader:
-            payloads, missing = self._exchange(tag, torch.tensor(list(description.encode()), dtype=torch.uint8))
+            payloads, missing = self._exchange(tag, torch.tensor(list(description.encode()), dtype=torch.uint8),
+                                               kind="control")
             mine = description
             for i, p in enumerate(payloads):
                 theirs = bytes(p.tolist()).decode(errors="replace") if p.numel() else None
@@ -303,17 +340,20 @@ def _size(n):
     return f"{n} B"
 
 
-def init(config=None, site=None, group=None, timeout_s=None, log=None, json_log=None):
+def init(config=None, site=None, group=None, timeout_s=None, log=None, json_log=None, policy=None):
     """Starts strait in this process: finds or creates the site's process group
     (torchrun environment variables work) and starts the gateway on the site
     leader. `config` defaults to $STRAIT_CONFIG and `site` to $STRAIT_SITE
     (both set by ./strait launch). `log` (default $STRAIT_LOG, on)
     prints a line per round on the site leader; `json_log` (default
-    $STRAIT_JSON_LOG) is a file that gets one JSON object per round per site."""
+    $STRAIT_JSON_LOG) is a file that gets one JSON object per round per site.
+    `policy` (default $STRAIT_POLICY) is the site's own policy file: which
+    message kinds may leave, the signed audit log, differential privacy."""
     site = site or os.environ.get("STRAIT_SITE")
     config = config or os.environ.get("STRAIT_CONFIG")
     if not config:
         raise StraitError("strait.init: no config given (pass the job's YAML path or set STRAIT_CONFIG)")
     if not site:
         raise StraitError("strait.init: no site given (pass site=... or set STRAIT_SITE)")
-    return Session(config, site, group=group, timeout_s=timeout_s, log=log, json_log=json_log)
+    policy = policy or os.environ.get("STRAIT_POLICY") or None
+    return Session(config, site, group=group, timeout_s=timeout_s, log=log, json_log=json_log, policy=policy)
