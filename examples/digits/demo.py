@@ -44,6 +44,36 @@ def write_config(out, name, pipeline):
     return path
 
 
+def write_policies(out, tag):
+    """Each site's own policy: what may leave it, and its signed audit log."""
+    paths = {}
+    os.makedirs(os.path.join(out, "audit"), exist_ok=True)
+    for site, jur in SITES:
+        log = os.path.join(out, "audit", f"{tag}-{site}.jsonl")
+        if os.path.exists(log):
+            os.remove(log)  # a fresh trail per demo run
+        path = os.path.join(out, f"policy-{tag}-{site}.yaml")
+        with open(path, "w") as f:
+            f.write(f"site: {site}\njurisdiction: {jur}\negress: {{allow: [model_update, model_state, control]}}\n"
+                    f"audit: {{log: audit/{tag}-{site}.jsonl, signing_key: keys/{site}.sign}}\n")
+        paths[site] = path
+    return paths
+
+
+def verify_audit(build, out, tag):
+    """Checks each site's audit log with its public key; returns summaries."""
+    results = {}
+    for site, _ in SITES:
+        log = os.path.join(out, "audit", f"{tag}-{site}.jsonl")
+        r = subprocess.run([os.path.join(build, "transport", "strait_audit"), "verify", log, "--key",
+                            os.path.join(out, "keys", f"{site}.sign.pub"), "--json"], capture_output=True, text=True)
+        try:
+            results[site] = dict(json.loads(r.stdout), log=log)
+        except ValueError:
+            results[site] = {"ok": False, "problem": r.stderr.strip() or r.stdout.strip(), "log": log}
+    return results
+
+
 def run_job(config, out, tag, steps, progress, wan_profile=None):
     """Runs the job; with wan_profile, across a simulated border (root only).
     Returns every worker's result and what crossed the border (None without one)."""
@@ -69,7 +99,8 @@ def run_workers(config, out, tag, steps, progress, border):
             env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                        OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", STRAIT_LOG="0",
                        PYTHONPATH=os.path.join(ROOT, "torch_ext", "python"),
-                       STRAIT_JSON_LOG=os.path.join(out, f"{tag}-rounds.jsonl"))
+                       STRAIT_JSON_LOG=os.path.join(out, f"{tag}-rounds.jsonl"),
+                       STRAIT_POLICY=os.path.join(out, f"policy-{tag}-{site}.yaml"))
             cmd = (border.prefix(site) if border else []) + [
                 sys.executable, os.path.join(HERE, "train.py"), "--config", config, "--site", site,
                 "--steps", str(steps), "--out", res]
@@ -151,12 +182,14 @@ def main():
             os.remove(os.path.join(out, f"{tag}-rounds.jsonl"))
     os.makedirs(os.path.join(out, "keys"), exist_ok=True)
     for site, _ in SITES:
-        if not os.path.exists(os.path.join(out, "keys", f"{site}.key")):
+        if not os.path.exists(os.path.join(out, "keys", f"{site}.sign")):
             subprocess.run([os.path.join(args.build, "transport", "strait_keys"), "generate", site, "--dir",
                             os.path.join(out, "keys")], check=True, stdout=subprocess.DEVNULL)
 
     print("strait demo: two sites (hangzhou CN, singapore SG), two workers each, CurveZMQ between them")
     print(f"training {args.steps} steps with compressed updates ...", flush=True)
+    for tag in ("compressed", "fp32"):
+        write_policies(out, tag)
     started = time.monotonic()
     compressed, wire_comp = run_job(write_config(out, "compressed", "topk(0.05) -> int8"), out, "compressed",
                                     args.steps, True, args.wan)
@@ -169,6 +202,7 @@ def main():
     alone_acc = [alone(i, args.steps) for i in range(len(SITES))]
 
     params = {json.dumps(r["params"]) for r in compressed}
+    audit = verify_audit(args.build, out, "compressed")
     shared_acc = compressed[0]["test_accuracy"]
     b_comp, b_plain = crossed(compressed)[-1], crossed(plain)[-1]
     png = os.path.join(out, "loss_vs_bytes.png")
@@ -176,7 +210,7 @@ def main():
     summary = {"shared_accuracy": shared_acc, "alone_accuracy": dict(zip([s for s, _ in SITES], alone_acc)),
                "bytes_crossed": b_comp, "bytes_fp32": b_plain, "replicas_identical": len(params) == 1,
                "plot": png, "wan": args.wan, "seconds": {"compressed": took_comp, "fp32": took_plain},
-               "wire_bytes": {"compressed": wire_comp, "fp32": wire_plain}}
+               "wire_bytes": {"compressed": wire_comp, "fp32": wire_plain}, "audit": audit}
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
 
@@ -194,7 +228,17 @@ def main():
     print(f"round log (one JSON object per round per site): {os.path.join(out, 'compressed-rounds.jsonl')}")
     print(f"plot: {png}")
     print(f"details: {os.path.join(out, 'summary.json')}; keys and configs in {out}")
-    print("audit trail: not built yet (the sovereignty issue adds a signed log of every message)")
+    def shown(path):  # relative when under the working directory
+        rel = os.path.relpath(path)
+        return path if rel.startswith("..") else rel
+
+    for site, a in audit.items():
+        rel = shown(a["log"])
+        if a.get("ok"):
+            print(f"audit trail, {site}: {rel}: {a['records']} signed records, verified "
+                  f"(./strait audit verify {rel} --key {shown(os.path.join(out, 'keys', site + '.sign.pub'))})")
+        else:
+            print(f"audit trail, {site}: {rel}: VERIFY FAILED: {a.get('problem')}")
 
 
 if __name__ == "__main__":

@@ -20,14 +20,13 @@ def _sync_bucket(session, buf, index, params):
     if session.size > 1:
         dist.all_reduce(buf, group=session.group)
         buf.div_(session.size)
-    if session.leader:
-        # Config rules see a bucket as "ddp.bucket<INDEX>" of its size.
-        mean = session.average_across_sites(buf, tag, compressor_key=layout, name=f"ddp.bucket{index}")
-        buf.copy_(mean.to(buf.device, buf.dtype))
-    else:
+    if not session.leader:
         session.next_round(tag)  # keep round numbers in step with the leader
-    session.broadcast(buf)
-    return buf
+    # Config rules see a bucket as "ddp.bucket<INDEX>" of its size. A failure
+    # on the leader (a lost site, a policy refusal) is raised on every worker.
+    return session.from_leader(
+        lambda: session.average_across_sites(buf, tag, compressor_key=layout,
+                                             name=f"ddp.bucket{index}").to(buf.device, buf.dtype), buf)
 
 
 def ddp_hook(session, bucket):

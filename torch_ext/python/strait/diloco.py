@@ -83,10 +83,8 @@ class DiLoCo:
     def _agree(self, flat):
         """Every worker adopts site 0's initial parameters (fp32, uncompressed)."""
         s = self.session
-        if s.leader:
-            mean = s.average_across_sites_exact(flat, "diloco.init")
-            flat = mean
-        return s.broadcast(flat.contiguous())
+        flat = flat.contiguous()
+        return s.from_leader(lambda: s.average_across_sites_exact(flat, "diloco.init"), flat)
 
     def step(self):
         self.local_steps += 1
@@ -97,14 +95,14 @@ class DiLoCo:
     def sync(self):
         s = self.session
         local = torch.cat([p.detach().reshape(-1).float().cpu() for p in self.params])
-        outer_grad = torch.empty_like(local)
-        if s.leader:
-            pseudo = self.global_params - local
+        pseudo = self.global_params - local
+
+        def exchange():  # on the site leader
             if self.pipeline is not None:
-                outer_grad = s.average_across_sites(pseudo, "diloco", self.pipeline)
-            else:
-                outer_grad = s.average_parts_across_sites(pseudo, self.parts, "diloco")
-        s.broadcast(outer_grad)
+                return s.average_across_sites(pseudo, "diloco", self.pipeline)
+            return s.average_parts_across_sites(pseudo, self.parts, "diloco")
+
+        outer_grad = s.from_leader(exchange, torch.empty_like(local))
         # The same outer step, in the same float32 ops, on every worker.
         self.momentum.mul_(self.mu).add_(outer_grad)
         update = outer_grad.add(self.momentum, alpha=self.mu) if self.nesterov else self.momentum

@@ -9,6 +9,10 @@ workers start, for deployments where each site runs its own command in its
 own country. Inside a site, MASTER_ADDR / MASTER_PORT from the environment are
 kept when given (so it composes with a cluster scheduler).
 
+Each site's own policy file (--policy SITE=PATH, or --policy PATH with
+--site) reaches only that site's workers, as STRAIT_POLICY, together with
+STRAIT_DATA: the dataset directories that policy lists, and no others.
+
 With --wan PROFILE (root only) the sites run in network namespaces joined by a
 simulated border: a rate-limited link with added latency (see strait/wan.py).
 
@@ -52,6 +56,8 @@ def main(argv=None):
     ap.add_argument("config")
     ap.add_argument("--site", help="start only this site's workers")
     ap.add_argument("--timeout", type=float, default=0, help="stop everything after this many seconds (0: none)")
+    ap.add_argument("--policy", action="append", default=[], metavar="SITE=PATH",
+                    help="a site's policy file (egress, audit log, privacy, datasets); repeat per site")
     ap.add_argument("--json-log", metavar="PATH",
                     help="append one JSON object per round per site to PATH (sets STRAIT_JSON_LOG)")
     ap.add_argument("--wan", metavar="PROFILE",
@@ -67,6 +73,7 @@ def main(argv=None):
     if args.site and args.site not in names:
         raise SystemExit(f"strait launch: site '{args.site}' is not in {args.config}; its sites are: {', '.join(names)}")
 
+    policies = _policies(args, names)
     border = None
     config = os.path.abspath(args.config)
     if args.wan:
@@ -83,14 +90,39 @@ def main(argv=None):
                 border.close()
             raise SystemExit(f"strait launch: {e}")
     try:
-        return _run(args, command, sites, config, border)
+        return _run(args, command, sites, config, border, policies)
     finally:
         if border is not None:
             border.close()
             print(f"strait launch: {border.summary()}", file=sys.stderr)
 
 
-def _run(args, command, sites, config, border):
+def _policies(args, names):
+    """{site: (policy path, [dataset dirs])} from --policy arguments."""
+    import yaml
+
+    out = {}
+    for item in args.policy:
+        site, sep, path = item.partition("=")
+        if not sep:
+            if not args.site:
+                raise SystemExit(f"strait launch: --policy {item}: say which site it governs (--policy SITE=PATH)")
+            site, path = args.site, item
+        if site not in names:
+            raise SystemExit(f"strait launch: --policy {item}: '{site}' is not a site of {args.config}")
+        if not os.path.exists(path):
+            raise SystemExit(f"strait launch: policy file '{path}' does not exist")
+        with open(path) as f:
+            doc = yaml.safe_load(f) or {}
+        if doc.get("site") != site:
+            raise SystemExit(f"strait launch: policy file '{path}' governs site '{doc.get('site')}', not '{site}'")
+        base = os.path.dirname(os.path.abspath(path))
+        data = [os.path.normpath(os.path.join(base, d)) for d in (doc.get("data") or [])]
+        out[site] = (os.path.abspath(path), data)
+    return out
+
+
+def _run(args, command, sites, config, border, policies):
     procs = []
     sel = selectors.DefaultSelector()
     # Like torchrun: workers sharing this machine get an even share of its
@@ -110,6 +142,14 @@ def _run(args, command, sites, config, border):
                 env.setdefault(var, threads)
             if args.json_log:
                 env["STRAIT_JSON_LOG"] = os.path.abspath(args.json_log)
+            # Only this site's policy and datasets; never another site's (an
+            # inherited one would reach every site of a local launch).
+            if not args.site:
+                for var in ("STRAIT_POLICY", "STRAIT_DATA"):
+                    env.pop(var, None)
+            if name in policies:
+                env["STRAIT_POLICY"] = policies[name][0]
+                env["STRAIT_DATA"] = os.pathsep.join(policies[name][1])
             prefix = border.prefix(name) if border else []
             p = subprocess.Popen(prefix + command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
             procs.append((f"{name}/{rank}", p))

@@ -307,24 +307,50 @@ class Session:
         """Every worker of every site must pass the same `description` (a
         string, e.g. parameter names and shapes). Raises StraitError on every
         worker, naming the first site that differs, if they do not."""
-        error = ""
-        if self.leader:
-            payloads, missing = self._exchange(tag, torch.tensor(list(description.encode()), dtype=torch.uint8),
-                                               kind="control")
+        def verdict():  # on the leader
+            payloads, _ = self._exchange(tag, torch.tensor(list(description.encode()), dtype=torch.uint8),
+                                         kind="control")
             mine = description
             for i, p in enumerate(payloads):
                 theirs = bytes(p.tolist()).decode(errors="replace") if p.numel() else None
                 if theirs is not None and theirs != mine:
                     a, b = mine.splitlines(), theirs.splitlines()
                     first = next((k for k in range(min(len(a), len(b))) if a[k] != b[k]), min(len(a), len(b)))
-                    error = (f"strait: the model differs between sites: site '{self.sites[i]}' has "
-                             f"{b[first] if first < len(b) else '(nothing)'!r} where site '{self.site}' has "
-                             f"{a[first] if first < len(a) else '(nothing)'!r} (entry {first} of '{tag}')")
-                    break
-        status = torch.tensor([1 if error else 0], dtype=torch.int64)
-        self.broadcast(status)
-        if status.item():
-            raise StraitError(error or "strait: the model differs between sites (see the site leader's error)")
+                    raise StraitError(f"strait: the model differs between sites: site '{self.sites[i]}' has "
+                                      f"{b[first] if first < len(b) else '(nothing)'!r} where site '{self.site}' has "
+                                      f"{a[first] if first < len(a) else '(nothing)'!r} (entry {first} of '{tag}')")
+            return torch.zeros(0, dtype=torch.uint8)
+
+        self.from_leader(verdict, torch.zeros(0, dtype=torch.uint8))
+
+    def from_leader(self, fn, out):
+        """Runs fn() on the site leader and broadcasts its result (copied into
+        `out`, which every worker passes with the right shape) inside the site.
+        A StraitError on the leader is raised on every worker with the same
+        message, rather than leaving the others waiting for a broadcast."""
+        error = None
+        if self.leader:
+            try:
+                out.copy_(fn())
+            except StraitError as e:
+                error = e
+        if self.size > 1:
+            text = str(error).encode() if error is not None else b""
+            status = torch.tensor([0 if error is None else 2 if isinstance(error, PolicyViolation) else 1, len(text)],
+                                  dtype=torch.int64)
+            self.broadcast(status)
+            if status[0].item():
+                message = torch.tensor(list(text), dtype=torch.uint8) if self.leader else \
+                    torch.empty(int(status[1].item()), dtype=torch.uint8)
+                self.broadcast(message)
+                if error is None:
+                    cls = PolicyViolation if status[0].item() == 2 else StraitError
+                    error = cls(bytes(message.tolist()).decode(errors="replace"))
+            else:
+                self.broadcast(out)
+        if error is not None:
+            raise error
+        return out
 
     def broadcast(self, tensor):
         """Site leader's tensor to every worker of the site."""
