@@ -22,9 +22,40 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 SITES = ("hangzhou", "singapore")
 
 
-def launch(config, out, args, extra, tag):
+def prepare_sites(out, build):
+    """Each site's dataset (its licence texts, with a manifest naming its
+    jurisdiction) and its policy (datasets, signed audit log)."""
+    sys.path.insert(0, os.path.join(ROOT, "torch_ext", "python"))
+    sys.path.insert(0, HERE)
+    import shutil
+
+    import train
+    from strait import data
+
+    policies = {}
+    for site, jur in (("hangzhou", "CN"), ("singapore", "SG")):
+        d = os.path.join(out, "data", site)
+        if os.path.isdir(d):
+            shutil.rmtree(d)
+        os.makedirs(d)
+        for path in train.site_files(site):
+            shutil.copyfile(path, os.path.join(d, os.path.basename(path)))
+        data.write_manifest(d, jur, name=f"licences-{site}")
+        log = os.path.join(out, "audit", f"{site}.jsonl")
+        if os.path.exists(log):
+            os.remove(log)
+        policies[site] = os.path.join(out, f"policy-{site}.yaml")
+        with open(policies[site], "w") as f:
+            f.write(f"site: {site}\njurisdiction: {jur}\ndata: [data/{site}]\n"
+                    f"audit: {{log: audit/{site}.jsonl, signing_key: {os.path.join(HERE, 'keys', site + '.sign')}}}\n")
+    return policies
+
+
+def launch(config, out, args, extra, tag, policies):
     env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "torch_ext", "python"))
     cmd = [sys.executable, "-m", "strait.launch", config]
+    for site, path in policies.items():
+        cmd += ["--policy", f"{site}={path}"]
     if args.wan and tag == "shared":
         cmd += ["--wan", args.wan]
     if tag == "shared":
@@ -76,18 +107,19 @@ def main():
     os.makedirs(out, exist_ok=True)
     keys = os.path.join(HERE, "keys")
     for site in SITES:
-        if not os.path.exists(os.path.join(keys, f"{site}.key")):
+        if not os.path.exists(os.path.join(keys, f"{site}.sign")):
             subprocess.run([os.path.join(args.build, "transport", "strait_keys"), "generate", site, "--dir", keys],
                            check=True, stdout=subprocess.DEVNULL)
     if os.path.exists(os.path.join(out, "rounds.jsonl")):
         os.remove(os.path.join(out, "rounds.jsonl"))
     config = os.path.join(HERE, "config.yaml")
+    policies = prepare_sites(out, args.build)
 
     print(f"charlm: {args.steps} steps, two sites of two workers, DiLoCo"
           + (f" across a simulated {args.wan} border" if args.wan else "") + " ...", flush=True)
-    shared = launch(config, out, args, [], "shared")
+    shared = launch(config, out, args, [], "shared", policies)
     print("charlm: each site alone, for comparison ...", flush=True)
-    alone = launch(config, out, args, ["--alone"], "alone")
+    alone = launch(config, out, args, ["--alone"], "alone", policies)
 
     # Each site scores every model on its own held-out text: models cross
     # the border to be scored, the text never does.
@@ -99,7 +131,7 @@ def main():
     models.update({f"{s} alone": os.path.join(out, f"alone-{s}-0.json.model.pt") for s in SITES})
     scores = {}
     for s in SITES:
-        held = train.site_text(s)[1]
+        held = train.site_text(s)[1]  # the site's own held-out text, read at the site
         for label, path in models.items():
             m = train.CharLM()
             m.load_state_dict(torch.load(path))
@@ -124,6 +156,16 @@ def main():
     print(f"bytes across the border: {crossed / 1e6:.2f} MB; fp32 gradients every step would be "
           f"{fp32 / 1e6:.0f} MB ({fp32 / max(1, crossed):.0f}x more)")
     print(f"all four workers hold identical parameters: {'yes' if len(digests) == 1 else 'NO'}")
+    for site in SITES:
+        v = subprocess.run([os.path.join(args.build, "transport", "strait_audit"), "verify",
+                            os.path.join(out, "audit", f"{site}.jsonl"), "--key", os.path.join(keys, f"{site}.sign.pub"),
+                            "--json"], capture_output=True, text=True)
+        verdict = json.loads(v.stdout) if v.stdout.startswith("{") else {"ok": False, "problem": v.stderr}
+        summary.setdefault("audit", {})[site] = verdict
+        print(f"audit log of {site}: {os.path.join(out, 'audit', site + '.jsonl')}: "
+              + (f"{verdict['records']} signed records, verified" if verdict["ok"] else f"FAILED: {verdict['problem']}"))
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
     print(f"plot: {png}; round log: {os.path.join(out, 'rounds.jsonl')}; summary: {os.path.join(out, 'summary.json')}")
 
 

@@ -28,15 +28,20 @@ SITE_FILES = {
 }
 
 
-def site_text(site, corpus=CORPUS):
-    """(training bytes, held-out bytes) of the site's own files, as uint8 tensors."""
+def site_files(site, corpus=CORPUS):
     if site not in SITE_FILES:
         raise SystemExit(f"charlm: no data for site '{site}'; sites with data: {', '.join(SITE_FILES)}")
-    train, held = [], []
-    for name in SITE_FILES[site]:
-        path = os.path.join(corpus, name)
+    paths = [os.path.join(corpus, name) for name in SITE_FILES[site]]
+    for path in paths:
         if not os.path.isfile(path):
             raise SystemExit(f"charlm: {path} is missing (Debian's base-files package installs it)")
+    return paths
+
+
+def site_text(site, paths=None):
+    """(training bytes, held-out bytes) of the site's files, as uint8 tensors."""
+    train, held = [], []
+    for path in paths or site_files(site):
         data = open(path, "rb").read()
         cut = len(data) * 9 // 10
         train.append(data[:cut])
@@ -105,6 +110,8 @@ def main():
     ap.add_argument("--lr", type=float, default=3e-3, help="inner AdamW learning rate")
     ap.add_argument("--alone", action="store_true", help="train this site alone (no strait), for comparison")
     ap.add_argument("--out", default="charlm-{site}-{rank}.json", help="result file ({site}, {rank} filled in)")
+    ap.add_argument("--data", help="the site's dataset directory (default: the first one its policy lists, "
+                                   "$STRAIT_DATA; without either, the licence files themselves)")
     args = ap.parse_args()
     if not args.site:
         ap.error("--site is required (or STRAIT_SITE, as ./strait launch sets)")
@@ -113,7 +120,18 @@ def main():
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, size = dist.get_rank(), dist.get_world_size()
-    train, held = site_text(args.site)
+    data_dir = args.data or (os.environ.get("STRAIT_DATA") or "").split(os.pathsep)[0] or None
+    paths = None
+    if data_dir:
+        # Through strait: refused if the dataset is held under another
+        # jurisdiction than this site's, or is not one the launcher gave it.
+        import strait.data
+        import yaml
+
+        with open(args.config) as f:
+            me = [s for s in yaml.safe_load(f)["sites"] if s["name"] == args.site][0]
+        paths = strait.data.open_dataset(data_dir, jurisdiction=me["jurisdiction"]).files
+    train, held = site_text(args.site, paths)
     model = CharLM()
     ddp = nn.parallel.DistributedDataParallel(model)  # inside the site: plain gloo all-reduce
     opt = torch.optim.AdamW(ddp.parameters(), lr=args.lr, weight_decay=0.01)

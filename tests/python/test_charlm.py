@@ -23,4 +23,9 @@ def test_charlm_reduced(tmp_path):
     for site in ("hangzhou", "singapore"):
         assert bpb["shared"][site] < 6.0, bpb  # an untrained model scores ~8.3
     assert os.path.getsize(os.path.join(out, "loss.png")) > 10000
+    # Each site read its text through a manifest of its own jurisdiction, and
+    # its signed audit log of the run verifies.
+    for site, jur in (("hangzhou", "CN"), ("singapore", "SG")):
+        assert json.load(open(os.path.join(out, "data", site, "STRAIT-MANIFEST.json")))["jurisdiction"] == jur
+        assert s["audit"][site]["ok"] and s["audit"][site]["records"] > 2, s["audit"]
     assert "held-out bits per byte" in r.stdout
