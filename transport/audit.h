@@ -95,11 +95,16 @@ struct AuditVerdict {
   AuditSummary summary;
 };
 
-// Checks every line's signature with `public_key` (32 bytes), the sequence
-// numbers and the hash chain; with `expected_head`, also that the log ends
-// there (records cut from the end are otherwise undetectable). Throws Error
-// only when the file cannot be read.
-AuditVerdict verifyAuditLog(const std::string& path, const std::vector<uint8_t>& public_key,
+// Checks every line's signature, the sequence numbers and the hash chain;
+// with `expected_head`, also that the log ends there (records cut from the
+// end are otherwise undetectable). A record verifies with any of
+// `public_keys` (32 bytes each): a log that spans a key rotation needs the
+// retired key and the new one. Throws Error only when the file cannot be read.
+AuditVerdict verifyAuditLog(const std::string& path, const std::vector<std::vector<uint8_t>>& public_keys,
                             const std::string& expected_head = "");
+inline AuditVerdict verifyAuditLog(const std::string& path, const std::vector<uint8_t>& public_key,
+                                   const std::string& expected_head = "") {
+  return verifyAuditLog(path, std::vector<std::vector<uint8_t>>{public_key}, expected_head);
+}
 
 }  // namespace strait::transport

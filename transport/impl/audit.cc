@@ -330,12 +330,13 @@ std::string AuditLog::head() const {
 
 // --------------------------------------------------------------- verifier ---
 
-AuditVerdict verifyAuditLog(const std::string& path, const std::vector<uint8_t>& public_key,
+AuditVerdict verifyAuditLog(const std::string& path, const std::vector<std::vector<uint8_t>>& public_keys,
                             const std::string& expected_head) {
   initSodium();
   AuditVerdict v;
-  if (public_key.size() != crypto_sign_PUBLICKEYBYTES) {
-    fail<InvalidArgument>("verify: the public key must be 32 bytes (Ed25519)");
+  if (public_keys.empty()) fail<InvalidArgument>("verify: no public key");
+  for (const auto& k : public_keys) {
+    if (k.size() != crypto_sign_PUBLICKEYBYTES) fail<InvalidArgument>("verify: a public key must be 32 bytes (Ed25519)");
   }
   std::ifstream in(path, std::ios::binary);
   if (!in) fail<Error>("cannot read audit log '", path, "': ", std::strerror(errno));
@@ -366,11 +367,16 @@ AuditVerdict verifyAuditLog(const std::string& path, const std::vector<uint8_t>&
     }
     const std::string signed_part = line.substr(0, sig_at);
     std::vector<uint8_t> sig;
-    if (!fromHex(line.substr(sig_at + kSigField.size(), 2 * crypto_sign_BYTES), sig, crypto_sign_BYTES) ||
-        crypto_sign_verify_detached(sig.data(), reinterpret_cast<const uint8_t*>(signed_part.data()),
-                                    signed_part.size(), public_key.data()) != 0) {
-      return bad("the signature does not verify with this key: the record was edited, or inserted by someone "
-                 "without the site's signing key");
+    bool verified = false;
+    if (fromHex(line.substr(sig_at + kSigField.size(), 2 * crypto_sign_BYTES), sig, crypto_sign_BYTES)) {
+      for (const auto& key : public_keys) {
+        verified = verified || crypto_sign_verify_detached(sig.data(), reinterpret_cast<const uint8_t*>(signed_part.data()),
+                                                           signed_part.size(), key.data()) == 0;
+      }
+    }
+    if (!verified) {
+      return bad(std::string("the signature does not verify with ") + (public_keys.size() > 1 ? "any of these keys" : "this key") +
+                 ": the record was edited, or inserted by someone without the site's signing key");
     }
     std::map<std::string, std::string> f;
     if (!parseFlat(signed_part + "}", f)) return bad("a signed record that is not valid JSON");

@@ -272,6 +272,23 @@ TEST(AuditLog, ARestartContinuesTheChainAndATornLastLineIsCutAndNoted) {
   EXPECT_EQ(recovered, 1u);
 }
 
+TEST(AuditLog, ALogSpanningAKeyRotationVerifiesWithBothKeysOnly) {
+  AuditedJob j;
+  j.run(1);
+  const std::vector<uint8_t> old_pub = j.pub(0);
+  const SigningKeys fresh = generateSigningKeys();
+  writeSigningKeys(fresh, j.dir.path + "/new", "s0");
+  j.job.sites[0].signing_key = readSigningSecretKey(j.dir.path + "/new/s0.sign");
+  j.run(1, 1);
+  const std::vector<uint8_t> new_pub = readSigningPublicKey(j.dir.path + "/new/s0.sign.pub");
+  const AuditVerdict old_only = verifyAuditLog(j.logs[0], old_pub);
+  EXPECT_FALSE(old_only.ok);
+  EXPECT_NE(old_only.problem.find("does not verify with this key"), std::string::npos) << old_only.problem;
+  EXPECT_FALSE(verifyAuditLog(j.logs[0], new_pub).ok);
+  const AuditVerdict both = verifyAuditLog(j.logs[0], std::vector<std::vector<uint8_t>>{old_pub, new_pub});
+  EXPECT_TRUE(both.ok) << both.problem;
+}
+
 TEST(AuditLog, AnUnwritableLogStopsTheGatewayFromStarting) {
   AuditedJob j;
   j.job.sites[0].audit_log = "/proc/strait-cannot-write-here/audit.jsonl";
