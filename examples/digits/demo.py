@@ -101,6 +101,8 @@ def run_workers(config, out, tag, steps, progress, border):
                        PYTHONPATH=os.path.join(ROOT, "torch_ext", "python"),
                        STRAIT_JSON_LOG=os.path.join(out, f"{tag}-rounds.jsonl"),
                        STRAIT_POLICY=os.path.join(out, f"policy-{tag}-{site}.yaml"))
+            if border:
+                env.update(border.env(site))
             cmd = (border.prefix(site) if border else []) + [
                 sys.executable, os.path.join(HERE, "train.py"), "--config", config, "--site", site,
                 "--steps", str(steps), "--out", res]

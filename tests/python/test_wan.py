@@ -82,13 +82,13 @@ def test_a_job_across_the_simulated_border_logs_its_rounds_and_cleans_up(tmp_pat
                                                                 for k in range(4)]
     for x in records:
         assert x["rounds"] >= 1 and x["bytes_out"] > 0 and x["bytes_in"] > 0 and x["missing"] == []
-        # Every round waits at least for a payload to cross: the one-way delay.
-        assert x["round_s"] >= x["rounds"] * 0.075, x
+        # A round ends when this site's payload is acknowledged: a full round trip.
+        assert x["round_s"] >= x["rounds"] * 0.15 * 0.99, x
     # Human lines, one per step per site, prefixed by the launcher.
     for site in ("hangzhou", "singapore"):
         lines = [l for l in r.stdout.splitlines() if l.startswith(f"[{site}/0] strait {site} step ")]
         assert len(lines) == 4, r.stdout[-2000:]
-    # The proxy saw at least what the sessions say they sent.
+    # The border saw at least what the sessions say they sent.
     summary = [l for l in r.stderr.splitlines() if "crossed the border" in l]
     assert summary, r.stderr[-2000:]
     crossed_mb = float(summary[0].split("strait launch: ")[1].split(" MB")[0])

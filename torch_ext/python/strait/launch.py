@@ -151,6 +151,8 @@ def _run(args, command, sites, config, border, policies):
                 env["STRAIT_POLICY"] = policies[name][0]
                 env["STRAIT_DATA"] = os.pathsep.join(policies[name][1])
             prefix = border.prefix(name) if border else []
+            if border:
+                env.update(border.env(name))
             p = subprocess.Popen(prefix + command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
             procs.append((f"{name}/{rank}", p))
             sel.register(p.stdout, selectors.EVENT_READ, f"{name}/{rank}")

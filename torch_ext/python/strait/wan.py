@@ -2,24 +2,22 @@
 
 Every site gets its own network namespace, joined to a "border" namespace by a
 veth pair. Both ends of each veth are rate-limited with `tc tbf` (upload and
-download), and a user-space delay proxy in the border namespace (wan_proxy.py)
-adds the profile's latency: tc netem, the usual tool, is not in this kernel.
+download). The border routes between the sites' subnets, and every packet it
+forwards passes through a TUN device read by a user-space delay router
+(`strait_wan_delay`, C++), which holds it for half the round-trip time before
+the kernel sends it on: tc netem, the usual tool, is not in this kernel.
 
-    site i namespace                border namespace
-    wan0 10.99.0.(1+i) --veth-- s(i) -- bridge br0 10.99.0.254
-    gateway binds here                  proxy 10.99.0.(101+i) -> 10.99.0.(1+i)
+    site i namespace                    border namespace
+    wan0 10.99.i.1/24 --veth-- s<i> 10.99.i.254 -> rule: from s<i> -> tun0 -> delay -> routed on
+    gateway listens here                ip_forward on; strait_wan_delay counts bytes per site pair
 
-The job config is rewritten so that site i's `endpoint` (what peers dial) is its
-proxy address and its `bind` (where it listens) is its own namespace address.
-A message from site A to site B thus crosses A's uplink, the proxy (one-way
-delay) and B's downlink. Workers inside a site still talk over their
-namespace's loopback, as they would inside one cluster.
+The job config is rewritten so that each site's endpoint is its namespace
+address. Every protocol between sites — the gateways, a gloo world that spans
+sites, TCP's own acknowledgements — sees the profile's rate and round-trip
+time. Inside a site, workers talk over the namespace's own interfaces, as
+they would inside one cluster.
 
-What it models and what it does not: the link rate and the round-trip time an
-application sees are those of the profile. TCP's own acknowledgements run
-between each endpoint and the proxy, so a sender's congestion window grows as on
-a short path: a real long fat pipe with a small window would be slower than
-this emulation. Loss and jitter are not modelled.
+Not modelled: loss (other than drops from a full queue), jitter, reordering.
 
 Profiles are RATE-RTT: a rate in kbit, mbit or gbit and a round-trip time in
 ms, e.g. `100mbit-150ms` (a thin intercontinental link), `1gbit-40ms` (a leased
@@ -39,7 +37,7 @@ PROFILES = {
     "1gbit-40ms": "a leased line within a region, e.g. Hangzhou to Singapore",
     "10mbit-300ms": "a congested or satellite link",
 }
-SUBNET = "10.99.0"
+SUBNET = "10.99"
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -63,6 +61,12 @@ def parse_profile(text):
     return rate, rtt
 
 
+def _delay_tool():
+    root = os.path.dirname(os.path.dirname(os.path.dirname(HERE)))
+    build = os.environ.get("STRAIT_BUILD_DIR", os.path.join(root, "build"))
+    return os.path.join(build, "transport", "strait_wan_delay")
+
+
 def check_can_simulate():
     """Raises WanError saying why this machine cannot run a simulated border."""
     missing = [t for t in ("ip", "tc") if shutil.which(t) is None and not os.path.exists(f"/usr/sbin/{t}")]
@@ -72,6 +76,10 @@ def check_can_simulate():
         raise WanError("--wan needs root: it creates network namespaces (ip netns) and shapes their links "
                        "(tc tbf). Run it as root, or leave out --wan to run every site on loopback with no "
                        "simulated border")
+    if not os.path.exists("/dev/net/tun"):
+        raise WanError("--wan needs /dev/net/tun (the delay router is a TUN device); load the tun module")
+    if not os.path.exists(_delay_tool()):
+        raise WanError(f"--wan needs {_delay_tool()}: build it with ./strait build (or set STRAIT_BUILD_DIR)")
 
 
 def _run(cmd):
@@ -81,35 +89,35 @@ def _run(cmd):
 
 
 class Border:
-    """Context manager: namespaces, shaped veths and the delay proxy for
+    """Context manager: namespaces, shaped veths and the delay router for
     `sites` (names, in the config's order), torn down on exit."""
 
     def __init__(self, profile, sites, log=None):
         self.profile = profile
         self.rate, self.rtt = parse_profile(profile)
         self.sites = list(sites)
-        if len(self.sites) > 90:
-            raise WanError("--wan supports at most 90 sites")
+        if len(self.sites) > 200:
+            raise WanError("--wan supports at most 200 sites")
         tag = f"{os.getpid() % 100000}"
         self.ns = [f"strait{tag}-s{i}" for i in range(len(self.sites))]
         self.border_ns = f"strait{tag}-wan"
-        self.proxy = None
-        self.routes = []
-        self.bytes = {}
+        self.delay = None
+        self.stats = {}
         self.log = log or (lambda msg: print(f"strait wan: {msg}", file=sys.stderr))
         self._tmp = None
 
     # -- addresses ------------------------------------------------------
 
     def site_addr(self, i):
-        return f"{SUBNET}.{1 + i}"
-
-    def proxy_addr(self, i):
-        return f"{SUBNET}.{101 + i}"
+        return f"{SUBNET}.{i}.1"
 
     def prefix(self, site):
         """Command prefix that runs a process inside `site`'s namespace."""
         return ["ip", "netns", "exec", self.ns[self.sites.index(site)]]
+
+    def env(self, site):
+        """Environment for a process of `site`: gloo binds to its namespace's link."""
+        return {"GLOO_SOCKET_IFNAME": "wan0", "STRAIT_WAN_ADDR": self.site_addr(self.sites.index(site))}
 
     # -- set up / tear down -----------------------------------------------
 
@@ -128,45 +136,44 @@ class Border:
     def _create(self):
         rate_kbit = max(100, int(self.rate / 1000))
         burst = max(32 * 1024, int(self.rate / 8 / 100))  # 10 ms of traffic
-        tbf = ["tbf", "rate", f"{rate_kbit}kbit", "burst", str(burst), "latency", "200ms"]
+        tbf = ["tbf", "rate", f"{rate_kbit}kbit", "burst", str(burst), "latency", "400ms"]
         _run(["ip", "netns", "add", self.border_ns])
         wan = ["ip", "netns", "exec", self.border_ns]
+        for key, value in (("net.ipv4.ip_forward", "1"), ("net.ipv4.conf.all.rp_filter", "0"),
+                           ("net.ipv4.conf.default.rp_filter", "0")):
+            _run(wan + ["sysctl", "-q", "-w", f"{key}={value}"])
         _run(wan + ["ip", "link", "set", "lo", "up"])
-        _run(wan + ["ip", "link", "add", "br0", "type", "bridge"])
-        _run(wan + ["ip", "addr", "add", f"{SUBNET}.254/24", "dev", "br0"])
-        _run(wan + ["ip", "link", "set", "br0", "up"])
+        _run(wan + ["ip", "tuntap", "add", "dev", "tun0", "mode", "tun"])
+        _run(wan + ["ip", "link", "set", "tun0", "up"])
+        self.delay = subprocess.Popen(wan + [_delay_tool(), "--tun", "tun0", "--delay-ms", str(self.rtt * 1000 / 2),
+                                             "--queue-bytes", str(max(4 << 20, int(self.rate / 8 * 2)))],
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = self.delay.stdout.readline().strip()
+        if line != "ready":
+            err = self.delay.stderr.read() if self.delay.poll() is not None else ""
+            raise WanError(f"simulated border: the delay router did not start: {line} {err.strip()}")
+        _run(wan + ["ip", "route", "add", "default", "dev", "tun0", "table", "100"])
         for i, ns in enumerate(self.ns):
             _run(["ip", "netns", "add", ns])
             inside = ["ip", "netns", "exec", ns]
             _run(inside + ["ip", "link", "set", "lo", "up"])
             _run(wan + ["ip", "link", "add", f"s{i}", "type", "veth", "peer", "name", "wan0", "netns", ns])
-            _run(wan + ["ip", "link", "set", f"s{i}", "master", "br0"])
+            _run(wan + ["ip", "addr", "add", f"{SUBNET}.{i}.254/24", "dev", f"s{i}"])
             _run(wan + ["ip", "link", "set", f"s{i}", "up"])
             _run(wan + ["tc", "qdisc", "add", "dev", f"s{i}", "root"] + tbf)  # download of site i
-            _run(wan + ["ip", "addr", "add", f"{self.proxy_addr(i)}/24", "dev", "br0"])
+            # Everything that enters the border from a site goes through the delay router.
+            _run(wan + ["ip", "rule", "add", "iif", f"s{i}", "lookup", "100", "priority", "100"])
             _run(inside + ["ip", "addr", "add", f"{self.site_addr(i)}/24", "dev", "wan0"])
             _run(inside + ["ip", "link", "set", "wan0", "up"])
+            _run(inside + ["ip", "route", "add", "default", "via", f"{SUBNET}.{i}.254"])
             _run(inside + ["tc", "qdisc", "add", "dev", "wan0", "root"] + tbf)  # upload of site i
         self.log(f"{self.profile}: {len(self.sites)} sites in namespaces {', '.join(self.ns)}, "
                  f"{self.rate / 1e6:g} Mbit/s each way per site (tc tbf), {self.rtt * 1000:g} ms round trip "
-                 f"(delay proxy in {self.border_ns})")
-
-    def start_proxy(self, ports):
-        """Starts the delay proxy for each site's gateway port (site order)."""
-        cmd = ["ip", "netns", "exec", self.border_ns, sys.executable, os.path.join(HERE, "wan_proxy.py"),
-               "--delay-ms", str(self.rtt * 1000 / 2)]
-        for i, (name, port) in enumerate(zip(self.sites, ports)):
-            cmd += ["--route", f"{name}={self.proxy_addr(i)}:{port},{self.site_addr(i)}:{port}"]
-        self.proxy = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        line = self.proxy.stdout.readline().strip()
-        if line != "ready":
-            err = self.proxy.stderr.read() if self.proxy.poll() is not None else ""
-            raise WanError(f"simulated border: the delay proxy did not start: {line} {err.strip()}")
+                 f"(delay router in {self.border_ns})")
 
     def rewrite_config(self, config_path, out_dir=None):
-        """Writes the job config with each site's endpoint at its proxy and its
-        bind in its namespace; key paths made absolute. Starts the proxy.
-        Returns the new config's path."""
+        """Writes the job config with each site's endpoint at its namespace
+        address (same port) and key paths made absolute; returns its path."""
         import yaml
 
         with open(config_path) as f:
@@ -176,12 +183,10 @@ class Border:
                            "the simulated border is a network. Generate keys (./strait keys generate SITE) and "
                            "list them in the config instead")
         base = os.path.dirname(os.path.abspath(config_path))
-        ports = []
         for i, s in enumerate(doc["sites"]):
             port = int(str(s["endpoint"]).rsplit(":", 1)[1])
-            ports.append(port)
-            s["endpoint"] = f"tcp://{self.proxy_addr(i)}:{port}"
-            s["bind"] = f"tcp://{self.site_addr(i)}:{port}"
+            s["endpoint"] = f"tcp://{self.site_addr(i)}:{port}"
+            s.pop("bind", None)
             for key in ("public_key", "secret_key"):
                 if s.get(key):
                     s[key] = os.path.join(base, os.path.expanduser(str(s[key])))
@@ -192,38 +197,47 @@ class Border:
         with open(path, "w") as f:
             f.write(f"# {config_path} across the simulated border {self.profile} (written by strait.wan)\n")
             yaml.safe_dump(doc, f, sort_keys=False)
-        self.start_proxy(ports)
         return path
 
     def close(self):
-        """Stops the proxy (keeping its byte counts) and removes the namespaces."""
-        if self.proxy is not None:
-            if self.proxy.poll() is None:
-                self.proxy.terminate()
+        """Stops the delay router (keeping its byte counts) and removes the namespaces."""
+        if self.delay is not None:
+            if self.delay.poll() is None:
+                self.delay.terminate()
                 try:
-                    out, _ = self.proxy.communicate(timeout=10)
+                    out, _ = self.delay.communicate(timeout=10)
                     last = [l for l in out.splitlines() if l.startswith("{")]
                     if last:
-                        self.bytes = json.loads(last[-1])
+                        self.stats = json.loads(last[-1])
                 except subprocess.TimeoutExpired:
-                    self.proxy.kill()
-                    self.proxy.wait()
-            self.proxy = None
+                    self.delay.kill()
+                    self.delay.wait()
+            self.delay = None
         for ns in self.ns + [self.border_ns]:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         if self._tmp:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
 
+    def bytes_between(self):
+        """{(from site, to site): IP bytes} that crossed the border (after close())."""
+        out = {}
+        for key, v in (self.stats.get("pairs") or {}).items():
+            a, b = (int(x) for x in key.split("->"))
+            if a < len(self.sites) and b < len(self.sites) and a != b:
+                out[(self.sites[a], self.sites[b])] = v["bytes"]
+        return out
+
     def total_bytes(self):
-        """Bytes the delay proxy relayed, both directions, every site."""
-        return sum(b["to_site"] + b["from_site"] for b in self.bytes.values())
+        """IP bytes (headers included) that crossed the border, every direction."""
+        return sum(self.bytes_between().values())
 
     def summary(self):
         """What crossed the border, as the network saw it (after close())."""
-        if not self.bytes:
-            return "no byte counts from the delay proxy"
-        per = ", ".join(f"to {n} {b['to_site'] / 1e6:.3f} MB (replies {b['from_site'] / 1e6:.3f} MB)"
-                        for n, b in self.bytes.items())
-        return f"{self.total_bytes() / 1e6:.3f} MB crossed the border: {per}"
-
+        pairs = self.bytes_between()
+        if not pairs:
+            return "nothing crossed the border" if self.stats else "no byte counts from the delay router"
+        per = ", ".join(f"{a} -> {b} {v / 1e6:.3f} MB" for (a, b), v in pairs.items())
+        dropped = self.stats.get("dropped", 0)
+        return (f"{self.total_bytes() / 1e6:.3f} MB crossed the border (IP bytes): {per}"
+                + (f"; {dropped} packets dropped at the border queue" if dropped else ""))

@@ -1,0 +1,158 @@
+// strait_wan_delay: the simulated border's latency, in user space (this
+// kernel has no tc netem). Attached to a TUN device in the border namespace,
+// into which the border routes every packet between sites; each packet is
+// held for the one-way delay and written back, and the kernel forwards it on
+// to its destination. Every protocol (the gateways' TCP, gloo's, the TCP
+// acknowledgements themselves) sees the profile's round-trip time.
+//
+//   strait_wan_delay --tun NAME --delay-ms MS [--queue-bytes N] [--subnet A.B]
+//
+// Prints "ready" once attached. On SIGTERM or SIGINT prints one JSON line —
+// bytes and packets per (source site -> destination site), where a site is the
+// third octet of A.B.<site>.x, plus packets dropped because the queue was full
+// — and exits. A full queue drops packets as a router would; TCP recovers.
+
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <linux/if.h>
+#include <linux/if_tun.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/ioctl.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <map>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+volatile sig_atomic_t g_stop = 0;
+
+void onSignal(int) { g_stop = 1; }
+
+struct Packet {
+  Clock::time_point due;
+  std::vector<uint8_t> bytes;
+};
+
+int usage() {
+  std::fprintf(stderr, "usage: strait_wan_delay --tun NAME --delay-ms MS [--queue-bytes N] [--subnet A.B]\n");
+  return 2;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string tun;
+  double delay_ms = -1;
+  size_t queue_limit = 64 << 20;
+  unsigned subnet_a = 10, subnet_b = 99;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "--tun" && i + 1 < argc) {
+      tun = argv[++i];
+    } else if (a == "--delay-ms" && i + 1 < argc) {
+      delay_ms = std::atof(argv[++i]);
+    } else if (a == "--queue-bytes" && i + 1 < argc) {
+      queue_limit = size_t(std::atoll(argv[++i]));
+    } else if (a == "--subnet" && i + 1 < argc) {
+      if (std::sscanf(argv[++i], "%u.%u", &subnet_a, &subnet_b) != 2) return usage();
+    } else {
+      return usage();
+    }
+  }
+  if (tun.empty() || tun.size() >= IFNAMSIZ || delay_ms < 0) return usage();
+
+  const int fd = ::open("/dev/net/tun", O_RDWR | O_CLOEXEC);
+  if (fd < 0) {
+    std::fprintf(stderr, "strait_wan_delay: cannot open /dev/net/tun: %s\n", std::strerror(errno));
+    return 1;
+  }
+  ifreq ifr{};
+  ifr.ifr_flags = IFF_TUN | IFF_NO_PI;
+  std::strncpy(ifr.ifr_name, tun.c_str(), IFNAMSIZ - 1);
+  if (::ioctl(fd, TUNSETIFF, &ifr) < 0) {
+    std::fprintf(stderr, "strait_wan_delay: cannot attach to %s: %s\n", tun.c_str(), std::strerror(errno));
+    return 1;
+  }
+  ::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL) | O_NONBLOCK);
+  struct sigaction sa {};
+  sa.sa_handler = onSignal;
+  ::sigaction(SIGTERM, &sa, nullptr);
+  ::sigaction(SIGINT, &sa, nullptr);
+
+  const auto delay = std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double, std::milli>(delay_ms));
+  std::deque<Packet> queue;
+  size_t queued = 0;
+  uint64_t dropped = 0;
+  std::map<std::pair<int, int>, std::pair<uint64_t, uint64_t>> pairs;  // (src, dst) -> (bytes, packets)
+  std::vector<uint8_t> buf(65536);
+  std::printf("ready\n");
+  std::fflush(stdout);
+
+  while (!g_stop) {
+    // Sleep until a packet arrives or the next one is due.
+    timespec ts{0, 100000000L};
+    if (!queue.empty()) {
+      const int64_t us = std::max<int64_t>(
+          0, std::chrono::duration_cast<std::chrono::microseconds>(queue.front().due - Clock::now()).count());
+      ts = {time_t(us / 1000000), long(us % 1000000) * 1000L};
+    }
+    pollfd p{fd, POLLIN, 0};
+    const int r = ::ppoll(&p, 1, &ts, nullptr);
+    if (r < 0 && errno != EINTR) {
+      std::fprintf(stderr, "strait_wan_delay: poll: %s\n", std::strerror(errno));
+      return 1;
+    }
+    // Read everything that arrived.
+    for (;;) {
+      const ssize_t n = ::read(fd, buf.data(), buf.size());
+      if (n <= 0) break;
+      const auto now = Clock::now();
+      if (queued + size_t(n) > queue_limit) {
+        ++dropped;
+        continue;
+      }
+      queue.push_back({now + delay, std::vector<uint8_t>(buf.begin(), buf.begin() + n)});
+      queued += size_t(n);
+    }
+    // Release everything due.
+    const auto now = Clock::now();
+    while (!queue.empty() && queue.front().due <= now) {
+      Packet& pk = queue.front();
+      const std::vector<uint8_t>& b = pk.bytes;
+      if (b.size() >= 20 && (b[0] >> 4) == 4 && b[12] == subnet_a && b[13] == subnet_b && b[16] == subnet_a &&
+          b[17] == subnet_b) {
+        auto& c = pairs[{b[14], b[18]}];
+        c.first += b.size();
+        c.second += 1;
+      }
+      if (::write(fd, b.data(), b.size()) < 0 && errno != EAGAIN) {
+        ++dropped;  // e.g. no route: the kernel refused it
+      }
+      queued -= b.size();
+      queue.pop_front();
+    }
+  }
+  std::printf("{\"pairs\": {");
+  bool comma = false;
+  for (const auto& [k, v] : pairs) {
+    std::printf("%s\"%d->%d\": {\"bytes\": %llu, \"packets\": %llu}", comma ? ", " : "", k.first, k.second,
+                (unsigned long long)v.first, (unsigned long long)v.second);
+    comma = true;
+  }
+  std::printf("}, \"dropped\": %llu}\n", (unsigned long long)dropped);
+  std::fflush(stdout);
+  ::close(fd);
+  return 0;
+}
