@@ -92,6 +92,10 @@ def test_diloco_mode_keeps_replicas_identical_and_learns():
     check(run_job("diloco", "int4(rounding=stochastic)", steps=40, extra_args=("--sync-every", "10")))
 
 
+def test_diloco_sites_that_start_from_different_weights_all_adopt_site_0s():
+    check(run_job("diloco", "int8", steps=40, extra_args=("--sync-every", "10"), site_args={"singapore": ("--seed", "7")}))
+
+
 def test_diloco_takes_its_settings_and_per_parameter_rules_from_the_config():
     # Biases travel as fp32, the first layer's weight at 2 bits, the rest at
     # the default; sync_every and the outer optimizer come from the config.

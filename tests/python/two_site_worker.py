@@ -52,9 +52,10 @@ def main():
     ap.add_argument("--sync-every", type=int, default=None, help="default: the config's sync.diloco.sync_every")
     ap.add_argument("--out", required=True)
     ap.add_argument("--hidden", type=int, default=32, help="hidden width (tests give sites different models)")
+    ap.add_argument("--seed", type=int, default=0, help="initial weights (tests give sites different ones)")
     args = ap.parse_args()
 
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     session = strait.init(args.config, site=args.site)

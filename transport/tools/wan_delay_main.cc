@@ -7,7 +7,8 @@
 //
 //   strait_wan_delay --tun NAME --delay-ms MS [--queue-bytes N] [--subnet A.B]
 //
-// Prints "ready" once attached. On SIGTERM or SIGINT prints one JSON line —
+// Prints "ready" once attached. On SIGUSR1 prints the counts so far (one JSON
+// line, as below) and goes on. On SIGTERM or SIGINT prints one JSON line —
 // bytes and packets per (source site -> destination site), where a site is the
 // third octet of A.B.<site>.x, plus packets dropped because the queue was full
 // — and exits. A full queue drops packets as a router would; TCP recovers.
@@ -37,8 +38,22 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 volatile sig_atomic_t g_stop = 0;
+volatile sig_atomic_t g_report = 0;
 
 void onSignal(int) { g_stop = 1; }
+void onReport(int) { g_report = 1; }
+
+void printStats(const std::map<std::pair<int, int>, std::pair<uint64_t, uint64_t>>& pairs, uint64_t dropped) {
+  std::printf("{\"pairs\": {");
+  bool comma = false;
+  for (const auto& [k, v] : pairs) {
+    std::printf("%s\"%d->%d\": {\"bytes\": %llu, \"packets\": %llu}", comma ? ", " : "", k.first, k.second,
+                (unsigned long long)v.first, (unsigned long long)v.second);
+    comma = true;
+  }
+  std::printf("}, \"dropped\": %llu}\n", (unsigned long long)dropped);
+  std::fflush(stdout);
+}
 
 struct Packet {
   Clock::time_point due;
@@ -90,6 +105,9 @@ int main(int argc, char** argv) {
   sa.sa_handler = onSignal;
   ::sigaction(SIGTERM, &sa, nullptr);
   ::sigaction(SIGINT, &sa, nullptr);
+  struct sigaction report {};
+  report.sa_handler = onReport;
+  ::sigaction(SIGUSR1, &report, nullptr);
 
   const auto delay = std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double, std::milli>(delay_ms));
   std::deque<Packet> queue;
@@ -101,6 +119,10 @@ int main(int argc, char** argv) {
   std::fflush(stdout);
 
   while (!g_stop) {
+    if (g_report) {
+      g_report = 0;
+      printStats(pairs, dropped);
+    }
     // Sleep until a packet arrives or the next one is due.
     timespec ts{0, 100000000L};
     if (!queue.empty()) {
@@ -144,15 +166,7 @@ int main(int argc, char** argv) {
       queue.pop_front();
     }
   }
-  std::printf("{\"pairs\": {");
-  bool comma = false;
-  for (const auto& [k, v] : pairs) {
-    std::printf("%s\"%d->%d\": {\"bytes\": %llu, \"packets\": %llu}", comma ? ", " : "", k.first, k.second,
-                (unsigned long long)v.first, (unsigned long long)v.second);
-    comma = true;
-  }
-  std::printf("}, \"dropped\": %llu}\n", (unsigned long long)dropped);
-  std::fflush(stdout);
+  printStats(pairs, dropped);
   ::close(fd);
   return 0;
 }

@@ -59,9 +59,9 @@ class DiLoCo:
         self.pipeline = pipeline
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.params = [p for _, p in named]
-        self.parts, offset = [], 0  # (offset, numel, name) of each parameter in the flat vector
+        self.parts, offset = [], 0  # (offset, numel, name, shape) of each parameter in the flat vector
         for n, p in named:
-            self.parts.append((offset, p.numel(), n))
+            self.parts.append((offset, p.numel(), n, tuple(p.shape)))
             offset += p.numel()
         session.check_same_everywhere("diloco.model", "\n".join(f"{n} {tuple(p.shape)}" for n, p in named))
         with torch.no_grad():
@@ -81,10 +81,24 @@ class DiLoCo:
             offset += n
 
     def _agree(self, flat):
-        """Every worker adopts site 0's initial parameters (fp32, uncompressed)."""
+        """Every worker adopts site 0's initial parameters. Sites compare a
+        digest first (a control message of 32 bytes): when they already agree
+        (the same seed), no parameters cross; otherwise site 0 sends its own,
+        uncompressed, and the other sites send nothing."""
+        import hashlib
+
         s = self.session
         flat = flat.contiguous()
-        return s.from_leader(lambda: s.average_across_sites_exact(flat, "diloco.init"), flat)
+
+        def agree():  # on the site leader
+            digest = hashlib.sha256(flat.numpy().tobytes()).digest()
+            digests, _ = s._exchange("diloco.init.digest", torch.tensor(list(digest), dtype=torch.uint8),
+                                     kind="control")
+            if all(d.numel() == 0 or bytes(d.tolist()) == digest for d in digests):
+                return flat
+            return s.average_across_sites_exact(flat, "diloco.init", send=s.site_index == 0)
+
+        return s.from_leader(agree, flat)
 
     def step(self):
         self.local_steps += 1

@@ -267,9 +267,11 @@ class Session:
         assert self.leader
         flat = self._privatized(flat.detach().reshape(-1).float().cpu().contiguous())
         pieces = []
-        for offset, numel, name in parts:
+        for offset, numel, name, *shape in parts:
             c = self.compressor(f"{tag}.{name}", name=name, size=numel)
-            pieces.append(c.encode(flat[offset:offset + numel]))
+            part = flat[offset:offset + numel]
+            # The parameter's own shape: lowrank factors its 2-D view.
+            pieces.append(c.encode(part.view(shape[0]) if shape and shape[0] else part))
         header = torch.tensor([len(pieces)] + [p.numel() for p in pieces], dtype=torch.int64)
         message = torch.cat([header.view(torch.uint8)] + pieces)
         self.bytes_sent += message.numel()
@@ -286,19 +288,21 @@ class Session:
                 raise StraitError(f"strait: site '{self.sites[i]}' sent a '{tag}' message whose framing does not "
                                   f"match {n} parts ({blob.numel()} bytes)")
             at = head
-            for (offset, numel, _), length in zip(parts, lengths[1:]):
+            for (offset, numel, *_), length in zip(parts, lengths[1:]):
                 torch.ops.strait.decode_accumulate(out[offset:offset + numel], blob[at:at + length],
                                                    self.weights[i] / total)
                 at += length
         self.last_missing = list(missing)
         return out
 
-    def average_across_sites_exact(self, tensor, tag):
+    def average_across_sites_exact(self, tensor, tag, send=True):
         """Leader only: site 0's tensor, sent uncompressed (fp32) to every
-        site — for initial weights, which must agree exactly."""
+        site — for initial weights, which must agree exactly. With send=False
+        this site sends an empty payload (only site 0's matters)."""
         assert self.leader
         flat = tensor.detach().reshape(-1).float().cpu().contiguous()
-        payloads, _ = self._exchange(tag, torch.ops.strait.encode(flat, "fp32", 0), kind="model_state")
+        payload = torch.ops.strait.encode(flat, "fp32", 0) if send else torch.zeros(0, dtype=torch.uint8)
+        payloads, _ = self._exchange(tag, payload, kind="model_state")
         if payloads[0].numel() == 0:
             raise StraitError("strait: site 0 did not send its initial parameters")
         return torch.ops.strait.decode(payloads[0], list(flat.shape)).view(tensor.shape)

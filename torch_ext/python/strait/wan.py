@@ -199,6 +199,21 @@ class Border:
             yaml.safe_dump(doc, f, sort_keys=False)
         return path
 
+    def snapshot(self):
+        """IP bytes that crossed the border so far, every direction (the delay
+        router prints its counts on SIGUSR1). For sampling bytes over time."""
+        import signal
+
+        if self.delay is None or self.delay.poll() is not None:
+            return None
+        self.delay.send_signal(signal.SIGUSR1)
+        line = self.delay.stdout.readline()
+        try:
+            pairs = json.loads(line).get("pairs", {})
+        except ValueError:
+            return None
+        return sum(v["bytes"] for k, v in pairs.items() if k.split("->")[0] != k.split("->")[1])
+
     def close(self):
         """Stops the delay router (keeping its byte counts) and removes the namespaces."""
         if self.delay is not None:

@@ -1,0 +1,263 @@
+#!/usr/bin/python3
+"""`./strait bench e2e [--json]`: the same training job across a simulated
+border (default 100 Mbit/s, 150 ms round trip), run five ways, side by side:
+
+  (a) ddp       torch DDP, one gloo world spanning both sites, uncompressed
+  (b) powersgd  torch DDP with PyTorch's PowerSGD hook (rank 4, error feedback)
+  (c) strait    strait every-step mode, the config's topk -> int8, error feedback
+  (d) diloco    strait DiLoCo, low-bit pseudo-gradients every H steps
+  (-) alone     each site's compute only, no communication (the time floor)
+
+The job: examples/charlm's byte-level transformer (471k parameters), each site
+its own licence texts, one worker per site, AdamW, the same seed and batches.
+Bytes are counted by the border itself (IP bytes, both directions, headers
+included). Quality is scored on both sites' held-out text. Needs root (network
+namespaces and tc); prints a table, writes a PNG, and with --json one object.
+"""
+
+import argparse
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, os.path.join(ROOT, "torch_ext", "python"))
+sys.path.insert(0, os.path.join(ROOT, "examples", "charlm"))
+
+SITES = (("hangzhou", "CN"), ("singapore", "SG"))
+RUNS = [("ddp", "(a) torch DDP, fp32"), ("powersgd", "(b) DDP + PowerSGD hook"),
+        ("strait", "(c) strait every-step"), ("diloco", "(d) strait DiLoCo"), ("alone", "compute alone")]
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_config(out, args):
+    path = os.path.join(out, "e2e.yaml")
+    lines = ["job: {id: e2e}", "sites:"]
+    for i, (site, jur) in enumerate(SITES):
+        lines += [f"  - {{name: {site}, jurisdiction: {jur}, endpoint: \"tcp://127.0.0.1:{7700 + i}\", workers: 1, "
+                  f"public_key: keys/{site}.pub, secret_key: keys/{site}.key}}"]
+    lines += [f"sync: {{mode: every_step}}",
+              f'compression: {{pipeline: "{args.every_step_pipeline}", error_feedback: true, seed: 1}}',
+              "transport: {round_deadline_s: 120, hard_deadline_s: 300}"]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    diloco = os.path.join(out, "e2e-diloco.yaml")
+    with open(diloco, "w") as f:
+        f.write("\n".join(lines).replace(
+            "sync: {mode: every_step}",
+            f"sync: {{mode: diloco, diloco: {{sync_every: {args.sync_every}, outer_lr: 1.0, outer_momentum: 0.0, "
+            f"nesterov: false}}}}").replace(args.every_step_pipeline, args.diloco_pipeline) + "\n")
+    return path, diloco
+
+
+def run_mode(mode, args, out, configs):
+    from strait import wan
+
+    results = []
+    samples = []  # (time, bytes crossed so far)
+    with wan.Border(args.wan, [s for s, _ in SITES], log=lambda m: None) as border:
+        config = None
+        if mode in ("strait", "diloco"):
+            config = border.rewrite_config(configs[mode], out)
+        port = free_port()
+        procs = []
+        for i, (site, _) in enumerate(SITES):
+            env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "torch_ext", "python"), OMP_NUM_THREADS="1",
+                       OPENBLAS_NUM_THREADS="1", **border.env(site))
+            if mode in ("ddp", "powersgd"):  # one world across the border
+                env.update(RANK=str(i), WORLD_SIZE="2", MASTER_ADDR=border.site_addr(0), MASTER_PORT=str(port))
+            else:
+                env.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+            res = os.path.join(out, f"{mode}-{site}.json")
+            cmd = border.prefix(site) + [sys.executable, os.path.join(HERE, "worker.py"), "--mode", mode, "--site",
+                                         site, "--site-index", str(i), "--steps", str(args.steps), "--out", res]
+            if config:
+                cmd += ["--config", config]
+            procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
+                                          stderr=None if i == 0 else subprocess.PIPE, text=True))
+            results.append(res)
+        done = threading.Event()
+
+        def sample():
+            while not done.is_set():
+                b = border.snapshot()
+                if b is not None:
+                    samples.append((time.time(), b))
+                done.wait(0.25)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        deadline = time.monotonic() + args.timeout
+        failed = None
+        for p in procs:
+            try:
+                _, err = p.communicate(timeout=max(1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                failed = f"did not finish within {args.timeout} s"
+                break
+            if p.returncode != 0:
+                failed = f"worker failed ({p.returncode}): {(err or '')[-1500:]}"
+                break
+        done.set()
+        sampler.join()
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        if failed:
+            raise SystemExit(f"bench e2e: {mode}: {failed}")
+    data = [json.load(open(r)) for r in results]
+    return data, border.total_bytes(), samples
+
+
+def score(model_path):
+    """Mean held-out bits per byte and next-byte accuracy over both sites' texts."""
+    import torch
+    import torch.nn as nn
+    import train as charlm
+
+    m = charlm.CharLM()
+    m.load_state_dict(torch.load(model_path))
+    bpb, acc = [], []
+    with torch.no_grad():
+        for site, _ in SITES:
+            held = charlm.site_text(site)[1]
+            g = torch.Generator().manual_seed(1234)
+            loss = correct = total = 0.0
+            for _ in range(8):
+                x, y = charlm.batch(held, 32, m.context, g)
+                logits = m(x)
+                loss += nn.functional.cross_entropy(logits.reshape(-1, 256), y.reshape(-1)).item()
+                correct += (logits.argmax(-1) == y).sum().item()
+                total += y.numel()
+            bpb.append(loss / 8 / math.log(2))
+            acc.append(correct / total)
+    return sum(bpb) / len(bpb), sum(acc) / len(acc)
+
+
+def plot(path, runs, args):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (by_bytes, by_time) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for r in runs:
+        losses = r["curve"]["loss"]
+        smooth = [sum(losses[max(0, i - 9):i + 1]) / len(losses[max(0, i - 9):i + 1]) for i in range(len(losses))]
+        if r["name"] != "alone":
+            by_bytes.plot([max(b, 1) / 1e6 for b in r["curve"]["bytes"]], smooth, label=r["label"])
+        by_time.plot(r["curve"]["seconds"], smooth, label=r["label"])
+    by_bytes.set_xscale("log")
+    by_bytes.set_xlabel("MB crossed the border (IP bytes, log scale)")
+    by_time.set_xlabel("wall time (s)")
+    for ax in (by_bytes, by_time):
+        ax.set_ylabel("training loss (nats/byte, 10-step mean)")
+        ax.legend()
+    fig.suptitle(f"charlm across a simulated {args.wan} border, {args.steps} steps")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--build", required=True)
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--wan", default="100mbit-150ms", help="border profile (default 100mbit-150ms)")
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--sync-every", type=int, default=50, help="DiLoCo inner steps between syncs")
+    ap.add_argument("--every-step-pipeline", default="topk(0.01) -> int8")
+    ap.add_argument("--diloco-pipeline", default="int4(block=256, rounding=stochastic)")
+    ap.add_argument("--only", help="comma-separated subset of ddp,powersgd,strait,diloco,alone")
+    ap.add_argument("--timeout", type=float, default=600, help="seconds per run")
+    ap.add_argument("--out", default=os.path.join(ROOT, "build", "bench-e2e"))
+    args = ap.parse_args()
+    os.environ["STRAIT_BUILD_DIR"] = args.build
+    from strait import wan
+
+    try:
+        wan.check_can_simulate()
+    except wan.WanError as e:
+        raise SystemExit(f"bench e2e: {e}")
+    out = os.path.abspath(args.out)
+    os.makedirs(out, exist_ok=True)
+    for site, _ in SITES:
+        if not os.path.exists(os.path.join(out, "keys", f"{site}.key")):
+            subprocess.run([os.path.join(args.build, "transport", "strait_keys"), "generate", site, "--dir",
+                            os.path.join(out, "keys")], check=True, stdout=subprocess.DEVNULL)
+    every_step, diloco = write_config(out, args)
+    configs = {"strait": every_step, "diloco": diloco}
+    modes = [m for m, _ in RUNS if not args.only or m in args.only.split(",")]
+
+    runs = []
+    for mode, label in RUNS:
+        if mode not in modes:
+            continue
+        log(f"bench e2e: {label}, {args.steps} steps across {args.wan} ...")
+        data, total, samples = run_mode(mode, args, out, configs)
+        site0 = data[0]
+        seconds = [e - site0["start"] for e in site0["ends"]]
+        # Bytes crossed by the end of each step, from the border's samples.
+        curve_bytes = []
+        for e in site0["ends"]:
+            before = [b for t, b in samples if t <= e]
+            curve_bytes.append(before[-1] if before else 0)
+        losses = [sum(d["losses"][i] for d in data) / len(data) for i in range(args.steps)]
+        model = os.path.join(out, f"{mode}-{SITES[0][0]}.json.model.pt")
+        bpb, acc = score(model)
+        runs.append({"name": mode, "label": label, "steps": args.steps,
+                     "step_s": seconds[-1] / args.steps,
+                     "bytes_per_step": total / args.steps, "bytes_total": total,
+                     "final_loss": sum(losses[-10:]) / 10, "held_out_bits_per_byte": bpb,
+                     "held_out_accuracy": acc,
+                     "curve": {"seconds": seconds, "bytes": curve_bytes, "loss": losses}})
+    base = next((r for r in runs if r["name"] == "ddp"), None)
+    alone = next((r for r in runs if r["name"] == "alone"), None)
+    for r in runs:
+        if base:
+            r["bytes_ratio_vs_ddp"] = base["bytes_per_step"] / r["bytes_per_step"] if r["bytes_per_step"] else None
+            r["time_ratio_vs_ddp"] = r["step_s"] / base["step_s"]
+            r["loss_ratio_vs_ddp"] = r["final_loss"] / base["final_loss"]
+            r["accuracy_points_vs_ddp"] = 100 * (r["held_out_accuracy"] - base["held_out_accuracy"])
+        if alone:
+            r["time_ratio_vs_alone"] = r["step_s"] / alone["step_s"]
+    png = os.path.join(out, "e2e.png")
+    plot(png, runs, args)
+    result = {"wan": args.wan, "steps": args.steps, "parameters": json.load(open(os.path.join(
+        out, f"{runs[0]['name']}-{SITES[0][0]}.json")))["parameters"], "sync_every": args.sync_every,
+        "every_step_pipeline": args.every_step_pipeline, "diloco_pipeline": args.diloco_pipeline, "plot": png,
+        "runs": [{k: v for k, v in r.items() if k != "curve"} for r in runs]}
+    with open(os.path.join(out, "e2e.json"), "w") as f:
+        json.dump(dict(result, curves={r["name"]: r["curve"] for r in runs}), f)
+    if args.json:
+        print(json.dumps(result))
+        return
+    print(f"charlm ({result['parameters']} parameters), two sites of one worker, {args.steps} steps, "
+          f"border {args.wan}")
+    print(f"{'run':<26}{'s/step':>8}{'KB/step':>11}{'x fewer B':>11}{'final loss':>11}{'held bpb':>9}"
+          f"{'acc %':>7}{'vs alone':>9}")
+    for r in runs:
+        fewer = f"{r['bytes_ratio_vs_ddp']:.0f}" if base and r.get("bytes_ratio_vs_ddp") else "-"
+        print(f"{r['label']:<26}{r['step_s']:8.3f}{r['bytes_per_step'] / 1e3:11.1f}{fewer:>11}"
+              f"{r['final_loss']:11.3f}{r['held_out_bits_per_byte']:9.3f}{100 * r['held_out_accuracy']:7.1f}"
+              f"{r.get('time_ratio_vs_alone', float('nan')):9.2f}")
+    print(f"plot: {png}; every figure: {os.path.join(out, 'e2e.json')}")
+
+
+if __name__ == "__main__":
+    main()
