@@ -61,7 +61,10 @@ def write_config(out, args):
         f.write("\n".join(lines).replace(
             "sync: {mode: every_step}",
             f"sync: {{mode: diloco, diloco: {{sync_every: {args.sync_every}, outer_lr: 1.0, outer_momentum: 0.0, "
-            f"nesterov: false}}}}").replace(args.every_step_pipeline, args.diloco_pipeline) + "\n")
+            f"nesterov: false}}}}").replace(
+            f'pipeline: "{args.every_step_pipeline}", error_feedback: true, seed: 1}}',
+            f'pipeline: "{args.diloco_pipeline}", error_feedback: true, seed: 1, rules: [{{match: "*bias", '
+            f'pipeline: fp16}}, {{match: "*norm*", pipeline: fp16}}, {{match: "position", pipeline: fp16}}]}}') + "\n")
     return path, diloco
 
 
@@ -182,7 +185,7 @@ def main():
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--sync-every", type=int, default=50, help="DiLoCo inner steps between syncs")
     ap.add_argument("--every-step-pipeline", default="topk(0.01) -> int8")
-    ap.add_argument("--diloco-pipeline", default="int4(block=256, rounding=stochastic)")
+    ap.add_argument("--diloco-pipeline", default="sign")
     ap.add_argument("--only", help="comma-separated subset of ddp,powersgd,strait,diloco,alone")
     ap.add_argument("--timeout", type=float, default=600, help="seconds per run")
     ap.add_argument("--out", default=os.path.join(ROOT, "build", "bench-e2e"))

@@ -4,8 +4,14 @@ the site with torch.distributed, then across sites through strait."""
 import torch
 import torch.distributed as dist
 
+from .session import StraitError
 
-def _sync_bucket(session, buf, index, params):
+
+def _start_bucket(session, buf, index, params):
+    """First half, as soon as DDP hands the bucket over: agreement check (the
+    first time a layout is seen), mean inside the site, and on the leader the
+    compressed payload's round started. Returns the leader's handle, or the
+    StraitError that stopped it (raised on every worker in _finish_bucket)."""
     tag = f"ddp.b{index}"
     # DDP rebuilds its buckets after the first iteration, so a bucket index
     # can stand for another set of parameters later: compressors (and their
@@ -22,11 +28,24 @@ def _sync_bucket(session, buf, index, params):
         buf.div_(session.size)
     if not session.leader:
         session.next_round(tag)  # keep round numbers in step with the leader
-    # Config rules see a bucket as "ddp.bucket<INDEX>" of its size. A failure
-    # on the leader (a lost site, a policy refusal) is raised on every worker.
-    return session.from_leader(
-        lambda: session.average_across_sites(buf, tag, compressor_key=layout,
-                                             name=f"ddp.bucket{index}").to(buf.device, buf.dtype), buf)
+        return None
+    try:
+        # Config rules see a bucket as "ddp.bucket<INDEX>" of its size.
+        return session.start_average(buf, tag, compressor_key=layout, name=f"ddp.bucket{index}")
+    except StraitError as e:
+        return e
+
+
+def _finish_bucket(session, buf, handle):
+    """Second half: the leader waits for the round and decodes; the result is
+    broadcast inside the site. A failure on the leader is raised on every
+    worker."""
+    def mean():
+        if isinstance(handle, BaseException):
+            raise handle
+        return session.finish_average(handle).to(buf.device, buf.dtype)
+
+    return session.from_leader(mean, buf)
 
 
 def ddp_hook(session, bucket):
@@ -34,27 +53,42 @@ def ddp_hook(session, bucket):
 
     Per gradient bucket: all-reduce (mean) inside the site; the site leader
     compresses the bucket with the config's rule for "ddp.bucket<INDEX>" of
-    its size (or the default pipeline) and error feedback, exchanges it with every site and
-    takes the weighted mean of every site's decoded payload in site order;
-    the result is broadcast inside the site. Every worker of every site ends
-    with the same bits.
+    its size (or the default pipeline) and error feedback, exchanges it with
+    every site and takes the weighted mean of every site's decoded payload in
+    site order; the result is broadcast inside the site. Every worker of every
+    site ends with the same bits.
 
     The work runs on the session's communication thread and the hook returns
     at once with a future, so backward goes on computing the next buckets
-    while this one crosses the border; DDP waits for every future before the
-    optimizer step. One thread, buckets in the order DDP hands them over: the
-    same order of collectives on every worker.
+    while this one crosses the border. Each bucket's round starts as soon as
+    the bucket is ready; the rounds are awaited (and broadcast) only when the
+    last bucket of the step has started, so all of a step's rounds are in
+    flight together and a step costs one round trip, not one per bucket. One
+    thread, buckets in DDP's order: the same order of collectives on every
+    worker.
     """
     buf = bucket.buffer()
     index = bucket.index()
     params = list(bucket.parameters())
+    last = bucket.is_last()
     fut = torch.futures.Future()
 
     def work():
+        pending = session.__dict__.setdefault("_ddp_pending", [])
         try:
-            fut.set_result(_sync_bucket(session, buf, index, params))
+            pending.append((buf, fut, _start_bucket(session, buf, index, params)))
+            if last:
+                while pending:
+                    b, f, handle = pending[0]
+                    f.set_result(_finish_bucket(session, b, handle))
+                    pending.pop(0)
         except BaseException as e:  # noqa: B902 - surfaces in DDP's wait, on this worker
-            fut.set_exception(e)
+            for _, f, _ in pending:
+                if not f.done():
+                    f.set_exception(e)
+            pending.clear()
+            if not fut.done():
+                fut.set_exception(e)
 
     session.comm_thread().submit(work)
     return fut

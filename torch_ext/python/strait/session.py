@@ -162,10 +162,22 @@ class Session:
         (payloads in site order, missing site names). `kind` is what the
         site's egress policy judges. Polls, so other Python threads keep
         running while the network works; bounded by timeout_s."""
+        return self._finish(self._start(tag, payload, kind))
+
+    def _start(self, tag, payload, kind="model_update"):
+        """Leader only: starts the next round of `tag` (does not wait)."""
         round_ = self.next_round(tag)
         start = time.monotonic()
         try:
             self.gateway.exchange(round_, tag, payload, kind)
+        except RuntimeError as e:
+            raise _error(e) from None
+        return (round_, tag, payload, start)
+
+    def _finish(self, started):
+        """Leader only: waits for a round from _start; (payloads, missing)."""
+        round_, tag, payload, start = started
+        try:
             deadline = start + self.timeout_s
             while not self.gateway.ready(round_, tag):
                 if time.monotonic() > deadline:
@@ -231,19 +243,29 @@ class Session:
         of every site's *decoded* payload, in site order — the same bits on
         every site. Missing sites (on_site_loss: continue) are left out and the
         weights renormalised."""
+        return self.finish_average(self.start_average(tensor, tag, pipeline, compressor_key, name))
+
+    def start_average(self, tensor, tag, pipeline=None, compressor_key=None, name=None):
+        """Leader only: the first half of average_across_sites — compresses and
+        starts the round without waiting, so several can be in flight."""
         assert self.leader
         flat = self._privatized(tensor.detach().reshape(-1).float().cpu().contiguous())
         compressor = self.compressor(compressor_key or tag, pipeline, name=name or tag, size=flat.numel())
         payload = compressor.encode(flat)
         self.bytes_sent += payload.numel()
-        payloads, missing = self._exchange(tag, payload)
+        return (self._start(tag, payload), flat, tensor.shape)
+
+    def finish_average(self, handle):
+        """Leader only: waits for a round from start_average; the mean."""
+        started, flat, shape = handle
+        payloads, missing = self._finish(started)
         present = [i for i, p in enumerate(payloads) if p.numel() > 0]
         total = sum(self.weights[i] for i in present)
         out = torch.zeros_like(flat)
         for i in present:  # fixed site order: identical bits everywhere
             torch.ops.strait.decode_accumulate(out, payloads[i], self.weights[i] / total)
         self.last_missing = list(missing)
-        return out.view(tensor.shape)
+        return out.view(shape)
 
     def _privatized(self, flat):
         """With the policy's privacy section: a clipped, noised copy of flat
