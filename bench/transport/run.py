@@ -19,11 +19,13 @@ import os
 import re
 import resource
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "torch_ext", "python"))
+from strait.ports import free_port  # noqa: E402  (distinct ports within this process)
 
 NS = ("strait-bench-a", "strait-bench-b")
 NS_ADDR = ("10.77.0.1", "10.77.0.2")
@@ -31,12 +33,6 @@ NS_ADDR = ("10.77.0.1", "10.77.0.2")
 
 def log(msg):
     print(msg, file=sys.stderr, flush=True)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_pair(cmds, timeout):

@@ -65,6 +65,17 @@ struct CompressionConfig {
   std::vector<CompressionRule> rules;   // tried in order; the first match wins
   uint64_t seed = 0;                    // base seed for stochastic rounding, random-k
 
+  // Adaptive compression (every-step mode): each site's leader picks
+  // "topk(density) -> int<bits>" per step so the exchange hides behind
+  // compute, never sparser than min_density nor below min_bits. Payloads
+  // describe themselves, so sites need not agree: not in the fingerprint.
+  struct Adaptive {
+    bool enabled = false;
+    double min_density = 0.001;  // the quality floor, (0, 1]
+    double max_density = 0.1;    // where it starts, [min_density, 1]
+    int min_bits = 4;            // 2, 4 or 8
+  } adaptive;
+
   // The first rule matching (name, size), else the default.
   const CompressionRule& ruleFor(const std::string& name, uint64_t size) const;
 };

@@ -13,20 +13,16 @@ alone, and the bytes that crossed with what fp32 gradients would have sent
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "torch_ext", "python"))
+from strait.ports import free_port  # noqa: E402  (distinct ports within this process)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 SITES = (("hangzhou", "CN"), ("singapore", "SG"))
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_config(out, name, pipeline):

@@ -5,7 +5,6 @@ or reordering of any record."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -19,15 +18,12 @@ KEYS = os.path.join(BUILD, "transport", "strait_keys")
 sys.path.insert(0, os.path.join(ROOT, "torch_ext", "python"))
 
 import strait  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "torch_ext", "python"))
+from strait.ports import free_port  # noqa: E402  (distinct ports within this process)
 from strait import data  # noqa: E402
 
 SITES = (("hangzhou", "CN"), ("singapore", "SG"))
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ------------------------------------------------------------- residency ---

@@ -5,7 +5,6 @@ loss must have fallen."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -13,14 +12,11 @@ import time
 
 import pytest
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "torch_ext", "python"))
+from strait.ports import free_port  # noqa: E402  (distinct ports within this process)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 JOB_TIMEOUT_S = int(os.environ.get("STRAIT_TEST_JOB_TIMEOUT", "240"))
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_config(tmp, mode, pipeline, extra=None):

@@ -435,11 +435,24 @@ CompressionRule parseRule(const Field& r, bool default_error_feedback) {
 void parseCompression(const Field& f, CompressionConfig& c) {
   c.fallback = CompressionRule();  // match "*", every size, fp32, line 0
   if (!f.present()) return;
-  f.expectMap({"pipeline", "error_feedback", "seed", "rules"});
+  f.expectMap({"pipeline", "error_feedback", "seed", "rules", "adaptive"});
   const Field pipeline = f.child("pipeline");
   if (pipeline.present()) c.fallback.pipeline = parsePipeline(pipeline);
   c.fallback.error_feedback = f.child("error_feedback").boolean(true);
   c.seed = f.child("seed").integer(0, 0, kU64Max, "an integer in [0, 2^64-1]");
+  const Field adaptive = f.child("adaptive");
+  if (adaptive.present()) {
+    adaptive.expectMap({"min_density", "max_density", "min_bits"});
+    auto& a = c.adaptive;
+    a.enabled = true;
+    a.min_density = adaptive.child("min_density").number(a.min_density, Interval{0, 1, true, false});
+    a.max_density = adaptive.child("max_density").number(std::max(a.max_density, a.min_density),
+                                                         Interval{a.min_density, 1, false, false});
+    a.min_bits = static_cast<int>(adaptive.child("min_bits").integer(a.min_bits, 2, 8));
+    if (a.min_bits != 2 && a.min_bits != 4 && a.min_bits != 8) {
+      adaptive.child("min_bits").reject("2, 4 or 8");
+    }
+  }
   const Field rules = f.child("rules");
   if (!rules.present()) return;
   const size_t n = rules.expectList(0, SIZE_MAX, "a list of rules (- match: ...)");

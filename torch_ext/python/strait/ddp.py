@@ -30,8 +30,10 @@ def _start_bucket(session, buf, index, params):
         session.next_round(tag)  # keep round numbers in step with the leader
         return None
     try:
-        # Config rules see a bucket as "ddp.bucket<INDEX>" of its size.
-        return session.start_average(buf, tag, compressor_key=layout, name=f"ddp.bucket{index}")
+        # Config rules see a bucket as "ddp.bucket<INDEX>" of its size; with
+        # adaptive compression the controller's pipeline of this step wins.
+        pipeline = session.adaptive.pipeline if session.adaptive is not None else None
+        return session.start_average(buf, tag, pipeline=pipeline, compressor_key=layout, name=f"ddp.bucket{index}")
     except StraitError as e:
         return e
 
@@ -78,10 +80,20 @@ def ddp_hook(session, bucket):
         try:
             pending.append((buf, fut, _start_bucket(session, buf, index, params)))
             if last:
+                import time
+
+                waiting = time.monotonic()
                 while pending:
                     b, f, handle = pending[0]
                     f.set_result(_finish_bucket(session, b, handle))
                     pending.pop(0)
+                done = time.monotonic()
+                previous = session.__dict__.get("_step_done")
+                session._step_done = done
+                if session.adaptive is not None and session.leader and previous is not None:
+                    note = session.adaptive.update(done - waiting, waiting - previous)
+                    if note:
+                        session._adaptive_note = note
         except BaseException as e:  # noqa: B902 - surfaces in DDP's wait, on this worker
             for _, f, _ in pending:
                 if not f.done():

@@ -76,6 +76,14 @@ class Session:
         self.sync_config = dict(doc.get("sync") or {})
         comp = doc.get("compression") or {}
         self.error_feedback = bool(comp.get("error_feedback", True))
+        self.adaptive = None
+        if comp.get("adaptive") is not None:  # validated by the C++ parser
+            from .adaptive import AdaptiveCompression
+            a = comp.get("adaptive") or {}
+            lo = float(a.get("min_density", 0.001))
+            self.adaptive = AdaptiveCompression(min_density=lo, max_density=float(a.get("max_density", max(0.1, lo))),
+                                                min_bits=int(a.get("min_bits", 4)))
+        self._adaptive_note = None
         self.seed = int(comp.get("seed", 0))
         transport = doc.get("transport") or {}
         self.timeout_s = timeout_s or float(transport.get("hard_deadline_s", 600)) + 30
@@ -99,6 +107,7 @@ class Session:
             except RuntimeError as e:
                 raise _error(e) from None
         self._compressors = {}
+        self._pipelines = {}
         self._rounds = {}
         self._checked = set()
         self._comm = None
@@ -143,6 +152,15 @@ class Session:
         error feedback come from the config's first rule matching (`name`,
         `size`) — the same rules as in C++ — unless `pipeline` is given."""
         c = self._compressors.get(key)
+        if c is not None and pipeline is not None and self._pipelines.get(key) != pipeline:
+            # Another pipeline for the same tensor (adaptive compression):
+            # what the old one had not sent yet carries over.
+            from . import Compressor
+            new = Compressor(pipeline, seed=self.seed + 7919 * len(self._compressors), error_feedback=c.error_feedback)
+            if c.error_feedback and c.residual().numel() > 0:
+                new.set_residual(c.residual())
+            self._compressors[key], self._pipelines[key] = new, pipeline
+            return new
         if c is None:
             from . import Compressor
             error_feedback = self.error_feedback
@@ -150,6 +168,7 @@ class Session:
                 pipeline, error_feedback = torch.ops.strait.rule_for(self.config_path, name or key, int(size))
             c = Compressor(pipeline, seed=self.seed + 7919 * len(self._compressors), error_feedback=error_feedback)
             self._compressors[key] = c
+            self._pipelines[key] = pipeline
         return c
 
     def next_round(self, tag):
@@ -220,7 +239,13 @@ class Session:
                   "loss": None if loss is None else float(loss), "rounds": p["rounds"],
                   "bytes_out": p["bytes_out"], "bytes_in": p["bytes_in"], "round_s": round(p["round_s"], 6),
                   "missing": sorted(p["missing"])}
+        if self.adaptive is not None:
+            record["pipeline"] = self.adaptive.pipeline
+            if self._adaptive_note:
+                record["adaptive"], self._adaptive_note = self._adaptive_note, None
         record.update(fields)
+        if self.log_lines and record.get("adaptive"):
+            print(f"strait {self.site} step {step}: adaptive: {record['adaptive']}", file=sys.stderr, flush=True)
         if self.log_lines:
             loss_text = "" if loss is None else f" loss {float(loss):.4f}"
             missing = f", missing {', '.join(record['missing'])}" if record["missing"] else ""

@@ -173,6 +173,15 @@ INSTANTIATE_TEST_SUITE_P(Sites, Rejects, ::testing::Values(
         {"job.yaml:5: sites[0].endpoint = tcp://::1:80: " + kEndpointRule}},
     Bad{"EndpointWithPath", oneSite("a", "CN", "tcp://h/x:80"),
         {"job.yaml:5: sites[0].endpoint = tcp://h/x:80: " + kEndpointRule}},
+    Bad{"AdaptiveBits", "job: {id: x}\nsites:\n  - {name: a, jurisdiction: CN, endpoint: \"tcp://h:1\"}\n"
+                        "compression:\n  adaptive: {min_bits: 3}\n",
+        {"job.yaml:5: compression.adaptive.min_bits = 3: must be 2, 4 or 8"}},
+    Bad{"AdaptiveDensityZero", "job: {id: x}\nsites:\n  - {name: a, jurisdiction: CN, endpoint: \"tcp://h:1\"}\n"
+                               "compression:\n  adaptive: {min_density: 0}\n",
+        {"job.yaml:5: compression.adaptive.min_density = 0: must be a number in (0, 1]"}},
+    Bad{"AdaptiveMaxBelowMin", "job: {id: x}\nsites:\n  - {name: a, jurisdiction: CN, endpoint: \"tcp://h:1\"}\n"
+                               "compression:\n  adaptive: {min_density: 0.5, max_density: 0.1}\n",
+        {"job.yaml:5: compression.adaptive.max_density = 0.1: must be a number in [0.5, 1]"}},
     Bad{"BindNotTcp", siteWith("    bind: udp://h:1\n"),
         {"job.yaml:6: sites[0].bind = udp://h:1: must be tcp://HOST:PORT like endpoint"}},
     Bad{"DuplicateEndpoint",
@@ -248,9 +257,9 @@ INSTANTIATE_TEST_SUITE_P(Sync, Rejects, ::testing::Values(
 
 INSTANTIATE_TEST_SUITE_P(Compression, Rejects, ::testing::Values(
     Bad{"CompressionAsScalar", withSection("compression: int8\n"),
-        {"job.yaml:13: compression = int8: must be a mapping with keys pipeline, error_feedback, seed, rules"}},
+        {"job.yaml:13: compression = int8: must be a mapping with keys pipeline, error_feedback, seed, rules, adaptive"}},
     Bad{"UnknownCompressionKey", withSection("compression:\n  rule: []\n"),
-        {"job.yaml:14: unknown key 'rule' in compression; allowed: pipeline, error_feedback, seed, rules; did you "
+        {"job.yaml:14: unknown key 'rule' in compression; allowed: pipeline, error_feedback, seed, rules, adaptive; did you "
          "mean 'rules'?"}},
     Bad{"PipelineArgumentOutOfRange", withSection("compression:\n  pipeline: topk(2.0)\n"),
         {"job.yaml:14: compression.pipeline = \"topk(2.0)\": ", "ratio = 2.0", "(0, 1]"}},
@@ -511,6 +520,18 @@ job: {id: Full.Job_1}
   const JobConfig c = JobConfig::parse(std::string(kFull).replace(std::string(kFull).find("outer_lr: 0.5"), 13,
                                                                   "outer_lr: 0.6"));
   EXPECT_NE(a.sharedText(), c.sharedText()) << "a setting every site must agree on";
+}
+
+TEST(Config, AdaptiveCompressionIsOffByDefaultAndParses) {
+  const std::string base = "job: {id: x}\nsites:\n  - {name: a, jurisdiction: CN, endpoint: \"tcp://h:1\"}\n";
+  EXPECT_FALSE(JobConfig::parse(base).compression.adaptive.enabled);
+  const JobConfig c = JobConfig::parse(base + "compression:\n  adaptive: {min_density: 0.01, min_bits: 8}\n");
+  EXPECT_TRUE(c.compression.adaptive.enabled);
+  EXPECT_DOUBLE_EQ(c.compression.adaptive.min_density, 0.01);
+  EXPECT_DOUBLE_EQ(c.compression.adaptive.max_density, 0.1);
+  EXPECT_EQ(c.compression.adaptive.min_bits, 8);
+  // Each site may adapt on its own: not part of what sites must agree on.
+  EXPECT_EQ(c.sharedText(), JobConfig::parse(base).sharedText());
 }
 
 TEST(Config, DilocoModeWithoutItsBlockUsesTheDefaults) {
