@@ -50,8 +50,12 @@ def write_config(out, args):
     lines += [f"sync: {{mode: every_step}}",
               f'compression: {{pipeline: "{args.every_step_pipeline}", error_feedback: true, seed: 1}}',
               "transport: {round_deadline_s: 120, hard_deadline_s: 300}"]
+    every_step = "\n".join(lines) + "\n"
+    if args.adaptive:
+        every_step = every_step.replace("error_feedback: true, seed: 1}",
+                                        f"error_feedback: true, seed: 1, adaptive: {{{args.adaptive}}}}}")
     with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+        f.write(every_step)
     diloco = os.path.join(out, "e2e-diloco.yaml")
     with open(diloco, "w") as f:
         f.write("\n".join(lines).replace(
@@ -69,6 +73,8 @@ def run_mode(mode, args, out, configs):
 
     results = []
     samples = []  # (time, bytes crossed so far)
+    if os.path.exists(os.path.join(out, f"{mode}-rounds.jsonl")):
+        os.remove(os.path.join(out, f"{mode}-rounds.jsonl"))
     with wan.Border(args.wan, [s for s, _ in SITES], log=lambda m: None) as border:
         config = None
         if mode in ("strait", "diloco"):
@@ -83,6 +89,7 @@ def run_mode(mode, args, out, configs):
             else:
                 env.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
             res = os.path.join(out, f"{mode}-{site}.json")
+            env["STRAIT_JSON_LOG"] = os.path.join(out, f"{mode}-rounds.jsonl")
             cmd = border.prefix(site) + [sys.executable, os.path.join(HERE, "worker.py"), "--mode", mode, "--site",
                                          site, "--site-index", str(i), "--steps", str(args.steps), "--out", res]
             if config:
@@ -182,6 +189,8 @@ def main():
     ap.add_argument("--sync-every", type=int, default=50, help="DiLoCo inner steps between syncs")
     ap.add_argument("--every-step-pipeline", default="topk(0.01) -> int8")
     ap.add_argument("--diloco-pipeline", default="sign")
+    ap.add_argument("--adaptive", metavar="SETTINGS",
+                    help='adaptive compression for (c), e.g. "min_density: 0.01, max_density: 0.2"')
     ap.add_argument("--only", help="comma-separated subset of ddp,powersgd,strait,diloco,alone")
     ap.add_argument("--timeout", type=float, default=600, help="seconds per run")
     ap.add_argument("--out", default=os.path.join(ROOT, "build", "bench-e2e"))
@@ -219,7 +228,14 @@ def main():
         losses = [sum(d["losses"][i] for d in data) / len(data) for i in range(args.steps)]
         model = os.path.join(out, f"{mode}-{SITES[0][0]}.json.model.pt")
         bpb, acc = score(model)
-        runs.append({"name": mode, "label": label, "steps": args.steps,
+        extra = {}
+        rounds_log = os.path.join(out, f"{mode}-rounds.jsonl")
+        if mode == "strait" and args.adaptive and os.path.exists(rounds_log):
+            records = [json.loads(l) for l in open(rounds_log)]
+            mine = [r for r in records if r["site"] == SITES[0][0]]
+            extra = {"adaptive_changes": sum(1 for r in mine if r.get("adaptive")),
+                     "adaptive_final_pipeline": mine[-1].get("pipeline") if mine else None}
+        runs.append({"name": mode, "label": label, "steps": args.steps, **extra,
                      "step_s": seconds[-1] / args.steps,
                      "bytes_per_step": total / args.steps, "bytes_total": total,
                      "final_loss": sum(losses[-10:]) / 10, "held_out_bits_per_byte": bpb,
@@ -239,7 +255,7 @@ def main():
     plot(png, runs, args)
     result = {"wan": args.wan, "steps": args.steps, "parameters": json.load(open(os.path.join(
         out, f"{runs[0]['name']}-{SITES[0][0]}.json")))["parameters"], "sync_every": args.sync_every,
-        "every_step_pipeline": args.every_step_pipeline, "diloco_pipeline": args.diloco_pipeline, "plot": png,
+        "every_step_pipeline": args.every_step_pipeline, "adaptive": args.adaptive, "diloco_pipeline": args.diloco_pipeline, "plot": png,
         "runs": [{k: v for k, v in r.items() if k != "curve"} for r in runs]}
     with open(os.path.join(out, "e2e.json"), "w") as f:
         json.dump(dict(result, curves={r["name"]: r["curve"] for r in runs}), f)

@@ -87,6 +87,8 @@ def main():
             diloco.step()
         losses.append(loss.item())
         ends.append(time.time())
+        if session:
+            session.log(step, losses[-1])  # the round log (JSON lines, STRAIT_JSON_LOG) for the driver
         if args.site_index == 0 and step % 20 == 19:
             print(f"\r    {args.mode}: step {step + 1}/{args.steps}", end="", file=sys.stderr, flush=True)
     if args.site_index == 0:
