@@ -29,14 +29,23 @@ def test_a_slow_exchange_makes_it_sparser_down_to_the_floor_and_a_fast_one_dense
     a = AdaptiveCompression(min_density=0.01, max_density=0.08, min_bits=4)
     a.update(0.010, 0.050)  # the latency floor: 10 ms
     notes = []
-    for _ in range(20):  # 40 ms beyond latency against 50 ms of compute: too much
+    for _ in range(40):  # 40 ms beyond latency against 50 ms of compute: too much
         notes.append(a.update(0.050, 0.050))
     assert a.pipeline == "topk(0.01) -> int4"  # the floor, and it stays there
-    assert notes[0].startswith("topk(0.08) -> int8 -> ") and "more than a tenth" in notes[0]
-    assert notes[-1] is None
-    for _ in range(20):  # nothing beyond latency: send more again
+    changes = [n for n in notes if n]
+    assert notes[:2] == [None, None]  # it waits for `patience` (3) steps of evidence
+    assert changes[0].startswith("topk(0.08) -> int8 -> ") and "more than a tenth" in changes[0]
+    assert len(changes) == len(a.levels) - 1 and notes[-1] is None
+    for _ in range(40):  # nothing beyond latency: send more again
         a.update(0.010, 0.050)
     assert a.pipeline == "topk(0.08) -> int8"
+
+
+def test_alternating_evidence_does_not_make_it_flip():
+    a = AdaptiveCompression(min_density=0.01, max_density=0.08)
+    a.update(0.010, 0.050)
+    for k in range(30):
+        assert a.update(0.050 if k % 2 else 0.010, 0.050) is None
 
 
 def test_between_the_thresholds_it_holds():
