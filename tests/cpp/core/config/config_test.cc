@@ -654,8 +654,17 @@ TEST(Config, EmptyDocumentsAndSecondDocumentsAreErrors) {
   EXPECT_TRUE(mentions(errorOf(""), {"job.yaml:1: the document is empty"}));
   EXPECT_TRUE(mentions(errorOf("# only a comment\n\n"), {"job.yaml:1: the document is empty"}));
   EXPECT_TRUE(mentions(errorOf("~\n"), {"job.yaml:1: the document is empty"}));
+  // The second document's "---" marker is named.
   EXPECT_TRUE(mentions(errorOf(std::string("---\n") + kValid + "---\njob: {id: other}\n"),
-                       {"job.yaml:15: a second YAML document; a config file holds exactly one"}));
+                       {"job.yaml:14: a second YAML document; a config file holds exactly one"}));
+  EXPECT_TRUE(mentions(errorOf(std::string(kValid) + "...\n# a comment\njob: {id: other}\n"),
+                       {"a second YAML document"}));
+  EXPECT_EQ(errorOf(std::string("--- # one document\n") + kValid + "...\n"), "(accepted)");
+}
+
+// Found by tests/fuzz/fuzz_config: yaml-cpp's LoadAll never returned on this.
+TEST(Config, MalformedFlowTextFailsInsteadOfHanging) {
+  EXPECT_TRUE(mentions(errorOf(",a ] 01\"}\n"), {"job.yaml:"}));
 }
 
 class TempDir : public ::testing::Test {
