@@ -17,6 +17,7 @@
 #include <sstream>
 
 #include "core/error.h"
+#include "transport/impl/key_file.h"
 
 namespace strait::transport {
 
@@ -94,15 +95,6 @@ void writeAll(int fd, const std::string& s, const std::string& path) {
     if (n <= 0) fail<Error>("audit log '", path, "': cannot write: ", std::strerror(errno));
     done += size_t(n);
   }
-}
-
-std::string readKeyText(const std::string& path) {
-  std::ifstream in(path);
-  if (!in) fail<ConfigError>("cannot read key file '", path, "': ", std::strerror(errno));
-  std::string text;
-  std::getline(in, text);
-  while (!text.empty() && (text.back() == '\r' || text.back() == ' ')) text.pop_back();
-  return text;
 }
 
 // A flat JSON object of string, number and null values: what our records
@@ -183,39 +175,31 @@ SigningKeys generateSigningKeys() {
 }
 
 void writeSigningKeys(const SigningKeys& keys, const std::string& dir, const std::string& site) {
-  auto write = [](const std::string& path, const std::string& text, mode_t mode) {
-    const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, mode);
-    if (fd < 0) {
-      fail<Error>("cannot create '", path, "': ", std::strerror(errno),
-                  errno == EEXIST ? " (refusing to overwrite an existing key)" : "");
-    }
-    ::fchmod(fd, mode);
-    const std::string line = text + "\n";
-    const bool ok = ::write(fd, line.data(), line.size()) == ssize_t(line.size()) && ::fsync(fd) == 0;
-    ::close(fd);
-    if (!ok) fail<Error>("cannot write '", path, "': ", std::strerror(errno));
-  };
   ::mkdir(dir.c_str(), 0755);
-  write(dir + "/" + site + ".sign", keys.secret_key, 0600);
-  write(dir + "/" + site + ".sign.pub", keys.public_key, 0644);
+  writeKeyLine(dir + "/" + site + ".sign", keys.secret_key, 0600);
+  writeKeyLine(dir + "/" + site + ".sign.pub", keys.public_key, 0644);
 }
 
-std::vector<uint8_t> readSigningSecretKey(const std::string& path) {
+namespace {
+
+// An Ed25519 key file: one line of 2 * bytes hex characters.
+std::vector<uint8_t> readHexKey(const std::string& path, size_t bytes, const char* what, const char* file) {
   std::vector<uint8_t> k;
-  if (!fromHex(readKeyText(path), k, crypto_sign_SECRETKEYBYTES)) {
-    fail<ConfigError>("key file '", path, "' does not hold an Ed25519 secret key (", 2 * crypto_sign_SECRETKEYBYTES,
-                      " hex characters); ./strait keys generate SITE writes SITE.sign");
+  if (!fromHex(readKeyLine(path), k, bytes)) {
+    fail<ConfigError>("key file '", path, "' does not hold an Ed25519 ", what, " key (", 2 * bytes,
+                      " hex characters); ./strait keys generate SITE writes ", file);
   }
   return k;
+}
+
+}  // namespace
+
+std::vector<uint8_t> readSigningSecretKey(const std::string& path) {
+  return readHexKey(path, crypto_sign_SECRETKEYBYTES, "secret", "SITE.sign");
 }
 
 std::vector<uint8_t> readSigningPublicKey(const std::string& path) {
-  std::vector<uint8_t> k;
-  if (!fromHex(readKeyText(path), k, crypto_sign_PUBLICKEYBYTES)) {
-    fail<ConfigError>("key file '", path, "' does not hold an Ed25519 public key (", 2 * crypto_sign_PUBLICKEYBYTES,
-                      " hex characters); ./strait keys generate SITE writes SITE.sign.pub");
-  }
-  return k;
+  return readHexKey(path, crypto_sign_PUBLICKEYBYTES, "public", "SITE.sign.pub");
 }
 
 std::string digestHex(const uint8_t* data, size_t size) {

@@ -11,8 +11,9 @@
 #include <zmq.h>
 
 #include "core/error.h"
-#include "transport/gateway.h"
 #include "transport/audit.h"
+#include "transport/gateway.h"
+#include "transport/impl/key_file.h"
 
 namespace strait::transport {
 
@@ -34,12 +35,30 @@ bool isZ85Key(const std::string& s) {
 
 }  // namespace
 
-std::string readKeyFile(const std::string& path) {
+std::string readKeyLine(const std::string& path) {
   std::ifstream in(path);
   if (!in) fail<ConfigError>("cannot read key file '", path, "': ", std::strerror(errno));
   std::string line;
   std::getline(in, line);
   while (!line.empty() && (line.back() == '\r' || line.back() == ' ')) line.pop_back();
+  return line;
+}
+
+void writeKeyLine(const std::string& path, const std::string& text, mode_t mode) {
+  const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, mode);
+  if (fd < 0) {
+    fail<Error>("cannot create '", path, "': ", std::strerror(errno),
+                errno == EEXIST ? " (refusing to overwrite an existing key)" : "");
+  }
+  ::fchmod(fd, mode);  // umask must not widen or narrow it
+  const std::string line = text + "\n";
+  const bool ok = ::write(fd, line.data(), line.size()) == ssize_t(line.size()) && ::fsync(fd) == 0;
+  ::close(fd);
+  if (!ok) fail<Error>("cannot write '", path, "': ", std::strerror(errno));
+}
+
+std::string readKeyFile(const std::string& path) {
+  const std::string line = readKeyLine(path);
   if (!isZ85Key(line)) {
     fail<ConfigError>("key file '", path, "' does not hold a CurveZMQ key (one line of 40 Z85 characters)");
   }
@@ -56,21 +75,9 @@ KeyPair generateKeyPair() {
 }
 
 void writeKeyPair(const KeyPair& keys, const std::string& dir, const std::string& site) {
-  auto write = [](const std::string& path, const std::string& text, mode_t mode) {
-    const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, mode);
-    if (fd < 0) {
-      fail<Error>("cannot create '", path, "': ", std::strerror(errno),
-                  errno == EEXIST ? " (refusing to overwrite an existing key)" : "");
-    }
-    ::fchmod(fd, mode);  // umask must not widen or narrow it
-    const std::string line = text + "\n";
-    const bool ok = ::write(fd, line.data(), line.size()) == ssize_t(line.size()) && ::fsync(fd) == 0;
-    ::close(fd);
-    if (!ok) fail<Error>("cannot write '", path, "': ", std::strerror(errno));
-  };
   ::mkdir(dir.c_str(), 0755);
-  write(dir + "/" + site + ".key", keys.secret_key, 0600);
-  write(dir + "/" + site + ".pub", keys.public_key, 0644);
+  writeKeyLine(dir + "/" + site + ".key", keys.secret_key, 0600);
+  writeKeyLine(dir + "/" + site + ".pub", keys.public_key, 0644);
 }
 
 GatewayOptions GatewayOptions::fromConfig(const core::JobConfig& config, const std::string& site,

@@ -337,6 +337,15 @@ Pipeline parsePipeline(const Field& f) {
   }
 }
 
+// An ISO 3166-1 alpha-2 code, in job configs and site policies alike.
+std::string parseJurisdiction(const Field& f) {
+  const std::string j = f.scalar();
+  if (j.size() != 2 || !std::all_of(j.begin(), j.end(), [](char c) { return c >= 'A' && c <= 'Z'; })) {
+    f.reject("an ISO 3166-1 alpha-2 code: two upper-case letters such as CN or SG");
+  }
+  return j;
+}
+
 SiteConfig parseSite(const Field& f) {
   f.expectMap({"name", "jurisdiction", "endpoint", "bind", "public_key", "secret_key", "weight", "workers"});
   SiteConfig s;
@@ -346,12 +355,7 @@ SiteConfig parseSite(const Field& f) {
   if (s.name.empty() || s.name.size() > 32 || !onlyChars(s.name, false, "_-")) {
     name.reject("1 to 32 characters from a-z, 0-9, '_' and '-'");
   }
-  const Field jurisdiction = f.required("jurisdiction");
-  s.jurisdiction = jurisdiction.scalar();
-  if (s.jurisdiction.size() != 2 ||
-      !std::all_of(s.jurisdiction.begin(), s.jurisdiction.end(), [](char c) { return c >= 'A' && c <= 'Z'; })) {
-    jurisdiction.reject("an ISO 3166-1 alpha-2 code: two upper-case letters such as CN or SG");
-  }
+  s.jurisdiction = parseJurisdiction(f.required("jurisdiction"));
   const Field endpoint = f.required("endpoint");
   s.endpoint = endpoint.scalar();
   if (!validEndpoint(s.endpoint)) {
@@ -665,12 +669,7 @@ SitePolicy SitePolicy::parse(const std::string& yaml, const std::string& source)
     top.expectMap({"site", "jurisdiction", "egress", "audit", "privacy", "data"});
     const Field site = top.required("site");
     p.site = site.scalar();
-    const Field jurisdiction = top.required("jurisdiction");
-    p.jurisdiction = jurisdiction.scalar();
-    if (p.jurisdiction.size() != 2 ||
-        !std::all_of(p.jurisdiction.begin(), p.jurisdiction.end(), [](char c) { return c >= 'A' && c <= 'Z'; })) {
-      jurisdiction.reject("an ISO 3166-1 alpha-2 code: two upper-case letters such as CN or SG");
-    }
+    p.jurisdiction = parseJurisdiction(top.required("jurisdiction"));
     const Field egress = top.child("egress");
     if (egress.present()) {
       egress.expectMap({"allow"});

@@ -119,9 +119,10 @@ def verify_files(root, manifest):
     """Raises StraitError naming the first file that differs from the manifest."""
     listed = {f["path"]: f for f in manifest["files"]}
     present = set(_files(root))
-    for rel in sorted(present - set(listed)):
-        raise _Errors.error(f"strait: dataset '{manifest['name']}': {rel} is not in its manifest (added after it "
-                            "was written?)")
+    extra = sorted(present - set(listed))
+    if extra:
+        raise _Errors.error(f"strait: dataset '{manifest['name']}': {extra[0]} is not in its manifest (added after "
+                            "it was written?)")
     for rel, f in listed.items():
         full = os.path.join(root, rel)
         if rel not in present:

@@ -284,13 +284,19 @@ class Session:
         """Leader only: waits for a round from start_average; the mean."""
         started, flat, shape = handle
         payloads, missing = self._finish(started)
-        present = [i for i, p in enumerate(payloads) if p.numel() > 0]
-        total = sum(self.weights[i] for i in present)
         out = torch.zeros_like(flat)
-        for i in present:  # fixed site order: identical bits everywhere
-            torch.ops.strait.decode_accumulate(out, payloads[i], self.weights[i] / total)
+        for i, weight in self._site_weights(payloads):  # fixed site order: identical bits everywhere
+            torch.ops.strait.decode_accumulate(out, payloads[i], weight)
         self.last_missing = list(missing)
         return out.view(shape)
+
+    def _site_weights(self, payloads):
+        """(site index, weight) of every site that sent something, in site
+        order, the weights renormalised over those sites (on_site_loss:
+        continue leaves missing sites out)."""
+        present = [i for i, p in enumerate(payloads) if p.numel() > 0]
+        total = sum(self.weights[i] for i in present)
+        return [(i, self.weights[i] / total) for i in present]
 
     def _privatized(self, flat):
         """With the policy's privacy section: a clipped, noised copy of flat
@@ -323,10 +329,8 @@ class Session:
         message = torch.cat([header.view(torch.uint8)] + pieces)
         self.bytes_sent += message.numel()
         payloads, missing = self._exchange(tag, message)
-        present = [i for i, p in enumerate(payloads) if p.numel() > 0]
-        total = sum(self.weights[i] for i in present)
         out = torch.zeros_like(flat)
-        for i in present:
+        for i, weight in self._site_weights(payloads):
             blob = payloads[i]
             n = len(parts)
             head = 8 * (n + 1)
@@ -336,8 +340,7 @@ class Session:
                                   f"match {n} parts ({blob.numel()} bytes)")
             at = head
             for (offset, numel, *_), length in zip(parts, lengths[1:]):
-                torch.ops.strait.decode_accumulate(out[offset:offset + numel], blob[at:at + length],
-                                                   self.weights[i] / total)
+                torch.ops.strait.decode_accumulate(out[offset:offset + numel], blob[at:at + length], weight)
                 at += length
         self.last_missing = list(missing)
         return out
