@@ -65,9 +65,11 @@ def ddp_hook(session, bucket):
     while this one crosses the border. Each bucket's round starts as soon as
     the bucket is ready; the rounds are awaited (and broadcast) only when the
     last bucket of the step has started, so all of a step's rounds are in
-    flight together and a step costs one round trip, not one per bucket. One
-    thread, buckets in DDP's order: the same order of collectives on every
-    worker.
+    flight together and a step costs one round trip, not one per bucket. In
+    a site of one worker (no collectives to keep in order) rounds that are
+    already done are finished as soon as the next bucket arrives, so their
+    decoding overlaps with backward. One thread, buckets in DDP's order: the
+    same order of collectives on every worker.
     """
     buf = bucket.buffer()
     index = bucket.index()
@@ -79,6 +81,13 @@ def ddp_hook(session, bucket):
         pending = session.__dict__.setdefault("_ddp_pending", [])
         try:
             pending.append((buf, fut, _start_bucket(session, buf, index, params)))
+            if session.size == 1 and not last:
+                # A site of one worker has no collectives to keep in order:
+                # finish the rounds that are already done, so their decode
+                # overlaps with backward (on a fast link that is most of them).
+                while pending and session.average_ready(pending[0][2]):
+                    b, f, handle = pending.pop(0)
+                    f.set_result(_finish_bucket(session, b, handle))
             if last:
                 import time
 

@@ -280,6 +280,17 @@ class Session:
         self.bytes_sent += payload.numel()
         return (self._start(tag, payload), flat, tensor.shape)
 
+    def average_ready(self, handle):
+        """Leader only: whether finish_average(handle) would return at once
+        (a failed start counts as ready: finishing it raises)."""
+        if isinstance(handle, BaseException):
+            return True
+        (round_, tag, _, _), _, _ = handle
+        try:
+            return bool(self.gateway.ready(round_, tag))
+        except RuntimeError:
+            return True  # finishing it raises the error
+
     def finish_average(self, handle):
         """Leader only: waits for a round from start_average; the mean."""
         started, flat, shape = handle
