@@ -94,6 +94,13 @@ struct PeerMetrics {
   bool missing = false;
 };
 
+// A round a peer has opened (sent at least a chunk of) and this site has not.
+struct PeerRound {
+  uint64_t round = 0;
+  std::string tag;
+  std::string site;
+};
+
 struct RoundResult {
   uint64_t round = 0;
   std::string tag;
@@ -158,6 +165,12 @@ class Gateway {
 
   // Sites heard from within peer_timeout (handshake done), by name.
   std::vector<std::string> livePeers() const;
+
+  // Rounds whose tag starts with `prefix` that peers have opened and this
+  // site has not (refreshed every heartbeat): how a restarted site's join
+  // request reaches sites that are busy training. Answer one by calling
+  // exchange() with the same (round, tag).
+  std::vector<PeerRound> peerRounds(const std::string& prefix) const;
 
  private:
   class Impl;

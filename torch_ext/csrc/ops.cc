@@ -240,6 +240,17 @@ class SiteGateway : public torch::CustomClassHolder {
 
   int64_t siteIndex() const { return static_cast<int64_t>(gateway_->siteIndex()); }
 
+  std::vector<std::string> livePeers() const { return gateway_->livePeers(); }
+
+  // Rounds peers opened that this site has not, as "ROUND TAB TAG TAB SITE".
+  std::vector<std::string> peerRounds(const std::string& prefix) const {
+    std::vector<std::string> out;
+    for (const transport::PeerRound& r : gateway_->peerRounds(prefix)) {
+      out.push_back(std::to_string(r.round) + "\t" + r.tag + "\t" + r.site);
+    }
+    return out;
+  }
+
   // Clips and noises x in place (the site policy's privacy section); returns
   // the epsilon spent so far, this release included.
   double privatize(at::Tensor x) {
@@ -283,7 +294,9 @@ TORCH_LIBRARY(strait, m) {
       .def("audit_records", &SiteGateway::auditRecords)
       .def("ready", &SiteGateway::ready)
       .def("result", &SiteGateway::result)
-      .def("site_index", &SiteGateway::siteIndex);
+      .def("site_index", &SiteGateway::siteIndex)
+      .def("live_peers", &SiteGateway::livePeers)
+      .def("peer_rounds", &SiteGateway::peerRounds);
 }
 
 }  // namespace strait::torch_ext

@@ -1085,9 +1085,39 @@ class Gateway::Impl {
       }
       if (p.greeted && now - p.last_heard < opt_.peer_timeout) live.push_back(p.name);
     }
+    // Rounds peers have opened and this site has not (a restarted site's
+    // join request, a peer running ahead), for peerRounds(): every 20 ms.
+    if (now < next_opened_) {
+      std::lock_guard<std::mutex> lock(mu_);
+      live_.swap(live);
+      return;
+    }
+    next_opened_ = now + std::chrono::milliseconds(20);
+    std::vector<PeerRound> opened;
+    for (const auto& kv : rounds_) {
+      if (kv.second.local) continue;
+      for (const Peer& p : peers_) {
+        if (kv.second.in[p.index].count > 0) opened.push_back({kv.first.first, kv.first.second, p.name});
+      }
+    }
     std::lock_guard<std::mutex> lock(mu_);
     live_.swap(live);
+    opened_.swap(opened);
   }
+
+ public:
+  std::vector<PeerRound> peerRounds(const std::string& prefix) const {
+    std::lock_guard<std::mutex> lock(mu_);
+    std::vector<PeerRound> out;
+    for (const PeerRound& r : opened_) {
+      if (r.tag.compare(0, prefix.size(), prefix) == 0) out.push_back(r);
+    }
+    return out;
+  }
+
+ private:
+  // A peer heard from once and silent for peer_timeout since: gone, not late.
+  bool peerLost(const Peer& p) const { return p.greeted && Clock::now() - p.last_heard >= opt_.peer_timeout; }
 
   bool peerSilent(const Peer& p) const {
     return !p.greeted || Clock::now() - p.last_heard >= opt_.peer_timeout;
@@ -1119,10 +1149,19 @@ class Gateway::Impl {
           for (const Peer& p : peers_) {
             const bool in = r.in[p.index].complete;
             if (!in) missing.push_back(p.name);
-            if (!in || (!r.out[p.index].acked && !peerSilent(p))) waiting.push_back(p.name);
+            // With `continue`, a site that was up and went silent is not
+            // waited for: the round goes on without it at once instead of
+            // at the round deadline (a site never heard from still gets the
+            // round deadline to come up).
+            const bool gone = opt_.on_site_loss == OnSiteLoss::kContinue && peerLost(p);
+            if ((!in && !gone) || (!r.out[p.index].acked && !peerSilent(p))) waiting.push_back(p.name);
           }
           const double age = secondsSince(r.start);
           if (waiting.empty()) {
+            if (!missing.empty()) {
+              log("round " + std::to_string(r.key.first) + " '" + r.key.second + "': continuing without " +
+                  join(missing) + " (silent for " + fmt(opt_.peer_timeout.count() / 1000.0) + " s or more)");
+            }
             complete(r, missing);
           } else if (now >= r.start + opt_.round_deadline && opt_.on_site_loss == OnSiteLoss::kContinue) {
             if (!missing.empty()) {
@@ -1344,6 +1383,7 @@ class Gateway::Impl {
   std::set<Key> open_keys_;  // (round, tag) of open exchanges: at most max_rounds_in_flight
   std::exception_ptr fatal_;
   std::vector<std::string> live_;
+  std::vector<PeerRound> opened_;
   std::vector<std::vector<uint8_t>> pool_;  // recycled receive buffers, at most poolLimit()
 
   // I/O thread only.
@@ -1356,6 +1396,7 @@ class Gateway::Impl {
   std::deque<Key> refused_order_;
   std::set<Key> finished_;
   std::deque<Key> finished_order_;
+  Clock::time_point next_opened_{};
 };
 
 Gateway::Gateway(GatewayOptions options) : impl_(std::make_unique<Impl>(std::move(options))) {}
@@ -1373,6 +1414,7 @@ uint64_t Gateway::auditRecords() const { return impl_->auditRecords(); }
 size_t Gateway::siteIndex() const { return impl_->self(); }
 const GatewayOptions& Gateway::options() const { return impl_->options(); }
 std::vector<std::string> Gateway::livePeers() const { return impl_->livePeers(); }
+std::vector<PeerRound> Gateway::peerRounds(const std::string& prefix) const { return impl_->peerRounds(prefix); }
 void Gateway::recycle(std::vector<uint8_t> buffer) { impl_->recycle(std::move(buffer)); }
 
 }  // namespace strait::transport

@@ -304,6 +304,50 @@ TEST(Gateway, RestartedPeerRejoinsAndMissedPayloadsAreResent) {
   EXPECT_EQ(*getWithin(fb).payloads[0], payloadFor(0, 1, 200000));
 }
 
+TEST(Gateway, LostSiteWithContinueIsNotWaitedForUntilTheRoundDeadline) {
+  Job job = makeJob(2);
+  for (auto& o : job.sites) {
+    o.on_site_loss = OnSiteLoss::kContinue;
+    o.peer_timeout = milliseconds(400);
+    o.round_deadline = milliseconds(20000);  // far beyond the test's wait
+  }
+  auto a = std::make_unique<Gateway>(job.sites[0]);
+  {
+    Gateway b(job.sites[1]);
+    auto fa = a->exchange(0, "g", {1});
+    auto fb = b.exchange(0, "g", {2});
+    getWithin(fa);
+    getWithin(fb);
+  }  // b was up, and is gone
+  const auto start = std::chrono::steady_clock::now();
+  auto f = a->exchange(1, "g", {3});
+  ASSERT_EQ(f.wait_for(std::chrono::seconds(10)), std::future_status::ready);
+  RoundResult r = f.get();
+  EXPECT_EQ(r.missing, std::vector<std::string>{"s1"});
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(10));
+}
+
+TEST(Gateway, PeerRoundsListsRoundsAPeerOpenedFirst) {
+  Job job = makeJob(2);
+  Gateway a(job.sites[0]), b(job.sites[1]);
+  auto fb = b.exchange(77, "strait.join", {9, 9}, core::MessageKind::kControl);
+  std::vector<PeerRound> seen;
+  for (int i = 0; i < 200 && seen.empty(); ++i) {
+    std::this_thread::sleep_for(milliseconds(20));
+    seen = a.peerRounds("strait.join");
+  }
+  ASSERT_EQ(seen.size(), 1u);
+  EXPECT_EQ(seen[0].round, 77u);
+  EXPECT_EQ(seen[0].tag, "strait.join");
+  EXPECT_EQ(seen[0].site, "s1");
+  EXPECT_TRUE(a.peerRounds("other").empty());
+  auto fa = a.exchange(77, "strait.join", {1}, core::MessageKind::kControl);
+  EXPECT_EQ(*getWithin(fa).payloads[1], (std::vector<uint8_t>{9, 9}));
+  getWithin(fb);
+  for (int i = 0; i < 50 && !a.peerRounds("strait.join").empty(); ++i) std::this_thread::sleep_for(milliseconds(20));
+  EXPECT_TRUE(a.peerRounds("strait.join").empty());
+}
+
 TEST(Gateway, MetricsArriveWithTheResultAndAsJsonLines) {
   Job job = makeJob(2);
   char path[] = "/tmp/strait-metrics-XXXXXX";
