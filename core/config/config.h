@@ -94,6 +94,14 @@ struct TransportConfig {
   bool insecure = false;                        // plaintext, loopback endpoints only
 };
 
+// Checkpoints (docs/RELIABILITY.md): each site's leader writes its state
+// every `every` syncs (DiLoCo) or steps (every-step mode) to DIR/SITE/.
+struct CheckpointConfig {
+  std::string dir;   // "" = no checkpoints; relative paths: to the config file
+  int every = 10;    // syncs or steps between checkpoints, >= 1
+  int keep = 2;      // newest checkpoints kept per site, >= 1
+};
+
 struct JobConfig {
   std::string source = "<string>";  // file the config came from, for messages
   std::string job_id;                // [A-Za-z0-9_.-], 1..64 chars
@@ -102,6 +110,7 @@ struct JobConfig {
   DiLoCoConfig diloco;
   CompressionConfig compression;
   TransportConfig transport;
+  CheckpointConfig checkpoint;
 
   // Canonical text of everything every site must agree on (all but key file
   // paths); its hash is the config fingerprint peers compare in the handshake.

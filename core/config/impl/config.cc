@@ -463,6 +463,19 @@ void parseCompression(const Field& f, CompressionConfig& c) {
   for (size_t i = 0; i < n; ++i) c.rules.push_back(parseRule(rules.item(i), c.fallback.error_feedback));
 }
 
+std::string besideSource(const std::string& path, const std::string& source);  // below
+
+void parseCheckpoint(const Field& f, CheckpointConfig& c, const std::string& source) {
+  if (!f.present()) return;
+  f.expectMap({"dir", "every", "keep"});
+  const Field dir = f.required("dir");
+  c.dir = dir.scalar();
+  if (c.dir.empty()) dir.reject("a directory path (each site writes to DIR/SITE/)");
+  c.dir = besideSource(c.dir, source);
+  c.every = static_cast<int>(f.child("every").integer(c.every, 1, 1000000));
+  c.keep = static_cast<int>(f.child("keep").integer(c.keep, 1, 1000));
+}
+
 void parseTransport(const Field& f, TransportConfig& t) {
   if (!f.present()) return;
   f.expectMap({"chunk_bytes", "max_message_bytes", "max_rounds_in_flight", "high_water_mark", "heartbeat_ms",
@@ -516,6 +529,9 @@ std::string JobConfig::sharedText() const {
     << " " << t.high_water_mark << " " << t.heartbeat_ms << " " << t.peer_timeout_ms << " "
     << t.round_deadline_s << " " << t.hard_deadline_s << " " << t.on_site_loss_continue << " "
     << t.insecure << "\n";
+  // Sites must checkpoint the same rounds to find one they all hold; where
+  // each keeps its checkpoints is its own business.
+  if (!checkpoint.dir.empty()) o << "checkpoint " << checkpoint.every << "\n";
   return o.str();
 }
 
@@ -613,7 +629,7 @@ JobConfig JobConfig::parse(const std::string& yaml, const std::string& source) {
   job.source = source;
   const Field top(singleDocument(yaml, source, "job and sites"), "", job.source);
   try {
-    top.expectMap({"job", "sites", "sync", "compression", "transport"});
+    top.expectMap({"job", "sites", "sync", "compression", "transport", "checkpoint"});
 
     const Field j = top.required("job");
     j.expectMap({"id"});
@@ -627,6 +643,7 @@ JobConfig JobConfig::parse(const std::string& yaml, const std::string& source) {
     parseSync(top.child("sync"), job);
     parseCompression(top.child("compression"), job.compression);
     parseTransport(top.child("transport"), job.transport);
+    parseCheckpoint(top.child("checkpoint"), job.checkpoint, source);
   } catch (const YAML::Exception& e) {
     // Field reads nodes only in ways that do not throw; this is a safety net
     // so that nothing but ConfigError leaves the config loader.

@@ -99,7 +99,7 @@ INSTANTIATE_TEST_SUITE_P(Document, Rejects, ::testing::Values(
     Bad{"NotAMapping", "- just\n- a list\n",
         {"job.yaml:1: document = (sequence): must be a mapping with keys job, sites, sync, compression, transport"}},
     Bad{"UnknownTopLevelKey", "job: {id: x}\nsits: []\n",
-        {"job.yaml:2: unknown key 'sits' at the top level; allowed: job, sites, sync, compression, transport; "
+        {"job.yaml:2: unknown key 'sits' at the top level; allowed: job, sites, sync, compression, transport, checkpoint; "
          "did you mean 'sites'?"}},
     Bad{"DuplicateKey", withSection("job: {id: y}\n"),
         {"job.yaml:13: duplicate key 'job' at the top level (first at line 1)"}},
@@ -343,7 +343,31 @@ INSTANTIATE_TEST_SUITE_P(Transport, Rejects, ::testing::Values(
         {"job.yaml:14: transport.insecure = yes: must be true or false"}}),
     instanceName);
 
+INSTANTIATE_TEST_SUITE_P(Checkpoint, Rejects, ::testing::Values(
+    Bad{"CheckpointWithoutDir", withSection("checkpoint:\n  every: 5\n"),
+        {"job.yaml:14: checkpoint: missing required key 'dir'"}},
+    Bad{"CheckpointEveryZero", withSection("checkpoint:\n  dir: ckpt\n  every: 0\n"),
+        {"job.yaml:15: checkpoint.every = 0: must be an integer in [1, 1000000]"}},
+    Bad{"CheckpointKeepZero", withSection("checkpoint:\n  dir: ckpt\n  keep: 0\n"),
+        {"job.yaml:15: checkpoint.keep = 0: must be an integer in [1, 1000]"}},
+    Bad{"CheckpointUnknownKey", withSection("checkpoint:\n  dir: ckpt\n  interval: 3\n"),
+        {"unknown key 'interval' in checkpoint"}}),
+    instanceName);
+
 // ------------------------------------------------------------ the rest ---
+
+TEST(Config, CheckpointDirIsBesideTheConfigAndEveryIsShared) {
+  const std::string base = "job: {id: x}\nsites:\n  - {name: a, jurisdiction: CN, endpoint: \"tcp://h:1\"}\n";
+  EXPECT_TRUE(JobConfig::parse(base).checkpoint.dir.empty());
+  const JobConfig c = JobConfig::parse(base + "checkpoint: {dir: ckpt, every: 3}\n", "/etc/jobs/job.yaml");
+  EXPECT_EQ(c.checkpoint.dir, "/etc/jobs/ckpt");
+  EXPECT_EQ(c.checkpoint.every, 3);
+  EXPECT_EQ(c.checkpoint.keep, 2);
+  // The interval must agree between sites; the directory is each site's own.
+  const JobConfig elsewhere = JobConfig::parse(base + "checkpoint: {dir: /srv/x, every: 3}\n");
+  EXPECT_EQ(c.sharedText(), elsewhere.sharedText());
+  EXPECT_NE(c.sharedText(), JobConfig::parse(base + "checkpoint: {dir: ckpt, every: 4}\n").sharedText());
+}
 
 TEST(Config, MinimalConfigGetsEveryDefault) {
   const JobConfig c =
