@@ -2,7 +2,13 @@
 Training of Language Models"): H local steps with the inner optimizer, then
 one outer step on compressed pseudo-gradients from every site."""
 
+import hashlib
+import time
+
 import torch
+
+from . import recovery
+from .session import StraitError
 
 
 class DiLoCo:
@@ -27,14 +33,22 @@ class DiLoCo:
     sync.diloco block (then to its defaults: 50, 0.7, 0.9, true). `pipeline`
     forces one pipeline for every parameter instead of the config's rules.
 
+    Reliability (docs/RELIABILITY.md): with the config's checkpoint section
+    the leader writes the site's state every `checkpoint.every` syncs. In a
+    session started with resume (./strait launch --resume) the constructor
+    first asks the other sites: if some are still running it takes their
+    current state (verified by SHA-256) and joins the round they are in,
+    contributing nothing to it; if all are resuming, every site loads the
+    newest checkpoint they all hold. Training scripts continue their loop
+    from `local_steps`. While training, the leader answers other sites' join
+    requests whenever it waits for a sync round.
+
     Streaming fragments (Douillard et al. 2025) are not implemented yet: a
     config with sync.diloco.fragments > 1 is refused rather than ignored.
     """
 
     def __init__(self, model, inner_optimizer, session, sync_every=None, outer_lr=None, outer_momentum=None,
                  nesterov=None, pipeline=None):
-        from .session import StraitError
-
         conf = session.sync_config.get("diloco") or {}
         if int(conf.get("fragments", 1)) > 1:
             raise StraitError("strait.DiLoCo: sync.diloco.fragments > 1 (streaming DiLoCo) is not implemented "
@@ -63,15 +77,22 @@ class DiLoCo:
         for n, p in named:
             self.parts.append((offset, p.numel(), n, tuple(p.shape)))
             offset += p.numel()
-        session.check_same_everywhere("diloco.model", "\n".join(f"{n} {tuple(p.shape)}" for n, p in named))
-        with torch.no_grad():
-            flat = torch.cat([p.detach().reshape(-1).float().cpu() for p in self.params])
-            # Start from one set of weights everywhere: site 0's leader's.
-            self.global_params = self._agree(flat)
-            self._load(self.global_params)
-        self.momentum = torch.zeros_like(self.global_params)
+        description = "\n".join(f"{n} {tuple(p.shape)}" for n, p in named)
+        self._model_digest = hashlib.sha256(description.encode()).hexdigest()
         self.local_steps = 0
         self.syncs = 0
+        self.resumed = None  # how this instance started: None, "checkpoint" or "running" (a peer's state)
+        self._diverged = False
+        with torch.no_grad():
+            flat = torch.cat([p.detach().reshape(-1).float().cpu() for p in self.params])
+            self.momentum = torch.zeros_like(flat)
+            if not (session.resume and self._recover(flat)):
+                session.check_same_everywhere("diloco.model", description)
+                # Start from one set of weights everywhere: site 0's leader's.
+                self.global_params = self._agree(flat)
+                self._load(self.global_params)
+        # From now on this site can hand its state to a site that (re)joins.
+        session._join_server = ("diloco", self._serve)
 
     def _load(self, flat):
         offset = 0
@@ -85,8 +106,6 @@ class DiLoCo:
         digest first (a control message of 32 bytes): when they already agree
         (the same seed), no parameters cross; otherwise site 0 sends its own,
         uncompressed, and the other sites send nothing."""
-        import hashlib
-
         s = self.session
         flat = flat.contiguous()
 
@@ -100,26 +119,187 @@ class DiLoCo:
 
         return s.from_leader(agree, flat)
 
+    # -- checkpoints and recovery (strait/recovery.py) --------------------
+
+    def _state(self):
+        """What a site that (re)joins needs from a running one."""
+        return ({"params": recovery.params_digest(self.global_params), "syncs": self.syncs,
+                 "model": self._model_digest},
+                {"global": self.global_params, "momentum": self.momentum, "syncs": self.syncs})
+
+    def _serve(self, round_):
+        """Leader, while waiting for sync round `round_`: answers join requests."""
+        if round_ == self.syncs:  # the state before this round's outer step
+            recovery.serve_joins(self.session, round_, self._state)
+
+    def _checkpoint(self):
+        """Leader: writes this site's state after self.syncs syncs. A failure
+        is reported and training goes on (the older checkpoints are intact)."""
+        s = self.session
+        store = s.checkpoints
+        residuals = {}
+        for key, c in s._compressors.items():
+            if key.startswith("diloco") and c.error_feedback:
+                residuals[key] = c.residual()
+        state = {"round": self.syncs, "global": self.global_params.clone(), "momentum": self.momentum.clone(),
+                 "local_steps": self.local_steps, "model": self.model.state_dict(),
+                 "optimizer": self.inner.state_dict(), "residuals": residuals, "rounds": dict(s._rounds),
+                 "audit_head": s.gateway.audit_head(), "audit_records": int(s.gateway.audit_records())}
+        started = time.monotonic()
+        try:
+            path = store.save(self.syncs, recovery.params_digest(self.global_params), state)
+        except StraitError as e:
+            s._log_event(f"{e} (training goes on)")
+            return
+        s._log_event(f"checkpoint of round {self.syncs} written to {path} in {time.monotonic() - started:.2f} s")
+
+    def _recover(self, flat):
+        """--resume: the join protocol on the leader, its outcome broadcast in
+        the site. Returns False when nobody holds anything (a fresh start)."""
+        s = self.session
+        store = s.checkpoints
+        outcome = {}
+
+        def leader():
+            held = store.held() if store else []
+            started = time.monotonic()
+            result = recovery.join(s, self._model_digest, held)
+            outcome["kind"] = result[0]
+            if result[0] == "running":
+                _, i, header, state = result
+                self.momentum.copy_(state["momentum"])
+                outcome["syncs"] = int(state["syncs"])
+                # Site-local state (inner optimizer) from this site's own newest checkpoint, if any.
+                outcome["ckpt"] = held[-1] if held else None
+                s._log_event(f"joined: state of round {outcome['syncs']} from site '{s.sites[i]}' "
+                             f"(SHA-256 verified) in {time.monotonic() - started:.2f} s")
+                return state["global"].float()
+            if result[0] == "checkpoint":
+                _, r, d = result
+                state = store.load(r, d)
+                self.momentum.copy_(state["momentum"])
+                outcome["syncs"] = r
+                outcome["ckpt"] = (r, d)
+                for key, residual in state.get("residuals", {}).items():
+                    name = key[len("diloco."):]
+                    s.compressor(key, name=name, size=residual.numel()).set_residual(residual)
+                s._log_event(f"resumed from round {r} (every site holds it): {store.path(r, d)}; audit log "
+                             f"head then {state.get('audit_head') or 'none'}, now {s.gateway.audit_head() or 'none'}")
+                return state["global"].float()
+            return flat
+
+        out = s.from_leader(leader, flat.clone())
+        # The site's workers learn the outcome: [kind, syncs, checkpoint round] and the momentum.
+        kinds = {"fresh": 0, "checkpoint": 1, "running": 2}
+        ckpt = outcome.get("ckpt")
+        info = torch.tensor([kinds.get(outcome.get("kind"), 0), outcome.get("syncs", 0),
+                             ckpt[0] if ckpt else -1,
+                             int.from_bytes(bytes.fromhex(ckpt[1]), "big", signed=True) if ckpt else 0],
+                            dtype=torch.int64)
+        kind, syncs, ckpt_round, ckpt_digest = (int(v) for v in s.broadcast(info).tolist())
+        if kind == 0:
+            return False
+        s.broadcast(self.momentum)
+        self.global_params = out
+        self._load(self.global_params)
+        self.syncs = syncs
+        self.local_steps = syncs * self.sync_every
+        s._rounds["diloco"] = syncs
+        s._rounds["diloco.base"] = syncs
+        if ckpt_round >= 0 and store is not None:
+            state = store.load(ckpt_round, (ckpt_digest & (2**64 - 1)).to_bytes(8, "big").hex())
+            if kind == 1:
+                self.model.load_state_dict(state["model"])  # buffers; parameters are overwritten next
+                self._load(self.global_params)
+                self.local_steps = int(state["local_steps"])
+            try:
+                self.inner.load_state_dict(state["optimizer"])
+            except (ValueError, KeyError) as e:
+                s._log_event(f"the inner optimizer's state in round {ckpt_round}'s checkpoint does not fit: {e}; "
+                             "starting it afresh")
+        self.resumed = "checkpoint" if kind == 1 else "running"
+        if kind == 2:
+            # The running sites are waiting in round `syncs` (they answered
+            # from there): take part without a contribution, so this site
+            # applies the same outer step and stays in step.
+            self.sync(contribute=False)
+            self.local_steps = self.syncs * self.sync_every
+        return True
+
+    def _keep(self, bases, payloads):
+        """Leader: the sites whose payloads this round may use. Normally all;
+        when sites report different global parameters (a healed partition
+        under on_site_loss: continue), the largest group that agrees wins
+        (ties: the group of the lowest site index); a site outside it drops
+        the round and fetches the winners' state (sync)."""
+        s = self.session
+        groups = {}
+        for i, b in enumerate(bases):
+            if b.numel() and payloads[i].numel() or i == s.site_index:
+                groups.setdefault(bytes(b.tolist()), []).append(i)
+        if len(groups) <= 1:
+            return set(range(len(payloads)))
+        winners = max(groups.values(), key=lambda g: (len(g), -min(g)))
+        losers = sorted(i for g in groups.values() if g is not winners for i in g)
+        names = lambda idx: ", ".join(s.sites[i] for i in idx)  # noqa: E731
+        if s.site_index in winners:
+            s._log_event(f"round {self.syncs}: sites {names(losers)} hold other global parameters (a partition "
+                         f"healed?); going on with {names(winners)}, the others fetch this state")
+        else:
+            s._log_event(f"round {self.syncs}: this site's global parameters differ from those of "
+                         f"{names(winners)} (a partition healed?); dropping this round and fetching theirs")
+            self._diverged = True
+        return set(winners)
+
+    # -- training ----------------------------------------------------------
+
     def step(self):
         self.local_steps += 1
         if self.local_steps % self.sync_every == 0:
             self.sync()
 
     @torch.no_grad()
-    def sync(self):
+    def sync(self, contribute=True):
+        """One outer step. With contribute=False this site sends nothing (a
+        site that has just joined) and applies the others' mean."""
         s = self.session
         local = torch.cat([p.detach().reshape(-1).float().cpu() for p in self.params])
         pseudo = self.global_params - local
+        base = recovery.params_digest(self.global_params)
 
         def exchange():  # on the site leader
-            if self.pipeline is not None:
-                return s.average_across_sites(pseudo, "diloco", self.pipeline)
-            return s.average_parts_across_sites(pseudo, self.parts, "diloco")
+            # Every site also says which global parameters its pseudo-gradient
+            # is relative to: after a partition healed under `continue` the
+            # two sides differ, and only one side may go on (_keep).
+            check = s._start("diloco.base", torch.tensor(list(bytes.fromhex(base)), dtype=torch.uint8),
+                             kind="control")
+            return s.average_parts_across_sites(pseudo, self.parts, "diloco", pipeline=self.pipeline,
+                                                contribute=contribute,
+                                                keep=lambda payloads: self._keep(s._finish(check)[0], payloads))
 
-        outer_grad = s.from_leader(exchange, torch.empty_like(local))
+        try:
+            outer_grad = s.from_leader(exchange, torch.empty_like(local))
+        except StraitError as e:
+            # A lost site and `wait` ended at the hard deadline (or the round
+            # failed otherwise): stop with this site's state on disk.
+            if s.leader and s.checkpoints is not None:
+                digest = recovery.params_digest(self.global_params)
+                if (self.syncs, digest) not in s.checkpoints.held():
+                    self._checkpoint()
+            raise e from None
+        if int(s.broadcast(torch.tensor([int(self._diverged)], dtype=torch.int64))[0]):
+            # This site was on the losing side of a partition: its parameters
+            # are not the job's any more. Drop this round, take the state of
+            # the sites that went on.
+            self._diverged = False
+            if not self._recover(local):
+                raise StraitError("strait: after a partition, no running site answered this site's join request")
+            return
         # The same outer step, in the same float32 ops, on every worker.
         self.momentum.mul_(self.mu).add_(outer_grad)
         update = outer_grad.add(self.momentum, alpha=self.mu) if self.nesterov else self.momentum
         self.global_params.sub_(update, alpha=self.outer_lr)
         self._load(self.global_params)
         self.syncs += 1
+        if s.leader and s.checkpoints is not None and self.syncs % s.checkpoints.every == 0:
+            self._checkpoint()

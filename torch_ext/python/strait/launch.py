@@ -17,7 +17,13 @@ With --wan PROFILE (root only) the sites run in network namespaces joined by a
 simulated border: a rate-limited link with added latency (see strait/wan.py).
 
 Output lines are prefixed with [site/rank]. If any worker fails, the others
-are stopped and the launcher exits with that worker's status.
+are stopped and the launcher exits with that worker's status — unless
+--restarts N allows that site to start again: then only its workers are
+stopped and started anew with STRAIT_RESUME=1 (they rejoin the running
+sites, docs/RELIABILITY.md) while the other sites go on.
+
+--resume starts every worker with STRAIT_RESUME=1: sites take the state of
+sites still running, or the newest checkpoint that every site holds.
 """
 
 import argparse
@@ -60,6 +66,12 @@ def main(argv=None):
                     help="a site's policy file (egress, audit log, privacy, datasets); repeat per site")
     ap.add_argument("--json-log", metavar="PATH",
                     help="append one JSON object per round per site to PATH (sets STRAIT_JSON_LOG)")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue the job: each site takes the state of sites still running, or the newest "
+                         "checkpoint every site holds (sets STRAIT_RESUME=1)")
+    ap.add_argument("--restarts", type=int, default=0, metavar="N",
+                    help="when a worker fails, stop its site's workers and start the site again with --resume, "
+                         "up to N times per site; the other sites keep running")
     ap.add_argument("--wan", metavar="PROFILE",
                     help="run the sites across a simulated border, e.g. 100mbit-150ms (needs root)")
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -123,15 +135,14 @@ def _policies(args, names):
 
 
 def _run(args, command, sites, config, border, policies):
-    procs = []
+    procs = []  # (site, "site/rank", Popen), the current life of each site's workers
     sel = selectors.DefaultSelector()
     # Like torchrun: workers sharing this machine get an even share of its
     # cores for their math libraries, unless the environment says otherwise.
     started = sum(w for n, w in sites if not args.site or n == args.site)
     threads = str(max(1, (os.cpu_count() or 1) // max(1, started)))
-    for name, workers in sites:
-        if args.site and name != args.site:
-            continue
+
+    def start_site(name, workers, resume):
         addr = os.environ.get("MASTER_ADDR", "127.0.0.1") if args.site else "127.0.0.1"
         port = os.environ.get("MASTER_PORT") if args.site else None
         port = port or str(_free_port())
@@ -142,6 +153,8 @@ def _run(args, command, sites, config, border, policies):
                 env.setdefault(var, threads)
             if args.json_log:
                 env["STRAIT_JSON_LOG"] = os.path.abspath(args.json_log)
+            if resume:
+                env["STRAIT_RESUME"] = "1"
             # Only this site's policy and datasets; never another site's (an
             # inherited one would reach every site of a local launch).
             if not args.site:
@@ -154,14 +167,29 @@ def _run(args, command, sites, config, border, policies):
             if border:
                 env.update(border.env(name))
             p = subprocess.Popen(prefix + command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-            procs.append((f"{name}/{rank}", p))
+            procs.append((name, f"{name}/{rank}", p))
             sel.register(p.stdout, selectors.EVENT_READ, f"{name}/{rank}")
 
+    for name, workers in sites:
+        if not args.site or name == args.site:
+            start_site(name, workers, args.resume)
+
+    def stop(victims, sig):
+        for _, _, p in victims:
+            if p.poll() is None:
+                p.send_signal(sig)
+        for _, _, p in victims:
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+    restarts = {name: args.restarts for name, _ in sites}
     deadline = time.monotonic() + args.timeout if args.timeout > 0 else None
     status = 0
-    open_streams = len(procs)
     try:
-        while open_streams:
+        while any(p.poll() is None for _, _, p in procs) or sel.get_map():
             if deadline and time.monotonic() > deadline:
                 print(f"strait launch: stopping after the {args.timeout:.0f} s timeout", file=sys.stderr)
                 status = status or 124
@@ -170,37 +198,63 @@ def _run(args, command, sites, config, border, policies):
                 line = key.fileobj.readline()
                 if not line:
                     sel.unregister(key.fileobj)
-                    open_streams -= 1
                     continue
                 sys.stdout.write(f"[{key.data}] {line.decode(errors='replace')}")
                 sys.stdout.flush()
-            for tag, p in procs:
-                if p.poll() not in (None, 0) and status == 0:
-                    status = p.returncode if p.returncode > 0 else 128 - p.returncode
-                    print(f"strait launch: worker {tag} failed with status {p.returncode}; stopping the others",
-                          file=sys.stderr)
+            for site, tag, p in list(procs):
+                if p.poll() in (None, 0):
+                    continue
+                code = p.returncode
+                if restarts[site] > 0:
+                    restarts[site] -= 1
+                    print(f"strait launch: worker {tag} failed with status {code}; restarting site '{site}' with "
+                          f"--resume ({args.restarts - restarts[site]} of {args.restarts})", file=sys.stderr)
+                    mine = [x for x in procs if x[0] == site]
+                    stop(mine, signal.SIGKILL)
+                    for _, _, q in mine:
+                        _drain(sel, q, procs)
+                    procs[:] = [x for x in procs if x[0] != site]
+                    start_site(site, dict(sites)[site], True)
+                    break
+                status = code if code > 0 else 128 - code
+                print(f"strait launch: worker {tag} failed with status {code}; stopping the others",
+                      file=sys.stderr)
+                break
             if status:
                 break
     except KeyboardInterrupt:
         status = 130
     finally:
         if status:
-            for _, p in procs:
-                if p.poll() is None:
-                    p.send_signal(signal.SIGTERM)
-        for _, p in procs:
+            stop(procs, signal.SIGTERM)
+        for _, _, p in procs:
             try:
-                p.wait(timeout=10 if not status else 5)
+                p.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
         if not status:
-            for tag, p in procs:
+            for _, tag, p in procs:
                 if p.returncode:
                     status = p.returncode if p.returncode > 0 else 128 - p.returncode
                     print(f"strait launch: worker {tag} failed with status {p.returncode}", file=sys.stderr)
                     break
     return status
+
+
+def _drain(sel, proc, procs):
+    """Prints what a stopped worker still had to say and forgets its stream."""
+    tag = next((t for _, t, p in procs if p is proc), "?")
+    try:
+        rest = proc.stdout.read()
+    except (OSError, ValueError):
+        rest = b""
+    for line in rest.decode(errors="replace").splitlines():
+        sys.stdout.write(f"[{tag}] {line}\n")
+    try:
+        sel.unregister(proc.stdout)
+    except (KeyError, ValueError):
+        pass
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ class Session:
     - weights: each site's weight, in site order
     """
 
-    def __init__(self, config, site, group=None, timeout_s=None, log=None, json_log=None, policy=None):
+    def __init__(self, config, site, group=None, timeout_s=None, log=None, json_log=None, policy=None, resume=None):
         if not os.path.exists(config):
             raise StraitError(f"strait.init: config file '{config}' does not exist")
         self.config_path = os.path.abspath(config)
@@ -62,6 +62,9 @@ class Session:
             raise StraitError(f"strait.init: site '{site}' is not in {config}; its sites are: {', '.join(names)}")
         self.site = site
         self.site_index = names.index(site)
+        # Round log (leader): what crossed since the last log() call.
+        self.log_lines = bool(int(os.environ.get("STRAIT_LOG", "1"))) if log is None else bool(log)
+        self.json_log = json_log if json_log is not None else os.environ.get("STRAIT_JSON_LOG") or None
         self.jurisdiction = doc["sites"][self.site_index]["jurisdiction"]
         # The site's own policy file (egress kinds, audit log, privacy, data).
         self.policy_path = os.path.abspath(policy) if policy else None
@@ -87,6 +90,19 @@ class Session:
         self.seed = int(comp.get("seed", 0))
         transport = doc.get("transport") or {}
         self.timeout_s = timeout_s or float(transport.get("hard_deadline_s", 600)) + 30
+        self.on_site_loss = transport.get("on_site_loss", "wait")
+        # Checkpoints (the config's checkpoint section) and --resume.
+        self.resume = bool(int(os.environ.get("STRAIT_RESUME", "0") or "0")) if resume is None else bool(resume)
+        self.checkpoints = None
+        ckpt = doc.get("checkpoint")
+        if ckpt:
+            from .recovery import CheckpointStore
+            root = os.path.join(os.path.dirname(self.config_path), os.path.expanduser(str(ckpt["dir"])))
+            self.checkpoints = CheckpointStore(root, site, int(ckpt.get("every", 10)), int(ckpt.get("keep", 2)),
+                                               log=self._log_event)
+        self._joins = []        # join requests answered, reaped when done: (round, tag)
+        self._answered = set()  # join requests seen
+        self._join_server = None  # (tag, fn(round)) while a DiLoCo holds the state to give
 
         self._owns_group = not dist.is_initialized()
         if self._owns_group:
@@ -112,9 +128,6 @@ class Session:
         self._checked = set()
         self._comm = None
         self.bytes_sent = 0  # payload bytes this site sent to each other site (leader)
-        # Round log (leader): what crossed since the last log() call.
-        self.log_lines = bool(int(os.environ.get("STRAIT_LOG", "1"))) if log is None else bool(log)
-        self.json_log = json_log if json_log is not None else os.environ.get("STRAIT_JSON_LOG") or None
         self._log_lock = threading.Lock()
         self._pending = self._empty_pending()
         self.privacy_spent = 0.0
@@ -132,6 +145,12 @@ class Session:
         if self._comm is not None:
             self._comm.shutdown(wait=True)
             self._comm = None
+        if self.gateway is not None:
+            # Join requests answered: let them reach the sites that asked.
+            deadline = time.monotonic() + 10
+            while self._joins and time.monotonic() < deadline:
+                self._reap_joins()
+                time.sleep(0.01)
         self.gateway = None
         if self._owns_group and dist.is_initialized():
             dist.destroy_process_group()
@@ -183,9 +202,10 @@ class Session:
         running while the network works; bounded by timeout_s."""
         return self._finish(self._start(tag, payload, kind))
 
-    def _start(self, tag, payload, kind="model_update"):
-        """Leader only: starts the next round of `tag` (does not wait)."""
-        round_ = self.next_round(tag)
+    def _start(self, tag, payload, kind="model_update", round_=None):
+        """Leader only: starts the next round of `tag` (or round `round_`;
+        does not wait)."""
+        round_ = self.next_round(tag) if round_ is None else round_
         start = time.monotonic()
         try:
             self.gateway.exchange(round_, tag, payload, kind)
@@ -193,14 +213,26 @@ class Session:
             raise _error(e) from None
         return (round_, tag, payload, start)
 
-    def _finish(self, started):
-        """Leader only: waits for a round from _start; (payloads, missing)."""
+    def _finish(self, started, poll=None):
+        """Leader only: waits for a round from _start; (payloads, missing).
+        While it waits, every 50 ms: poll() if given, and join requests are
+        answered when a DiLoCo holds the state for this round's tag."""
         round_, tag, payload, start = started
         try:
             deadline = start + self.timeout_s
+            next_poll = 0.0
             while not self.gateway.ready(round_, tag):
-                if time.monotonic() > deadline:
+                now = time.monotonic()
+                if now > deadline:
                     raise StraitError(f"strait: round {round_} '{tag}' did not complete within {self.timeout_s:.0f} s")
+                if now >= next_poll:
+                    next_poll = now + 0.05
+                    if poll is not None:
+                        poll()
+                    server = self._join_server
+                    if server is not None and server[0] == tag:
+                        server[1](round_)
+                    self._reap_joins()
                 time.sleep(0.0005)
             payloads, missing = self.gateway.result(round_, tag)
         except StraitError:
@@ -215,6 +247,31 @@ class Session:
             p["bytes_in"] += sum(x.numel() for i, x in enumerate(payloads) if i != self.site_index)
             p["missing"].update(missing)
         return payloads, missing
+
+    def _reap_joins(self):
+        """Collects the join requests this site answered once they are done
+        (their result is of no use here; an error only means the asker left)."""
+        for key in list(self._joins):
+            try:
+                if not self.gateway.ready(*key):
+                    continue
+                self.gateway.result(*key)
+            except RuntimeError:
+                pass
+            self._joins.remove(key)
+
+    def _log_event(self, message):
+        """One line about recovery (joins, checkpoints, lost sites) on
+        stderr, and a {"event": ...} object in the JSON log."""
+        if self.log_lines:
+            print(f"strait {self.site}: {message}", file=sys.stderr, flush=True)
+        if self.json_log:
+            line = (json.dumps({"time": round(time.time(), 3), "site": self.site, "event": message}) + "\n").encode()
+            fd = os.open(self.json_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, line)
+            finally:
+                os.close(fd)
 
     # -- the round log ---------------------------------------------------
 
@@ -321,25 +378,37 @@ class Session:
             raise _error(e) from None
         return flat
 
-    def average_parts_across_sites(self, flat, parts, tag):
+    def average_parts_across_sites(self, flat, parts, tag, pipeline=None, contribute=True, keep=None):
         """Leader only: like average_across_sites, for a flat tensor made of
         named parts (offset, numel, name): each part is compressed with its own
         rule and error feedback, and all of them travel in one round as one
         message: u64 count, u64 length of each part's payload, the payloads.
         A message whose framing does not match this model is a StraitError
-        naming the site; its payloads are then decoded as hostile bytes."""
+        naming the site; its payloads are then decoded as hostile bytes.
+
+        `pipeline` forces one pipeline for every part. With contribute=False
+        this site sends an empty message (it counts as absent, the others'
+        weights renormalised). keep(payloads), if given, returns the indices
+        of the sites whose payloads may be used."""
         assert self.leader
-        flat = self._privatized(flat.detach().reshape(-1).float().cpu().contiguous())
-        pieces = []
-        for offset, numel, name, *shape in parts:
-            c = self.compressor(f"{tag}.{name}", name=name, size=numel)
-            part = flat[offset:offset + numel]
-            # The parameter's own shape: lowrank factors its 2-D view.
-            pieces.append(c.encode(part.view(shape[0]) if shape and shape[0] else part))
-        header = torch.tensor([len(pieces)] + [p.numel() for p in pieces], dtype=torch.int64)
-        message = torch.cat([header.view(torch.uint8)] + pieces)
+        flat = flat.detach().reshape(-1).float().cpu().contiguous()
+        if contribute:
+            flat = self._privatized(flat)
+            pieces = []
+            for offset, numel, name, *shape in parts:
+                c = self.compressor(f"{tag}.{name}", pipeline, name=name, size=numel)
+                part = flat[offset:offset + numel]
+                # The parameter's own shape: lowrank factors its 2-D view.
+                pieces.append(c.encode(part.view(shape[0]) if shape and shape[0] else part))
+            header = torch.tensor([len(pieces)] + [p.numel() for p in pieces], dtype=torch.int64)
+            message = torch.cat([header.view(torch.uint8)] + pieces)
+        else:
+            message = torch.zeros(0, dtype=torch.uint8)
         self.bytes_sent += message.numel()
         payloads, missing = self._exchange(tag, message)
+        if keep is not None:
+            use = keep(payloads)
+            payloads = [p if i in use else p[:0] for i, p in enumerate(payloads)]
         out = torch.zeros_like(flat)
         for i, weight in self._site_weights(payloads):
             blob = payloads[i]
@@ -431,7 +500,7 @@ def _size(n):
     return f"{n} B"
 
 
-def init(config=None, site=None, group=None, timeout_s=None, log=None, json_log=None, policy=None):
+def init(config=None, site=None, group=None, timeout_s=None, log=None, json_log=None, policy=None, resume=None):
     """Starts strait in this process: finds or creates the site's process group
     (torchrun environment variables work) and starts the gateway on the site
     leader. `config` defaults to $STRAIT_CONFIG and `site` to $STRAIT_SITE
@@ -439,7 +508,10 @@ def init(config=None, site=None, group=None, timeout_s=None, log=None, json_log=
     prints a line per round on the site leader; `json_log` (default
     $STRAIT_JSON_LOG) is a file that gets one JSON object per round per site.
     `policy` (default $STRAIT_POLICY) is the site's own policy file: which
-    message kinds may leave, the signed audit log, differential privacy."""
+    message kinds may leave, the signed audit log, differential privacy.
+    `resume` (default $STRAIT_RESUME, set by ./strait launch --resume): a
+    DiLoCo started in this session continues from the newest checkpoint
+    every site holds, or fetches the state of the sites still running."""
     site = site or os.environ.get("STRAIT_SITE")
     config = config or os.environ.get("STRAIT_CONFIG")
     if not config:
@@ -447,4 +519,5 @@ def init(config=None, site=None, group=None, timeout_s=None, log=None, json_log=
     if not site:
         raise StraitError("strait.init: no site given (pass site=... or set STRAIT_SITE)")
     policy = policy or os.environ.get("STRAIT_POLICY") or None
-    return Session(config, site, group=group, timeout_s=timeout_s, log=log, json_log=json_log, policy=policy)
+    return Session(config, site, group=group, timeout_s=timeout_s, log=log, json_log=json_log, policy=policy,
+                   resume=resume)

@@ -190,6 +190,9 @@ class Border:
             for key in ("public_key", "secret_key"):
                 if s.get(key):
                     s[key] = os.path.join(base, os.path.expanduser(str(s[key])))
+        ckpt = doc.get("checkpoint")
+        if isinstance(ckpt, dict) and ckpt.get("dir"):  # stays where the original config puts it
+            ckpt["dir"] = os.path.join(base, os.path.expanduser(str(ckpt["dir"])))
         if out_dir is None:
             self._tmp = tempfile.mkdtemp(prefix="strait-wan-")
             out_dir = self._tmp

@@ -1,0 +1,100 @@
+"""One worker of a chaos-test job (tests/chaos/): DiLoCo on scikit-learn's
+digits, each site its own half of the classes. Started by `./strait launch`
+(RANK, WORLD_SIZE, MASTER_*, STRAIT_SITE, STRAIT_CONFIG, STRAIT_RESUME).
+
+Continues from `diloco.local_steps` (a resumed or rejoined site starts where
+the job is). Each sync, the leader appends the hash of the global parameters
+to OUT/SITE-syncs.jsonl, so the test can compare replicas round by round.
+At the end it writes OUT/SITE-RANK.json: the final hash, syncs, how it
+started, its resident memory."""
+
+import argparse
+import faulthandler
+import hashlib
+import json
+import os
+import resource
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+import strait
+
+
+def site_data(site_index, rank, size):
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    x = torch.tensor(x, dtype=torch.float32) / 16.0
+    y = torch.tensor(y, dtype=torch.int64)
+    mine = (y % 3) == site_index % 3
+    keep = mine | (torch.arange(len(y)) % 10 == 0)
+    x, y = x[keep], y[keep]
+    return x[rank::size], y[rank::size]
+
+
+def flat_hash(diloco):
+    return hashlib.sha256(diloco.global_params.numpy().tobytes()).hexdigest()[:16]
+
+
+def main():
+    faulthandler.dump_traceback_later(int(os.environ.get("STRAIT_WORKER_TIMEOUT", "300")), exit=True)
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--step-sleep", type=float, default=0.02, help="seconds per step (paces the job)")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    session = strait.init()
+    x, y = site_data(session.site_index, session.rank, session.size)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.2, momentum=0.5)
+    diloco = strait.DiLoCo(model, opt, session)
+    loss_fn = nn.CrossEntropyLoss()
+    syncs_log = os.path.join(args.out, f"{session.site}-syncs.jsonl")
+    last = diloco.syncs
+    loss = None
+    for step in range(diloco.local_steps, args.steps):
+        opt.zero_grad()
+        loss = loss_fn(ddp(x), y)
+        loss.backward()
+        opt.step()
+        diloco.step()
+        session.log(step, loss.item())
+        if diloco.syncs != last and session.leader:
+            last = diloco.syncs
+            with open(syncs_log, "a") as f:
+                f.write(json.dumps({"sync": diloco.syncs, "hash": flat_hash(diloco), "time": time.time(),
+                                    "missing": getattr(session, "last_missing", [])}) + "\n")
+        time.sleep(args.step_sleep)
+    result = {"site": session.site, "rank": session.rank, "hash": flat_hash(diloco), "syncs": diloco.syncs,
+              "resumed": diloco.resumed, "loss": None if loss is None else loss.item(),
+              "max_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
+    with open(os.path.join(args.out, f"{session.site}-{session.rank}.json"), "w") as f:
+        json.dump(result, f)
+    dist.barrier()
+    del ddp
+    session.close()
+
+
+if __name__ == "__main__":
+    code = 0
+    try:
+        main()
+    except RuntimeError as e:
+        if "strait" not in str(e):
+            raise
+        print(f"strait error: {e}", file=sys.stderr)
+        code = 3
+    if dist.is_initialized():
+        import gc
+        gc.collect()
+        dist.destroy_process_group()
+    sys.exit(code)

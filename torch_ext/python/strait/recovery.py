@@ -1,0 +1,251 @@
+"""Checkpoints, resume and rejoin (docs/RELIABILITY.md).
+
+A site's leader keeps its checkpoints in DIR/SITE/ (the job config's
+`checkpoint` section). Each is one file, round-NNNNNNNN-DIGEST.pt: the state
+after NNNNNNNN syncs, DIGEST the first 16 hex digits of the SHA-256 of the
+global parameters (identical on every site after a sync, so sites can tell
+from the names alone which rounds they hold in common). A file is written to
+a temporary name, fsynced, renamed into place and the directory fsynced: a
+crash leaves the previous checkpoints whole and at most a temporary file,
+which the next start removes.
+
+Sites find each other after a restart with a *join request*: an exchange
+under the tag "strait.join" at a random round number, whose payload says
+whether the sender is resuming (and which checkpoints it holds) or running
+(and then carries the current state). Running sites answer requests while
+they wait for a round (Session._finish); resuming sites answer each other.
+"""
+
+import hashlib
+import io
+import json
+import os
+import random
+import re
+import struct
+import sys
+import time
+
+import torch
+
+JOIN_TAG = "strait.join"
+_NAME = re.compile(r"^round-(\d{8})-([0-9a-f]{16})\.pt$")
+
+
+def params_digest(flat):
+    """First 16 hex digits of the SHA-256 of a flat float32 tensor's bytes."""
+    return hashlib.sha256(flat.contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+class CheckpointStore:
+    """One site's checkpoints: DIR/SITE/round-NNNNNNNN-DIGEST.pt."""
+
+    def __init__(self, root, site, every=10, keep=2, log=None):
+        self.dir = os.path.join(root, site)
+        self.every = int(every)
+        self.keep = int(keep)
+        self._log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+        # A crash while writing leaves a temporary file: never a checkpoint.
+        if os.path.isdir(self.dir):
+            for name in os.listdir(self.dir):
+                if ".tmp-" in name:
+                    try:
+                        os.unlink(os.path.join(self.dir, name))
+                    except OSError:
+                        pass
+
+    def held(self):
+        """[(round, digest)] of the checkpoints on disk, oldest first."""
+        try:
+            names = os.listdir(self.dir)
+        except FileNotFoundError:
+            return []
+        out = []
+        for name in names:
+            m = _NAME.match(name)
+            if m:
+                out.append((int(m.group(1)), m.group(2)))
+        return sorted(out)
+
+    def path(self, round_, digest):
+        return os.path.join(self.dir, f"round-{round_:08d}-{digest}.pt")
+
+    def save(self, round_, digest, state):
+        """Writes `state` (a dict of tensors and plain values) atomically;
+        then removes all but the newest `keep`. A failure (a full disk, a
+        read-only directory) raises StraitError naming the file and leaves
+        the checkpoints already on disk untouched."""
+        from .session import StraitError
+
+        path = self.path(round_, digest)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        try:
+            os.makedirs(self.dir, exist_ok=True)
+            with open(tmp, "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.rename(tmp, path)
+            fd = os.open(self.dir, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            held = self.held()
+            kept = f"round {held[-1][0]} is the newest intact one" if held else "there is no earlier one"
+            raise StraitError(f"strait: checkpoint of round {round_} to {path} failed: {e.strerror or e}; "
+                              f"{kept}") from None
+        for old_round, old_digest in self.held()[:-self.keep]:
+            try:
+                os.unlink(self.path(old_round, old_digest))
+            except OSError:
+                pass
+        return path
+
+    def load(self, round_, digest):
+        from .session import StraitError
+
+        path = self.path(round_, digest)
+        try:
+            state = torch.load(path, map_location="cpu")
+        except Exception as e:  # noqa: BLE001 - a damaged file of any kind
+            raise StraitError(f"strait: checkpoint {path} cannot be read: {e}") from None
+        if not isinstance(state, dict) or state.get("round") != round_:
+            raise StraitError(f"strait: checkpoint {path} is not a strait checkpoint of round {round_}")
+        flat = state.get("global")
+        if not isinstance(flat, torch.Tensor) or params_digest(flat) != digest:
+            raise StraitError(f"strait: checkpoint {path} does not match its digest {digest} (damaged?)")
+        return state
+
+
+def pack(header, blob=b""):
+    """A join message: u64 length of the JSON header, the header, the blob."""
+    text = json.dumps(header, sort_keys=True).encode()
+    data = struct.pack("<Q", len(text)) + text + blob
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.zeros(0, dtype=torch.uint8)
+
+
+def unpack(payload, site):
+    """(header dict, blob bytes) of a join message from `site`; StraitError
+    naming the site if it is not one."""
+    from .session import StraitError
+
+    data = bytes(payload.numpy().tobytes())
+    if len(data) < 8:
+        raise StraitError(f"strait: site '{site}' sent a join message of {len(data)} bytes")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > len(data) - 8:
+        raise StraitError(f"strait: site '{site}' sent a join message whose header overruns it")
+    try:
+        header = json.loads(data[8:8 + n])
+    except ValueError as e:
+        raise StraitError(f"strait: site '{site}' sent a join message with a malformed header: {e}") from None
+    if not isinstance(header, dict) or header.get("status") not in ("resuming", "running"):
+        raise StraitError(f"strait: site '{site}' sent a join message without a valid status")
+    return header, data[8 + n:]
+
+
+def state_blob(state):
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()
+
+
+def blob_state(blob, site):
+    from .session import StraitError
+
+    try:
+        return torch.load(io.BytesIO(blob), map_location="cpu")
+    except Exception as e:  # noqa: BLE001 - hostile or damaged bytes
+        raise StraitError(f"strait: the state sent by site '{site}' cannot be read: {e}") from None
+
+
+def join(session, model_digest, held):
+    """Leader only: the join protocol of a (re)starting site. Returns one of
+    ("running", site index, header, state): a running site's current state
+    (verified by its digest); ("checkpoint", round, digest): the newest
+    checkpoint every present site holds; ("fresh",): nobody holds any."""
+    from .session import StraitError
+
+    s = session
+    nonce = random.SystemRandom().getrandbits(62) | 1
+    request = pack({"status": "resuming", "nonce": nonce, "model": model_digest,
+                    "held": [[r, d] for r, d in held]})
+    answered = {(nonce, JOIN_TAG)}
+    s._log_event(f"joining: asking the other sites for their state (request {nonce:x})")
+
+    def answer_resumers():
+        # Other sites starting at the same time: tell them we are resuming too.
+        for line in s.gateway.peer_rounds(JOIN_TAG):
+            r, tag, _ = line.split("\t")
+            key = (int(r), tag)
+            if key not in answered:
+                answered.add(key)
+                s._start(tag, request, kind="control", round_=int(r))
+                s._joins.append(key)
+
+    payloads, missing = s._finish(s._start(JOIN_TAG, request, kind="control", round_=nonce), poll=answer_resumers)
+    running, resuming = [], [(s.site_index, {"held": [[r, d] for r, d in held]})]
+    for i, p in enumerate(payloads):
+        if i == s.site_index or p.numel() == 0:
+            continue
+        header, blob = unpack(p, s.sites[i])
+        if header.get("model") != model_digest:
+            raise StraitError(f"strait: site '{s.sites[i]}' trains another model (its parameter list differs from "
+                              f"site '{s.site}''s); cannot join")
+        if header["status"] == "running":
+            running.append((i, header, blob))
+        else:
+            resuming.append((i, header))
+            key = (int(header.get("nonce", 0)), JOIN_TAG)
+            if key not in answered:  # its request has not reached us yet: answer it now
+                answered.add(key)
+                s._start(JOIN_TAG, request, kind="control", round_=key[0])
+                s._joins.append(key)
+    if running:
+        i, header, blob = running[0]
+        digest = hashlib.sha256(blob).hexdigest()
+        if digest != header.get("sha256"):
+            raise StraitError(f"strait: the state sent by site '{s.sites[i]}' does not match its SHA-256 "
+                              f"({len(blob)} bytes): refusing it")
+        others = [s.sites[j] for j, h, _ in running[1:] if h.get("params") != header.get("params")]
+        if others:
+            s._log_event(f"joining: sites {', '.join(others)} hold other parameters than '{s.sites[i]}'; "
+                         f"taking '{s.sites[i]}''s")
+        return ("running", i, header, blob_state(blob, s.sites[i]))
+    sets = [{(int(r), str(d)) for r, d in h.get("held", [])} for _, h in resuming]
+    common = set.intersection(*sets)
+    if common:
+        r, d = max(common)
+        return ("checkpoint", r, d)
+    if any(sets):
+        holdings = "; ".join(f"'{s.sites[i]}' holds " + (", ".join(str(r) for r, _ in sorted(h.get("held", [])))
+                                                          or "none") for i, h in resuming)
+        raise StraitError(f"strait: --resume: no checkpoint round is held by every site ({holdings}); "
+                          f"restore a common one or start afresh without --resume")
+    return ("fresh",)
+
+
+def serve_joins(session, round_, make_state):
+    """Running site's leader, while it waits for `round_`: answers every join
+    request that has arrived with this site's current state."""
+    s = session
+    for line in s.gateway.peer_rounds(JOIN_TAG):
+        r, tag, site = line.split("\t")
+        key = (int(r), tag)
+        if key in s._answered:
+            continue
+        s._answered.add(key)
+        header, state = make_state()
+        blob = state_blob(state)
+        header.update({"status": "running", "round": int(round_), "sha256": hashlib.sha256(blob).hexdigest()})
+        started = time.monotonic()
+        s._start(tag, pack(header, blob), kind="model_state", round_=key[0])
+        s._joins.append(key)
+        s._log_event(f"site '{site}' asked to join: sending it the state of round {round_} "
+                     f"({len(blob) / 1e6:.1f} MB, {time.monotonic() - started:.2f} s to queue)")
