@@ -40,6 +40,7 @@
 #include "core/codec/codec.h"
 #include "transport/audit.h"
 #include "transport/checksum.h"
+#include "transport/impl/frame.h"
 #include "transport/privacy.h"
 #include "transport/proto/strait.pb.h"
 
@@ -51,7 +52,6 @@ using Clock = std::chrono::steady_clock;
 using Key = std::pair<uint64_t, std::string>;  // (round, tag)
 
 using core::MessageKind;
-constexpr size_t kMaxTagBytes = 256;
 constexpr size_t kMaxRefusedKeys = 256;  // refusals remembered for rounds not opened yet
 
 double secondsSince(Clock::time_point t) {
@@ -62,16 +62,6 @@ bool isLoopback(const std::string& endpoint) {
   const std::string rest = endpoint.substr(endpoint.find("://") == std::string::npos ? 0 : endpoint.find("://") + 3);
   const std::string host = rest.substr(0, rest.rfind(':'));
   return host == "localhost" || host == "[::1]" || host.rfind("127.", 0) == 0;
-}
-
-std::string hex(const std::string& bytes, size_t max = 8) {
-  static const char* d = "0123456789abcdef";
-  std::string s;
-  for (size_t i = 0; i < bytes.size() && i < max; ++i) {
-    s += d[uint8_t(bytes[i]) >> 4];
-    s += d[uint8_t(bytes[i]) & 15];
-  }
-  return s;
 }
 
 // Our payload on its way to one peer.
@@ -139,6 +129,12 @@ class Gateway::Impl {
  public:
   explicit Impl(GatewayOptions options) : opt_(std::move(options)) {
     validate();
+    hello_terms_.job_id = opt_.job_id;
+    for (size_t i = 0; i < opt_.sites.size(); ++i) {
+      if (i != self_) hello_terms_.peers.push_back(opt_.sites[i].name);
+    }
+    hello_terms_.config_fingerprint.assign(opt_.config_fingerprint.begin(), opt_.config_fingerprint.end());
+    hello_terms_.curve = !opt_.insecure;
     if (!opt_.audit_log.empty()) {
       audit_ = std::make_unique<AuditLog>(opt_.audit_log, opt_.site, opt_.sites[self_].jurisdiction, opt_.signing_key);
     }
@@ -615,15 +611,19 @@ class Gateway::Impl {
     zmq::message_t frame;
     if (!p.dealer->recv(frame, zmq::recv_flags::dontwait)) return false;
     dropRest(*p.dealer, frame);
-    wire::Envelope env;
-    if (!env.ParseFromArray(frame.data(), static_cast<int>(frame.size()))) {
-      log("malformed message from " + p.name + " (not a protocol envelope): ignored");
+    const FrameView view{frame.data(), frame.size()};
+    Message m;
+    const std::string malformed = parseMessage(&view, 1, &m);
+    if (!malformed.empty()) {
+      log("malformed message from " + p.name + " (" + malformed + "): ignored");
       return true;
     }
+    const wire::Envelope& env = m.envelope;
     switch (env.body_case()) {
-      case wire::Envelope::kWelcome:
-        if (!env.welcome().accepted()) {
-          refusedBy("site '" + p.name + "' refused our handshake: " + env.welcome().reason());
+      case wire::Envelope::kWelcome: {
+        const std::string refusal = checkWelcome(env.welcome(), p.name);
+        if (!refusal.empty()) {
+          refusedBy(refusal);
           break;
         }
         if (!p.welcomed) {
@@ -631,6 +631,7 @@ class Gateway::Impl {
           restartSends(p.index);
         }
         break;
+      }
       case wire::Envelope::kAck: {
         auto it = rounds_.find({env.ack().round(), env.ack().tag()});
         if (it != rounds_.end() && it->second.local) it->second.out[p.index].acked = true;
@@ -703,11 +704,14 @@ class Gateway::Impl {
       if (has_data) dropRest(*router_, data);
     }
     const std::string routing = id.to_string();
-    wire::Envelope env;
-    if (!env.ParseFromArray(frame.data(), static_cast<int>(frame.size()))) {
-      log("malformed message from connection '" + routing + "' (not a protocol envelope): ignored");
+    const std::array<FrameView, 2> views = {FrameView{frame.data(), frame.size()}, FrameView{data.data(), data.size()}};
+    Message m;
+    const std::string malformed = parseMessage(views.data(), has_data ? 2 : 1, &m);
+    if (!malformed.empty()) {
+      log("malformed message from connection '" + routing + "' (" + malformed + "): ignored");
       return true;
     }
+    const wire::Envelope& env = m.envelope;
     if (env.body_case() == wire::Envelope::kHello) {
       handleHello(routing, frame, env.hello());
       return true;
@@ -726,7 +730,7 @@ class Gateway::Impl {
     }
     p->last_heard = Clock::now();
     if (env.body_case() == wire::Envelope::kChunk) {
-      if (!has_data) {
+      if (!m.has_data) {
         reply(routing, refuseEnv(env.chunk().round(), env.chunk().tag(), "chunk without a data frame"));
         return true;
       }
@@ -736,27 +740,8 @@ class Gateway::Impl {
   }
 
   void handleHello(const std::string& routing, const zmq::message_t& frame, const wire::Hello& h) {
-    std::string reason;
-    Peer* p = peerByName(h.site());
-    if (h.protocol_version() != kProtocolVersion) {
-      reason = "protocol version " + std::to_string(h.protocol_version()) + " is not supported (this gateway speaks " +
-               std::to_string(kProtocolVersion) + ")";
-    } else if (h.job_id() != opt_.job_id) {
-      reason = "job id '" + h.job_id() + "' differs from this site's job '" + opt_.job_id + "'";
-    } else if (p == nullptr) {
-      reason = "site '" + h.site() + "' is not a site of job '" + opt_.job_id + "'";
-    } else if (routing != h.site()) {
-      reason = "connection identity '" + routing + "' does not match the site name '" + h.site() + "'";
-    } else if (h.config_fingerprint() != std::string(opt_.config_fingerprint.begin(), opt_.config_fingerprint.end())) {
-      reason = "config fingerprint " + hex(h.config_fingerprint()) + "... differs from this site's " +
-               hex(std::string(opt_.config_fingerprint.begin(), opt_.config_fingerprint.end())) +
-               "...: every site must run the same job config (only key file paths and bind may differ)";
-    } else if (!opt_.insecure) {
-      const char* user = zmq_msg_gets(const_cast<zmq_msg_t*>(frame.handle()), "User-Id");
-      if (user == nullptr || h.site() != user) {
-        reason = "site '" + h.site() + "' connected with the key of '" + std::string(user ? user : "?") + "'";
-      }
-    }
+    const char* user = opt_.insecure ? nullptr : zmq_msg_gets(const_cast<zmq_msg_t*>(frame.handle()), "User-Id");
+    const std::string reason = checkHello(h, routing, user, hello_terms_);
     wire::Envelope env;
     wire::Welcome* w = env.mutable_welcome();
     w->set_site(opt_.site);
@@ -769,6 +754,7 @@ class Gateway::Impl {
       return;
     }
     w->set_accepted(true);
+    Peer* p = peerByName(h.site());  // checkHello: one of peers_
     const bool restarted = p->greeted && p->incarnation != h.incarnation();
     p->greeted = true;
     p->last_heard = Clock::now();
@@ -819,23 +805,7 @@ class Gateway::Impl {
     }
     // Layout checks before anything is allocated.
     const uint64_t total = c.total_bytes();
-    const uint64_t expect_count = total == 0 ? 1 : (total + opt_.chunk_bytes - 1) / opt_.chunk_bytes;
-    std::string bad;
-    if (c.tag().size() > kMaxTagBytes) {
-      bad = "tag of " + std::to_string(c.tag().size()) + " bytes exceeds " + std::to_string(kMaxTagBytes);
-    } else if (total > opt_.max_message_bytes) {
-      bad = "payload of " + std::to_string(total) + " bytes exceeds max_message_bytes = " +
-            std::to_string(opt_.max_message_bytes);
-    } else if (c.count() != expect_count || c.index() >= c.count()) {
-      bad = "chunk " + std::to_string(c.index()) + " of " + std::to_string(c.count()) +
-            " does not fit a payload of " + std::to_string(total) + " bytes in chunks of " +
-            std::to_string(opt_.chunk_bytes);
-    } else {
-      const uint64_t off = uint64_t(c.index()) * opt_.chunk_bytes;
-      const uint64_t len = std::min<uint64_t>(opt_.chunk_bytes, total - std::min(total, off));
-      if (data.size() != len) bad = "chunk " + std::to_string(c.index()) + " has " + std::to_string(data.size()) +
-                                    " bytes, expected " + std::to_string(len);
-    }
+    std::string bad = checkChunk(c, data.size(), ChunkLimits{opt_.chunk_bytes, opt_.max_message_bytes});
     auto it = rounds_.find(key);
     bool flood = false;
     if (bad.empty() && (it == rounds_.end() || !it->second.local) &&
@@ -1362,6 +1332,7 @@ class Gateway::Impl {
   }
 
   GatewayOptions opt_;
+  HelloTerms hello_terms_;  // what peers' Hellos are checked against
   size_t self_ = 0;
   uint64_t incarnation_ = 0;
   int wake_fd_ = -1;

@@ -1,0 +1,95 @@
+#include "transport/impl/frame.h"
+
+#include <algorithm>
+#include <climits>
+
+#include "transport/gateway.h"
+
+namespace strait::transport {
+
+namespace {
+
+std::string hex(const std::string& bytes, size_t max = 8) {
+  static const char* d = "0123456789abcdef";
+  std::string s;
+  for (size_t i = 0; i < bytes.size() && i < max; ++i) {
+    s += d[uint8_t(bytes[i]) >> 4];
+    s += d[uint8_t(bytes[i]) & 15];
+  }
+  return s;
+}
+
+}  // namespace
+
+std::string parseMessage(const FrameView* frames, size_t count, Message* out) {
+  if (count == 0) return "no frames";
+  // ParseFromArray takes an int; ZMQ_MAXMSGSIZE keeps real frames far below.
+  if (frames[0].size > size_t(INT_MAX) ||
+      !out->envelope.ParseFromArray(frames[0].data, static_cast<int>(frames[0].size))) {
+    return "not a protocol envelope";
+  }
+  out->has_data = count > 1;
+  out->data = out->has_data ? frames[1] : FrameView{};
+  return "";
+}
+
+std::string checkHello(const wire::Hello& h, const std::string& routing, const char* user,
+                       const HelloTerms& terms) {
+  if (h.protocol_version() != kProtocolVersion) {
+    return "protocol version " + std::to_string(h.protocol_version()) + " is not supported (this gateway speaks " +
+           std::to_string(kProtocolVersion) + ")";
+  }
+  if (h.job_id() != terms.job_id) {
+    return "job id '" + h.job_id() + "' differs from this site's job '" + terms.job_id + "'";
+  }
+  if (std::find(terms.peers.begin(), terms.peers.end(), h.site()) == terms.peers.end()) {
+    return "site '" + h.site() + "' is not a site of job '" + terms.job_id + "'";
+  }
+  if (routing != h.site()) {
+    return "connection identity '" + routing + "' does not match the site name '" + h.site() + "'";
+  }
+  if (h.config_fingerprint() != terms.config_fingerprint) {
+    return "config fingerprint " + hex(h.config_fingerprint()) + "... differs from this site's " +
+           hex(terms.config_fingerprint) +
+           "...: every site must run the same job config (only key file paths and bind may differ)";
+  }
+  if (terms.curve && (user == nullptr || h.site() != user)) {
+    return "site '" + h.site() + "' connected with the key of '" + std::string(user ? user : "?") + "'";
+  }
+  return "";
+}
+
+std::string checkWelcome(const wire::Welcome& w, const std::string& peer) {
+  if (w.accepted()) return "";
+  return "site '" + peer + "' refused our handshake: " + w.reason();
+}
+
+uint64_t chunkCount(uint64_t total, size_t chunk_bytes) {
+  if (total == 0) return 1;
+  return total / chunk_bytes + (total % chunk_bytes != 0 ? 1 : 0);
+}
+
+std::string checkChunk(const wire::Chunk& c, size_t data_bytes, const ChunkLimits& limits) {
+  const uint64_t total = c.total_bytes();
+  if (c.tag().size() > kMaxTagBytes) {
+    return "tag of " + std::to_string(c.tag().size()) + " bytes exceeds " + std::to_string(kMaxTagBytes);
+  }
+  if (total > limits.max_message_bytes) {
+    return "payload of " + std::to_string(total) + " bytes exceeds max_message_bytes = " +
+           std::to_string(limits.max_message_bytes);
+  }
+  if (c.count() != chunkCount(total, limits.chunk_bytes) || c.index() >= c.count()) {
+    return "chunk " + std::to_string(c.index()) + " of " + std::to_string(c.count()) + " does not fit a payload of " +
+           std::to_string(total) + " bytes in chunks of " + std::to_string(limits.chunk_bytes);
+  }
+  // index < count = ceil(total / chunk_bytes), so the offset is below total.
+  const uint64_t off = uint64_t(c.index()) * limits.chunk_bytes;
+  const uint64_t len = std::min<uint64_t>(limits.chunk_bytes, total - off);
+  if (data_bytes != len) {
+    return "chunk " + std::to_string(c.index()) + " has " + std::to_string(data_bytes) + " bytes, expected " +
+           std::to_string(len);
+  }
+  return "";
+}
+
+}  // namespace strait::transport
