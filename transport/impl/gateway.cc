@@ -100,6 +100,7 @@ struct Round {
   std::string failure;        // set when a peer refused our payload
   Clock::time_point start;
   Clock::time_point next_wait_log;
+  bool said_waiting = false;  // "waiting for" logged once already
 };
 
 struct Peer {
@@ -426,6 +427,9 @@ class Gateway::Impl {
       p.dealer->set(zmq::sockopt::immediate, 1);  // queue only to a live connection
       p.dealer->set(zmq::sockopt::reconnect_ivl, 100);
       p.dealer->set(zmq::sockopt::reconnect_ivl_max, 2000);
+      // A connect attempt made while the link is down must not sit in TCP's
+      // SYN back-off (minutes) after it comes back: retry instead.
+      p.dealer->set(zmq::sockopt::connect_timeout, static_cast<int>(opt_.peer_timeout.count()));
       if (!opt_.insecure) {
         p.dealer->set(zmq::sockopt::curve_serverkey, opt_.sites[i].public_key);
         p.dealer->set(zmq::sockopt::curve_publickey, opt_.sites[self_].public_key);
@@ -771,10 +775,14 @@ class Gateway::Impl {
           o = Outgoing{};
         }
       }
-      // Partial payloads from its previous life are useless now.
+      // Payloads from its previous life are void in rounds not completed
+      // here: partial ones are useless, and a whole one may no longer be
+      // what its new life sends for that round (a rejoining site takes part
+      // without a contribution). Both sides must use the same payloads.
       for (auto& kv : rounds_) {
+        if (kv.second.completed) continue;
         Incoming& in = kv.second.in[p->index];
-        if (!in.complete && in.incarnation != h.incarnation()) in = Incoming{};
+        if (in.count > 0 && in.incarnation != h.incarnation()) in = Incoming{};
       }
       // What it lost is resent when our DEALER reconnects and is welcomed
       // again (handleMonitor, receiveDealer).
@@ -1144,7 +1152,12 @@ class Gateway::Impl {
                                      "round " + std::to_string(r.key.first) + " '" + r.key.second +
                                      "': no payload from " + join(waiting) + " within the hard deadline of " +
                                      fmt(opt_.hard_deadline.count() / 1000.0) + " s (" + silence(waiting) + ")")));
-          } else if (now >= r.next_wait_log) {
+          } else if (now >= r.next_wait_log ||
+                     (!r.said_waiting && std::any_of(peers_.begin(), peers_.end(), [&](const Peer& p) {
+                       return peerLost(p) && std::find(waiting.begin(), waiting.end(), p.name) != waiting.end();
+                     }))) {
+            // Said at once when a site we wait for is gone, then every round deadline.
+            r.said_waiting = true;
             log("round " + std::to_string(r.key.first) + " '" + r.key.second + "': waiting for " + join(waiting) +
                 " (" + silence(waiting) + "); giving up at the hard deadline in " +
                 fmt(opt_.hard_deadline.count() / 1000.0 - age) + " s");

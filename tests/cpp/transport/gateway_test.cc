@@ -348,6 +348,46 @@ TEST(Gateway, PeerRoundsListsRoundsAPeerOpenedFirst) {
   EXPECT_TRUE(a.peerRounds("strait.join").empty());
 }
 
+TEST(Gateway, APayloadFromARestartedSitesPreviousLifeIsVoid) {
+  Job job = makeJob(2);
+  Gateway a(job.sites[0]);
+  {
+    Gateway b(job.sites[1]);
+    auto fb = b.exchange(1, "g", {1, 1, 1});  // reaches a before a opens round 1
+    for (int i = 0; i < 200 && a.peerRounds("g").empty(); ++i) std::this_thread::sleep_for(milliseconds(20));
+    ASSERT_EQ(a.peerRounds("g").size(), 1u);
+  }  // b dies; its new life sends something else for round 1
+  Gateway b2(job.sites[1]);
+  auto f2 = b2.exchange(1, "g", {2, 2});
+  auto fa = a.exchange(1, "g", {0});
+  EXPECT_EQ(*getWithin(fa).payloads[1], (std::vector<uint8_t>{2, 2}));
+  EXPECT_EQ(*getWithin(f2).payloads[0], (std::vector<uint8_t>{0}));
+}
+
+TEST(Gateway, WaitModeSaysWhomItWaitsForAsSoonAsThatSiteIsGone) {
+  Job job = makeJob(2);
+  for (auto& o : job.sites) {
+    o.peer_timeout = milliseconds(300);
+    o.round_deadline = milliseconds(60000);  // the periodic message would come only after this
+    o.hard_deadline = milliseconds(60000);
+  }
+  auto a = std::make_unique<Gateway>(job.sites[0]);
+  {
+    Gateway b(job.sites[1]);
+    auto fa = a->exchange(0, "g", {1});
+    auto fb = b.exchange(0, "g", {2});
+    getWithin(fa);
+    getWithin(fb);
+  }
+  ::testing::internal::CaptureStderr();
+  auto f = a->exchange(1, "g", {3});
+  std::this_thread::sleep_for(milliseconds(1500));
+  const std::string log = ::testing::internal::GetCapturedStderr();
+  EXPECT_NE(log.find("round 1 'g': waiting for s1"), std::string::npos) << log;
+  EXPECT_EQ(f.wait_for(std::chrono::seconds(0)), std::future_status::timeout);
+  a.reset();  // the pending round fails with the gateway
+}
+
 TEST(Gateway, MetricsArriveWithTheResultAndAsJsonLines) {
   Job job = makeJob(2);
   char path[] = "/tmp/strait-metrics-XXXXXX";
