@@ -163,7 +163,7 @@ class DiLoCo:
         def leader():
             held = store.held() if store else []
             started = time.monotonic()
-            result = recovery.join(s, self._model_digest, held)
+            result = recovery.join(s, self._model_digest, held, flat.numel())
             outcome["kind"] = result[0]
             if result[0] == "running":
                 _, i, header, state = result

@@ -17,7 +17,6 @@ they wait for a round (Session._finish); resuming sites answer each other.
 """
 
 import hashlib
-import io
 import json
 import os
 import random
@@ -112,6 +111,9 @@ class CheckpointStore:
 
         path = self.path(round_, digest)
         try:
+            # The site's own file on its own disk (torch 1.13's weights_only
+            # loader cannot read optimizer states); bytes from peers are never
+            # unpickled (state_blob).
             state = torch.load(path, map_location="cpu")
         except Exception as e:  # noqa: BLE001 - a damaged file of any kind
             raise StraitError(f"strait: checkpoint {path} cannot be read: {e}") from None
@@ -151,21 +153,28 @@ def unpack(payload, site):
 
 
 def state_blob(state):
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    return buf.getvalue()
+    """A running site's state on the wire: the global parameters and the
+    outer momentum as raw little-endian float32, nothing else. (Never
+    pickle: a peer's bytes must not be able to run code here.)"""
+    flat = state["global"].float().contiguous()
+    momentum = state["momentum"].float().contiguous()
+    return flat.numpy().tobytes() + momentum.numpy().tobytes()
 
 
-def blob_state(blob, site):
+def blob_state(blob, site, numel, syncs):
+    """The state from a state_blob of a model of `numel` parameters."""
     from .session import StraitError
 
-    try:
-        return torch.load(io.BytesIO(blob), map_location="cpu")
-    except Exception as e:  # noqa: BLE001 - hostile or damaged bytes
-        raise StraitError(f"strait: the state sent by site '{site}' cannot be read: {e}") from None
+    if len(blob) != 8 * numel:
+        raise StraitError(f"strait: the state sent by site '{site}' has {len(blob)} bytes; a model of {numel} "
+                          f"parameters needs {8 * numel}")
+    values = torch.frombuffer(bytearray(blob), dtype=torch.float32)
+    if not torch.isfinite(values).all():
+        raise StraitError(f"strait: the state sent by site '{site}' holds non-finite values")
+    return {"global": values[:numel].clone(), "momentum": values[numel:].clone(), "syncs": int(syncs)}
 
 
-def join(session, model_digest, held):
+def join(session, model_digest, held, numel):
     """Leader only: the join protocol of a (re)starting site. Returns one of
     ("running", site index, header, state): a running site's current state
     (verified by its digest); ("checkpoint", round, digest): the newest
@@ -217,7 +226,10 @@ def join(session, model_digest, held):
         if others:
             s._log_event(f"joining: sites {', '.join(others)} hold other parameters than '{s.sites[i]}'; "
                          f"taking '{s.sites[i]}''s")
-        return ("running", i, header, blob_state(blob, s.sites[i]))
+        syncs = header.get("syncs")
+        if not isinstance(syncs, int) or syncs < 0:
+            raise StraitError(f"strait: site '{s.sites[i]}' sent a state without a valid sync count")
+        return ("running", i, header, blob_state(blob, s.sites[i], numel, syncs))
     sets = [{(int(r), str(d)) for r, d in h.get("held", [])} for _, h in resuming]
     common = set.intersection(*sets)
     if common:

@@ -116,6 +116,9 @@ class Session:
         self.size = dist.get_world_size(group)
         self.leader_rank = dist.get_global_rank(group, 0) if group is not None else 0
         self.leader = self.rank == 0
+        if self.checkpoints is not None and self.leader and (self.sync_config.get("mode") or "every_step") != "diloco":
+            self._log_event("checkpoint: every-step mode writes no checkpoints (only DiLoCo does); "
+                            "save the model and optimizer from the training script")
         self.gateway = None
         if self.leader:
             try:
