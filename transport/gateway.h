@@ -172,6 +172,12 @@ class Gateway {
   // exchange() with the same (round, tag).
   std::vector<PeerRound> peerRounds(const std::string& prefix) const;
 
+  // Sites that were silent for peer_timeout and have been heard again in
+  // the same incarnation (a cut link, not a restart) since the last call.
+  // Under on_site_loss continue both sides went on alone: the caller must
+  // reconcile them (DiLoCo: the side without the lowest-index site rejoins).
+  std::vector<std::string> takeReturnedPeers();
+
  private:
   class Impl;
   std::unique_ptr<Impl> impl_;

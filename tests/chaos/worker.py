@@ -61,7 +61,11 @@ def main():
     syncs_log = os.path.join(args.out, f"{session.site}-syncs.jsonl")
     last = diloco.syncs
     loss = None
-    for step in range(diloco.local_steps, args.steps):
+    # Driven by diloco.local_steps, not a loop counter: a resumed or
+    # rejoined site (even one that gives way mid-run after a partition)
+    # continues where the job is.
+    while diloco.local_steps < args.steps:
+        step = diloco.local_steps
         opt.zero_grad()
         loss = loss_fn(ddp(x), y)
         loss.backward()

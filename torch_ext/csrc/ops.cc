@@ -241,6 +241,7 @@ class SiteGateway : public torch::CustomClassHolder {
   int64_t siteIndex() const { return static_cast<int64_t>(gateway_->siteIndex()); }
 
   std::vector<std::string> livePeers() const { return gateway_->livePeers(); }
+  std::vector<std::string> returnedPeers() { return gateway_->takeReturnedPeers(); }
 
   // Rounds peers opened that this site has not, as "ROUND TAB TAG TAB SITE".
   std::vector<std::string> peerRounds(const std::string& prefix) const {
@@ -296,6 +297,7 @@ TORCH_LIBRARY(strait, m) {
       .def("result", &SiteGateway::result)
       .def("site_index", &SiteGateway::siteIndex)
       .def("live_peers", &SiteGateway::livePeers)
+      .def("returned_peers", &SiteGateway::returnedPeers)
       .def("peer_rounds", &SiteGateway::peerRounds);
 }
 

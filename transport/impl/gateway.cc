@@ -71,6 +71,7 @@ struct Outgoing {
   std::vector<bool> queued;       // which chunks are in `resend`: bounds it by the chunk count
   bool acked = false;
   bool abandoned = false;         // the round finished without this peer
+  bool refused = false;           // the peer refused it (continue: the round goes on without it)
 };
 
 // A peer's payload being reassembled.
@@ -114,6 +115,8 @@ struct Peer {
   bool greeted = false;               // its Hello to our ROUTER was accepted
   Clock::time_point last_heard{};     // any valid message from it
   Clock::time_point last_heartbeat{};
+  bool lost = false;                  // silent for peer_timeout after its handshake
+  uint64_t lost_incarnation = 0;      // its incarnation when it went silent
 };
 
 struct Command {
@@ -658,7 +661,17 @@ class Gateway::Impl {
       case wire::Envelope::kRefuse: {
         auto it = rounds_.find({env.refuse().round(), env.refuse().tag()});
         if (it != rounds_.end() && it->second.local) {
-          it->second.failure = "site '" + p.name + "' refused our payload: " + env.refuse().reason();
+          const std::string why = "site '" + p.name + "' refused our payload: " + env.refuse().reason();
+          if (opt_.on_site_loss == OnSiteLoss::kContinue) {
+            // The peer goes on without our payload; this site goes on
+            // without the peer in this round (it counts as missing).
+            Outgoing& o = it->second.out[p.index];
+            if (!o.refused) log("round " + std::to_string(it->first.first) + " '" + it->first.second + "': " + why);
+            o.refused = true;
+            o.abandoned = true;
+          } else {
+            it->second.failure = why;
+          }
         }
         break;
       }
@@ -1062,6 +1075,20 @@ class Gateway::Impl {
         }
       }
       if (p.greeted && now - p.last_heard < opt_.peer_timeout) live.push_back(p.name);
+      // A site that went silent and is heard again in the same life: the
+      // link was cut (a partition), not the process (a restart says Hello
+      // with a new incarnation).
+      if (!p.lost && peerLost(p)) {
+        p.lost = true;
+        p.lost_incarnation = p.incarnation;
+      } else if (p.lost && !peerLost(p)) {
+        p.lost = false;
+        if (p.incarnation == p.lost_incarnation) {
+          log("site '" + p.name + "' is back after a silence (same incarnation: the link, not the site, was lost)");
+          std::lock_guard<std::mutex> lock(mu_);
+          if (returned_.size() < 64) returned_.push_back(p.name);  // bounded if nobody asks
+        }
+      }
     }
     // Rounds peers have opened and this site has not (a restarted site's
     // join request, a peer running ahead), for peerRounds(): every 20 ms.
@@ -1084,6 +1111,13 @@ class Gateway::Impl {
   }
 
  public:
+  std::vector<std::string> takeReturnedPeers() {
+    std::lock_guard<std::mutex> lock(mu_);
+    std::vector<std::string> out;
+    out.swap(returned_);
+    return out;
+  }
+
   std::vector<PeerRound> peerRounds(const std::string& prefix) const {
     std::lock_guard<std::mutex> lock(mu_);
     std::vector<PeerRound> out;
@@ -1131,7 +1165,7 @@ class Gateway::Impl {
             // waited for: the round goes on without it at once instead of
             // at the round deadline (a site never heard from still gets the
             // round deadline to come up).
-            const bool gone = opt_.on_site_loss == OnSiteLoss::kContinue && peerLost(p);
+            const bool gone = opt_.on_site_loss == OnSiteLoss::kContinue && (peerLost(p) || r.out[p.index].refused);
             if ((!in && !gone) || (!r.out[p.index].acked && !peerSilent(p))) waiting.push_back(p.name);
           }
           const double age = secondsSince(r.start);
@@ -1368,6 +1402,7 @@ class Gateway::Impl {
   std::exception_ptr fatal_;
   std::vector<std::string> live_;
   std::vector<PeerRound> opened_;
+  std::vector<std::string> returned_;  // for takeReturnedPeers(), at most a few per peer
   std::vector<std::vector<uint8_t>> pool_;  // recycled receive buffers, at most poolLimit()
 
   // I/O thread only.
@@ -1399,6 +1434,7 @@ size_t Gateway::siteIndex() const { return impl_->self(); }
 const GatewayOptions& Gateway::options() const { return impl_->options(); }
 std::vector<std::string> Gateway::livePeers() const { return impl_->livePeers(); }
 std::vector<PeerRound> Gateway::peerRounds(const std::string& prefix) const { return impl_->peerRounds(prefix); }
+std::vector<std::string> Gateway::takeReturnedPeers() { return impl_->takeReturnedPeers(); }
 void Gateway::recycle(std::vector<uint8_t> buffer) { impl_->recycle(std::move(buffer)); }
 
 }  // namespace strait::transport

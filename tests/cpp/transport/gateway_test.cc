@@ -176,6 +176,26 @@ TEST(Gateway, OversizedPayloadsAreRefusedAtBothEnds) {
   EXPECT_THROW(getWithin(f0), ProtocolError);
 }
 
+TEST(Gateway, WithContinueARefusedPayloadLeavesThatSiteOutInsteadOfFailing) {
+  Job job = makeJob(2);
+  job.sites[0].max_message_bytes = 1000;
+  for (auto& o : job.sites) {
+    o.on_site_loss = OnSiteLoss::kContinue;
+    o.round_deadline = milliseconds(20000);  // far beyond the test's wait
+  }
+  auto g = start(job);
+  ::testing::internal::CaptureStderr();
+  auto f1 = g[1]->exchange(0, "g", std::vector<uint8_t>(5000));  // s0 refuses it
+  auto f0 = g[0]->exchange(0, "g", std::vector<uint8_t>(10));
+  RoundResult r1 = getWithin(f1), r0 = getWithin(f0);
+  const std::string log = ::testing::internal::GetCapturedStderr();
+  EXPECT_EQ(r1.missing, std::vector<std::string>{"s0"});  // s1 goes on without s0
+  EXPECT_EQ(r0.missing, std::vector<std::string>{"s1"});  // and s0 without s1's payload
+  EXPECT_NE(log.find("site 's0' refused our payload: payload of 5000 bytes exceeds max_message_bytes = 1000"),
+            std::string::npos)
+      << log;
+}
+
 TEST(Gateway, RepeatedRoundAndTagIsRefused) {
   Job job = makeJob(2);
   auto g = start(job);

@@ -39,8 +39,10 @@ class DiLoCo:
     first asks the other sites: if some are still running it takes their
     current state (verified by SHA-256) and joins the round they are in,
     contributing nothing to it; if all are resuming, every site loads the
-    newest checkpoint they all hold. Training scripts continue their loop
-    from `local_steps`. While training, the leader answers other sites' join
+    newest checkpoint they all hold. Drive the training loop by
+    `local_steps` (`while diloco.local_steps < total: ...`), not by a
+    counter of its own: a resumed or rejoined site, even one that gives way
+    mid-run after a partition, then continues where the job is. While training, the leader answers other sites' join
     requests whenever it waits for a sync round.
 
     Streaming fragments (Douillard et al. 2025) are not implemented yet: a
@@ -83,6 +85,7 @@ class DiLoCo:
         self.syncs = 0
         self.resumed = None  # how this instance started: None, "checkpoint" or "running" (a peer's state)
         self._diverged = False
+        self._absent = set()  # sites left out of rounds applied here, until they rejoin or return
         with torch.no_grad():
             flat = torch.cat([p.detach().reshape(-1).float().cpu() for p in self.params])
             self.momentum = torch.zeros_like(flat)
@@ -130,7 +133,8 @@ class DiLoCo:
     def _serve(self, round_):
         """Leader, while waiting for sync round `round_`: answers join requests."""
         if round_ == self.syncs:  # the state before this round's outer step
-            recovery.serve_joins(self.session, round_, self._state)
+            # A site that joins takes this side's state: nothing to reconcile with it later.
+            self._absent.difference_update(recovery.serve_joins(self.session, round_, self._state))
 
     def _checkpoint(self):
         """Leader: writes this site's state after self.syncs syncs. A failure
@@ -226,12 +230,33 @@ class DiLoCo:
             self.local_steps = self.syncs * self.sync_every
         return True
 
+    def _membership(self, missing):
+        """Leader, after each sync: sites left out of a round this site
+        applied are remembered; when one of them is heard again in the same
+        life (the gateway's returned peers: a cut link, not a restart), both
+        sides went on alone (on_site_loss: continue). The side without the
+        lowest-index site gives way: if that site has a lower index than
+        this one, this site drops its state and rejoins."""
+        s = self.session
+        self._absent.update(missing)
+        for name in s.gateway.returned_peers():
+            if name not in self._absent:
+                continue
+            self._absent.discard(name)
+            if s.sites.index(name) < s.site_index:
+                s._log_event(f"site '{name}' is back after a partition during which both sides went on; "
+                             f"this site gives way and fetches the state of the side with '{name}'")
+                self._diverged = True
+            else:
+                s._log_event(f"site '{name}' is back after a partition during which both sides went on; "
+                             f"it will fetch this side's state")
+
     def _keep(self, bases, payloads):
         """Leader: the sites whose payloads this round may use. Normally all;
         when sites report different global parameters (a healed partition
-        under on_site_loss: continue), the largest group that agrees wins
-        (ties: the group of the lowest site index); a site outside it drops
-        the round and fetches the winners' state (sync)."""
+        under on_site_loss: continue), the group holding the lowest site
+        index wins (as in _membership); a site outside it drops the round
+        and fetches the winners' state (sync)."""
         s = self.session
         groups = {}
         for i, b in enumerate(bases):
@@ -239,7 +264,8 @@ class DiLoCo:
                 groups.setdefault(bytes(b.tolist()), []).append(i)
         if len(groups) <= 1:
             return set(range(len(payloads)))
-        winners = max(groups.values(), key=lambda g: (len(g), -min(g)))
+        # The group with the lowest site index: the same side as _membership picks.
+        winners = min(groups.values(), key=min)
         losers = sorted(i for g in groups.values() if g is not winners for i in g)
         names = lambda idx: ", ".join(s.sites[i] for i in idx)  # noqa: E731
         if s.site_index in winners:
@@ -273,9 +299,11 @@ class DiLoCo:
             # two sides differ, and only one side may go on (_keep).
             check = s._start("diloco.base", torch.tensor(list(bytes.fromhex(base)), dtype=torch.uint8),
                              kind="control")
-            return s.average_parts_across_sites(pseudo, self.parts, "diloco", pipeline=self.pipeline,
-                                                contribute=contribute,
-                                                keep=lambda payloads: self._keep(s._finish(check)[0], payloads))
+            out = s.average_parts_across_sites(pseudo, self.parts, "diloco", pipeline=self.pipeline,
+                                               contribute=contribute,
+                                               keep=lambda payloads: self._keep(s._finish(check)[0], payloads))
+            self._membership(s.last_missing)
+            return out
 
         try:
             outer_grad = s.from_leader(exchange, torch.empty_like(local))
@@ -292,6 +320,10 @@ class DiLoCo:
             # are not the job's any more. Drop this round, take the state of
             # the sites that went on.
             self._diverged = False
+            if s.leader:
+                # A new incarnation: the winners void what this site sent
+                # while apart, and its round counters start afresh.
+                s.restart_gateway()
             if not self._recover(local):
                 raise StraitError("strait: after a partition, no running site answered this site's join request")
             return

@@ -245,8 +245,10 @@ def join(session, model_digest, held, numel):
 
 def serve_joins(session, round_, make_state):
     """Running site's leader, while it waits for `round_`: answers every join
-    request that has arrived with this site's current state."""
+    request that has arrived with this site's current state. Returns the
+    sites served."""
     s = session
+    served = []
     for line in s.gateway.peer_rounds(JOIN_TAG):
         r, tag, site = line.split("\t")
         key = (int(r), tag)
@@ -258,6 +260,8 @@ def serve_joins(session, round_, make_state):
         header.update({"status": "running", "round": int(round_), "sha256": hashlib.sha256(blob).hexdigest()})
         started = time.monotonic()
         s._start(tag, pack(header, blob), kind="model_state", round_=key[0])
+        served.append(site)
         s._joins.append(key)
         s._log_event(f"site '{site}' asked to join: sending it the state of round {round_} "
                      f"({len(blob) / 1e6:.1f} MB, {time.monotonic() - started:.2f} s to queue)")
+    return served

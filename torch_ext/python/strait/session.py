@@ -159,6 +159,20 @@ class Session:
             dist.destroy_process_group()
             self._owns_group = False
 
+    def restart_gateway(self):
+        """Leader: a new gateway (a new incarnation) in place of the current
+        one. Its peers void whatever the old one sent for rounds still open,
+        and its round counters start afresh: how a site that went on alone
+        during a partition rejoins (DiLoCo)."""
+        assert self.leader
+        self.gateway = None  # stops the I/O thread, closes the sockets
+        self._joins.clear()
+        self._rounds = {}
+        try:
+            self.gateway = torch.classes.strait.Gateway(self.config_path, self.site, self.policy_path or "")
+        except RuntimeError as e:
+            raise _error(e) from None
+
     # -- the cross-site step, used by the hook and DiLoCo ----------------
 
     def comm_thread(self):
