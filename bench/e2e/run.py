@@ -6,6 +6,7 @@ border (default 100 Mbit/s, 150 ms round trip), run five ways, side by side:
   (b) powersgd  torch DDP with PyTorch's PowerSGD hook (rank 4, error feedback)
   (c) strait    strait every-step mode, the config's topk -> int8, error feedback
   (d) diloco    strait DiLoCo, low-bit pseudo-gradients every H steps
+  (e) overlap   the same, each exchange overlapped with the next H inner steps
   (-) alone     each site's compute only, no communication (the time floor)
 
 The job: examples/charlm's byte-level transformer (471k parameters), each site
@@ -34,7 +35,8 @@ sys.path.insert(0, os.path.join(ROOT, "examples", "charlm"))
 
 SITES = (("hangzhou", "CN"), ("singapore", "SG"))
 RUNS = [("ddp", "(a) torch DDP, fp32"), ("powersgd", "(b) DDP + PowerSGD hook"),
-        ("strait", "(c) strait every-step"), ("diloco", "(d) strait DiLoCo"), ("alone", "compute alone")]
+        ("strait", "(c) strait every-step"), ("diloco", "(d) strait DiLoCo"),
+        ("overlap", "(e) strait DiLoCo, overlapped"), ("alone", "compute alone")]
 
 
 def log(msg):
@@ -65,7 +67,10 @@ def write_config(out, args):
             f'pipeline: "{args.every_step_pipeline}", error_feedback: true, seed: 1}}',
             f'pipeline: "{args.diloco_pipeline}", error_feedback: true, seed: 1, rules: [{{match: "*bias", '
             f'pipeline: fp16}}, {{match: "*norm*", pipeline: fp16}}, {{match: "position", pipeline: fp16}}]}}') + "\n")
-    return path, diloco
+    overlap = os.path.join(out, "e2e-overlap.yaml")
+    with open(diloco) as f, open(overlap, "w") as g:
+        g.write(f.read().replace("nesterov: false}", "nesterov: false, overlap: true}"))
+    return path, diloco, overlap
 
 
 def run_mode(mode, args, out, configs):
@@ -77,7 +82,7 @@ def run_mode(mode, args, out, configs):
         os.remove(os.path.join(out, f"{mode}-rounds.jsonl"))
     with wan.Border(args.wan, [s for s, _ in SITES], log=lambda m: None) as border:
         config = None
-        if mode in ("strait", "diloco"):
+        if mode in configs:
             config = border.rewrite_config(configs[mode], out)
         port = free_port()
         procs = []
@@ -191,7 +196,7 @@ def main():
     ap.add_argument("--diloco-pipeline", default="sign")
     ap.add_argument("--adaptive", metavar="SETTINGS",
                     help='adaptive compression for (c), e.g. "min_density: 0.01, max_density: 0.2"')
-    ap.add_argument("--only", help="comma-separated subset of ddp,powersgd,strait,diloco,alone")
+    ap.add_argument("--only", help="comma-separated subset of ddp,powersgd,strait,diloco,overlap,alone")
     ap.add_argument("--timeout", type=float, default=600, help="seconds per run")
     ap.add_argument("--out", default=os.path.join(ROOT, "build", "bench-e2e"))
     args = ap.parse_args()
@@ -208,8 +213,8 @@ def main():
         if not os.path.exists(os.path.join(out, "keys", f"{site}.key")):
             subprocess.run([os.path.join(args.build, "transport", "strait_keys"), "generate", site, "--dir",
                             os.path.join(out, "keys")], check=True, stdout=subprocess.DEVNULL)
-    every_step, diloco = write_config(out, args)
-    configs = {"strait": every_step, "diloco": diloco}
+    every_step, diloco, overlap = write_config(out, args)
+    configs = {"strait": every_step, "diloco": diloco, "overlap": overlap}
     modes = [m for m, _ in RUNS if not args.only or m in args.only.split(",")]
 
     runs = []
@@ -264,11 +269,11 @@ def main():
         return
     print(f"charlm ({result['parameters']} parameters), two sites of one worker, {args.steps} steps, "
           f"border {args.wan}")
-    print(f"{'run':<26}{'s/step':>8}{'KB/step':>11}{'x fewer B':>11}{'final loss':>11}{'held bpb':>9}"
+    print(f"{'run':<31}{'s/step':>8}{'KB/step':>11}{'x fewer B':>11}{'final loss':>11}{'held bpb':>9}"
           f"{'acc %':>7}{'vs alone':>9}")
     for r in runs:
         fewer = f"{r['bytes_ratio_vs_ddp']:.0f}" if base and r.get("bytes_ratio_vs_ddp") else "-"
-        print(f"{r['label']:<26}{r['step_s']:8.3f}{r['bytes_per_step'] / 1e3:11.1f}{fewer:>11}"
+        print(f"{r['label']:<31}{r['step_s']:8.3f}{r['bytes_per_step'] / 1e3:11.1f}{fewer:>11}"
               f"{r['final_loss']:11.3f}{r['held_out_bits_per_byte']:9.3f}{100 * r['held_out_accuracy']:7.1f}"
               f"{r.get('time_ratio_vs_alone', float('nan')):9.2f}")
     print(f"plot: {png}; every figure: {os.path.join(out, 'e2e.json')}")

@@ -31,7 +31,7 @@ import train as charlm  # noqa: E402
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--mode", required=True, choices=["ddp", "powersgd", "strait", "diloco", "alone"])
+    ap.add_argument("--mode", required=True, choices=["ddp", "powersgd", "strait", "diloco", "overlap", "alone"])
     ap.add_argument("--site", required=True)
     ap.add_argument("--site-index", type=int, required=True)
     ap.add_argument("--config")
@@ -64,15 +64,15 @@ def main():
         state = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=4, start_powerSGD_iter=10,
                                             use_error_feedback=True, warm_start=True, random_seed=0)
         ddp.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
-    elif args.mode in ("strait", "diloco"):
+    elif args.mode in ("strait", "diloco", "overlap"):
         import strait
 
         session = strait.init(args.config, site=args.site, log=False)
         if args.mode == "strait":
             ddp.register_comm_hook(session, strait.ddp_hook)
     opt = torch.optim.AdamW(ddp.parameters(), lr=3e-3, weight_decay=0.01)
-    if args.mode == "diloco":
-        diloco = strait.DiLoCo(model, opt, session)
+    if args.mode in ("diloco", "overlap"):
+        diloco = strait.DiLoCo(model, opt, session)  # overlap: sync.diloco.overlap in its config
     g = torch.Generator().manual_seed(1000 + args.site_index)
     dist.barrier()
     start = time.time()
@@ -91,6 +91,9 @@ def main():
             session.log(step, losses[-1])  # the round log (JSON lines, STRAIT_JSON_LOG) for the driver
         if args.site_index == 0 and step % 20 == 19:
             print(f"\r    {args.mode}: step {step + 1}/{args.steps}", end="", file=sys.stderr, flush=True)
+    if diloco:
+        diloco.flush()  # overlap: the last round, still in flight, counts in the last step
+        ends[-1] = time.time()
     if args.site_index == 0:
         print(file=sys.stderr)
     if dist.get_rank() == 0:

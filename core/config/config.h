@@ -45,6 +45,7 @@ struct DiLoCoConfig {
   double outer_momentum = 0.9;  // in [0, 1)
   bool nesterov = true;
   int fragments = 1;            // streaming DiLoCo fragments, >= 1
+  bool overlap = false;         // each sync's exchange runs during the next H inner steps
 };
 
 // A per-tensor rule: tensors whose name matches the glob and whose size lies

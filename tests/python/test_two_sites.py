@@ -88,6 +88,13 @@ def test_diloco_mode_keeps_replicas_identical_and_learns():
     check(run_job("diloco", "int4(rounding=stochastic)", steps=40, extra_args=("--sync-every", "10")))
 
 
+def test_diloco_with_overlap_keeps_replicas_identical_and_learns():
+    # Each sync's exchange runs during the next inner steps; the outer step
+    # lands one round late, the same on every worker of every site.
+    extra = {"sync": "sync: {mode: diloco, diloco: {sync_every: 5, outer_lr: 0.7, outer_momentum: 0.5, overlap: true}}"}
+    check(run_job("diloco", "int8", steps=40, extra_config=extra))
+
+
 def test_diloco_sites_that_start_from_different_weights_all_adopt_site_0s():
     check(run_job("diloco", "int8", steps=40, extra_args=("--sync-every", "10"), site_args={"singapore": ("--seed", "7")}))
 

@@ -88,6 +88,7 @@ def main():
             opt.step()
             diloco.step()
             losses.append(loss.item())
+        diloco.flush()  # with sync.diloco.overlap: the round still in flight
     with open(args.out, "w") as f:
         json.dump({"site": args.site, "rank": session.rank, "hash": param_hash(model), "losses": losses}, f)
     # Tear down in order: both workers done, DDP (and its reducer) gone, then

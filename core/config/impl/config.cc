@@ -407,12 +407,13 @@ void parseSync(const Field& f, JobConfig& job) {
     d.error(std::string("is ignored unless mode: diloco (mode is ") + syncModeName(job.mode) +
             "); remove it or set sync.mode: diloco");
   }
-  d.expectMap({"sync_every", "outer_lr", "outer_momentum", "nesterov", "fragments"});
+  d.expectMap({"sync_every", "outer_lr", "outer_momentum", "nesterov", "fragments", "overlap"});
   DiLoCoConfig& c = job.diloco;
   c.sync_every = static_cast<int>(d.child("sync_every").integer(c.sync_every, 1, 1000000));
   c.outer_lr = d.child("outer_lr").number(c.outer_lr, Interval::above(0));
   c.outer_momentum = d.child("outer_momentum").number(c.outer_momentum, Interval::halfOpen(0, 1));
   c.nesterov = d.child("nesterov").boolean(c.nesterov);
+  c.overlap = d.child("overlap").boolean(c.overlap);
   // Streaming DiLoCo (Douillard et al. 2025) syncs each fragment at its own
   // step of the period, so there cannot be more fragments than steps.
   const uint64_t max_fragments = std::min(1024, c.sync_every);
@@ -516,7 +517,7 @@ std::string JobConfig::sharedText() const {
   o << "sync " << syncModeName(mode);
   if (mode == SyncMode::kDiLoCo) {
     o << " " << diloco.sync_every << " " << diloco.outer_lr << " " << diloco.outer_momentum << " "
-      << diloco.nesterov << " " << diloco.fragments;
+      << diloco.nesterov << " " << diloco.fragments << (diloco.overlap ? " overlap" : "");
   }
   o << "\ncompression " << compression.fallback.pipeline.toString() << " "
     << compression.fallback.error_feedback << " " << compression.seed << "\n";

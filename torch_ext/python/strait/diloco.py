@@ -45,12 +45,20 @@ class DiLoCo:
     mid-run after a partition, then continues where the job is. While training, the leader answers other sites' join
     requests whenever it waits for a sync round.
 
+    Overlap (sync.diloco.overlap, or overlap=True): a sync starts its
+    exchange and returns; the mean arrives while the next `sync_every` inner
+    steps compute and its outer step is applied at the following sync, so
+    each round starts from global parameters one round old and a link that
+    carries a round within H inner steps costs no wall time. Call flush()
+    after the loop to apply the last round. Checkpoints, --resume and
+    serving joins are not available with overlap yet (refused).
+
     Streaming fragments (Douillard et al. 2025) are not implemented yet: a
     config with sync.diloco.fragments > 1 is refused rather than ignored.
     """
 
     def __init__(self, model, inner_optimizer, session, sync_every=None, outer_lr=None, outer_momentum=None,
-                 nesterov=None, pipeline=None):
+                 nesterov=None, pipeline=None, overlap=None):
         conf = session.sync_config.get("diloco") or {}
         if int(conf.get("fragments", 1)) > 1:
             raise StraitError("strait.DiLoCo: sync.diloco.fragments > 1 (streaming DiLoCo) is not implemented "
@@ -59,6 +67,11 @@ class DiLoCo:
         outer_lr = float(conf.get("outer_lr", 0.7)) if outer_lr is None else outer_lr
         outer_momentum = float(conf.get("outer_momentum", 0.9)) if outer_momentum is None else outer_momentum
         nesterov = bool(conf.get("nesterov", True)) if nesterov is None else nesterov
+        self.overlap = bool(conf.get("overlap", False)) if overlap is None else bool(overlap)
+        if self.overlap and (session.resume or session.checkpoints is not None):
+            raise StraitError("strait.DiLoCo: sync.diloco.overlap cannot be combined with checkpoints or --resume yet "
+                              "(a checkpoint would miss the round in flight); remove one of them")
+        self._inflight = None  # overlap: the exchange started at the previous sync
         if sync_every < 1:
             raise ValueError(f"DiLoCo: sync_every = {sync_every}: must be >= 1")
         if not (outer_lr > 0):
@@ -94,8 +107,12 @@ class DiLoCo:
                 # Start from one set of weights everywhere: site 0's leader's.
                 self.global_params = self._agree(flat)
                 self._load(self.global_params)
-        # From now on this site can hand its state to a site that (re)joins.
-        session._join_server = ("diloco", self._serve)
+        # From now on this site can hand its state to a site that (re)joins
+        # (not with overlap: the state would miss the round in flight).
+        if not self.overlap:
+            session._join_server = ("diloco", self._serve)
+        self._round_start = self.global_params.clone() if self.overlap else None
+        self._pending_round = False  # overlap: a round is in flight (the same on every worker)
 
     def _load(self, flat):
         offset = 0
@@ -285,9 +302,70 @@ class DiLoCo:
             self.sync()
 
     @torch.no_grad()
+    def _sync_overlapped(self):
+        """Overlap: this round's pseudo-gradient (relative to the point the
+        round started from) starts crossing now; the previous round's mean,
+        which crossed during this round's inner steps, is applied; the next
+        round starts from the new global parameters."""
+        s = self.session
+        local = torch.cat([p.detach().reshape(-1).float().cpu() for p in self.params])
+        pseudo = self._round_start - local
+        base = recovery.params_digest(self._round_start)
+        handle = None
+        if s.leader:
+            try:
+                check = s._start("diloco.base", torch.tensor(list(bytes.fromhex(base)), dtype=torch.uint8),
+                                 kind="control")
+                handle = (check, s.start_parts(pseudo, self.parts, "diloco", pipeline=self.pipeline))
+            except StraitError as e:
+                handle = e
+        previous, self._inflight = self._inflight, handle
+        had, self._pending_round = self._pending_round, True
+        if had:
+            self._apply_inflight(previous, local)
+        self._round_start = self.global_params.clone()
+        self._load(self.global_params)
+
+    def _apply_inflight(self, handle, like):
+        """Waits for an overlapped round (on the leader), broadcasts its mean
+        in the site and applies the outer step."""
+        s = self.session
+
+        def finish():
+            if isinstance(handle, BaseException):
+                raise handle
+            check, started = handle
+            out = s.finish_parts(started, keep=lambda payloads: self._keep(s._finish(check)[0], payloads))
+            self._membership(s.last_missing)
+            return out
+
+        outer_grad = s.from_leader(finish, torch.empty_like(like))
+        if int(s.broadcast(torch.tensor([int(self._diverged)], dtype=torch.int64))[0]):
+            raise StraitError("strait.DiLoCo: this site's parameters diverged from the other sites' after a "
+                              "partition, and overlap mode cannot rejoin in place; restart the site")
+        self.momentum.mul_(self.mu).add_(outer_grad)
+        update = outer_grad.add(self.momentum, alpha=self.mu) if self.nesterov else self.momentum
+        self.global_params.sub_(update, alpha=self.outer_lr)
+        self.syncs += 1
+
+    @torch.no_grad()
+    def flush(self):
+        """Overlap: waits for the round still in flight and applies it, so
+        that global_params (and the model) hold every round. Call it once
+        after the training loop; a no-op without overlap."""
+        if not self.overlap or not self._pending_round:
+            return
+        previous, self._inflight, self._pending_round = self._inflight, None, False
+        self._apply_inflight(previous, self.global_params)
+        self._round_start = self.global_params.clone()
+        self._load(self.global_params)
+
+    @torch.no_grad()
     def sync(self, contribute=True):
         """One outer step. With contribute=False this site sends nothing (a
         site that has just joined) and applies the others' mean."""
+        if self.overlap:
+            return self._sync_overlapped()
         s = self.session
         local = torch.cat([p.detach().reshape(-1).float().cpu() for p in self.params])
         pseudo = self.global_params - local

@@ -407,6 +407,11 @@ class Session:
         this site sends an empty message (it counts as absent, the others'
         weights renormalised). keep(payloads), if given, returns the indices
         of the sites whose payloads may be used."""
+        return self.finish_parts(self.start_parts(flat, parts, tag, pipeline, contribute), keep)
+
+    def start_parts(self, flat, parts, tag, pipeline=None, contribute=True):
+        """Leader only: the first half of average_parts_across_sites —
+        compresses and starts the round without waiting for it."""
         assert self.leader
         flat = flat.detach().reshape(-1).float().cpu().contiguous()
         if contribute:
@@ -422,11 +427,16 @@ class Session:
         else:
             message = torch.zeros(0, dtype=torch.uint8)
         self.bytes_sent += message.numel()
-        payloads, missing = self._exchange(tag, message)
+        return (self._start(tag, message), flat.numel(), parts, tag)
+
+    def finish_parts(self, handle, keep=None):
+        """Leader only: waits for a round from start_parts; the weighted mean."""
+        started, numel, parts, tag = handle
+        payloads, missing = self._finish(started)
         if keep is not None:
             use = keep(payloads)
             payloads = [p if i in use else p[:0] for i, p in enumerate(payloads)]
-        out = torch.zeros_like(flat)
+        out = torch.zeros(numel, dtype=torch.float32)
         for i, weight in self._site_weights(payloads):
             blob = payloads[i]
             n = len(parts)
@@ -436,8 +446,8 @@ class Session:
                 raise StraitError(f"strait: site '{self.sites[i]}' sent a '{tag}' message whose framing does not "
                                   f"match {n} parts ({blob.numel()} bytes)")
             at = head
-            for (offset, numel, *_), length in zip(parts, lengths[1:]):
-                torch.ops.strait.decode_accumulate(out[offset:offset + numel], blob[at:at + length], weight)
+            for (offset, count, *_), length in zip(parts, lengths[1:]):
+                torch.ops.strait.decode_accumulate(out[offset:offset + count], blob[at:at + length], weight)
                 at += length
         self.last_missing = list(missing)
         return out

@@ -558,6 +558,15 @@ TEST(Config, AdaptiveCompressionIsOffByDefaultAndParses) {
   EXPECT_EQ(c.sharedText(), JobConfig::parse(base).sharedText());
 }
 
+TEST(Config, DilocoOverlapIsOffByDefaultAndSharedBetweenSites) {
+  const std::string base = "job: {id: x}\nsites:\n  - {name: a, jurisdiction: CN, endpoint: \"tcp://h:1\"}\n";
+  const JobConfig off = JobConfig::parse(base + "sync: {mode: diloco}\n");
+  const JobConfig on = JobConfig::parse(base + "sync: {mode: diloco, diloco: {overlap: true}}\n");
+  EXPECT_FALSE(off.diloco.overlap);
+  EXPECT_TRUE(on.diloco.overlap);
+  EXPECT_NE(off.sharedText(), on.sharedText());
+}
+
 TEST(Config, DilocoModeWithoutItsBlockUsesTheDefaults) {
   const JobConfig c = JobConfig::parse(withSection("sync:\n  mode: diloco\n"));
   EXPECT_EQ(c.mode, SyncMode::kDiLoCo);
