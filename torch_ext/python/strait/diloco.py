@@ -47,9 +47,10 @@ class DiLoCo:
 
     Overlap (sync.diloco.overlap, or overlap=True): a sync starts its
     exchange and returns; the mean arrives while the next `sync_every` inner
-    steps compute and its outer step is applied at the following sync, so
-    each round starts from global parameters one round old and a link that
-    carries a round within H inner steps costs no wall time. Call flush()
+    steps compute and its outer step is applied at the following sync. Each
+    round starts from the newest global parameters plus the site's own
+    previous round (not yet averaged), so a link that carries a round within
+    H inner steps costs no wall time and no local progress is held back. Call flush()
     after the loop to apply the last round. Checkpoints, --resume and
     serving joins are not available with overlap yet (refused).
 
@@ -112,6 +113,7 @@ class DiLoCo:
         if not self.overlap:
             session._join_server = ("diloco", self._serve)
         self._round_start = self.global_params.clone() if self.overlap else None
+        self._round_base = self._round_start
         self._pending_round = False  # overlap: a round is in flight (the same on every worker)
 
     def _load(self, flat):
@@ -310,7 +312,7 @@ class DiLoCo:
         s = self.session
         local = torch.cat([p.detach().reshape(-1).float().cpu() for p in self.params])
         pseudo = self._round_start - local
-        base = recovery.params_digest(self._round_start)
+        base = recovery.params_digest(self._round_base)
         handle = None
         if s.leader:
             try:
@@ -323,8 +325,12 @@ class DiLoCo:
         had, self._pending_round = self._pending_round, True
         if had:
             self._apply_inflight(previous, local)
-        self._round_start = self.global_params.clone()
-        self._load(self.global_params)
+        # The next round starts from the newest global parameters plus this
+        # site's own round, whose mean is still crossing (it replaces it at
+        # the next sync): no local progress waits a round to count.
+        self._round_base = self.global_params.clone()
+        self._round_start = self.global_params - pseudo
+        self._load(self._round_start)
 
     def _apply_inflight(self, handle, like):
         """Waits for an overlapped round (on the leader), broadcasts its mean
@@ -357,6 +363,7 @@ class DiLoCo:
             return
         previous, self._inflight, self._pending_round = self._inflight, None, False
         self._apply_inflight(previous, self.global_params)
+        self._round_base = self.global_params.clone()
         self._round_start = self.global_params.clone()
         self._load(self.global_params)
 
