@@ -65,6 +65,9 @@ class AuditLog {
   void append(const AuditEvent& e);
 
   uint64_t records() const;  // records in the file, this process's included
+  // The largest privacy spend (epsilon) the file held when it was opened:
+  // how a restarted gateway continues its site's privacy budget. 0: none.
+  double epsilonRecorded() const { return epsilon_recorded_; }
   std::string head() const;  // BLAKE2b-256 hex of the last line
   const std::string& path() const { return path_; }
 
@@ -77,6 +80,7 @@ class AuditLog {
   mutable std::mutex mu_;
   uint64_t seq_ = 0;
   std::string prev_;
+  double epsilon_recorded_ = 0;
 };
 
 struct AuditSummary {

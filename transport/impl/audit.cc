@@ -10,6 +10,7 @@
 #include <cerrno>
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <cstdio>
 #include <cstring>
 #include <ctime>
@@ -239,6 +240,12 @@ AuditLog::AuditLog(std::string path, std::string site, std::string jurisdiction,
       ::close(fd_);
       fail<Error>("audit log '", path_, "': cannot cut a torn last line: ", std::strerror(errno));
     }
+  }
+  // The privacy already spent, as recorded (each record carries the spend
+  // so far): a restart must not hand the site a fresh budget.
+  for (size_t at = text.find("\"epsilon\":"); at != std::string::npos; at = text.find("\"epsilon\":", at + 1)) {
+    const double e = std::strtod(text.c_str() + at + 10, nullptr);
+    if (std::isfinite(e) && e > epsilon_recorded_) epsilon_recorded_ = e;
   }
   prev_ = kZeroHash;
   if (!text.empty()) {

@@ -141,6 +141,22 @@ class Gateway::Impl {
     hello_terms_.curve = !opt_.insecure;
     if (!opt_.audit_log.empty()) {
       audit_ = std::make_unique<AuditLog>(opt_.audit_log, opt_.site, opt_.sites[self_].jurisdiction, opt_.signing_key);
+      if (opt_.privacy.enabled && audit_->epsilonRecorded() > 0) {
+        // Continue the budget where the site's previous runs left it: the
+        // fewest releases that account for the largest spend recorded.
+        const auto& pr = opt_.privacy;
+        const double recorded = audit_->epsilonRecorded();
+        uint64_t k = 1;
+        while (gaussianEpsilon(pr.noise_multiplier, k, pr.delta) < recorded * (1 - 1e-9) && k < (uint64_t{1} << 32)) {
+          k = k < 1024 ? k + 1 : k + k / 64;
+        }
+        releases_ = k;
+        spent_ = gaussianEpsilon(pr.noise_multiplier, k, pr.delta);
+        log("privacy: the audit log records epsilon " + fmt(recorded) + " already spent; continuing from " +
+            std::to_string(k) + " releases (epsilon " + fmt(spent_) + " of the budget " + fmt(pr.epsilon_budget) + ")");
+      }
+    } else if (opt_.privacy.enabled) {
+      log("privacy: no audit log, so the epsilon spent is counted from zero in every run of this gateway");
     }
     wake_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     if (wake_fd_ < 0) fail<Error>("gateway: eventfd failed: ", std::strerror(errno));

@@ -443,5 +443,31 @@ TEST(Privacy, TheGatewayEnforcesPrivatizationAndTheBudget) {
   EXPECT_EQ(v.summary.refused, 1u);
 }
 
+TEST(Privacy, ARestartedGatewayContinuesTheBudgetRecordedInItsAuditLog) {
+  AuditedJob j;
+  auto& pr = j.job.sites[0].privacy;
+  pr.enabled = true;
+  pr.noise_multiplier = 2.0;
+  pr.delta = 1e-5;
+  pr.epsilon_budget = 4.0;  // room for 2 releases (about 2.66, 3.77; a third would be 4.67)
+  std::vector<float> u(100, 1.0f);
+  {
+    Gateway a(j.job.sites[0]), b(j.job.sites[1]);
+    a.privatize(u.data(), u.size());
+    auto fa = a.exchange(0, "g", {1});
+    auto fb = b.exchange(0, "g", {2});
+    getWithin(fa);
+    getWithin(fb);
+  }
+  ::testing::internal::CaptureStderr();
+  Gateway again(j.job.sites[0]);
+  const std::string log = ::testing::internal::GetCapturedStderr();
+  EXPECT_EQ(again.privacyReleases(), 1u);
+  EXPECT_NEAR(again.privacySpent(), gaussianEpsilon(2.0, 1, 1e-5), 1e-9);
+  EXPECT_NE(log.find("privacy: the audit log records epsilon"), std::string::npos) << log;
+  again.privatize(u.data(), u.size());  // the second release fits
+  EXPECT_THROW(again.privatize(u.data(), u.size()), PolicyViolation);  // the third does not, restart or not
+}
+
 }  // namespace
 }  // namespace strait::transport
