@@ -324,6 +324,18 @@ TEST(Gateway, RestartedPeerRejoinsAndMissedPayloadsAreResent) {
   EXPECT_EQ(*getWithin(fb).payloads[0], payloadFor(0, 1, 200000));
 }
 
+// s0's gateway after one round with s1, whose gateway has since closed:
+// a peer that was up and is gone.
+std::unique_ptr<Gateway> afterPeerLeft(const Job& job) {
+  auto a = std::make_unique<Gateway>(job.sites[0]);
+  Gateway b(job.sites[1]);
+  auto fa = a->exchange(0, "g", {1});
+  auto fb = b.exchange(0, "g", {2});
+  getWithin(fa);
+  getWithin(fb);
+  return a;
+}
+
 TEST(Gateway, LostSiteWithContinueIsNotWaitedForUntilTheRoundDeadline) {
   Job job = makeJob(2);
   for (auto& o : job.sites) {
@@ -331,14 +343,7 @@ TEST(Gateway, LostSiteWithContinueIsNotWaitedForUntilTheRoundDeadline) {
     o.peer_timeout = milliseconds(400);
     o.round_deadline = milliseconds(20000);  // far beyond the test's wait
   }
-  auto a = std::make_unique<Gateway>(job.sites[0]);
-  {
-    Gateway b(job.sites[1]);
-    auto fa = a->exchange(0, "g", {1});
-    auto fb = b.exchange(0, "g", {2});
-    getWithin(fa);
-    getWithin(fb);
-  }  // b was up, and is gone
+  auto a = afterPeerLeft(job);
   const auto start = std::chrono::steady_clock::now();
   auto f = a->exchange(1, "g", {3});
   ASSERT_EQ(f.wait_for(std::chrono::seconds(10)), std::future_status::ready);
@@ -391,14 +396,7 @@ TEST(Gateway, WaitModeSaysWhomItWaitsForAsSoonAsThatSiteIsGone) {
     o.round_deadline = milliseconds(60000);  // the periodic message would come only after this
     o.hard_deadline = milliseconds(60000);
   }
-  auto a = std::make_unique<Gateway>(job.sites[0]);
-  {
-    Gateway b(job.sites[1]);
-    auto fa = a->exchange(0, "g", {1});
-    auto fb = b.exchange(0, "g", {2});
-    getWithin(fa);
-    getWithin(fb);
-  }
+  auto a = afterPeerLeft(job);
   ::testing::internal::CaptureStderr();
   auto f = a->exchange(1, "g", {3});
   std::this_thread::sleep_for(milliseconds(1500));

@@ -174,13 +174,15 @@ def _run(args, command, sites, config, border, policies):
         if not args.site or name == args.site:
             start_site(name, workers, args.resume)
 
-    def stop(victims, sig):
+    def stop(victims, sig=None, timeout=5):
+        """Signals the workers still running (if sig), then waits for each,
+        killing those that outlive the timeout."""
         for _, _, p in victims:
-            if p.poll() is None:
+            if sig is not None and p.poll() is None:
                 p.send_signal(sig)
         for _, _, p in victims:
             try:
-                p.wait(timeout=5)
+                p.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
@@ -225,14 +227,7 @@ def _run(args, command, sites, config, border, policies):
     except KeyboardInterrupt:
         status = 130
     finally:
-        if status:
-            stop(procs, signal.SIGTERM)
-        for _, _, p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop(procs, signal.SIGTERM if status else None, timeout=5 if status else 10)
         if not status:
             for _, tag, p in procs:
                 if p.returncode:
