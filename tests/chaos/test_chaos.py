@@ -58,6 +58,28 @@ def make_job(tmp, on_site_loss="continue", workers=1, hard_deadline=60, every=2,
     return config, policies
 
 
+_jobs = []  # launches of the current test, stopped after it whatever happened
+
+
+@pytest.fixture(autouse=True)
+def _stop_leftover_jobs():
+    yield
+    while _jobs:
+        job = _jobs.pop()
+        if job.poll() is None:
+            # SIGINT first: the launcher then stops its workers and removes
+            # its network namespaces; SIGKILL if it does not finish.
+            try:
+                os.killpg(job.pid, signal.SIGINT)
+                job.wait(timeout=20)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                try:
+                    os.killpg(job.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                job.wait()
+
+
 def launch(tmp, config, policies, steps, extra=(), site=None, step_sleep=0.02, log_name="launch.log"):
     args = [os.path.join(ROOT, "strait"), "launch", config, "--json-log", os.path.join(tmp, "events.jsonl")]
     if site:
@@ -67,7 +89,9 @@ def launch(tmp, config, policies, steps, extra=(), site=None, step_sleep=0.02, l
     args += list(extra) + ["--", PY, WORKER, "--steps", str(steps), "--out", tmp, "--step-sleep", str(step_sleep)]
     log = open(os.path.join(tmp, log_name), "ab")
     env = dict(os.environ, STRAIT_BUILD_DIR=BUILD, STRAIT_WORKER_TIMEOUT="240")
-    return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    job = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    _jobs.append(job)
+    return job
 
 
 def worker_pids(tmp, site, rank=None):
@@ -278,10 +302,15 @@ def test_a_lost_worker_fails_its_site_which_restarts_and_rejoins(tmp_path):
     print(f"\nalpha (2 workers) rejoined {said(recovery_seconds(tmp, killed_at, 'alpha'))} after losing a worker")
 
 
-def _border_ns():
-    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
-    names = [n for n in out if n.startswith("strait") and n.endswith("-wan")]
-    return names[0] if len(names) == 1 else None
+def _border_ns(tmp):
+    """The border namespace of this test's job: found from the namespace its
+    worker of site 1 runs in (other jobs may have namespaces of their own)."""
+    for pid in worker_pids(tmp, SITES[1][0]):
+        r = subprocess.run(["ip", "netns", "identify", str(pid)], capture_output=True, text=True)
+        name = r.stdout.strip()
+        if name.endswith("-s1"):
+            return name[:-len("-s1")] + "-wan"
+    return None
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="a partition of the simulated border needs root (network namespaces)")
@@ -291,7 +320,7 @@ def test_a_partition_heals_and_the_replicas_agree_again(tmp_path, mode):
     config, policies = make_job(tmp, on_site_loss=mode)
     job = launch(tmp, config, policies, steps=900, extra=["--wan", "1gbit-10ms"])
     wait_for("sync 5", lambda: len(syncs(tmp, "beta")) >= 5)
-    ns = _border_ns()
+    ns = _border_ns(tmp)
     assert ns, subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     subprocess.run(["ip", "netns", "exec", ns, "ip", "link", "set", "s1", "down"], check=True)
     cut_at = time.time()
