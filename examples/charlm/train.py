@@ -148,7 +148,11 @@ def main():
         diloco = strait.DiLoCo(model, opt, session)
     start_bpb = bits_per_byte(model, held, model.context)
     losses, started = [], time.monotonic()
-    for step in range(args.steps):
+    # With DiLoCo the loop follows diloco.local_steps: a site started with
+    # `./strait launch --resume` (the config needs a checkpoint section)
+    # continues where the job is, whether from a checkpoint or a peer.
+    step = diloco.local_steps if diloco else 0
+    while step < args.steps:
         x, y = batch(train, args.batch, model.context, g)
         opt.zero_grad()
         loss = nn.functional.cross_entropy(ddp(x).reshape(-1, 256), y.reshape(-1))
@@ -160,6 +164,7 @@ def main():
             session.log(step, loss.item())  # prints at each sync (a round), on the site leader
         elif rank == 0 and step % 50 == 49:
             print(f"{args.site} alone step {step + 1}: loss {loss.item():.3f}", file=sys.stderr, flush=True)
+        step = diloco.local_steps if diloco else step + 1
     if rank == 0:  # the model may cross the border (data never does): run.py compares them at each site
         torch.save(model.state_dict(), args.out.format(site=args.site, rank=rank) + ".model.pt")
     result = {"site": args.site, "rank": rank, "alone": args.alone, "steps": args.steps,
