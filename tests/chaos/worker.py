@@ -46,6 +46,8 @@ def main():
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--step-sleep", type=float, default=0.02, help="seconds per step (paces the job)")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--mode", choices=["diloco", "every_step"], default="diloco",
+                    help="every_step: the DDP hook, with strait.Checkpoints (the config's sync.mode must match)")
     args = ap.parse_args()
 
     torch.manual_seed(0)
@@ -56,8 +58,10 @@ def main():
     model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
     ddp = nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.2, momentum=0.5)
-    diloco = strait.DiLoCo(model, opt, session)
     loss_fn = nn.CrossEntropyLoss()
+    if args.mode == "every_step":
+        return every_step(args, session, model, ddp, opt, x, y, loss_fn)
+    diloco = strait.DiLoCo(model, opt, session)
     syncs_log = os.path.join(args.out, f"{session.site}-syncs.jsonl")
     last = diloco.syncs
     loss = None
@@ -80,6 +84,33 @@ def main():
         time.sleep(args.step_sleep)
     result = {"site": session.site, "rank": session.rank, "hash": flat_hash(diloco), "syncs": diloco.syncs,
               "resumed": diloco.resumed, "loss": None if loss is None else loss.item(),
+              "max_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
+    with open(os.path.join(args.out, f"{session.site}-{session.rank}.json"), "w") as f:
+        json.dump(result, f)
+    dist.barrier()
+    del ddp
+    session.close()
+
+
+def every_step(args, session, model, ddp, opt, x, y, loss_fn):
+    """The DDP hook across sites, with strait.Checkpoints: resumes from the
+    newest step every site holds, writes OUT/SITE-RANK.json at the end."""
+    ddp.register_comm_hook(session, strait.ddp_hook)
+    ckpt = strait.Checkpoints(session, model, opt)
+    step = resumed = ckpt.resume()
+    loss = None
+    while step < args.steps:
+        opt.zero_grad()
+        loss = loss_fn(ddp(x), y)
+        loss.backward()
+        opt.step()
+        step += 1
+        ckpt.step(step)
+        session.log(step, loss.item())
+        time.sleep(args.step_sleep)
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    result = {"site": session.site, "rank": session.rank, "hash": hashlib.sha256(flat.numpy().tobytes()).hexdigest()[:16],
+              "syncs": step, "resumed": resumed or None, "loss": None if loss is None else loss.item(),
               "max_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
     with open(os.path.join(args.out, f"{session.site}-{session.rank}.json"), "w") as f:
         json.dump(result, f)

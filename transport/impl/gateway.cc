@@ -95,6 +95,7 @@ struct Round {
   uint32_t chunk_count = 0;
   std::vector<Outgoing> out;  // per site (own index unused)
   std::vector<Incoming> in;   // per site (own index unused)
+  std::vector<bool> in_refused;  // per site: this site refused its payload (continue: not waited for)
   std::vector<PeerMetrics> metrics;  // per site
   std::promise<RoundResult> promise;
   bool completed = false;     // promise fulfilled
@@ -859,10 +860,17 @@ class Gateway::Impl {
     if (!bad.empty()) {
       log("refused round " + std::to_string(c.round()) + " '" + c.tag() + "' from '" + p.name + "': " + bad);
       reply(p.name, refuseEnv(c.round(), c.tag(), bad));
-      // With `continue` the site simply counts as missing for this round.
+      // With `continue` the site simply counts as missing for this round
+      // (and is not waited for: it will not send the payload again).
       // With `wait` nothing good can come any more: fail the round now, with
       // the reason, instead of at the hard deadline.
-      if (opt_.on_site_loss == OnSiteLoss::kWait && !flood) {
+      if (opt_.on_site_loss == OnSiteLoss::kContinue) {
+        if (it != rounds_.end() && it->second.local) {
+          it->second.in_refused[p.index] = true;
+        } else if (refused_in_[key].insert(p.index).second && refused_in_.size() > kMaxRefusedKeys) {
+          refused_in_.erase(refused_in_.begin());  // the oldest round numbers first
+        }
+      } else if (!flood) {
         const std::string why = "site '" + p.name + "' sent a bad payload: " + bad;
         if (it != rounds_.end() && it->second.local) {
           if (it->second.failure.empty()) it->second.failure = why;
@@ -959,6 +967,7 @@ class Gateway::Impl {
     r.local = local;
     r.out.resize(opt_.sites.size());
     r.in.resize(opt_.sites.size());
+    r.in_refused.assign(opt_.sites.size(), false);
     r.metrics.resize(opt_.sites.size());
     for (size_t i = 0; i < opt_.sites.size(); ++i) r.metrics[i].site = opt_.sites[i].name;
     r.start = Clock::now();
@@ -992,6 +1001,11 @@ class Gateway::Impl {
       r.kind = c.kind;
       auto refused = refused_.find(key);
       if (refused != refused_.end()) r.failure = refused->second;
+      auto refused_in = refused_in_.find(key);
+      if (refused_in != refused_in_.end()) {
+        for (size_t i : refused_in->second) r.in_refused[i] = true;
+        refused_in_.erase(refused_in);
+      }
       r.chunk_count = r.payload->empty() ? 1 : uint32_t((r.payload->size() + opt_.chunk_bytes - 1) / opt_.chunk_bytes);
       r.promise = std::move(c.promise);
     }
@@ -1175,14 +1189,17 @@ class Gateway::Impl {
           // left (or died) after sending cannot acknowledge any more.
           std::vector<std::string> missing, waiting;
           for (const Peer& p : peers_) {
-            const bool in = r.in[p.index].complete;
+            // A peer that refused our payload goes on without it, so this
+            // site goes on without the peer's: both sides use the same set.
+            const bool refused = r.out[p.index].refused || r.in_refused[p.index];
+            const bool in = r.in[p.index].complete && !refused;
             if (!in) missing.push_back(p.name);
             // With `continue`, a site that was up and went silent is not
             // waited for: the round goes on without it at once instead of
             // at the round deadline (a site never heard from still gets the
             // round deadline to come up).
-            const bool gone = opt_.on_site_loss == OnSiteLoss::kContinue && (peerLost(p) || r.out[p.index].refused);
-            if ((!in && !gone) || (!r.out[p.index].acked && !peerSilent(p))) waiting.push_back(p.name);
+            const bool gone = opt_.on_site_loss == OnSiteLoss::kContinue && (peerLost(p) || refused);
+            if ((!in && !gone) || (!r.out[p.index].acked && !refused && !peerSilent(p))) waiting.push_back(p.name);
           }
           const double age = secondsSince(r.start);
           if (waiting.empty()) {
@@ -1285,7 +1302,7 @@ class Gateway::Impl {
     for (const Peer& p : peers_) {
       Incoming& in = r.in[p.index];
       PeerMetrics m = r.metrics[p.index];
-      if (in.complete) {
+      if (in.complete && !r.out[p.index].refused && !r.in_refused[p.index]) {
         const double secs = std::max(1e-9, std::chrono::duration<double>(in.done_at - r.start).count());
         m.goodput_mbps = 8.0 * double(in.total) / secs / 1e6;
         res.payloads[p.index] = std::move(in.data);
@@ -1428,6 +1445,7 @@ class Gateway::Impl {
   std::vector<Peer> peers_;
   std::map<Key, Round> rounds_;
   std::map<Key, std::string> refused_;  // bad payloads for keys not opened yet, at most kMaxRefusedKeys
+  std::map<Key, std::set<size_t>> refused_in_;  // continue: peers refused in keys not opened yet (bounded too)
   std::deque<Key> refused_order_;
   std::set<Key> finished_;
   std::deque<Key> finished_order_;

@@ -22,7 +22,7 @@ import os
 import torch
 
 __all__ = ["encode", "decode", "decode_accumulate", "payload_info", "Compressor", "library_path",
-           "init", "Session", "StraitError", "PolicyViolation", "ddp_hook", "DiLoCo"]
+           "init", "Session", "StraitError", "PolicyViolation", "ddp_hook", "DiLoCo", "Checkpoints"]
 
 
 def _find_library():
@@ -100,3 +100,4 @@ class Compressor:
 from .session import PolicyViolation, Session, StraitError, init  # noqa: E402
 from .ddp import ddp_hook  # noqa: E402
 from .diloco import DiLoCo  # noqa: E402
+from .recovery import Checkpoints  # noqa: E402

@@ -13,16 +13,21 @@ def _start_bucket(session, buf, index, params):
     compressed payload's round started. Returns the leader's handle, or the
     StraitError that stopped it (raised on every worker in _finish_bucket)."""
     tag = f"ddp.b{index}"
-    # DDP rebuilds its buckets after the first iteration, so a bucket index
-    # can stand for another set of parameters later: compressors (and their
-    # residuals) are keyed by the layout too, and each new layout is checked
-    # against the other sites once.
-    layout = f"{tag}.n{buf.numel()}"
+    # DDP rebuilds its buckets after the first iteration (and after every
+    # restart), so a bucket index can stand for other parameters, or the same
+    # ones in another order, later: compressors (and their residuals) are
+    # keyed by the layout — size and the order of shapes — so a residual is
+    # never added to another parameter's values, and each new layout is
+    # checked against the other sites once.
+    import zlib
+
+    shapes = "\n".join(f"{tuple(p.shape)} {p.dtype}" for p in params)
+    layout = f"{tag}.n{buf.numel()}.{zlib.crc32(shapes.encode()):08x}"
     if layout not in session._checked:
         session._checked.add(layout)
         # The round tag must not depend on the layout: sites whose layouts
         # differ must still meet in the same round to find out.
-        session.check_same_everywhere(tag + ".shapes", "\n".join(f"{tuple(p.shape)} {p.dtype}" for p in params))
+        session.check_same_everywhere(tag + ".shapes", shapes)
     if session.size > 1:
         dist.all_reduce(buf, group=session.group)
         buf.div_(session.size)

@@ -265,3 +265,92 @@ def serve_joins(session, round_, make_state):
         s._log_event(f"site '{site}' asked to join: sending it the state of round {round_} "
                      f"({len(blob) / 1e6:.1f} MB, {time.monotonic() - started:.2f} s to queue)")
     return served
+
+
+class Checkpoints:
+    """Checkpoints and resume for every-step mode (the DDP hook), where every
+    site holds the same parameters after each step:
+
+        ckpt = strait.Checkpoints(session, model, optimizer)
+        step = ckpt.resume()            # 0, or the step the job continues from
+        while step < total:
+            ...; optimizer.step()
+            step += 1
+            ckpt.step(step)             # writes every `checkpoint.every` steps
+
+    A checkpoint holds the model's and the optimizer's state_dict, every
+    error-feedback residual of the hook's compressors and the round
+    counters; with --resume every site loads the newest step all of them
+    hold. (A site cannot join a running every-step job: restart all sites.)
+    DiLoCo checkpoints itself; this class is for every-step mode."""
+
+    def __init__(self, session, model, optimizer):
+        from .session import StraitError
+
+        if session.checkpoints is None:
+            raise StraitError("strait.Checkpoints: the job config has no checkpoint section (checkpoint: {dir: ...})")
+        self.session, self.model, self.optimizer = session, model, optimizer
+        named = [(n, p) for n, p in model.named_parameters()]
+        self.params = [p for _, p in named]
+        self.model_digest = hashlib.sha256("\n".join(f"{n} {tuple(p.shape)}" for n, p in named).encode()).hexdigest()
+
+    def _flat(self):
+        return torch.cat([p.detach().reshape(-1).float().cpu() for p in self.params])
+
+    def step(self, steps_done):
+        """After the optimizer step that completes `steps_done` steps: on the
+        site leader, a checkpoint every `checkpoint.every` steps. A failed
+        write is reported and training goes on."""
+        from .session import StraitError
+
+        s = self.session
+        store = s.checkpoints
+        if not s.leader or steps_done <= 0 or steps_done % store.every:
+            return
+        flat = self._flat()
+        residuals = [(key, s._pipelines.get(key), c.residual()) for key, c in s._compressors.items()
+                     if key.startswith("ddp.") and c.error_feedback]
+        state = {"round": int(steps_done), "step": int(steps_done), "global": flat, "model": self.model.state_dict(),
+                 "optimizer": self.optimizer.state_dict(), "residuals": residuals, "rounds": dict(s._rounds),
+                 "checked": sorted(s._checked), "audit_head": s.gateway.audit_head()}
+        started = time.monotonic()
+        try:
+            path = store.save(int(steps_done), params_digest(flat), state)
+        except StraitError as e:
+            s._log_event(f"{e} (training goes on)")
+            return
+        s._log_event(f"checkpoint of step {steps_done} written to {path} in {time.monotonic() - started:.2f} s")
+
+    def resume(self):
+        """With resume (./strait launch --resume): loads the newest step every
+        site holds into the model, the optimizer and the hook's state, on
+        every worker; returns that step (0 without resume or checkpoints)."""
+        from .session import StraitError
+
+        s = self.session
+        store = s.checkpoints
+        if not s.resume:
+            return 0
+
+        def leader():
+            result = join(s, self.model_digest, store.held(), sum(p.numel() for p in self.params))
+            if result[0] == "running":
+                raise StraitError("strait.Checkpoints: another site is still running; a site cannot join a running "
+                                  "every-step job — restart every site with --resume")
+            if result[0] == "checkpoint":
+                return torch.tensor([result[1], int.from_bytes(bytes.fromhex(result[2]), "big", signed=True)])
+            return torch.tensor([-1, 0])
+
+        round_, digest = (int(v) for v in s.from_leader(leader, torch.zeros(2, dtype=torch.int64)).tolist())
+        if round_ < 0:
+            return 0
+        state = store.load(round_, (digest & (2**64 - 1)).to_bytes(8, "big").hex())
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        s._rounds = dict(state["rounds"])
+        s._checked = set(state["checked"])
+        if s.leader:
+            for key, pipeline, residual in state["residuals"]:
+                s.compressor(key, pipeline).set_residual(residual)
+            s._log_event(f"resumed from step {round_} (every site holds it)")
+        return int(state["step"])

@@ -117,8 +117,8 @@ class Session:
         self.leader_rank = dist.get_global_rank(group, 0) if group is not None else 0
         self.leader = self.rank == 0
         if self.checkpoints is not None and self.leader and (self.sync_config.get("mode") or "every_step") != "diloco":
-            self._log_event("checkpoint: every-step mode writes no checkpoints (only DiLoCo does); "
-                            "save the model and optimizer from the training script")
+            self._log_event("checkpoint: in every-step mode checkpoints are written by strait.Checkpoints "
+                            "(DiLoCo writes its own)")
         self.gateway = None
         if self.leader:
             try:
