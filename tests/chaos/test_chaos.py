@@ -266,6 +266,33 @@ def test_every_step_job_killed_and_resumed_ends_like_an_uninterrupted_run(tmp_pa
     assert abs(r["alpha-0"]["loss"] - expected) < 0.02 * expected, (r, expected)
 
 
+def test_a_site_restarted_into_a_running_every_step_job_is_told_it_cannot_join(tmp_path):
+    # Every-step mode has no state transfer: the restarted site must stop
+    # with that message, not train on alone from an old checkpoint.
+    tmp = str(tmp_path)
+    config, policies = make_job(tmp, on_site_loss="continue", every=10, mode="every_step")
+    alpha = launch(tmp, config, policies, steps=300, site="alpha", log_name="alpha.log", mode="every_step")
+    beta = launch(tmp, config, policies, steps=300, site="beta", log_name="beta.log", mode="every_step")
+    ckpt = os.path.join(tmp, "ckpt", "beta")
+    wait_for("beta's checkpoint of step 10", lambda: os.path.isdir(ckpt) and os.listdir(ckpt))
+    os.killpg(beta.pid, signal.SIGKILL)
+    kill9(worker_pids(tmp, "beta"))
+    beta.wait()
+    time.sleep(2.5)
+    beta = launch(tmp, config, policies, steps=300, site="beta", extra=["--resume"], log_name="beta-again.log",
+                  mode="every_step")
+    assert finish(beta, tmp) == 3, tail(tmp)  # the worker's clean StraitError exit
+    assert "site 'alpha' is still running; a site cannot join a running every-step job" in \
+        open(os.path.join(tmp, "beta-again.log"), errors="replace").read(), tail(tmp)
+    assert finish(alpha, tmp) == 0, tail(tmp)
+    alpha_log = open(os.path.join(tmp, "alpha.log"), errors="replace").read()
+    assert "site 'beta' asked to join; a running every-step job cannot take it in" in alpha_log
+    assert results(tmp)["alpha-0"]["syncs"] == 300
+    v = subprocess.run([AUDIT, "verify", os.path.join(tmp, "audit", "alpha.jsonl"), "--key",
+                        os.path.join(tmp, "keys", "alpha.sign.pub")], capture_output=True, text=True)
+    assert v.returncode == 0, v.stdout + v.stderr
+
+
 @pytest.mark.parametrize("mode", ["continue", "wait"])
 def test_a_site_killed_mid_run_rejoins_by_state_transfer_without_restarting_the_other(tmp_path, mode):
     # One launch per site, as in a real deployment. beta is killed and stays

@@ -76,6 +76,11 @@ def ddp_hook(session, bucket):
     decoding overlaps with backward. One thread, buckets in DDP's order: the
     same order of collectives on every worker.
     """
+    if session._join_server is None:
+        # A site restarted with --resume asks to join: tell it this job
+        # cannot take it in, rather than let it train alone.
+        from .recovery import refuse_joins
+        session._join_server = ("ddp.", lambda round_: refuse_joins(session))
     buf = bucket.buffer()
     index = bucket.index()
     params = list(bucket.parameters())

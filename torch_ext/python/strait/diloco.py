@@ -111,7 +111,7 @@ class DiLoCo:
         # From now on this site can hand its state to a site that (re)joins
         # (not with overlap: the state would miss the round in flight).
         if not self.overlap:
-            session._join_server = ("diloco", self._serve)
+            session._join_server = ("diloco", self._serve)  # its rounds: "diloco" and "diloco.base"
         self._round_start = self.global_params.clone() if self.overlap else None
         self._round_base = self._round_start
         self._pending_round = False  # overlap: a round is in flight (the same on every worker)

@@ -185,7 +185,8 @@ def join(session, model_digest, held, numel):
     nonce = random.SystemRandom().getrandbits(62) | 1
     request = pack({"status": "resuming", "nonce": nonce, "model": model_digest,
                     "held": [[r, d] for r, d in held]})
-    answered = {(nonce, JOIN_TAG)}
+    answered = s._answered  # shared with the servers: no request is answered twice
+    answered.add((nonce, JOIN_TAG))
     s._log_event(f"joining: asking the other sites for their state (request {nonce:x})")
 
     def answer_resumers():
@@ -204,6 +205,9 @@ def join(session, model_digest, held, numel):
         if i == s.site_index or p.numel() == 0:
             continue
         header, blob = unpack(p, s.sites[i])
+        if header["status"] == "running" and header.get("no_state"):
+            running.append((i, header, blob))  # a running job that cannot take a site in
+            continue
         if header.get("model") != model_digest:
             raise StraitError(f"strait: site '{s.sites[i]}' trains another model (its parameter list differs from "
                               f"site '{s.site}''s); cannot join")
@@ -218,6 +222,8 @@ def join(session, model_digest, held, numel):
                 s._joins.append(key)
     if running:
         i, header, blob = running[0]
+        if header.get("no_state"):
+            return ("running", i, header, None)
         digest = hashlib.sha256(blob).hexdigest()
         if digest != header.get("sha256"):
             raise StraitError(f"strait: the state sent by site '{s.sites[i]}' does not match its SHA-256 "
@@ -265,6 +271,23 @@ def serve_joins(session, round_, make_state):
         s._log_event(f"site '{site}' asked to join: sending it the state of round {round_} "
                      f"({len(blob) / 1e6:.1f} MB, {time.monotonic() - started:.2f} s to queue)")
     return served
+
+
+def refuse_joins(session):
+    """Every-step site's leader, while it waits for a round: answers each
+    join request with "running, no state to give" — a site cannot join a
+    running every-step job, and must not train on alone unaware of it."""
+    s = session
+    for line in s.gateway.peer_rounds(JOIN_TAG):
+        r, tag, site = line.split("\t")
+        key = (int(r), tag)
+        if key in s._answered:
+            continue
+        s._answered.add(key)
+        s._start(tag, pack({"status": "running", "no_state": "every_step"}), kind="control", round_=key[0])
+        s._joins.append(key)
+        s._log_event(f"site '{site}' asked to join; a running every-step job cannot take it in (restart every "
+                     f"site with --resume)")
 
 
 class Checkpoints:
@@ -335,8 +358,8 @@ class Checkpoints:
         def leader():
             result = join(s, self.model_digest, store.held(), sum(p.numel() for p in self.params))
             if result[0] == "running":
-                raise StraitError("strait.Checkpoints: another site is still running; a site cannot join a running "
-                                  "every-step job — restart every site with --resume")
+                raise StraitError(f"strait.Checkpoints: site '{s.sites[result[1]]}' is still running; a site cannot "
+                                  f"join a running every-step job — stop it and restart every site with --resume")
             if result[0] == "checkpoint":
                 return torch.tensor([result[1], int.from_bytes(bytes.fromhex(result[2]), "big", signed=True)])
             return torch.tensor([-1, 0])

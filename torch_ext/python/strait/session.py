@@ -102,7 +102,10 @@ class Session:
                                                log=self._log_event)
         self._joins = []        # join requests answered, reaped when done: (round, tag)
         self._answered = set()  # join requests seen
-        self._join_server = None  # (tag, fn(round)) while a DiLoCo holds the state to give
+        # (tag prefix, fn(round)): answers join requests while a round of a
+        # matching tag is awaited (DiLoCo with its state; the DDP hook with
+        # "running, no state to give").
+        self._join_server = None
 
         self._owns_group = not dist.is_initialized()
         if self._owns_group:
@@ -247,7 +250,7 @@ class Session:
                     if poll is not None:
                         poll()
                     server = self._join_server
-                    if server is not None and server[0] == tag:
+                    if server is not None and tag.startswith(server[0]):
                         server[1](round_)
                     self._reap_joins()
                 time.sleep(0.0005)
