@@ -82,8 +82,14 @@ def main():
                 f.write(json.dumps({"sync": diloco.syncs, "hash": flat_hash(diloco), "time": time.time(),
                                     "missing": getattr(session, "last_missing", [])}) + "\n")
         time.sleep(args.step_sleep)
-    result = {"site": session.site, "rank": session.rank, "hash": flat_hash(diloco), "syncs": diloco.syncs,
-              "resumed": diloco.resumed, "loss": None if loss is None else loss.item(),
+    finish(args, session, ddp, flat_hash(diloco), diloco.syncs, diloco.resumed, loss)
+
+
+def finish(args, session, ddp, digest, syncs, resumed, loss):
+    """OUT/SITE-RANK.json (the parameters' hash, syncs or steps, how the
+    worker started, its peak memory), then an orderly teardown."""
+    result = {"site": session.site, "rank": session.rank, "hash": digest, "syncs": syncs, "resumed": resumed,
+              "loss": None if loss is None else loss.item(),
               "max_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
     with open(os.path.join(args.out, f"{session.site}-{session.rank}.json"), "w") as f:
         json.dump(result, f)
@@ -109,14 +115,7 @@ def every_step(args, session, model, ddp, opt, x, y, loss_fn):
         session.log(step, loss.item())
         time.sleep(args.step_sleep)
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    result = {"site": session.site, "rank": session.rank, "hash": hashlib.sha256(flat.numpy().tobytes()).hexdigest()[:16],
-              "syncs": step, "resumed": resumed or None, "loss": None if loss is None else loss.item(),
-              "max_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
-    with open(os.path.join(args.out, f"{session.site}-{session.rank}.json"), "w") as f:
-        json.dump(result, f)
-    dist.barrier()
-    del ddp
-    session.close()
+    finish(args, session, ddp, hashlib.sha256(flat.numpy().tobytes()).hexdigest()[:16], step, resumed or None, loss)
 
 
 if __name__ == "__main__":

@@ -249,23 +249,29 @@ def join(session, model_digest, held, numel):
     return ("fresh",)
 
 
+def _new_requests(s):
+    """(round, tag) and asking site of each join request not answered yet,
+    marked answered."""
+    for line in s.gateway.peer_rounds(JOIN_TAG):
+        r, tag, site = line.split("\t")
+        key = (int(r), tag)
+        if key not in s._answered:
+            s._answered.add(key)
+            yield key, site
+
+
 def serve_joins(session, round_, make_state):
     """Running site's leader, while it waits for `round_`: answers every join
     request that has arrived with this site's current state. Returns the
     sites served."""
     s = session
     served = []
-    for line in s.gateway.peer_rounds(JOIN_TAG):
-        r, tag, site = line.split("\t")
-        key = (int(r), tag)
-        if key in s._answered:
-            continue
-        s._answered.add(key)
+    for key, site in _new_requests(s):
         header, state = make_state()
         blob = state_blob(state)
         header.update({"status": "running", "round": int(round_), "sha256": hashlib.sha256(blob).hexdigest()})
         started = time.monotonic()
-        s._start(tag, pack(header, blob), kind="model_state", round_=key[0])
+        s._start(key[1], pack(header, blob), kind="model_state", round_=key[0])
         served.append(site)
         s._joins.append(key)
         s._log_event(f"site '{site}' asked to join: sending it the state of round {round_} "
@@ -278,13 +284,8 @@ def refuse_joins(session):
     join request with "running, no state to give" — a site cannot join a
     running every-step job, and must not train on alone unaware of it."""
     s = session
-    for line in s.gateway.peer_rounds(JOIN_TAG):
-        r, tag, site = line.split("\t")
-        key = (int(r), tag)
-        if key in s._answered:
-            continue
-        s._answered.add(key)
-        s._start(tag, pack({"status": "running", "no_state": "every_step"}), kind="control", round_=key[0])
+    for key, site in _new_requests(s):
+        s._start(key[1], pack({"status": "running", "no_state": "every_step"}), kind="control", round_=key[0])
         s._joins.append(key)
         s._log_event(f"site '{site}' asked to join; a running every-step job cannot take it in (restart every "
                      f"site with --resume)")
