@@ -123,6 +123,14 @@ def kill9(pids):
             pass
 
 
+def kill_launch(tmp, job, sites):
+    """kill -9 of a launcher and every worker of `sites` it started."""
+    os.killpg(job.pid, signal.SIGKILL)
+    for site in sites:
+        kill9(worker_pids(tmp, site))
+    job.wait()
+
+
 def syncs(tmp, site):
     path = os.path.join(tmp, f"{site}-syncs.jsonl")
     if not os.path.exists(path):
@@ -216,10 +224,7 @@ def test_whole_job_killed_and_resumed_ends_bitwise_like_an_uninterrupted_run(tmp
     config, policies = make_job(chaos, on_site_loss="wait")
     job = launch(chaos, config, policies, steps=80)
     wait_for("sync 7 on both sites", lambda: min(len(syncs(chaos, s)) for s, _ in SITES) >= 7)
-    os.killpg(job.pid, signal.SIGKILL)  # the launcher and every worker of both sites
-    for s, _ in SITES:
-        kill9(worker_pids(chaos, s))
-    job.wait()
+    kill_launch(chaos, job, [s for s, _ in SITES])  # the launcher and every worker of both sites
     held = {s: sorted(os.listdir(os.path.join(chaos, "ckpt", s))) for s, _ in SITES}
     assert all(held.values()), held
     assert not any(".tmp-" in n for names in held.values() for n in names), held
@@ -251,10 +256,7 @@ def test_every_step_job_killed_and_resumed_ends_like_an_uninterrupted_run(tmp_pa
         return all(os.path.isdir(d) and any(n.startswith("round-00000020-") for n in os.listdir(d)) for d in dirs)
 
     wait_for("a checkpoint of step 20 on both sites", both_hold_step_20)
-    os.killpg(job.pid, signal.SIGKILL)
-    for s, _ in SITES:
-        kill9(worker_pids(chaos, s))
-    job.wait()
+    kill_launch(chaos, job, [s for s, _ in SITES])
     assert finish(launch(chaos, config, policies, steps=60, extra=["--resume"], mode="every_step"), chaos) == 0, \
         tail(chaos)
     r = check_whole(chaos, ["alpha-0", "beta-0"])
@@ -275,9 +277,7 @@ def test_a_site_restarted_into_a_running_every_step_job_is_told_it_cannot_join(t
     beta = launch(tmp, config, policies, steps=300, site="beta", log_name="beta.log", mode="every_step")
     ckpt = os.path.join(tmp, "ckpt", "beta")
     wait_for("beta's checkpoint of step 10", lambda: os.path.isdir(ckpt) and os.listdir(ckpt))
-    os.killpg(beta.pid, signal.SIGKILL)
-    kill9(worker_pids(tmp, "beta"))
-    beta.wait()
+    kill_launch(tmp, beta, ["beta"])
     time.sleep(2.5)
     beta = launch(tmp, config, policies, steps=300, site="beta", extra=["--resume"], log_name="beta-again.log",
                   mode="every_step")
@@ -303,9 +303,7 @@ def test_a_site_killed_mid_run_rejoins_by_state_transfer_without_restarting_the_
     alpha = launch(tmp, config, policies, steps=250, site="alpha", log_name="alpha.log")
     beta = launch(tmp, config, policies, steps=250, site="beta", log_name="beta.log")
     wait_for("sync 6", lambda: len(syncs(tmp, "beta")) >= 6)
-    os.killpg(beta.pid, signal.SIGKILL)
-    kill9(worker_pids(tmp, "beta"))
-    beta.wait()
+    kill_launch(tmp, beta, ["beta"])
     killed_at = time.time()
     time.sleep(2.5)
     beta = launch(tmp, config, policies, steps=250, site="beta", extra=["--resume"], log_name="beta-again.log")
@@ -343,9 +341,7 @@ def test_wait_mode_stops_cleanly_at_the_hard_deadline_with_a_checkpoint(tmp_path
     alpha = launch(tmp, config, policies, steps=400, site="alpha", log_name="alpha.log")
     beta = launch(tmp, config, policies, steps=400, site="beta", log_name="beta.log")
     wait_for("sync 4", lambda: len(syncs(tmp, "alpha")) >= 4)
-    os.killpg(beta.pid, signal.SIGKILL)
-    kill9(worker_pids(tmp, "beta"))
-    beta.wait()
+    kill_launch(tmp, beta, ["beta"])
     started = time.monotonic()
     code = finish(alpha, tmp)
     took = time.monotonic() - started

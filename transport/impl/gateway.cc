@@ -346,6 +346,22 @@ class Gateway::Impl {
     return live_;
   }
 
+  std::vector<std::string> takeReturnedPeers() {
+    std::lock_guard<std::mutex> lock(mu_);
+    std::vector<std::string> out;
+    out.swap(returned_);
+    return out;
+  }
+
+  std::vector<PeerRound> peerRounds(const std::string& prefix) const {
+    std::lock_guard<std::mutex> lock(mu_);
+    std::vector<PeerRound> out;
+    for (const PeerRound& r : opened_) {
+      if (r.tag.compare(0, prefix.size(), prefix) == 0) out.push_back(r);
+    }
+    return out;
+  }
+
   const GatewayOptions& options() const { return opt_; }
   size_t self() const { return self_; }
 
@@ -1122,42 +1138,22 @@ class Gateway::Impl {
     }
     // Rounds peers have opened and this site has not (a restarted site's
     // join request, a peer running ahead), for peerRounds(): every 20 ms.
-    if (now < next_opened_) {
-      std::lock_guard<std::mutex> lock(mu_);
-      live_.swap(live);
-      return;
-    }
-    next_opened_ = now + std::chrono::milliseconds(20);
+    const bool refresh = now >= next_opened_;
     std::vector<PeerRound> opened;
-    for (const auto& kv : rounds_) {
-      if (kv.second.local) continue;
-      for (const Peer& p : peers_) {
-        if (kv.second.in[p.index].count > 0) opened.push_back({kv.first.first, kv.first.second, p.name});
+    if (refresh) {
+      next_opened_ = now + std::chrono::milliseconds(20);
+      for (const auto& kv : rounds_) {
+        if (kv.second.local) continue;
+        for (const Peer& p : peers_) {
+          if (kv.second.in[p.index].count > 0) opened.push_back({kv.first.first, kv.first.second, p.name});
+        }
       }
     }
     std::lock_guard<std::mutex> lock(mu_);
     live_.swap(live);
-    opened_.swap(opened);
+    if (refresh) opened_.swap(opened);
   }
 
- public:
-  std::vector<std::string> takeReturnedPeers() {
-    std::lock_guard<std::mutex> lock(mu_);
-    std::vector<std::string> out;
-    out.swap(returned_);
-    return out;
-  }
-
-  std::vector<PeerRound> peerRounds(const std::string& prefix) const {
-    std::lock_guard<std::mutex> lock(mu_);
-    std::vector<PeerRound> out;
-    for (const PeerRound& r : opened_) {
-      if (r.tag.compare(0, prefix.size(), prefix) == 0) out.push_back(r);
-    }
-    return out;
-  }
-
- private:
   // A peer heard from once and silent for peer_timeout since: gone, not late.
   bool peerLost(const Peer& p) const { return p.greeted && Clock::now() - p.last_heard >= opt_.peer_timeout; }
 

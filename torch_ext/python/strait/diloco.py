@@ -42,17 +42,18 @@ class DiLoCo:
     newest checkpoint they all hold. Drive the training loop by
     `local_steps` (`while diloco.local_steps < total: ...`), not by a
     counter of its own: a resumed or rejoined site, even one that gives way
-    mid-run after a partition, then continues where the job is. While training, the leader answers other sites' join
-    requests whenever it waits for a sync round.
+    mid-run after a partition, then continues where the job is. While
+    training, the leader answers other sites' join requests whenever it
+    waits for a sync round.
 
     Overlap (sync.diloco.overlap, or overlap=True): a sync starts its
     exchange and returns; the mean arrives while the next `sync_every` inner
     steps compute and its outer step is applied at the following sync. Each
     round starts from the newest global parameters plus the site's own
     previous round (not yet averaged), so a link that carries a round within
-    H inner steps costs no wall time and no local progress is held back. Call flush()
-    after the loop to apply the last round. Checkpoints, --resume and
-    serving joins are not available with overlap yet (refused).
+    H inner steps costs no wall time and no local progress is held back.
+    Call flush() after the loop to apply the last round. Checkpoints,
+    --resume and serving joins are not available with overlap yet (refused).
 
     Streaming fragments (Douillard et al. 2025) are not implemented yet: a
     config with sync.diloco.fragments > 1 is refused rather than ignored.
@@ -160,21 +161,12 @@ class DiLoCo:
         is reported and training goes on (the older checkpoints are intact)."""
         s = self.session
         store = s.checkpoints
-        residuals = {}
-        for key, c in s._compressors.items():
-            if key.startswith("diloco") and c.error_feedback:
-                residuals[key] = c.residual()
+        residuals = {key: residual for key, _, residual in s.residuals("diloco")}
         state = {"round": self.syncs, "global": self.global_params.clone(), "momentum": self.momentum.clone(),
                  "local_steps": self.local_steps, "model": self.model.state_dict(),
                  "optimizer": self.inner.state_dict(), "residuals": residuals, "rounds": dict(s._rounds),
                  "audit_head": s.gateway.audit_head(), "audit_records": int(s.gateway.audit_records())}
-        started = time.monotonic()
-        try:
-            path = store.save(self.syncs, recovery.params_digest(self.global_params), state)
-        except StraitError as e:
-            s._log_event(f"{e} (training goes on)")
-            return
-        s._log_event(f"checkpoint of round {self.syncs} written to {path} in {time.monotonic() - started:.2f} s")
+        store.save_reported(s, f"round {self.syncs}", self.syncs, recovery.params_digest(self.global_params), state)
 
     def _recover(self, flat):
         """--resume: the join protocol on the leader, its outcome broadcast in
@@ -217,7 +209,7 @@ class DiLoCo:
         ckpt = outcome.get("ckpt")
         info = torch.tensor([kinds.get(outcome.get("kind"), 0), outcome.get("syncs", 0),
                              ckpt[0] if ckpt else -1,
-                             int.from_bytes(bytes.fromhex(ckpt[1]), "big", signed=True) if ckpt else 0],
+                             recovery.digest_to_int(ckpt[1]) if ckpt else 0],
                             dtype=torch.int64)
         kind, syncs, ckpt_round, ckpt_digest = (int(v) for v in s.broadcast(info).tolist())
         if kind == 0:
@@ -230,7 +222,7 @@ class DiLoCo:
         s._rounds["diloco"] = syncs
         s._rounds["diloco.base"] = syncs
         if ckpt_round >= 0 and store is not None:
-            state = store.load(ckpt_round, (ckpt_digest & (2**64 - 1)).to_bytes(8, "big").hex())
+            state = store.load(ckpt_round, recovery.int_to_digest(ckpt_digest))
             if kind == 1:
                 self.model.load_state_dict(state["model"])  # buffers; parameters are overwritten next
                 self._load(self.global_params)
@@ -316,9 +308,7 @@ class DiLoCo:
         handle = None
         if s.leader:
             try:
-                check = s._start("diloco.base", torch.tensor(list(bytes.fromhex(base)), dtype=torch.uint8),
-                                 kind="control")
-                handle = (check, s.start_parts(pseudo, self.parts, "diloco", pipeline=self.pipeline))
+                handle = (self._start_base(base), s.start_parts(pseudo, self.parts, "diloco", pipeline=self.pipeline))
             except StraitError as e:
                 handle = e
         previous, self._inflight = self._inflight, handle
@@ -340,8 +330,8 @@ class DiLoCo:
         def finish():
             if isinstance(handle, BaseException):
                 raise handle
-            check, started = handle
-            out = s.finish_parts(started, keep=lambda payloads: self._keep(s._finish(check)[0], payloads))
+            keep, started = handle
+            out = s.finish_parts(started, keep=keep)
             self._membership(s.last_missing)
             return out
 
@@ -349,10 +339,22 @@ class DiLoCo:
         if int(s.broadcast(torch.tensor([int(self._diverged)], dtype=torch.int64))[0]):
             raise StraitError("strait.DiLoCo: this site's parameters diverged from the other sites' after a "
                               "partition, and overlap mode cannot rejoin in place; restart the site")
+        self._outer_step(outer_grad)
+
+    def _outer_step(self, outer_grad):
+        """The same outer step, in the same float32 ops, on every worker."""
         self.momentum.mul_(self.mu).add_(outer_grad)
         update = outer_grad.add(self.momentum, alpha=self.mu) if self.nesterov else self.momentum
         self.global_params.sub_(update, alpha=self.outer_lr)
         self.syncs += 1
+
+    def _start_base(self, base):
+        """Leader: the "diloco.base" round that goes with each sync: which
+        global parameters (digest) this site's pseudo-gradient is relative to.
+        Returns keep(payloads) for the sync's parts (_keep)."""
+        s = self.session
+        check = s._start("diloco.base", torch.tensor(list(bytes.fromhex(base)), dtype=torch.uint8), kind="control")
+        return lambda payloads: self._keep(s._finish(check)[0], payloads)
 
     @torch.no_grad()
     def flush(self):
@@ -382,11 +384,9 @@ class DiLoCo:
             # Every site also says which global parameters its pseudo-gradient
             # is relative to: after a partition healed under `continue` the
             # two sides differ, and only one side may go on (_keep).
-            check = s._start("diloco.base", torch.tensor(list(bytes.fromhex(base)), dtype=torch.uint8),
-                             kind="control")
+            keep = self._start_base(base)
             out = s.average_parts_across_sites(pseudo, self.parts, "diloco", pipeline=self.pipeline,
-                                               contribute=contribute,
-                                               keep=lambda payloads: self._keep(s._finish(check)[0], payloads))
+                                               contribute=contribute, keep=keep)
             self._membership(s.last_missing)
             return out
 
@@ -412,11 +412,7 @@ class DiLoCo:
             if not self._recover(local):
                 raise StraitError("strait: after a partition, no running site answered this site's join request")
             return
-        # The same outer step, in the same float32 ops, on every worker.
-        self.momentum.mul_(self.mu).add_(outer_grad)
-        update = outer_grad.add(self.momentum, alpha=self.mu) if self.nesterov else self.momentum
-        self.global_params.sub_(update, alpha=self.outer_lr)
+        self._outer_step(outer_grad)
         self._load(self.global_params)
-        self.syncs += 1
         if s.leader and s.checkpoints is not None and self.syncs % s.checkpoints.every == 0:
             self._checkpoint()

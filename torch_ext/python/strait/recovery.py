@@ -106,6 +106,20 @@ class CheckpointStore:
                 pass
         return path
 
+    def save_reported(self, session, what, round_, digest, state):
+        """save(), with one line on the site's log either way: where and how
+        long, or (a full disk...) the error — training goes on, the older
+        checkpoints are intact."""
+        from .session import StraitError
+
+        started = time.monotonic()
+        try:
+            path = self.save(round_, digest, state)
+        except StraitError as e:
+            session._log_event(f"{e} (training goes on)")
+            return
+        session._log_event(f"checkpoint of {what} written to {path} in {time.monotonic() - started:.2f} s")
+
     def load(self, round_, digest):
         from .session import StraitError
 
@@ -123,6 +137,15 @@ class CheckpointStore:
         if not isinstance(flat, torch.Tensor) or params_digest(flat) != digest:
             raise StraitError(f"strait: checkpoint {path} does not match its digest {digest} (damaged?)")
         return state
+
+
+def digest_to_int(digest):
+    """A checkpoint digest (16 hex digits) as a signed int64, for broadcast."""
+    return int.from_bytes(bytes.fromhex(digest), "big", signed=True)
+
+
+def int_to_digest(value):
+    return (value & (2**64 - 1)).to_bytes(8, "big").hex()
 
 
 def pack(header, blob=b""):
@@ -325,25 +348,15 @@ class Checkpoints:
         """After the optimizer step that completes `steps_done` steps: on the
         site leader, a checkpoint every `checkpoint.every` steps. A failed
         write is reported and training goes on."""
-        from .session import StraitError
-
         s = self.session
         store = s.checkpoints
         if not s.leader or steps_done <= 0 or steps_done % store.every:
             return
         flat = self._flat()
-        residuals = [(key, s._pipelines.get(key), c.residual()) for key, c in s._compressors.items()
-                     if key.startswith("ddp.") and c.error_feedback]
         state = {"round": int(steps_done), "step": int(steps_done), "global": flat, "model": self.model.state_dict(),
-                 "optimizer": self.optimizer.state_dict(), "residuals": residuals, "rounds": dict(s._rounds),
-                 "checked": sorted(s._checked), "audit_head": s.gateway.audit_head()}
-        started = time.monotonic()
-        try:
-            path = store.save(int(steps_done), params_digest(flat), state)
-        except StraitError as e:
-            s._log_event(f"{e} (training goes on)")
-            return
-        s._log_event(f"checkpoint of step {steps_done} written to {path} in {time.monotonic() - started:.2f} s")
+                 "optimizer": self.optimizer.state_dict(), "residuals": s.residuals("ddp."),
+                 "rounds": dict(s._rounds), "checked": sorted(s._checked), "audit_head": s.gateway.audit_head()}
+        store.save_reported(s, f"step {steps_done}", int(steps_done), params_digest(flat), state)
 
     def resume(self):
         """With resume (./strait launch --resume): loads the newest step every
@@ -362,13 +375,13 @@ class Checkpoints:
                 raise StraitError(f"strait.Checkpoints: site '{s.sites[result[1]]}' is still running; a site cannot "
                                   f"join a running every-step job — stop it and restart every site with --resume")
             if result[0] == "checkpoint":
-                return torch.tensor([result[1], int.from_bytes(bytes.fromhex(result[2]), "big", signed=True)])
+                return torch.tensor([result[1], digest_to_int(result[2])])
             return torch.tensor([-1, 0])
 
         round_, digest = (int(v) for v in s.from_leader(leader, torch.zeros(2, dtype=torch.int64)).tolist())
         if round_ < 0:
             return 0
-        state = store.load(round_, (digest & (2**64 - 1)).to_bytes(8, "big").hex())
+        state = store.load(round_, int_to_digest(digest))
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         s._rounds = dict(state["rounds"])

@@ -210,6 +210,12 @@ class Session:
             self._pipelines[key] = pipeline
         return c
 
+    def residuals(self, prefix):
+        """[(key, pipeline, residual)] of the compressors whose key starts
+        with `prefix` and that keep an error-feedback residual (checkpoints)."""
+        return [(key, self._pipelines.get(key), c.residual()) for key, c in self._compressors.items()
+                if key.startswith(prefix) and c.error_feedback]
+
     def next_round(self, tag):
         r = self._rounds.get(tag, 0)
         self._rounds[tag] = r + 1
@@ -339,17 +345,13 @@ class Session:
                 os.close(fd)
         return record
 
-    def average_across_sites(self, tensor, tag, pipeline=None, compressor_key=None, name=None):
-        """Leader only: compresses `tensor` (with this tag's compressor and its
-        error feedback), exchanges with every site and returns the weighted mean
-        of every site's *decoded* payload, in site order — the same bits on
-        every site. Missing sites (on_site_loss: continue) are left out and the
-        weights renormalised."""
-        return self.finish_average(self.start_average(tensor, tag, pipeline, compressor_key, name))
-
     def start_average(self, tensor, tag, pipeline=None, compressor_key=None, name=None):
-        """Leader only: the first half of average_across_sites — compresses and
-        starts the round without waiting, so several can be in flight."""
+        """Leader only: compresses `tensor` (with this key's compressor and its
+        error feedback) and starts the round without waiting, so several can
+        be in flight; finish_average() returns the weighted mean of every
+        site's *decoded* payload, in site order — the same bits on every site.
+        Missing sites (on_site_loss: continue) are left out and the weights
+        renormalised."""
         assert self.leader
         flat = self._privatized(tensor.detach().reshape(-1).float().cpu().contiguous())
         compressor = self.compressor(compressor_key or tag, pipeline, name=name or tag, size=flat.numel())
@@ -399,7 +401,7 @@ class Session:
         return flat
 
     def average_parts_across_sites(self, flat, parts, tag, pipeline=None, contribute=True, keep=None):
-        """Leader only: like average_across_sites, for a flat tensor made of
+        """Leader only: like start_average + finish_average, for a flat tensor made of
         named parts (offset, numel, name): each part is compressed with its own
         rule and error feedback, and all of them travel in one round as one
         message: u64 count, u64 length of each part's payload, the payloads.
