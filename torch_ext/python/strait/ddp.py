@@ -1,6 +1,8 @@
 """Every-step mode: a DDP communication hook that averages gradients inside
 the site with torch.distributed, then across sites through strait."""
 
+import zlib
+
 import torch
 import torch.distributed as dist
 
@@ -19,8 +21,6 @@ def _start_bucket(session, buf, index, params):
     # keyed by the layout — size and the order of shapes — so a residual is
     # never added to another parameter's values, and each new layout is
     # checked against the other sites once.
-    import zlib
-
     shapes = "\n".join(f"{tuple(p.shape)} {p.dtype}" for p in params)
     layout = f"{tag}.n{buf.numel()}.{zlib.crc32(shapes.encode()):08x}"
     if layout not in session._checked:
