@@ -7,6 +7,7 @@ border (default 100 Mbit/s, 150 ms round trip), run five ways, side by side:
   (c) strait    strait every-step mode, the config's topk -> int8, error feedback
   (d) diloco    strait DiLoCo, low-bit pseudo-gradients every H steps
   (e) overlap   the same, each exchange overlapped with the next H inner steps
+  (f) streaming the same in F fragments, one syncing every H/F steps, overlapped
   (-) alone     each site's compute only, no communication (the time floor)
 
 The job: examples/charlm's byte-level transformer (471k parameters), each site
@@ -36,7 +37,8 @@ sys.path.insert(0, os.path.join(ROOT, "examples", "charlm"))
 SITES = (("hangzhou", "CN"), ("singapore", "SG"))
 RUNS = [("ddp", "(a) torch DDP, fp32"), ("powersgd", "(b) DDP + PowerSGD hook"),
         ("strait", "(c) strait every-step"), ("diloco", "(d) strait DiLoCo"),
-        ("overlap", "(e) strait DiLoCo, overlapped"), ("alone", "compute alone")]
+        ("overlap", "(e) strait DiLoCo, overlapped"), ("streaming", "(f) streaming DiLoCo, overlapped"),
+        ("alone", "compute alone")]
 
 
 def log(msg):
@@ -49,7 +51,7 @@ def write_config(out, args):
     for i, (site, jur) in enumerate(SITES):
         lines += [f"  - {{name: {site}, jurisdiction: {jur}, endpoint: \"tcp://127.0.0.1:{7700 + i}\", workers: 1, "
                   f"public_key: keys/{site}.pub, secret_key: keys/{site}.key}}"]
-    lines += [f"sync: {{mode: every_step}}",
+    lines += ["sync: {mode: every_step}",
               f'compression: {{pipeline: "{args.every_step_pipeline}", error_feedback: true, seed: 1}}',
               "transport: {round_deadline_s: 120, hard_deadline_s: 300}"]
     every_step = "\n".join(lines) + "\n"
@@ -62,15 +64,17 @@ def write_config(out, args):
     with open(diloco, "w") as f:
         f.write("\n".join(lines).replace(
             "sync: {mode: every_step}",
-            f"sync: {{mode: diloco, diloco: {{sync_every: {args.sync_every}, outer_lr: 1.0, outer_momentum: 0.0, "
-            f"nesterov: false}}}}").replace(
+            f"sync: {{mode: diloco, diloco: {{sync_every: {args.sync_every}, outer_lr: {args.outer_lr}, "
+            f"outer_momentum: {args.outer_momentum}, nesterov: {str(args.nesterov).lower()}}}}}").replace(
             f'pipeline: "{args.every_step_pipeline}", error_feedback: true, seed: 1}}',
             f'pipeline: "{args.diloco_pipeline}", error_feedback: true, seed: 1, rules: [{{match: "*bias", '
             f'pipeline: fp16}}, {{match: "*norm*", pipeline: fp16}}, {{match: "position", pipeline: fp16}}]}}') + "\n")
     overlap = os.path.join(out, "e2e-overlap.yaml")
-    with open(diloco) as f, open(overlap, "w") as g:
-        g.write(f.read().replace("nesterov: false}", "nesterov: false, overlap: true}"))
-    return path, diloco, overlap
+    streaming = os.path.join(out, "e2e-streaming.yaml")
+    for name, fragments in ((overlap, 1), (streaming, args.fragments)):
+        with open(diloco) as f, open(name, "w") as g:
+            g.write(f.read().replace("diloco: {", f"diloco: {{overlap: true, fragments: {fragments}, "))
+    return path, diloco, overlap, streaming
 
 
 def run_mode(mode, args, out, configs):
@@ -192,11 +196,16 @@ def main():
     ap.add_argument("--wan", default="100mbit-150ms", help="border profile (default 100mbit-150ms)")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--sync-every", type=int, default=50, help="DiLoCo inner steps between syncs")
+    ap.add_argument("--outer-lr", type=float, default=1.0, help="DiLoCo outer learning rate (default 1.0)")
+    ap.add_argument("--outer-momentum", type=float, default=0.0, help="DiLoCo outer momentum (default 0)")
+    ap.add_argument("--nesterov", action="store_true", help="DiLoCo: Nesterov outer momentum")
+    ap.add_argument("--fragments", type=int, default=5,
+                    help="streaming DiLoCo fragments in run (f), a divisor of --sync-every (default 5)")
     ap.add_argument("--every-step-pipeline", default="topk(0.01) -> int8")
     ap.add_argument("--diloco-pipeline", default="sign")
     ap.add_argument("--adaptive", metavar="SETTINGS",
                     help='adaptive compression for (c), e.g. "min_density: 0.01, max_density: 0.2"')
-    ap.add_argument("--only", help="comma-separated subset of ddp,powersgd,strait,diloco,overlap,alone")
+    ap.add_argument("--only", help="comma-separated subset of ddp,powersgd,strait,diloco,overlap,streaming,alone")
     ap.add_argument("--timeout", type=float, default=600, help="seconds per run")
     ap.add_argument("--out", default=os.path.join(ROOT, "build", "bench-e2e"))
     args = ap.parse_args()
@@ -213,8 +222,10 @@ def main():
         if not os.path.exists(os.path.join(out, "keys", f"{site}.key")):
             subprocess.run([os.path.join(args.build, "transport", "strait_keys"), "generate", site, "--dir",
                             os.path.join(out, "keys")], check=True, stdout=subprocess.DEVNULL)
-    every_step, diloco, overlap = write_config(out, args)
-    configs = {"strait": every_step, "diloco": diloco, "overlap": overlap}
+    if args.fragments < 1 or args.sync_every % args.fragments:
+        raise SystemExit(f"bench e2e: --fragments {args.fragments} must divide --sync-every {args.sync_every}")
+    every_step, diloco, overlap, streaming = write_config(out, args)
+    configs = {"strait": every_step, "diloco": diloco, "overlap": overlap, "streaming": streaming}
     modes = [m for m, _ in RUNS if not args.only or m in args.only.split(",")]
 
     runs = []
@@ -259,7 +270,7 @@ def main():
     png = os.path.join(out, "e2e.png")
     plot(png, runs, args)
     result = {"wan": args.wan, "steps": args.steps, "parameters": json.load(open(os.path.join(
-        out, f"{runs[0]['name']}-{SITES[0][0]}.json")))["parameters"], "sync_every": args.sync_every,
+        out, f"{runs[0]['name']}-{SITES[0][0]}.json")))["parameters"], "sync_every": args.sync_every, "fragments": args.fragments,
         "every_step_pipeline": args.every_step_pipeline, "adaptive": args.adaptive, "diloco_pipeline": args.diloco_pipeline, "plot": png,
         "runs": [{k: v for k, v in r.items() if k != "curve"} for r in runs]}
     with open(os.path.join(out, "e2e.json"), "w") as f:

@@ -29,10 +29,13 @@ SITES = (("alpha", "CN"), ("beta", "SG"))
 MAX_RSS_KB = 1_000_000  # a worker of this job uses about 310 MB; a leak over the run would show
 
 
-def make_job(tmp, on_site_loss="continue", workers=1, hard_deadline=60, every=2, sync_every=5, mode="diloco"):
+def make_job(tmp, on_site_loss="continue", workers=1, hard_deadline=60, every=2, sync_every=5, mode="diloco",
+             fragments=1, overlap=False):
     """Two sites with CurveZMQ keys (plaintext is refused off loopback, so
     always), a policy with a signed audit log each, checkpoints every
-    `every` syncs. Returns (config path, {site: policy path})."""
+    `every` syncs (a sync every sync_every steps: with fragments, each
+    fragment syncs every sync_every * fragments steps). Returns (config
+    path, {site: policy path})."""
     keys = os.path.join(tmp, "keys")
     for site, _ in SITES:
         if not os.path.exists(os.path.join(keys, f"{site}.key")):
@@ -42,7 +45,8 @@ def make_job(tmp, on_site_loss="continue", workers=1, hard_deadline=60, every=2,
         lines.append(f"  - {{name: {site}, jurisdiction: {country}, endpoint: \"tcp://127.0.0.1:{free_port()}\", "
                      f"workers: {workers}, public_key: keys/{site}.pub, secret_key: keys/{site}.key}}")
     lines += ["sync:", f"  mode: {mode}"] + \
-        ([f"  diloco: {{sync_every: {sync_every}, outer_lr: 0.7, outer_momentum: 0.5}}"] if mode == "diloco" else [])
+        ([f"  diloco: {{sync_every: {sync_every * fragments}, fragments: {fragments}, outer_lr: 0.7, "
+          f"outer_momentum: 0.5, overlap: {str(overlap).lower()}}}"] if mode == "diloco" else [])
     lines += ["compression:", "  pipeline: \"topk(0.1) -> int8\"",
               f"transport: {{heartbeat_ms: 100, peer_timeout_ms: 1000, round_deadline_s: {min(20, hard_deadline)}, "
               f"hard_deadline_s: {hard_deadline}, on_site_loss: {on_site_loss}}}",
@@ -212,16 +216,20 @@ def said(seconds):
 
 # ------------------------------------------------------------ scenarios ---
 
-def test_whole_job_killed_and_resumed_ends_bitwise_like_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("fragments,overlap", [(1, False), (2, False), (2, True)])
+def test_whole_job_killed_and_resumed_ends_bitwise_like_an_uninterrupted_run(tmp_path, fragments, overlap):
+    # With two streaming fragments a checkpoint also holds the local
+    # parameters of the fragment not synced last; with overlap it is
+    # written once the round in flight has landed.
     straight = str(tmp_path / "straight")
     chaos = str(tmp_path / "chaos")
     for d in (straight, chaos):
         os.makedirs(d)
-    config, policies = make_job(straight, on_site_loss="wait")
+    config, policies = make_job(straight, on_site_loss="wait", fragments=fragments, overlap=overlap)
     assert finish(launch(straight, config, policies, steps=80, step_sleep=0), straight) == 0, tail(straight)
     expected = check_whole(straight, ["alpha-0", "beta-0"])["alpha-0"]["hash"]
 
-    config, policies = make_job(chaos, on_site_loss="wait")
+    config, policies = make_job(chaos, on_site_loss="wait", fragments=fragments, overlap=overlap)
     job = launch(chaos, config, policies, steps=80)
     wait_for("sync 7 on both sites", lambda: min(len(syncs(chaos, s)) for s, _ in SITES) >= 7)
     kill_launch(chaos, job, [s for s, _ in SITES])  # the launcher and every worker of both sites
@@ -268,26 +276,30 @@ def test_every_step_job_killed_and_resumed_ends_like_an_uninterrupted_run(tmp_pa
     assert abs(r["alpha-0"]["loss"] - expected) < 0.02 * expected, (r, expected)
 
 
-def test_a_site_restarted_into_a_running_every_step_job_is_told_it_cannot_join(tmp_path):
-    # Every-step mode has no state transfer: the restarted site must stop
-    # with that message, not train on alone from an old checkpoint.
+@pytest.mark.parametrize("mode", ["every_step", "overlap"])
+def test_a_site_restarted_into_a_running_job_without_state_transfer_is_told_it_cannot_join(tmp_path, mode):
+    # Every-step mode has no state transfer, and an overlapped DiLoCo's state
+    # always has a round in flight: the restarted site must stop with that
+    # message, not train on alone from an old checkpoint.
     tmp = str(tmp_path)
-    config, policies = make_job(tmp, on_site_loss="continue", every=10, mode="every_step")
-    alpha = launch(tmp, config, policies, steps=300, site="alpha", log_name="alpha.log", mode="every_step")
-    beta = launch(tmp, config, policies, steps=300, site="beta", log_name="beta.log", mode="every_step")
+    job = "every-step" if mode == "every_step" else "overlapped DiLoCo"
+    worker = "every_step" if mode == "every_step" else "diloco"
+    config, policies = make_job(tmp, on_site_loss="continue", every=10, mode=worker, overlap=mode == "overlap")
+    alpha = launch(tmp, config, policies, steps=300, site="alpha", log_name="alpha.log", mode=worker)
+    beta = launch(tmp, config, policies, steps=300, site="beta", log_name="beta.log", mode=worker)
     ckpt = os.path.join(tmp, "ckpt", "beta")
-    wait_for("beta's checkpoint of step 10", lambda: os.path.isdir(ckpt) and os.listdir(ckpt))
+    wait_for("beta's first checkpoint", lambda: os.path.isdir(ckpt) and os.listdir(ckpt))
     kill_launch(tmp, beta, ["beta"])
     time.sleep(2.5)
     beta = launch(tmp, config, policies, steps=300, site="beta", extra=["--resume"], log_name="beta-again.log",
-                  mode="every_step")
+                  mode=worker)
     assert finish(beta, tmp) == 3, tail(tmp)  # the worker's clean StraitError exit
-    assert "site 'alpha' is still running; a site cannot join a running every-step job" in \
+    assert f"site 'alpha' is still running; a site cannot join a running {job} job" in \
         open(os.path.join(tmp, "beta-again.log"), errors="replace").read(), tail(tmp)
     assert finish(alpha, tmp) == 0, tail(tmp)
     alpha_log = open(os.path.join(tmp, "alpha.log"), errors="replace").read()
-    assert "site 'beta' asked to join; a running every-step job cannot take it in" in alpha_log
-    assert results(tmp)["alpha-0"]["syncs"] == 300
+    assert f"site 'beta' asked to join; a running {job} job cannot take it in" in alpha_log
+    assert results(tmp)["alpha-0"]["syncs"] == (300 if mode == "every_step" else 60)
     v = subprocess.run([AUDIT, "verify", os.path.join(tmp, "audit", "alpha.jsonl"), "--key",
                         os.path.join(tmp, "keys", "alpha.sign.pub")], capture_output=True, text=True)
     assert v.returncode == 0, v.stdout + v.stderr

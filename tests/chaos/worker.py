@@ -82,6 +82,7 @@ def main():
                 f.write(json.dumps({"sync": diloco.syncs, "hash": flat_hash(diloco), "time": time.time(),
                                     "missing": getattr(session, "last_missing", [])}) + "\n")
         time.sleep(args.step_sleep)
+    diloco.flush()  # with fragments: every worker takes the global parameters
     finish(args, session, ddp, flat_hash(diloco), diloco.syncs, diloco.resumed, loss)
 
 

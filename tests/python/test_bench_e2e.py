@@ -17,11 +17,12 @@ BUILD = os.environ.get("STRAIT_BUILD_DIR", os.path.join(ROOT, "build"))
 def test_bench_e2e_runs_every_mode_and_reports_json(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "torch_ext", "python"), STRAIT_BUILD_DIR=BUILD)
     r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "e2e", "run.py"), "--build", BUILD, "--json",
-                        "--steps", "6", "--sync-every", "3", "--wan", "100mbit-20ms", "--out", str(tmp_path)],
+                        "--steps", "6", "--sync-every", "3", "--fragments", "3", "--wan", "100mbit-20ms", "--out", str(tmp_path)],
                        env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout)
-    assert [x["name"] for x in out["runs"]] == ["ddp", "powersgd", "strait", "diloco", "overlap", "alone"]
+    assert [x["name"] for x in out["runs"]] == ["ddp", "powersgd", "strait", "diloco", "overlap", "streaming",
+                                                  "alone"]
     for x in out["runs"]:
         for key in ("step_s", "bytes_per_step", "final_loss", "held_out_bits_per_byte", "held_out_accuracy",
                     "time_ratio_vs_alone", "time_ratio_vs_ddp"):

@@ -95,6 +95,23 @@ def test_diloco_with_overlap_keeps_replicas_identical_and_learns():
     check(run_job("diloco", "int8", steps=40, extra_config=extra))
 
 
+@pytest.mark.parametrize("overlap", [False, True])
+def test_streaming_diloco_syncs_one_fragment_at_a_time_and_keeps_replicas_identical(overlap):
+    # Two fragments, sync_every 10: a round every 5 steps, each carrying
+    # about half the model; over the run the same bytes as plain DiLoCo.
+    def job(fragments):
+        sync = (f"sync: {{mode: diloco, diloco: {{sync_every: 10, fragments: {fragments}, outer_lr: 0.7, "
+                f"outer_momentum: 0.5, overlap: {str(overlap).lower()}}}}}")
+        return run_job("diloco", "int8", steps=40, extra_config={"sync": sync})
+
+    streamed, plain = job(2), job(1)
+    check(streamed)
+    for s, p in zip(streamed, plain):
+        assert s["syncs"] == 8 and p["syncs"] == 4, (s["syncs"], p["syncs"])
+        if s["rank"] == 0:  # the leader sends; within the per-round headers of the extra rounds
+            assert abs(s["payload_bytes_sent"] - p["payload_bytes_sent"]) < 0.05 * p["payload_bytes_sent"], (s, p)
+
+
 def test_diloco_sites_that_start_from_different_weights_all_adopt_site_0s():
     check(run_job("diloco", "int8", steps=40, extra_args=("--sync-every", "10"), site_args={"singapore": ("--seed", "7")}))
 

@@ -90,7 +90,9 @@ def main():
             losses.append(loss.item())
         diloco.flush()  # with sync.diloco.overlap: the round still in flight
     with open(args.out, "w") as f:
-        json.dump({"site": args.site, "rank": session.rank, "hash": param_hash(model), "losses": losses}, f)
+        json.dump({"site": args.site, "rank": session.rank, "hash": param_hash(model), "losses": losses,
+                   "syncs": diloco.syncs if args.mode == "diloco" else None,
+                   "payload_bytes_sent": session.bytes_sent}, f)
     # Tear down in order: both workers done, DDP (and its reducer) gone, then
     # the process group. Destroying them the other way round can hang gloo.
     dist.barrier()

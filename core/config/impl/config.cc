@@ -420,6 +420,12 @@ void parseSync(const Field& f, JobConfig& job) {
   c.fragments = static_cast<int>(d.child("fragments").integer(
       c.fragments, 1, max_fragments,
       "an integer in [1, 1024] and at most sync_every (" + std::to_string(c.sync_every) + ")"));
+  // One fragment syncs every sync_every / fragments steps, in turn, so each
+  // is synced exactly once per period.
+  if (c.sync_every % c.fragments != 0) {
+    d.child("fragments").reject("a divisor of sync_every (" + std::to_string(c.sync_every) +
+                                "): one fragment syncs every sync_every / fragments steps");
+  }
 }
 
 CompressionRule parseRule(const Field& r, bool default_error_feedback) {

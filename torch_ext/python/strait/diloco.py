@@ -11,6 +11,22 @@ from . import recovery
 from .session import StraitError
 
 
+def split_fragments(sizes, n):
+    """Streaming DiLoCo's fragments: n lists of indices into `sizes` (the
+    parameter tensors' sizes, in model order) of about equal total size —
+    largest tensor first, to the lightest fragment, ties to the lower index —
+    each in model order. It depends only on the model, which the sites check
+    is the same everywhere, so every site forms the same fragments."""
+    if n > len(sizes):
+        raise ValueError(f"DiLoCo: fragments = {n}, but the model has only {len(sizes)} parameter tensors")
+    loads, groups = [0] * n, [[] for _ in range(n)]
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        f = min(range(n), key=lambda f: (loads[f], f))
+        groups[f].append(i)
+        loads[f] += sizes[i]
+    return [sorted(g) for g in groups]
+
+
 class DiLoCo:
     """Wraps a model and its inner optimizer.
 
@@ -46,36 +62,45 @@ class DiLoCo:
     training, the leader answers other sites' join requests whenever it
     waits for a sync round.
 
-    Overlap (sync.diloco.overlap, or overlap=True): a sync starts its
-    exchange and returns; the mean arrives while the next `sync_every` inner
-    steps compute and its outer step is applied at the following sync. Each
-    round starts from the newest global parameters plus the site's own
-    previous round (not yet averaged), so a link that carries a round within
-    H inner steps costs no wall time and no local progress is held back.
-    Call flush() after the loop to apply the last round. Checkpoints,
-    --resume and serving joins are not available with overlap yet (refused).
+    Streaming fragments (sync.diloco.fragments = F, or fragments=F; Douillard
+    et al. 2025, "Streaming DiLoCo"): the parameter tensors are split into F
+    fragments of about equal size, and every sync_every / F steps one
+    fragment syncs, in turn — each fragment still once per sync_every steps,
+    with its own slice of the outer momentum, so the bytes per period are
+    those of plain DiLoCo, spread over F rounds of 1/F the size each.
 
-    Streaming fragments (Douillard et al. 2025) are not implemented yet: a
-    config with sync.diloco.fragments > 1 is refused rather than ignored.
+    Overlap (sync.diloco.overlap, or overlap=True): a sync starts its
+    exchange and returns; the mean arrives while the next inner steps compute
+    (sync_every / F of them) and its outer step is applied at the following
+    sync. The parameters it covers then become the new global ones plus the
+    site's own progress that is not in them yet, so a link that carries a
+    round within that time costs no wall time and no local progress is held
+    back. A checkpoint (every `checkpoint.every` syncs) first waits for the
+    round just started, so it holds no round in flight and a whole job
+    resumes from it exactly; a single restarted site cannot join a running
+    overlapped job (its state always has a round in flight): it stops with
+    a clear error, and the job resumes as a whole.
+
+    Call flush() after the training loop: with overlap it applies the round
+    still in flight; with overlap or fragments every worker then takes the
+    global parameters (progress not yet sent is dropped), so replicas end
+    identical.
     """
 
     def __init__(self, model, inner_optimizer, session, sync_every=None, outer_lr=None, outer_momentum=None,
-                 nesterov=None, pipeline=None, overlap=None):
+                 nesterov=None, pipeline=None, overlap=None, fragments=None):
         conf = session.sync_config.get("diloco") or {}
-        if int(conf.get("fragments", 1)) > 1:
-            raise StraitError("strait.DiLoCo: sync.diloco.fragments > 1 (streaming DiLoCo) is not implemented "
-                              "yet; remove it or set it to 1")
+        fragments = int(conf.get("fragments", 1)) if fragments is None else int(fragments)
         sync_every = int(conf.get("sync_every", 50)) if sync_every is None else sync_every
         outer_lr = float(conf.get("outer_lr", 0.7)) if outer_lr is None else outer_lr
         outer_momentum = float(conf.get("outer_momentum", 0.9)) if outer_momentum is None else outer_momentum
         nesterov = bool(conf.get("nesterov", True)) if nesterov is None else nesterov
         self.overlap = bool(conf.get("overlap", False)) if overlap is None else bool(overlap)
-        if self.overlap and (session.resume or session.checkpoints is not None):
-            raise StraitError("strait.DiLoCo: sync.diloco.overlap cannot be combined with checkpoints or --resume yet "
-                              "(a checkpoint would miss the round in flight); remove one of them")
         self._inflight = None  # overlap: the exchange started at the previous sync
         if sync_every < 1:
             raise ValueError(f"DiLoCo: sync_every = {sync_every}: must be >= 1")
+        if fragments < 1 or sync_every % fragments:
+            raise ValueError(f"DiLoCo: fragments = {fragments}: must be a divisor of sync_every ({sync_every})")
         if not (outer_lr > 0):
             raise ValueError(f"DiLoCo: outer_lr = {outer_lr}: must be > 0")
         if not (0 <= outer_momentum < 1):
@@ -94,6 +119,8 @@ class DiLoCo:
         for n, p in named:
             self.parts.append((offset, p.numel(), n, tuple(p.shape)))
             offset += p.numel()
+        self.fragments = split_fragments([numel for _, numel, *_ in self.parts], fragments)
+        self.interval = sync_every // fragments  # inner steps between two syncs (of consecutive fragments)
         description = "\n".join(f"{n} {tuple(p.shape)}" for n, p in named)
         self._model_digest = hashlib.sha256(description.encode()).hexdigest()
         self.local_steps = 0
@@ -110,19 +137,48 @@ class DiLoCo:
                 self.global_params = self._agree(flat)
                 self._load(self.global_params)
         # From now on this site can hand its state to a site that (re)joins
-        # (not with overlap: the state would miss the round in flight).
-        if not self.overlap:
-            session._join_server = ("diloco", self._serve)  # its rounds: "diloco" and "diloco.base"
-        self._round_start = self.global_params.clone() if self.overlap else None
-        self._round_base = self._round_start
-        self._pending_round = False  # overlap: a round is in flight (the same on every worker)
+        # (its rounds: "diloco" and "diloco.base"); with overlap the state
+        # would miss the round in flight, so a site that asks is told no.
+        session._join_server = ("diloco", self._serve if not self.overlap else
+                                (lambda round_: recovery.refuse_joins(session, "overlapped DiLoCo")))
+        # Overlap: the local parameters as they were when this site's
+        # progress was last sent (per element; progress since is unsent).
+        self._sent = self.global_params.clone() if self.overlap else None
+        self._started = self.syncs  # overlap: rounds started (self.syncs counts rounds applied)
 
-    def _load(self, flat):
-        offset = 0
-        for p in self.params:
-            n = p.numel()
-            p.data.copy_(flat[offset:offset + n].view_as(p).to(p.device, p.dtype))
-            offset += n
+    def _gather(self, flat, f):
+        """Fragment f's values of a full flat vector (the vector itself, not
+        a copy, with one fragment), and its parts re-based to them."""
+        if len(self.fragments) == 1:
+            return flat, self.parts
+        pieces, parts, at = [], [], 0
+        for i in self.fragments[f]:
+            offset, numel, name, shape = self.parts[i]
+            pieces.append(flat[offset:offset + numel])
+            parts.append((at, numel, name, shape))
+            at += numel
+        return torch.cat(pieces), parts
+
+    def _scatter(self, flat, values, f):
+        """The inverse of _gather: writes fragment f's values into flat."""
+        if values.data_ptr() == flat.data_ptr():
+            return
+        at = 0
+        for i in self.fragments[f]:
+            offset, numel = self.parts[i][:2]
+            flat[offset:offset + numel].copy_(values[at:at + numel])
+            at += numel
+
+    def _load(self, flat, f=None):
+        """Copies flat (a full vector) into the parameters, or only into
+        fragment f's."""
+        members = None if f is None or len(self.fragments) == 1 else set(self.fragments[f])
+        for i, (p, (offset, n, *_)) in enumerate(zip(self.params, self.parts)):
+            if members is None or i in members:
+                p.data.copy_(flat[offset:offset + n].view_as(p).to(p.device, p.dtype))
+
+    def _local(self):
+        return torch.cat([p.detach().reshape(-1).float().cpu() for p in self.params])
 
     def _agree(self, flat):
         """Every worker adopts site 0's initial parameters. Sites compare a
@@ -180,6 +236,8 @@ class DiLoCo:
             started = time.monotonic()
             result = recovery.join(s, self._model_digest, held, flat.numel())
             outcome["kind"] = result[0]
+            if result[0] == "running" and result[3] is None:
+                raise recovery.refused(s, result)
             if result[0] == "running":
                 _, i, header, state = result
                 self.momentum.copy_(state["momentum"])
@@ -217,15 +275,20 @@ class DiLoCo:
         s.broadcast(self.momentum)
         self.global_params = out
         self._load(self.global_params)
-        self.syncs = syncs
-        self.local_steps = syncs * self.sync_every
+        self.syncs = self._started = syncs
+        self.local_steps = syncs * self.interval
         s._rounds["diloco"] = syncs
         s._rounds["diloco.base"] = syncs
         if ckpt_round >= 0 and store is not None:
             state = store.load(ckpt_round, recovery.int_to_digest(ckpt_digest))
             if kind == 1:
-                self.model.load_state_dict(state["model"])  # buffers; parameters are overwritten next
-                self._load(self.global_params)
+                # Buffers, and with fragments the local parameters of the
+                # fragments not synced last. Plain DiLoCo restarts from the
+                # global ones (a checkpoint written at a failed round holds
+                # unsynced local ones).
+                self.model.load_state_dict(state["model"])
+                if len(self.fragments) == 1:
+                    self._load(self.global_params)
                 self.local_steps = int(state["local_steps"])
             try:
                 self.inner.load_state_dict(state["optimizer"])
@@ -238,7 +301,7 @@ class DiLoCo:
             # from there): take part without a contribution, so this site
             # applies the same outer step and stays in step.
             self.sync(contribute=False)
-            self.local_steps = self.syncs * self.sync_every
+            self.local_steps = self.syncs * self.interval
         return True
 
     def _membership(self, missing):
@@ -292,40 +355,46 @@ class DiLoCo:
 
     def step(self):
         self.local_steps += 1
-        if self.local_steps % self.sync_every == 0:
+        if self.local_steps % self.interval == 0:
             self.sync()
 
     @torch.no_grad()
     def _sync_overlapped(self):
-        """Overlap: this round's pseudo-gradient (relative to the point the
-        round started from) starts crossing now; the previous round's mean,
-        which crossed during this round's inner steps, is applied; the next
-        round starts from the new global parameters."""
+        """Overlap: this site's progress on the next fragment since it was
+        last sent starts crossing now; the previous round's mean, which
+        crossed during the inner steps since, is applied."""
         s = self.session
-        local = torch.cat([p.detach().reshape(-1).float().cpu() for p in self.params])
-        pseudo = self._round_start - local
-        base = recovery.params_digest(self._round_base)
+        f = self._started % len(self.fragments)
+        local = self._local()
+        pseudo, parts = self._gather(self._sent - local, f)
+        self._scatter(self._sent, self._gather(local, f)[0], f)  # sent up to here
+        base = recovery.params_digest(self.global_params)
         handle = None
         if s.leader:
             try:
-                handle = (self._start_base(base), s.start_parts(pseudo, self.parts, "diloco", pipeline=self.pipeline))
+                handle = (self._start_base(base), s.start_parts(pseudo, parts, "diloco", pipeline=self.pipeline))
             except StraitError as e:
                 handle = e
-        previous, self._inflight = self._inflight, handle
-        had, self._pending_round = self._pending_round, True
-        if had:
-            self._apply_inflight(previous, local)
-        # The next round starts from the newest global parameters plus this
-        # site's own round, whose mean is still crossing (it replaces it at
-        # the next sync): no local progress waits a round to count.
-        self._round_base = self.global_params.clone()
-        self._round_start = self.global_params - pseudo
-        self._load(self._round_start)
+        previous, self._inflight = self._inflight, (handle, f, pseudo)
+        self._started += 1
+        if previous is not None:
+            self._apply_inflight(previous, local, pending=(f, pseudo))
+        if s.checkpoints is not None and self._started % s.checkpoints.every == 0:
+            # A checkpoint holds no round in flight: wait for the one just
+            # started (every site does, at the same sync), then write.
+            inflight, self._inflight = self._inflight, None
+            self._apply_inflight(inflight, self._local())
+            if s.leader:
+                self._checkpoint()
 
-    def _apply_inflight(self, handle, like):
+    def _apply_inflight(self, inflight, local, pending=None):
         """Waits for an overlapped round (on the leader), broadcasts its mean
-        in the site and applies the outer step."""
+        in the site and applies the outer step to its fragment g. g's
+        parameters become the new global ones plus this site's progress not
+        in them yet: what it has not sent, and the round `pending` = (fragment,
+        pseudo-gradient) just started if that is g's too (one fragment)."""
         s = self.session
+        handle, g, _ = inflight
 
         def finish():
             if isinstance(handle, BaseException):
@@ -335,17 +404,28 @@ class DiLoCo:
             self._membership(s.last_missing)
             return out
 
-        outer_grad = s.from_leader(finish, torch.empty_like(like))
+        outer_grad = s.from_leader(finish, torch.empty(sum(self.parts[i][1] for i in self.fragments[g])))
         if int(s.broadcast(torch.tensor([int(self._diverged)], dtype=torch.int64))[0]):
             raise StraitError("strait.DiLoCo: this site's parameters diverged from the other sites' after a "
                               "partition, and overlap mode cannot rejoin in place; restart the site")
-        self._outer_step(outer_grad)
+        self._outer_step(outer_grad, g)
+        unsent = self._gather(local, g)[0] - self._gather(self._sent, g)[0]
+        start = self._gather(self.global_params, g)[0]
+        start = start - pending[1] if pending is not None and pending[0] == g else start.clone()
+        self._scatter(self._sent, start, g)
+        self._scatter(local, start + unsent if unsent.any() else start, g)
+        self._load(local, g)
 
-    def _outer_step(self, outer_grad):
-        """The same outer step, in the same float32 ops, on every worker."""
-        self.momentum.mul_(self.mu).add_(outer_grad)
-        update = outer_grad.add(self.momentum, alpha=self.mu) if self.nesterov else self.momentum
-        self.global_params.sub_(update, alpha=self.outer_lr)
+    def _outer_step(self, outer_grad, f=0):
+        """The same outer step, in the same float32 ops, on every worker,
+        for fragment f (outer_grad holds its values)."""
+        momentum, _ = self._gather(self.momentum, f)
+        params, _ = self._gather(self.global_params, f)
+        momentum.mul_(self.mu).add_(outer_grad)
+        update = outer_grad.add(momentum, alpha=self.mu) if self.nesterov else momentum
+        params.sub_(update, alpha=self.outer_lr)
+        self._scatter(self.momentum, momentum, f)
+        self._scatter(self.global_params, params, f)
         self.syncs += 1
 
     def _start_base(self, base):
@@ -358,16 +438,17 @@ class DiLoCo:
 
     @torch.no_grad()
     def flush(self):
-        """Overlap: waits for the round still in flight and applies it, so
-        that global_params (and the model) hold every round. Call it once
-        after the training loop; a no-op without overlap."""
-        if not self.overlap or not self._pending_round:
-            return
-        previous, self._inflight, self._pending_round = self._inflight, None, False
-        self._apply_inflight(previous, self.global_params)
-        self._round_base = self.global_params.clone()
-        self._round_start = self.global_params.clone()
-        self._load(self.global_params)
+        """Call once after the training loop. With overlap: waits for the
+        round still in flight and applies it. With overlap or fragments:
+        every worker then takes the global parameters (progress not sent
+        yet is dropped), so replicas end identical. Otherwise a no-op."""
+        if self._inflight is not None:
+            previous, self._inflight = self._inflight, None
+            self._apply_inflight(previous, self._local())
+        if self.overlap or len(self.fragments) > 1:
+            if self.overlap:
+                self._sent = self.global_params.clone()
+            self._load(self.global_params)
 
     @torch.no_grad()
     def sync(self, contribute=True):
@@ -376,8 +457,9 @@ class DiLoCo:
         if self.overlap:
             return self._sync_overlapped()
         s = self.session
-        local = torch.cat([p.detach().reshape(-1).float().cpu() for p in self.params])
-        pseudo = self.global_params - local
+        f = self.syncs % len(self.fragments)
+        local = self._local()
+        pseudo, parts = self._gather(self.global_params - local, f)
         base = recovery.params_digest(self.global_params)
 
         def exchange():  # on the site leader
@@ -385,13 +467,13 @@ class DiLoCo:
             # is relative to: after a partition healed under `continue` the
             # two sides differ, and only one side may go on (_keep).
             keep = self._start_base(base)
-            out = s.average_parts_across_sites(pseudo, self.parts, "diloco", pipeline=self.pipeline,
+            out = s.average_parts_across_sites(pseudo, parts, "diloco", pipeline=self.pipeline,
                                                contribute=contribute, keep=keep)
             self._membership(s.last_missing)
             return out
 
         try:
-            outer_grad = s.from_leader(exchange, torch.empty_like(local))
+            outer_grad = s.from_leader(exchange, torch.empty_like(pseudo))
         except StraitError as e:
             # A lost site and `wait` ended at the hard deadline (or the round
             # failed otherwise): stop with this site's state on disk.
@@ -412,7 +494,7 @@ class DiLoCo:
             if not self._recover(local):
                 raise StraitError("strait: after a partition, no running site answered this site's join request")
             return
-        self._outer_step(outer_grad)
-        self._load(self.global_params)
+        self._outer_step(outer_grad, f)
+        self._load(self.global_params, f)
         if s.leader and s.checkpoints is not None and self.syncs % s.checkpoints.every == 0:
             self._checkpoint()

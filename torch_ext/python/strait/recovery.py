@@ -302,16 +302,28 @@ def serve_joins(session, round_, make_state):
     return served
 
 
-def refuse_joins(session):
-    """Every-step site's leader, while it waits for a round: answers each
-    join request with "running, no state to give" — a site cannot join a
-    running every-step job, and must not train on alone unaware of it."""
+def refuse_joins(session, job="every-step"):
+    """The leader of a site of a job that cannot take a site in (`job`:
+    "every-step", or "overlapped DiLoCo", whose state always has a round in
+    flight), while it waits for a round: answers each join request with
+    "running, no state to give", so the site that asked stops with a clear
+    error instead of training on alone unaware of the others."""
     s = session
     for key, site in _new_requests(s):
-        s._start(key[1], pack({"status": "running", "no_state": "every_step"}), kind="control", round_=key[0])
+        s._start(key[1], pack({"status": "running", "no_state": job}), kind="control", round_=key[0])
         s._joins.append(key)
-        s._log_event(f"site '{site}' asked to join; a running every-step job cannot take it in (restart every "
+        s._log_event(f"site '{site}' asked to join; a running {job} job cannot take it in (restart every "
                      f"site with --resume)")
+
+
+def refused(session, result):
+    """The error for join()'s ("running", ...) outcome from a job that cannot
+    take a site in."""
+    from .session import StraitError
+
+    i, header = result[1], result[2]
+    return StraitError(f"strait: site '{session.sites[i]}' is still running; a site cannot join a running "
+                       f"{header.get('no_state', 'every-step')} job — stop it and restart every site with --resume")
 
 
 class Checkpoints:
@@ -362,8 +374,6 @@ class Checkpoints:
         """With resume (./strait launch --resume): loads the newest step every
         site holds into the model, the optimizer and the hook's state, on
         every worker; returns that step (0 without resume or checkpoints)."""
-        from .session import StraitError
-
         s = self.session
         store = s.checkpoints
         if not s.resume:
@@ -372,8 +382,7 @@ class Checkpoints:
         def leader():
             result = join(s, self.model_digest, store.held(), sum(p.numel() for p in self.params))
             if result[0] == "running":
-                raise StraitError(f"strait.Checkpoints: site '{s.sites[result[1]]}' is still running; a site cannot "
-                                  f"join a running every-step job — stop it and restart every site with --resume")
+                raise refused(s, result)
             if result[0] == "checkpoint":
                 return torch.tensor([result[1], digest_to_int(result[2])])
             return torch.tensor([-1, 0])

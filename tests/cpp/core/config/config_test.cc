@@ -252,7 +252,11 @@ INSTANTIATE_TEST_SUITE_P(Sync, Rejects, ::testing::Values(
         {"job.yaml:16: sync.diloco.fragments = 0: must be an integer in [1, 1024] and at most sync_every (50)"}},
     Bad{"FragmentsAboveSyncEvery",
         withSection("sync:\n  mode: diloco\n  diloco:\n    sync_every: 4\n    fragments: 5\n"),
-        {"job.yaml:17: sync.diloco.fragments = 5: must be an integer in [1, 1024] and at most sync_every (4)"}}),
+        {"job.yaml:17: sync.diloco.fragments = 5: must be an integer in [1, 1024] and at most sync_every (4)"}},
+    Bad{"FragmentsNotADivisor",
+        withSection("sync:\n  mode: diloco\n  diloco:\n    sync_every: 50\n    fragments: 3\n"),
+        {"job.yaml:17: sync.diloco.fragments = 3: must be a divisor of sync_every (50): one fragment syncs every "
+         "sync_every / fragments steps"}}),
     instanceName);
 
 INSTANTIATE_TEST_SUITE_P(Compression, Rejects, ::testing::Values(
