@@ -242,6 +242,10 @@ def main():
             before = [b for t, b in samples if t <= e]
             curve_bytes.append(before[-1] if before else 0)
         losses = [sum(d["losses"][i] for d in data) / len(data) for i in range(args.steps)]
+        # The busiest quarter second of the border (both directions): what
+        # streaming fragments lower.
+        rates = [(b1 - b0) / (t1 - t0) for (t0, b0), (t1, b1) in zip(samples, samples[1:]) if t1 > t0]
+        peak = 8 * max(rates) / 1e6 if rates else 0.0
         model = os.path.join(out, f"{mode}-{SITES[0][0]}.json.model.pt")
         bpb, acc = score(model)
         extra = {}
@@ -253,7 +257,7 @@ def main():
                      "adaptive_final_pipeline": mine[-1].get("pipeline") if mine else None}
         runs.append({"name": mode, "label": label, "steps": args.steps, **extra,
                      "step_s": seconds[-1] / args.steps,
-                     "bytes_per_step": total / args.steps, "bytes_total": total,
+                     "bytes_per_step": total / args.steps, "bytes_total": total, "peak_mbit_s": peak,
                      "final_loss": sum(losses[-10:]) / 10, "held_out_bits_per_byte": bpb,
                      "held_out_accuracy": acc,
                      "curve": {"seconds": seconds, "bytes": curve_bytes, "loss": losses}})
@@ -281,12 +285,12 @@ def main():
     print(f"charlm ({result['parameters']} parameters), two sites of one worker, {args.steps} steps, "
           f"border {args.wan}")
     print(f"{'run':<31}{'s/step':>8}{'KB/step':>11}{'x fewer B':>11}{'final loss':>11}{'held bpb':>9}"
-          f"{'acc %':>7}{'vs alone':>9}")
+          f"{'acc %':>7}{'vs alone':>9}{'peak Mb/s':>10}")
     for r in runs:
         fewer = f"{r['bytes_ratio_vs_ddp']:.0f}" if base and r.get("bytes_ratio_vs_ddp") else "-"
         print(f"{r['label']:<31}{r['step_s']:8.3f}{r['bytes_per_step'] / 1e3:11.1f}{fewer:>11}"
               f"{r['final_loss']:11.3f}{r['held_out_bits_per_byte']:9.3f}{100 * r['held_out_accuracy']:7.1f}"
-              f"{r.get('time_ratio_vs_alone', float('nan')):9.2f}")
+              f"{r.get('time_ratio_vs_alone', float('nan')):9.2f}{r['peak_mbit_s']:10.1f}")
     print(f"plot: {png}; every figure: {os.path.join(out, 'e2e.json')}")
 
 

@@ -25,7 +25,7 @@ def test_bench_e2e_runs_every_mode_and_reports_json(tmp_path):
                                                   "alone"]
     for x in out["runs"]:
         for key in ("step_s", "bytes_per_step", "final_loss", "held_out_bits_per_byte", "held_out_accuracy",
-                    "time_ratio_vs_alone", "time_ratio_vs_ddp"):
+                    "time_ratio_vs_alone", "time_ratio_vs_ddp", "peak_mbit_s"):
             assert key in x, (x["name"], key)
     by = {x["name"]: x for x in out["runs"]}
     assert by["alone"]["bytes_per_step"] == 0  # nothing crossed: the border counts what it forwards
