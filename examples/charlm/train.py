@@ -165,6 +165,8 @@ def main():
         elif rank == 0 and step % 50 == 49:
             print(f"{args.site} alone step {step + 1}: loss {loss.item():.3f}", file=sys.stderr, flush=True)
         step = diloco.local_steps if diloco else step + 1
+    if diloco:
+        diloco.flush()  # with sync.diloco.overlap or fragments: the same global parameters everywhere
     if rank == 0:  # the model may cross the border (data never does): run.py compares them at each site
         torch.save(model.state_dict(), args.out.format(site=args.site, rank=rank) + ".model.pt")
     result = {"site": args.site, "rank": rank, "alone": args.alone, "steps": args.steps,
