@@ -1,6 +1,7 @@
-"""Adaptive compression for every-step mode (`compression.adaptive` in the
-job config): the site leader chooses `topk(density) -> int<bits>` for each
-step so that the exchange hides behind compute.
+"""Adaptive compression (`compression.adaptive` in the job config): the site
+leader chooses `topk(density) -> int<bits>` for each step (every-step mode)
+or each sync (DiLoCo, strait/diloco.py) so that the exchange hides behind
+compute.
 
 Each step the hook measures how long the leader waited for the step's rounds
 after the last bucket was handed over (`wait`), and the compute time since the

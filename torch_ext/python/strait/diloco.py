@@ -48,6 +48,11 @@ class DiLoCo:
     sync_every, outer_lr, outer_momentum and nesterov default to the config's
     sync.diloco block (then to its defaults: 50, 0.7, 0.9, true). `pipeline`
     forces one pipeline for every parameter instead of the config's rules.
+    With compression.adaptive the leader's controller (strait/adaptive.py)
+    chooses that pipeline, `topk(density) -> int<bits>`, at each sync: it
+    compares how long the leader waited for the round, beyond the shortest
+    wait seen, with the compute time of the inner steps since the previous
+    wait — with overlap, the steps the exchange crossed behind.
 
     Reliability (docs/RELIABILITY.md): with the config's checkpoint section
     the leader writes the site's state every `checkpoint.every` syncs. In a
@@ -128,6 +133,7 @@ class DiLoCo:
         self.resumed = None  # how this instance started: None, "checkpoint" or "running" (a peer's state)
         self._diverged = False
         self._absent = set()  # sites left out of rounds applied here, until they rejoin or return
+        self._wait_end = None  # leader: when the last wait for a round ended (adaptive compression)
         with torch.no_grad():
             flat = torch.cat([p.detach().reshape(-1).float().cpu() for p in self.params])
             self.momentum = torch.zeros_like(flat)
@@ -372,7 +378,7 @@ class DiLoCo:
         handle = None
         if s.leader:
             try:
-                handle = (self._start_base(base), s.start_parts(pseudo, parts, "diloco", pipeline=self.pipeline))
+                handle = (self._start_base(base), s.start_parts(pseudo, parts, "diloco", pipeline=self._pipeline()))
             except StraitError as e:
                 handle = e
         previous, self._inflight = self._inflight, (handle, f, pseudo)
@@ -400,8 +406,11 @@ class DiLoCo:
             if isinstance(handle, BaseException):
                 raise handle
             keep, started = handle
+            waiting = time.monotonic()
             out = s.finish_parts(started, keep=keep)
             self._membership(s.last_missing)
+            if pending is not None:  # not a checkpoint's wait for the round just started
+                self._adapt(waiting)
             return out
 
         outer_grad = s.from_leader(finish, torch.empty(sum(self.parts[i][1] for i in self.fragments[g])))
@@ -415,6 +424,26 @@ class DiLoCo:
         self._scatter(self._sent, start, g)
         self._scatter(local, start + unsent if unsent.any() else start, g)
         self._load(local, g)
+
+    def _pipeline(self):
+        """The pipeline forced on every part: the constructor's, else the
+        adaptive controller's (compression.adaptive), else None (the
+        config's rule for each parameter)."""
+        adaptive = self.session.adaptive
+        return self.pipeline or (adaptive.pipeline if adaptive is not None else None)
+
+    def _adapt(self, waiting):
+        """Leader, after waiting for a round since `waiting`: feeds the
+        adaptive controller that wait and the compute time since the
+        previous sync's wait ended (the inner steps the exchange could hide
+        behind)."""
+        s = self.session
+        done = time.monotonic()
+        if s.adaptive is not None and self._wait_end is not None:
+            note = s.adaptive.update(done - waiting, waiting - self._wait_end)
+            if note:
+                s._adaptive_note = note  # in the next session.log record and line
+        self._wait_end = done
 
     def _outer_step(self, outer_grad, f=0):
         """The same outer step, in the same float32 ops, on every worker,
@@ -467,9 +496,11 @@ class DiLoCo:
             # is relative to: after a partition healed under `continue` the
             # two sides differ, and only one side may go on (_keep).
             keep = self._start_base(base)
-            out = s.average_parts_across_sites(pseudo, parts, "diloco", pipeline=self.pipeline,
+            started = time.monotonic()
+            out = s.average_parts_across_sites(pseudo, parts, "diloco", pipeline=self._pipeline(),
                                                contribute=contribute, keep=keep)
             self._membership(s.last_missing)
+            self._adapt(started)
             return out
 
         try:
