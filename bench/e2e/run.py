@@ -68,7 +68,8 @@ def write_config(out, args):
             f"outer_momentum: {args.outer_momentum}, nesterov: {str(args.nesterov).lower()}}}}}").replace(
             f'pipeline: "{args.every_step_pipeline}", error_feedback: true, seed: 1}}',
             f'pipeline: "{args.diloco_pipeline}", error_feedback: true, seed: 1, rules: [{{match: "*bias", '
-            f'pipeline: fp16}}, {{match: "*norm*", pipeline: fp16}}, {{match: "position", pipeline: fp16}}]}}') + "\n")
+            f'pipeline: "{args.diloco_small}"}}, {{match: "*norm*", pipeline: "{args.diloco_small}"}}, '
+            f'{{match: "position", pipeline: "{args.diloco_small}"}}]}}') + "\n")
     overlap = os.path.join(out, "e2e-overlap.yaml")
     streaming = os.path.join(out, "e2e-streaming.yaml")
     for name, fragments in ((overlap, 1), (streaming, args.fragments)):
@@ -203,6 +204,8 @@ def main():
                     help="streaming DiLoCo fragments in run (f), a divisor of --sync-every (default 5)")
     ap.add_argument("--every-step-pipeline", default="topk(0.01) -> int8")
     ap.add_argument("--diloco-pipeline", default="sign")
+    ap.add_argument("--diloco-small", default="int8",
+                    help="DiLoCo's pipeline for biases, norms and the position table (default int8)")
     ap.add_argument("--adaptive", metavar="SETTINGS",
                     help='adaptive compression for (c), e.g. "min_density: 0.01, max_density: 0.2"')
     ap.add_argument("--only", help="comma-separated subset of ddp,powersgd,strait,diloco,overlap,streaming,alone")

@@ -30,3 +30,7 @@ def test_one_fragment_is_the_whole_model():
 def test_more_fragments_than_tensors_is_a_clear_error():
     with pytest.raises(ValueError, match="fragments = 4, but the model has only 3 parameter tensors"):
         split_fragments([3, 1, 2], 4)
+
+
+def test_empty_tensors_do_not_leave_a_fragment_empty():
+    assert split_fragments([5, 0, 0], 3) == [[0], [1], [2]]

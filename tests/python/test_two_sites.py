@@ -124,6 +124,15 @@ def test_diloco_takes_its_settings_and_per_parameter_rules_from_the_config():
     check(run_job("diloco", "int4(rounding=stochastic)", steps=40, extra_config=extra))
 
 
+def test_diloco_schedules_that_differ_between_sites_are_a_clear_error_everywhere():
+    # The config's sync.diloco is in the fingerprint the gateways compare;
+    # DiLoCo's constructor arguments can still override it on one site.
+    results = run_job("diloco", "int8", steps=5, site_args={"singapore": ("--sync-every", "5")}, expect_ok=False)
+    for rc, err in results:
+        assert rc == 3, err[-1500:]
+        assert "schedule: sync_every 5, fragments 1, overlap False" in err, err[-1500:]
+
+
 @pytest.mark.parametrize("mode", ["every_step", "diloco"])
 def test_a_model_that_differs_between_sites_is_a_clear_error_everywhere(mode):
     results = run_job(mode, "int8", steps=5, site_args={"singapore": ("--hidden", "33")}, expect_ok=False)

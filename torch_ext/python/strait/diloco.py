@@ -21,7 +21,7 @@ def split_fragments(sizes, n):
         raise ValueError(f"DiLoCo: fragments = {n}, but the model has only {len(sizes)} parameter tensors")
     loads, groups = [0] * n, [[] for _ in range(n)]
     for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
-        f = min(range(n), key=lambda f: (loads[f], f))
+        f = min(range(n), key=lambda f: (loads[f], len(groups[f]), f))  # (empty tensors too)
         groups[f].append(i)
         loads[f] += sizes[i]
     return [sorted(g) for g in groups]
@@ -138,7 +138,9 @@ class DiLoCo:
             flat = torch.cat([p.detach().reshape(-1).float().cpu() for p in self.params])
             self.momentum = torch.zeros_like(flat)
             if not (session.resume and self._recover(flat)):
-                session.check_same_everywhere("diloco.model", description)
+                # The schedule too: constructor arguments can override the config.
+                session.check_same_everywhere("diloco.model", f"{description}\nschedule: sync_every {sync_every}, "
+                                              f"fragments {fragments}, overlap {self.overlap}")
                 # Start from one set of weights everywhere: site 0's leader's.
                 self.global_params = self._agree(flat)
                 self._load(self.global_params)
@@ -244,6 +246,10 @@ class DiLoCo:
             outcome["kind"] = result[0]
             if result[0] == "running" and result[3] is None:
                 raise recovery.refused(s, result)
+            if result[0] == "running" and self.overlap:
+                raise StraitError(f"strait.DiLoCo: site '{s.sites[result[1]]}' is running and offers its state, but "
+                                  f"this site runs overlapped DiLoCo, which cannot join a running job; use the "
+                                  f"same sync.diloco settings on every site")
             if result[0] == "running":
                 _, i, header, state = result
                 self.momentum.copy_(state["momentum"])
@@ -392,6 +398,7 @@ class DiLoCo:
             self._apply_inflight(inflight, self._local())
             if s.leader:
                 self._checkpoint()
+                self._wait_end = time.monotonic()  # the drain is not compute the next round hid behind
 
     def _apply_inflight(self, inflight, local, pending=None):
         """Waits for an overlapped round (on the leader), broadcasts its mean
@@ -413,7 +420,8 @@ class DiLoCo:
                 self._adapt(waiting)
             return out
 
-        outer_grad = s.from_leader(finish, torch.empty(sum(self.parts[i][1] for i in self.fragments[g])))
+        outer_grad = s.from_leader(finish, torch.empty(sum(self.parts[i][1] for i in self.fragments[g]),
+                                                       dtype=torch.float32))
         if int(s.broadcast(torch.tensor([int(self._diverged)], dtype=torch.int64))[0]):
             raise StraitError("strait.DiLoCo: this site's parameters diverged from the other sites' after a "
                               "partition, and overlap mode cannot rejoin in place; restart the site")
