@@ -347,9 +347,10 @@ def test_a_site_killed_mid_run_rejoins_by_state_transfer_without_restarting_the_
           f"2.5 s down and the start of its processes included")
 
 
-def test_wait_mode_stops_cleanly_at_the_hard_deadline_with_a_checkpoint(tmp_path):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_wait_mode_stops_cleanly_at_the_hard_deadline_with_a_checkpoint(tmp_path, overlap):
     tmp = str(tmp_path)
-    config, policies = make_job(tmp, on_site_loss="wait", hard_deadline=6, every=3)
+    config, policies = make_job(tmp, on_site_loss="wait", hard_deadline=6, every=3, overlap=overlap)
     alpha = launch(tmp, config, policies, steps=400, site="alpha", log_name="alpha.log")
     beta = launch(tmp, config, policies, steps=400, site="beta", log_name="beta.log")
     wait_for("sync 4", lambda: len(syncs(tmp, "alpha")) >= 4)

@@ -82,7 +82,8 @@ class DiLoCo:
     round within that time costs no wall time and no local progress is held
     back. A checkpoint (every `checkpoint.every` syncs) first waits for the
     round just started, so it holds no round in flight and a whole job
-    resumes from it exactly; a single restarted site cannot join a running
+    resumes from it exactly (a round that fails, e.g. at the hard deadline,
+    also leaves one: the rounds applied so far); a single restarted site cannot join a running
     overlapped job (its state always has a round in flight): it stops with
     a clear error, and the job resumes as a whole.
 
@@ -231,6 +232,14 @@ class DiLoCo:
                  "optimizer": self.inner.state_dict(), "residuals": residuals, "rounds": dict(s._rounds),
                  "audit_head": s.gateway.audit_head(), "audit_records": int(s.gateway.audit_records())}
         store.save_reported(s, f"round {self.syncs}", self.syncs, recovery.params_digest(self.global_params), state)
+
+    def _checkpoint_on_failure(self):
+        """Leader, when a round failed: writes the state of the rounds
+        applied so far unless that checkpoint exists already."""
+        s = self.session
+        if s.leader and s.checkpoints is not None:
+            if (self.syncs, recovery.params_digest(self.global_params)) not in s.checkpoints.held():
+                self._checkpoint()
 
     def _recover(self, flat):
         """--resume: the join protocol on the leader, its outcome broadcast in
@@ -390,7 +399,14 @@ class DiLoCo:
         previous, self._inflight = self._inflight, (handle, f, pseudo)
         self._started += 1
         if previous is not None:
-            self._apply_inflight(previous, local, pending=(f, pseudo))
+            try:
+                self._apply_inflight(previous, local, pending=(f, pseudo))
+            except StraitError:
+                # As without overlap: stop with this site's state on disk,
+                # the rounds applied so far (a resume starts with nothing in
+                # flight and nothing sent: `_sent` is the global parameters).
+                self._checkpoint_on_failure()
+                raise
         if s.checkpoints is not None and self._started % s.checkpoints.every == 0:
             # A checkpoint holds no round in flight: wait for the one just
             # started (every site does, at the same sync), then write.
@@ -516,10 +532,7 @@ class DiLoCo:
         except StraitError as e:
             # A lost site and `wait` ended at the hard deadline (or the round
             # failed otherwise): stop with this site's state on disk.
-            if s.leader and s.checkpoints is not None:
-                digest = recovery.params_digest(self.global_params)
-                if (self.syncs, digest) not in s.checkpoints.held():
-                    self._checkpoint()
+            self._checkpoint_on_failure()
             raise e from None
         if int(s.broadcast(torch.tensor([int(self._diverged)], dtype=torch.int64))[0]):
             # This site was on the losing side of a partition: its parameters

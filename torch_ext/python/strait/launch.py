@@ -30,16 +30,11 @@ import argparse
 import os
 import selectors
 import signal
-import socket
 import subprocess
 import sys
 import time
 
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from .ports import free_port
 
 
 def _sites(config):
@@ -145,7 +140,7 @@ def _run(args, command, sites, config, border, policies):
     def start_site(name, workers, resume):
         addr = os.environ.get("MASTER_ADDR", "127.0.0.1") if args.site else "127.0.0.1"
         port = os.environ.get("MASTER_PORT") if args.site else None
-        port = port or str(_free_port())
+        port = port or str(free_port())
         for rank in range(workers):
             env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(workers), MASTER_ADDR=addr, MASTER_PORT=port,
                        STRAIT_SITE=name, STRAIT_CONFIG=config)
