@@ -31,9 +31,11 @@ def free_port(host="127.0.0.1"):
     out before (two sites of one job must never share an endpoint).
 
     It is taken from just below the kernel's ephemeral range: a port from
-    inside it (what binding port 0 returns) can be taken by any process's
-    outgoing connection between now and the moment the job binds it, which
-    made a gateway fail with "Address already in use" in CI."""
+    inside it (what binding port 0 returns) can be taken by an outgoing
+    connection before the job binds it — even by a peer's own attempts to
+    dial it (a local connect whose source port happens to equal the
+    unbound destination port connects to itself) — which made a gateway
+    fail with "Address already in use" in CI."""
     lo, _ = _ephemeral_range()
     first = max(1024, lo - 12000)
     if lo - first >= 1000:
