@@ -62,26 +62,39 @@ struct DiLoCoOptions {
   double outer_lr = 0.7;
   double outer_momentum = 0.9;
   bool nesterov = true;
+  int fragments = 1;  // streaming DiLoCo: a divisor of sync_every, at most the number of tensors
 };
 
 // DiLoCo (Douillard et al. 2023) over a Site: every sync_every steps the
 // pseudo-gradient (global - local parameters) is averaged across sites and
 // the same outer SGD step with (Nesterov) momentum updates the global
 // parameters everywhere; the local parameters restart from them.
+//
+// With fragments = F (streaming DiLoCo, Douillard et al. 2025) the tensors
+// are split into F groups of about equal size (largest first, to the
+// lightest group) and one group syncs every sync_every / F steps, in turn,
+// under the tag "diloco.f<k>": the same bytes per period in rounds 1/F the
+// size. Call flush() after training so every site ends with the global
+// parameters (progress not yet synced is dropped). Overlap is the Python
+// API's (strait.DiLoCo).
 class DiLoCo {
  public:
   // Adopts site 0's parameters as the common start. Throws InvalidArgument on
   // bad options.
   DiLoCo(Site& site, std::vector<at::Tensor> params, DiLoCoOptions options = {});
   void step();  // after each inner optimizer step
-  void sync();  // now
+  void sync();   // now: the next fragment (with one fragment, every tensor)
+  void flush();  // after training: every parameter takes its global value
   int64_t syncs() const { return syncs_; }
+  // Indices into params of each fragment's tensors, in order.
+  const std::vector<std::vector<size_t>>& fragments() const { return fragments_; }
 
  private:
   Site& site_;
   std::vector<at::Tensor> params_;
   DiLoCoOptions opt_;
   std::vector<at::Tensor> global_, momentum_;
+  std::vector<std::vector<size_t>> fragments_;
   int64_t steps_ = 0, syncs_ = 0;
 };
 

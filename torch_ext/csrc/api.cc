@@ -2,12 +2,14 @@
 
 #include "torch_ext/strait_torch.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cstring>
 #include <map>
 #include <optional>
 #include <set>
 #include <sstream>
+#include <utility>
 
 #include "core/codec/error_feedback.h"
 #include "core/config/config.h"
@@ -232,6 +234,34 @@ DiLoCo::DiLoCo(Site& site, std::vector<at::Tensor> params, DiLoCoOptions options
   if (!(opt_.outer_momentum >= 0 && opt_.outer_momentum < 1)) {
     fail<InvalidArgument>("DiLoCo: outer_momentum = ", opt_.outer_momentum, ": must be in [0, 1)");
   }
+  if (opt_.fragments < 1 || opt_.sync_every % opt_.fragments != 0) {
+    fail<InvalidArgument>("DiLoCo: fragments = ", opt_.fragments, ": must be a divisor of sync_every (",
+                          opt_.sync_every, ")");
+  }
+  if (size_t(opt_.fragments) > params_.size()) {
+    fail<InvalidArgument>("DiLoCo: fragments = ", opt_.fragments, ", but there are only ", params_.size(),
+                          " parameter tensors");
+  }
+  // The Python API's split (strait.diloco.split_fragments): largest tensor
+  // first, to the lightest fragment (then the one with fewer tensors, then
+  // the lower index); each fragment in parameter order.
+  std::vector<size_t> order(params_.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(),
+                   [&](size_t a, size_t b) { return params_[a].numel() > params_[b].numel(); });
+  fragments_.assign(opt_.fragments, {});
+  std::vector<int64_t> load(opt_.fragments, 0);
+  for (size_t i : order) {
+    size_t best = 0;
+    for (size_t f = 1; f < fragments_.size(); ++f) {
+      if (std::make_pair(load[f], fragments_[f].size()) < std::make_pair(load[best], fragments_[best].size())) {
+        best = f;
+      }
+    }
+    fragments_[best].push_back(i);
+    load[best] += params_[i].numel();
+  }
+  for (auto& g : fragments_) std::sort(g.begin(), g.end());
   site_.adoptFromFirstSite(params_, "diloco.init");
   for (const at::Tensor& p : params_) {
     global_.push_back(p.detach().to(at::kCPU, at::kFloat).clone());
@@ -240,21 +270,33 @@ DiLoCo::DiLoCo(Site& site, std::vector<at::Tensor> params, DiLoCoOptions options
 }
 
 void DiLoCo::step() {
-  if (++steps_ % opt_.sync_every == 0) sync();
+  if (++steps_ % (opt_.sync_every / opt_.fragments) == 0) sync();
 }
 
 void DiLoCo::sync() {
   at::NoGradGuard no_grad;
+  const std::vector<size_t>& members = fragments_[syncs_ % fragments_.size()];
   std::vector<at::Tensor> outer;
-  for (size_t i = 0; i < params_.size(); ++i) outer.push_back(global_[i] - params_[i].detach().to(at::kCPU, at::kFloat));
-  site_.averageAcrossSites(outer, "diloco");
-  for (size_t i = 0; i < params_.size(); ++i) {
-    momentum_[i].mul_(opt_.outer_momentum).add_(outer[i]);
-    const at::Tensor update = opt_.nesterov ? outer[i].add(momentum_[i], opt_.outer_momentum) : momentum_[i];
+  for (size_t i : members) outer.push_back(global_[i] - params_[i].detach().to(at::kCPU, at::kFloat));
+  // Each fragment its own tag: its own compressor slots and shape check.
+  site_.averageAcrossSites(outer, fragments_.size() == 1 ? "diloco"
+                                                         : "diloco.f" + std::to_string(syncs_ % fragments_.size()));
+  for (size_t k = 0; k < members.size(); ++k) {
+    const size_t i = members[k];
+    momentum_[i].mul_(opt_.outer_momentum).add_(outer[k]);
+    const at::Tensor update = opt_.nesterov ? outer[k].add(momentum_[i], opt_.outer_momentum) : momentum_[i];
     global_[i].sub_(update, opt_.outer_lr);
     params_[i].detach().copy_(global_[i].to(params_[i].device(), params_[i].scalar_type()));
   }
   ++syncs_;
+}
+
+void DiLoCo::flush() {
+  if (fragments_.size() == 1) return;
+  at::NoGradGuard no_grad;
+  for (size_t i = 0; i < params_.size(); ++i) {
+    params_[i].detach().copy_(global_[i].to(params_[i].device(), params_[i].scalar_type()));
+  }
 }
 
 }  // namespace strait::torch

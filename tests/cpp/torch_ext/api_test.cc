@@ -129,6 +129,42 @@ TEST(TorchApi, DiLoCoKeepsReplicasIdenticalAndLearns) {
   EXPECT_NEAR(ba.item<float>(), 1.0f, 0.3f);
 }
 
+// Streaming: a two-layer model (four tensors) in two fragments, one synced
+// every 5 steps in turn; after flush() both sites hold the same bits.
+TEST(TorchApi, StreamingDiLoCoSyncsOneFragmentAtATimeAndKeepsReplicasIdentical) {
+  const std::string config = writeConfig("int8(rounding=stochastic)");
+  auto train = [](Site& site, int which, std::vector<at::Tensor>& out) {
+    ::torch::manual_seed(200 + which);
+    ::torch::nn::Sequential model(::torch::nn::Linear(1, 8), ::torch::nn::Tanh(), ::torch::nn::Linear(8, 1));
+    ::torch::optim::SGD opt(model->parameters(), 0.05);
+    EXPECT_THROW(DiLoCo(site, model->parameters(), {10, 0.8, 0.5, true, 3}), InvalidArgument);  // 10 % 3
+    EXPECT_THROW(DiLoCo(site, model->parameters(), {10, 0.8, 0.5, true, 5}), InvalidArgument);  // 4 tensors
+    DiLoCo diloco(site, model->parameters(), {10, 0.8, 0.5, true, 2});
+    // Tensors of 8, 8, 8 and 1 values: {0, 2} and {1, 3} (16 and 9 values).
+    EXPECT_EQ(diloco.fragments(), (std::vector<std::vector<size_t>>{{0, 2}, {1, 3}}));
+    const at::Tensor x = at::linspace(which == 0 ? -1.0 : 0.0, which == 0 ? 0.0 : 1.0, 64).view({64, 1});
+    const at::Tensor y = 3 * x + 1;
+    float first = 0, last = 0;
+    for (int step = 0; step < 200; ++step) {
+      opt.zero_grad();
+      auto loss = ::torch::mse_loss(model->forward(x), y);
+      loss.backward();
+      opt.step();
+      diloco.step();
+      (step == 0 ? first : last) = loss.item<float>();
+    }
+    EXPECT_EQ(diloco.syncs(), 40);  // every 5 steps, each fragment every 10
+    EXPECT_LT(last, 0.2f * first);
+    diloco.flush();
+    for (const at::Tensor& p : model->parameters()) out.push_back(p.detach().clone());
+  };
+  std::vector<at::Tensor> a, b;
+  bothSites(
+      config, [&](Site& s) { train(s, 0, a); }, [&](Site& s) { train(s, 1, b); });
+  ASSERT_EQ(a.size(), 4u);
+  for (size_t i = 0; i < a.size(); ++i) EXPECT_TRUE(at::equal(a[i], b[i])) << "tensor " << i;
+}
+
 TEST(TorchApi, BadOptionsAndConfigsThrow) {
   EXPECT_THROW(Site("/nonexistent/job.yaml", "a"), ConfigError);
   const std::string config = writeConfig("fp32");
