@@ -112,6 +112,15 @@ def test_streaming_diloco_syncs_one_fragment_at_a_time_and_keeps_replicas_identi
             assert abs(s["payload_bytes_sent"] - p["payload_bytes_sent"]) < 0.05 * p["payload_bytes_sent"], (s, p)
 
 
+def test_a_streaming_diloco_that_is_not_flushed_is_warned_about_at_close():
+    sync = "sync: {mode: diloco, diloco: {sync_every: 10, fragments: 2, overlap: true}}"
+    results = run_job("diloco", "int8", steps=20, extra_config={"sync": sync}, extra_args=("--no-flush",),
+                      expect_ok=False)
+    assert [rc for rc, _ in results] == [0, 0, 0, 0], results
+    warned = [err for _, err in results if "ended without diloco.flush(): a round in flight was not applied" in err]
+    assert len(warned) == 2, results  # each site's leader
+
+
 def test_diloco_sites_that_start_from_different_weights_all_adopt_site_0s():
     check(run_job("diloco", "int8", steps=40, extra_args=("--sync-every", "10"), site_args={"singapore": ("--seed", "7")}))
 

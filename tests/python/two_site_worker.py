@@ -53,6 +53,7 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--hidden", type=int, default=32, help="hidden width (tests give sites different models)")
     ap.add_argument("--seed", type=int, default=0, help="initial weights (tests give sites different ones)")
+    ap.add_argument("--no-flush", action="store_true", help="skip diloco.flush() (a test of the warning)")
     args = ap.parse_args()
 
     torch.manual_seed(args.seed)
@@ -88,7 +89,8 @@ def main():
             opt.step()
             diloco.step()
             losses.append(loss.item())
-        diloco.flush()  # with sync.diloco.overlap: the round still in flight
+        if not args.no_flush:
+            diloco.flush()  # with overlap: the round still in flight; with fragments: the global parameters
     with open(args.out, "w") as f:
         json.dump({"site": args.site, "rank": session.rank, "hash": param_hash(model), "losses": losses,
                    "syncs": diloco.syncs if args.mode == "diloco" else None,

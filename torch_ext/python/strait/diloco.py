@@ -154,6 +154,8 @@ class DiLoCo:
         # progress was last sent (per element; progress since is unsent).
         self._sent = self.global_params.clone() if self.overlap else None
         self._started = self.syncs  # overlap: rounds started (self.syncs counts rounds applied)
+        self._unflushed = False  # overlap or fragments: synced since the last flush() (Session.close warns)
+        session._diloco = self
 
     def _gather(self, flat, f):
         """Fragment f's values of a full flat vector (the vector itself, not
@@ -398,6 +400,7 @@ class DiLoCo:
                 handle = e
         previous, self._inflight = self._inflight, (handle, f, pseudo)
         self._started += 1
+        self._unflushed = True
         if previous is not None:
             try:
                 self._apply_inflight(previous, local, pending=(f, pseudo))
@@ -406,6 +409,7 @@ class DiLoCo:
                 # the rounds applied so far (a resume starts with nothing in
                 # flight and nothing sent: `_sent` is the global parameters).
                 self._checkpoint_on_failure()
+                self._unflushed = False  # the job failed: no flush() to remind anyone of
                 raise
         if s.checkpoints is not None and self._started % s.checkpoints.every == 0:
             # A checkpoint holds no round in flight: wait for the one just
@@ -502,6 +506,7 @@ class DiLoCo:
             if self.overlap:
                 self._sent = self.global_params.clone()
             self._load(self.global_params)
+        self._unflushed = False
 
     @torch.no_grad()
     def sync(self, contribute=True):
@@ -533,6 +538,7 @@ class DiLoCo:
             # A lost site and `wait` ended at the hard deadline (or the round
             # failed otherwise): stop with this site's state on disk.
             self._checkpoint_on_failure()
+            self._unflushed = False  # the job failed: no flush() to remind anyone of
             raise e from None
         if int(s.broadcast(torch.tensor([int(self._diverged)], dtype=torch.int64))[0]):
             # This site was on the losing side of a partition: its parameters
@@ -548,5 +554,6 @@ class DiLoCo:
             return
         self._outer_step(outer_grad, f)
         self._load(self.global_params, f)
+        self._unflushed = len(self.fragments) > 1
         if s.leader and s.checkpoints is not None and self.syncs % s.checkpoints.every == 0:
             self._checkpoint()

@@ -148,6 +148,12 @@ class Session:
         """Ends this process's part of the job: the hook's thread, the gateway
         (its I/O thread and sockets) and the process group if strait.init
         created it. Safe to call twice; called at exit."""
+        diloco, self._diloco = getattr(self, "_diloco", None), None
+        if diloco is not None and diloco._unflushed and self.leader:
+            print(f"strait {self.site}: warning: strait.DiLoCo (overlap or fragments) ended without "
+                  f"diloco.flush(): {'a round in flight was not applied and ' if diloco._inflight else ''}"
+                  f"this site's parameters are not the global ones; call diloco.flush() after the training loop",
+                  file=sys.stderr, flush=True)
         if self._comm is not None:
             self._comm.shutdown(wait=True)
             self._comm = None
