@@ -90,7 +90,7 @@ class DiLoCo:
     Call flush() after the training loop: with overlap it applies the round
     still in flight; with overlap or fragments every worker then takes the
     global parameters (progress not yet sent is dropped), so replicas end
-    identical.
+    identical. (Session.close() warns on the site leader if it was not.)
     """
 
     def __init__(self, model, inner_optimizer, session, sync_every=None, outer_lr=None, outer_momentum=None,
