@@ -61,6 +61,7 @@ def write_config(out, args):
     with open(path, "w") as f:
         f.write(every_step)
     diloco = os.path.join(out, "e2e-diloco.yaml")
+    adaptive = f", adaptive: {{{args.adaptive}}}" if args.adaptive else ""
     with open(diloco, "w") as f:
         f.write("\n".join(lines).replace(
             "sync: {mode: every_step}",
@@ -69,7 +70,7 @@ def write_config(out, args):
             f'pipeline: "{args.every_step_pipeline}", error_feedback: true, seed: 1}}',
             f'pipeline: "{args.diloco_pipeline}", error_feedback: true, seed: 1, rules: [{{match: "*bias", '
             f'pipeline: "{args.diloco_small}"}}, {{match: "*norm*", pipeline: "{args.diloco_small}"}}, '
-            f'{{match: "position", pipeline: "{args.diloco_small}"}}]}}') + "\n")
+            f'{{match: "position", pipeline: "{args.diloco_small}"}}]{adaptive}}}') + "\n")
     overlap = os.path.join(out, "e2e-overlap.yaml")
     streaming = os.path.join(out, "e2e-streaming.yaml")
     for name, fragments in ((overlap, 1), (streaming, args.fragments)):
@@ -207,7 +208,7 @@ def main():
     ap.add_argument("--diloco-small", default="int8",
                     help="DiLoCo's pipeline for biases, norms and the position table (default int8)")
     ap.add_argument("--adaptive", metavar="SETTINGS",
-                    help='adaptive compression for (c), e.g. "min_density: 0.01, max_density: 0.2"')
+                    help='adaptive compression for (c)-(f), e.g. "min_density: 0.01, max_density: 0.2"')
     ap.add_argument("--only", help="comma-separated subset of ddp,powersgd,strait,diloco,overlap,streaming,alone")
     ap.add_argument("--timeout", type=float, default=600, help="seconds per run")
     ap.add_argument("--out", default=os.path.join(ROOT, "build", "bench-e2e"))
@@ -253,7 +254,7 @@ def main():
         bpb, acc = score(model)
         extra = {}
         rounds_log = os.path.join(out, f"{mode}-rounds.jsonl")
-        if mode == "strait" and args.adaptive and os.path.exists(rounds_log):
+        if mode in configs and args.adaptive and os.path.exists(rounds_log):
             records = [json.loads(l) for l in open(rounds_log)]
             mine = [r for r in records if r["site"] == SITES[0][0]]
             extra = {"adaptive_changes": sum(1 for r in mine if r.get("adaptive")),
