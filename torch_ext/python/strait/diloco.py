@@ -136,7 +136,7 @@ class DiLoCo:
         self._absent = set()  # sites left out of rounds applied here, until they rejoin or return
         self._wait_end = None  # leader: when the last wait for a round ended (adaptive compression)
         with torch.no_grad():
-            flat = torch.cat([p.detach().reshape(-1).float().cpu() for p in self.params])
+            flat = self._local()
             self.momentum = torch.zeros_like(flat)
             if not (session.resume and self._recover(flat)):
                 # The schedule too: constructor arguments can override the config.
@@ -189,7 +189,7 @@ class DiLoCo:
                 p.data.copy_(flat[offset:offset + n].view_as(p).to(p.device, p.dtype))
 
     def _local(self):
-        return torch.cat([p.detach().reshape(-1).float().cpu() for p in self.params])
+        return recovery.flatten(self.params)
 
     def _agree(self, flat):
         """Every worker adopts site 0's initial parameters. Sites compare a
@@ -235,10 +235,12 @@ class DiLoCo:
                  "audit_head": s.gateway.audit_head(), "audit_records": int(s.gateway.audit_records())}
         store.save_reported(s, f"round {self.syncs}", self.syncs, recovery.params_digest(self.global_params), state)
 
-    def _checkpoint_on_failure(self):
-        """Leader, when a round failed: writes the state of the rounds
-        applied so far unless that checkpoint exists already."""
+    def _on_failure(self):
+        """When a round failed (the job stops): the leader writes the state
+        of the rounds applied so far unless that checkpoint exists already;
+        there is no flush() to remind anyone of."""
         s = self.session
+        self._unflushed = False
         if s.leader and s.checkpoints is not None:
             if (self.syncs, recovery.params_digest(self.global_params)) not in s.checkpoints.held():
                 self._checkpoint()
@@ -408,8 +410,7 @@ class DiLoCo:
                 # As without overlap: stop with this site's state on disk,
                 # the rounds applied so far (a resume starts with nothing in
                 # flight and nothing sent: `_sent` is the global parameters).
-                self._checkpoint_on_failure()
-                self._unflushed = False  # the job failed: no flush() to remind anyone of
+                self._on_failure()
                 raise
         if s.checkpoints is not None and self._started % s.checkpoints.every == 0:
             # A checkpoint holds no round in flight: wait for the one just
@@ -537,8 +538,7 @@ class DiLoCo:
         except StraitError as e:
             # A lost site and `wait` ended at the hard deadline (or the round
             # failed otherwise): stop with this site's state on disk.
-            self._checkpoint_on_failure()
-            self._unflushed = False  # the job failed: no flush() to remind anyone of
+            self._on_failure()
             raise e from None
         if int(s.broadcast(torch.tensor([int(self._diverged)], dtype=torch.int64))[0]):
             # This site was on the losing side of a partition: its parameters

@@ -36,18 +36,23 @@ def free_port(host="127.0.0.1"):
     dial it (a local connect whose source port happens to equal the
     unbound destination port connects to itself) — which made a gateway
     fail with "Address already in use" in CI."""
+    for port in _candidates(host):
+        if port not in _given:
+            _given.add(port)
+            return port
+
+
+def _candidates(host):
+    """Bindable ports: random ones just below the ephemeral range, then (no
+    room there, or all tried were busy) whatever the kernel gives."""
     lo, _ = _ephemeral_range()
     first = max(1024, lo - 12000)
     if lo - first >= 1000:
         for _ in range(200):
             port = _rng.randint(first, lo - 1)
-            if port not in _given and _bindable(host, port):
-                _given.add(port)
-                return port
-    while True:  # no room below the range (or all tried were busy): ask the kernel
+            if _bindable(host, port):
+                yield port
+    while True:
         with socket.socket() as s:
             s.bind((host, 0))
-            port = s.getsockname()[1]
-        if port not in _given:
-            _given.add(port)
-            return port
+            yield s.getsockname()[1]

@@ -31,6 +31,11 @@ JOIN_TAG = "strait.join"
 _NAME = re.compile(r"^round-(\d{8})-([0-9a-f]{16})\.pt$")
 
 
+def flatten(params):
+    """The parameters as one float32 vector on the CPU, in order."""
+    return torch.cat([p.detach().reshape(-1).float().cpu() for p in params])
+
+
 def params_digest(flat):
     """First 16 hex digits of the SHA-256 of a flat float32 tensor's bytes."""
     return hashlib.sha256(flat.contiguous().numpy().tobytes()).hexdigest()[:16]
@@ -353,9 +358,6 @@ class Checkpoints:
         self.params = [p for _, p in named]
         self.model_digest = hashlib.sha256("\n".join(f"{n} {tuple(p.shape)}" for n, p in named).encode()).hexdigest()
 
-    def _flat(self):
-        return torch.cat([p.detach().reshape(-1).float().cpu() for p in self.params])
-
     def step(self, steps_done):
         """After the optimizer step that completes `steps_done` steps: on the
         site leader, a checkpoint every `checkpoint.every` steps. A failed
@@ -364,7 +366,7 @@ class Checkpoints:
         store = s.checkpoints
         if not s.leader or steps_done <= 0 or steps_done % store.every:
             return
-        flat = self._flat()
+        flat = flatten(self.params)
         state = {"round": int(steps_done), "step": int(steps_done), "global": flat, "model": self.model.state_dict(),
                  "optimizer": self.optimizer.state_dict(), "residuals": s.residuals("ddp."),
                  "rounds": dict(s._rounds), "checked": sorted(s._checked), "audit_head": s.gateway.audit_head()}
