@@ -7,6 +7,7 @@
 #include <fstream>
 #include <future>
 #include <thread>
+#include <utility>
 
 #include "core/error.h"
 #include "tests/cpp/transport/transport_test_util.h"
@@ -97,22 +98,32 @@ TEST(TorchApi, DifferentShapesAreAClearError) {
   EXPECT_NE(eb.find("site 'a' has\n[3] Float"), std::string::npos) << eb;
 }
 
-// Each site fits y = 3x + 1 on its own half of the data; DiLoCo keeps the two
+// `steps` inner steps of fitting y = 3x + 1 on site `which`'s half of
+// [-1, 1], each followed by diloco.step(); returns the first and last losses.
+template <typename Model>
+std::pair<float, float> fitLine(Model& model, ::torch::optim::Optimizer& opt, DiLoCo& diloco, int which, int steps) {
+  const at::Tensor x = at::linspace(which == 0 ? -1.0 : 0.0, which == 0 ? 0.0 : 1.0, 64).view({64, 1});
+  const at::Tensor y = 3 * x + 1;
+  float first = 0, last = 0;
+  for (int step = 0; step < steps; ++step) {
+    opt.zero_grad();
+    auto loss = ::torch::mse_loss(model->forward(x), y);
+    loss.backward();
+    opt.step();
+    diloco.step();
+    (step == 0 ? first : last) = loss.template item<float>();
+  }
+  return {first, last};
+}
+
+// Each site fits the line on its own half of the data; DiLoCo keeps the two
 // replicas identical after every sync and the shared model finds the line.
 void trainSite(Site& site, int which, at::Tensor& weight_out, at::Tensor& bias_out) {
   ::torch::manual_seed(100 + which);  // different local inits: DiLoCo adopts site 0's
   ::torch::nn::Linear model(1, 1);
   ::torch::optim::SGD opt(model->parameters(), 0.1);
   DiLoCo diloco(site, model->parameters(), {5, 0.8, 0.5, true});
-  const at::Tensor x = at::linspace(which == 0 ? -1.0 : 0.0, which == 0 ? 0.0 : 1.0, 64).view({64, 1});
-  const at::Tensor y = 3 * x + 1;
-  for (int step = 0; step < 100; ++step) {
-    opt.zero_grad();
-    auto loss = ::torch::mse_loss(model->forward(x), y);
-    loss.backward();
-    opt.step();
-    diloco.step();
-  }
+  fitLine(model, opt, diloco, which, 100);
   EXPECT_EQ(diloco.syncs(), 20);
   weight_out = model->weight.detach().clone();
   bias_out = model->bias.detach().clone();
@@ -142,17 +153,7 @@ TEST(TorchApi, StreamingDiLoCoSyncsOneFragmentAtATimeAndKeepsReplicasIdentical) 
     DiLoCo diloco(site, model->parameters(), {10, 0.8, 0.5, true, 2});
     // Tensors of 8, 8, 8 and 1 values: {0, 2} and {1, 3} (16 and 9 values).
     EXPECT_EQ(diloco.fragments(), (std::vector<std::vector<size_t>>{{0, 2}, {1, 3}}));
-    const at::Tensor x = at::linspace(which == 0 ? -1.0 : 0.0, which == 0 ? 0.0 : 1.0, 64).view({64, 1});
-    const at::Tensor y = 3 * x + 1;
-    float first = 0, last = 0;
-    for (int step = 0; step < 200; ++step) {
-      opt.zero_grad();
-      auto loss = ::torch::mse_loss(model->forward(x), y);
-      loss.backward();
-      opt.step();
-      diloco.step();
-      (step == 0 ? first : last) = loss.item<float>();
-    }
+    const auto [first, last] = fitLine(model, opt, diloco, which, 200);
     EXPECT_EQ(diloco.syncs(), 40);  // every 5 steps, each fragment every 10
     EXPECT_LT(last, 0.2f * first);
     diloco.flush();
