@@ -97,6 +97,10 @@ struct Round {
   std::vector<Incoming> in;   // per site (own index unused)
   std::vector<bool> in_refused;  // per site: this site refused its payload (continue: not waited for)
   std::vector<PeerMetrics> metrics;  // per site
+
+  // Site i refused our payload or we refused its: both sides leave the
+  // other's payload out of this round, so they use the same set.
+  bool refusedEitherWay(size_t i) const { return out[i].refused || in_refused[i]; }
   std::promise<RoundResult> promise;
   bool completed = false;     // promise fulfilled
   std::string failure;        // set when a peer refused our payload
@@ -1185,9 +1189,7 @@ class Gateway::Impl {
           // left (or died) after sending cannot acknowledge any more.
           std::vector<std::string> missing, waiting;
           for (const Peer& p : peers_) {
-            // A peer that refused our payload goes on without it, so this
-            // site goes on without the peer's: both sides use the same set.
-            const bool refused = r.out[p.index].refused || r.in_refused[p.index];
+            const bool refused = r.refusedEitherWay(p.index);
             const bool in = r.in[p.index].complete && !refused;
             if (!in) missing.push_back(p.name);
             // With `continue`, a site that was up and went silent is not
@@ -1298,7 +1300,7 @@ class Gateway::Impl {
     for (const Peer& p : peers_) {
       Incoming& in = r.in[p.index];
       PeerMetrics m = r.metrics[p.index];
-      if (in.complete && !r.out[p.index].refused && !r.in_refused[p.index]) {
+      if (in.complete && !r.refusedEitherWay(p.index)) {
         const double secs = std::max(1e-9, std::chrono::duration<double>(in.done_at - r.start).count());
         m.goodput_mbps = 8.0 * double(in.total) / secs / 1e6;
         res.payloads[p.index] = std::move(in.data);
