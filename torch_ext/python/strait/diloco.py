@@ -16,7 +16,9 @@ def split_fragments(sizes, n):
     parameter tensors' sizes, in model order) of about equal total size —
     largest tensor first, to the lightest fragment, ties to the lower index —
     each in model order. It depends only on the model, which the sites check
-    is the same everywhere, so every site forms the same fragments."""
+    is the same everywhere, so every site forms the same fragments. The
+    libtorch API (strait::torch::DiLoCo, torch_ext/csrc/api.cc) applies the
+    same rule."""
     if n > len(sizes):
         raise ValueError(f"DiLoCo: fragments = {n}, but the model has only {len(sizes)} parameter tensors")
     loads, groups = [0] * n, [[] for _ in range(n)]
