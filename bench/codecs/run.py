@@ -1,4 +1,4 @@
-#!/usr/bin/python3
+#!/usr/bin/env python3
 """`./strait bench codecs [--json]`: strait's codecs next to the same
 transformation written with PyTorch ops and a plain memcpy, one thread.
 

@@ -1,4 +1,4 @@
-#!/usr/bin/python3
+#!/usr/bin/env python3
 """`./strait bench e2e [--json]`: the same training job across a simulated
 border (default 100 Mbit/s, 150 ms round trip), run five ways, side by side:
 

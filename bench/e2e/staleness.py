@@ -1,4 +1,4 @@
-#!/usr/bin/python3
+#!/usr/bin/env python3
 """What stale every-step updates would cost: `bench/e2e/staleness.py 0 1 2 4`.
 
 Trains bench e2e's job (examples/charlm, AdamW lr 3e-3, 200 steps, the same

@@ -1,4 +1,4 @@
-#!/usr/bin/python3
+#!/usr/bin/env python3
 """One site's worker for `./strait bench e2e` (bench/e2e/run.py starts it
 inside the site's network namespace). The charlm model and the site's own
 text from examples/charlm; the same seed, batches and steps in every mode:

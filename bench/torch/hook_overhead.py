@@ -1,4 +1,4 @@
-#!/usr/bin/python3
+#!/usr/bin/env python3
 """`./strait bench hook [--json]`: what the strait DDP hook costs per step.
 
 Same model, batch and number of processes (two, one per core here):

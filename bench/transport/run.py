@@ -1,4 +1,4 @@
-#!/usr/bin/python3
+#!/usr/bin/env python3
 """`./strait bench transport [--json]`: the gateway's goodput next to raw TCP.
 
 Two processes exchange a payload (256 MiB each way by default, the pattern of

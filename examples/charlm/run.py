@@ -1,4 +1,4 @@
-#!/usr/bin/python3
+#!/usr/bin/env python3
 """Runs the charlm example end to end: keys (when missing), the two-site
 DiLoCo job through `./strait launch`, each site trained alone for comparison,
 then a summary and a plot.

@@ -1,4 +1,4 @@
-#!/usr/bin/python3
+#!/usr/bin/env python3
 """One worker of the charlm job: a small byte-level transformer language model,
 trained with DiLoCo across sites. Started by `./strait launch` (see run.py),
 which sets RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, STRAIT_SITE and

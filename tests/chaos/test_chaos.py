@@ -20,7 +20,7 @@ BUILD = os.environ.get("STRAIT_BUILD_DIR", os.path.join(ROOT, "build"))
 WORKER = os.path.join(ROOT, "tests", "chaos", "worker.py")
 KEYS = os.path.join(BUILD, "transport", "strait_keys")
 AUDIT = os.path.join(BUILD, "transport", "strait_audit")
-PY = "/usr/bin/python3"
+PY = sys.executable  # the interpreter running the tests: the project environment
 sys.path.insert(0, os.path.join(ROOT, "torch_ext", "python"))
 
 from strait.ports import free_port  # noqa: E402

@@ -2,6 +2,8 @@
 
 #include "torch_ext/strait_torch.h"
 
+#include <ATen/core/grad_mode.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cstring>

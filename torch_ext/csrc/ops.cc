@@ -1,10 +1,18 @@
 // torch.ops.strait: the compression library as PyTorch operators, and the
-// stateful Compressor (error feedback, warm starts) as a TorchScript class.
+// stateful Compressor (error feedback, warm starts) and the site Gateway as
+// torch custom classes.
 //
-// Kernels only adapt: check arguments, view the tensor as a flat float32
-// buffer, call core/. Tensors on another device (CUDA) are staged through the
-// CPU: the payload is bytes bound for the network anyway, and decoded values
-// are added on the device with a torch op. Dedicated GPU kernels come later.
+// One TORCH_LIBRARY block holds every schema; the kernels are registered per
+// dispatch key (CPU, CUDA) below it, and the fake (meta) kernels that let the
+// operators trace under torch.compile live in Python (strait/_fake.py), with
+// torch.library.register_fake. Kernels only adapt: check arguments, view the
+// tensor as a flat float32 buffer, call core/. CUDA tensors are staged
+// through the CPU for now: the payload is bytes bound for the network anyway,
+// and decoded values are added on the device with a torch op.
+//
+// Functions that take or give no tensors (config checks, a payload's header,
+// how the library was built) are static methods of torch.classes.strait.Library,
+// not operators: they have no place in a graph.
 
 #include <torch/custom_class.h>
 #include <torch/library.h>
@@ -20,7 +28,12 @@
 #include "core/codec/error_feedback.h"
 #include "core/config/config.h"
 #include "core/error.h"
+#include "torch_ext/build_config.h"
 #include "transport/gateway.h"
+
+#if STRAIT_WITH_CUDA
+#include "torch_ext/csrc/cuda/runtime.h"
+#endif
 
 namespace strait::torch_ext {
 
@@ -78,13 +91,14 @@ at::Tensor encode(const at::Tensor& x, const std::string& pipeline, int64_t seed
   });
 }
 
+// The decoded values, float32, on the payload's device.
 at::Tensor decode(const at::Tensor& payload, at::IntArrayRef shape) {
   return translate("strait.decode", [&] {
     const at::Tensor bytes = bytesCpu(payload, "strait.decode");
     at::Tensor out = at::empty(shape, at::kFloat);
     core::decode(bytes.data_ptr<uint8_t>(), static_cast<size_t>(bytes.numel()), out.data_ptr<float>(),
                  static_cast<size_t>(out.numel()));
-    return out;
+    return payload.device().is_cpu() ? out : out.to(payload.device());
   });
 }
 
@@ -115,7 +129,21 @@ std::tuple<int64_t, std::string, std::string, int64_t> payloadInfo(const at::Ten
 }
 
 void validateConfig(const std::string& path) {
-  translate("strait.init", [&] { core::JobConfig::load(path); });
+  translate("strait.validate_config", [&] { core::JobConfig::load(path); });
+}
+
+// How this library was built, as "key=value" lines (strait.build_info()
+// turns them into a dict).
+std::string buildInfo() {
+  std::string out = std::string("version=") + STRAIT_VERSION + "\ntorch=" + STRAIT_BUILT_WITH_TORCH;
+#if STRAIT_WITH_CUDA
+  out += std::string("\ncuda=1\ncuda_archs=") + STRAIT_CUDA_ARCHS;
+  out += "\ncuda_runtime=" + std::to_string(cuda::runtimeVersion());
+  out += "\ncuda_devices=" + std::to_string(cuda::deviceCount());
+#else
+  out += "\ncuda=0";
+#endif
+  return out;
 }
 
 // The config's compression rule for a tensor: (canonical pipeline, error feedback).
@@ -271,13 +299,18 @@ class SiteGateway : public torch::CustomClassHolder {
   std::map<Key, std::future<transport::RoundResult>> pending_;
 };
 
+// Static methods only: see the comment at the top of this file.
+struct Library : torch::CustomClassHolder {};
+
 TORCH_LIBRARY(strait, m) {
-  m.def("encode(Tensor x, str pipeline, int seed=0) -> Tensor", &encode);
-  m.def("decode(Tensor payload, int[] shape) -> Tensor", &decode);
-  m.def("decode_accumulate(Tensor(a!) acc, Tensor payload, float weight=1.0) -> ()", &decodeAccumulate);
-  m.def("payload_info(Tensor payload) -> (int, str, str, int)", &payloadInfo);
-  m.def("validate_config(str path) -> ()", &validateConfig);
-  m.def("rule_for(str config, str name, int size) -> (str, bool)", &ruleFor);
+  m.def("encode(Tensor x, str pipeline, int seed=0) -> Tensor");
+  m.def("decode(Tensor payload, int[] shape) -> Tensor");
+  m.def("decode_accumulate(Tensor(a!) acc, Tensor payload, float weight=1.0) -> ()");
+  m.class_<Library>("Library")
+      .def_static("payload_info", &payloadInfo)
+      .def_static("validate_config", &validateConfig)
+      .def_static("rule_for", &ruleFor)
+      .def_static("build_info", &buildInfo);
   m.class_<Compressor>("Compressor")
       .def(torch::init<std::string, int64_t, bool>())
       .def("encode", &Compressor::encode)
@@ -299,6 +332,20 @@ TORCH_LIBRARY(strait, m) {
       .def("live_peers", &SiteGateway::livePeers)
       .def("returned_peers", &SiteGateway::returnedPeers)
       .def("peer_rounds", &SiteGateway::peerRounds);
+}
+
+// The same kernels serve both keys today (CUDA tensors are staged through the
+// CPU); CUDA kernels of their own replace them under the CUDA key.
+TORCH_LIBRARY_IMPL(strait, CPU, m) {
+  m.impl("encode", &encode);
+  m.impl("decode", &decode);
+  m.impl("decode_accumulate", &decodeAccumulate);
+}
+
+TORCH_LIBRARY_IMPL(strait, CUDA, m) {
+  m.impl("encode", &encode);
+  m.impl("decode", &decode);
+  m.impl("decode_accumulate", &decodeAccumulate);
 }
 
 }  // namespace strait::torch_ext

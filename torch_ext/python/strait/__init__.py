@@ -1,7 +1,8 @@
 """strait: train one model across borders.
 
 `import strait` loads the C++ extension and exposes typed wrappers over
-`torch.ops.strait.*`:
+`torch.ops.strait.*` (operators with fake kernels: they trace under
+torch.compile) and the torch custom classes under `torch.classes.strait`:
 
     payload = strait.encode(grad, "topk(0.01) -> int8")     # uint8 tensor
     strait.decode_accumulate(mean, payload, weight=0.5)      # mean += 0.5 * decoded
@@ -21,7 +22,19 @@ import os
 
 import torch
 
-__all__ = ["encode", "decode", "decode_accumulate", "payload_info", "Compressor", "library_path",
+from ._meta import TORCH_MIN, __version__
+
+
+def _version_tuple(v):
+    return tuple(int(p) for p in v.split("+")[0].split(".")[:2])
+
+
+if _version_tuple(torch.__version__) < _version_tuple(TORCH_MIN):
+    raise ImportError(f"strait {__version__} needs torch {TORCH_MIN} or newer; this is torch {torch.__version__} "
+                      f"(README.md, 'Supported versions')")
+
+__all__ = ["encode", "decode", "decode_accumulate", "payload_info", "Compressor", "library_path", "build_info",
+           "__version__",
            "init", "Session", "StraitError", "PolicyViolation", "ddp_hook", "DiLoCo", "Checkpoints"]
 
 
@@ -46,15 +59,18 @@ def _find_library():
 library_path = _find_library()
 torch.ops.load_library(library_path)
 _ops = torch.ops.strait
+_lib = torch.classes.strait.Library
+from . import _fake  # noqa: E402,F401 - registers the operators' fake kernels
 
 
 def encode(x: torch.Tensor, pipeline: str, seed: int = 0) -> torch.Tensor:
-    """Compresses a float32 tensor; returns the self-describing payload (uint8)."""
+    """Compresses a float32 tensor (any device); returns the self-describing
+    payload, a 1-D uint8 CPU tensor (bytes bound for the network)."""
     return _ops.encode(x, pipeline, seed)
 
 
 def decode(payload: torch.Tensor, shape) -> torch.Tensor:
-    """Decodes a payload into a new float32 CPU tensor of `shape`."""
+    """Decodes a payload into a new float32 tensor of `shape`, on the payload's device."""
     return _ops.decode(payload, list(shape))
 
 
@@ -66,7 +82,20 @@ def decode_accumulate(acc: torch.Tensor, payload: torch.Tensor, weight: float = 
 
 def payload_info(payload: torch.Tensor):
     """(number of values, structure, value codec, bits per value) from a payload's header."""
-    return _ops.payload_info(payload)
+    return _lib.payload_info(payload)
+
+
+def build_info() -> dict:
+    """How the loaded extension was built: strait's version, the torch it was
+    compiled against, whether its CUDA part is in (and for which GPU
+    architectures), the CUDA runtime's version and the GPUs it sees."""
+    info = dict(line.split("=", 1) for line in _lib.build_info().splitlines())
+    for key in ("cuda", "cuda_runtime", "cuda_devices"):
+        if key in info:
+            info[key] = int(info[key])
+    info["cuda"] = bool(info["cuda"])
+    info["library"] = library_path
+    return info
 
 
 class Compressor:

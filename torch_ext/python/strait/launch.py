@@ -44,7 +44,7 @@ def _sites(config):
     import torch
 
     try:
-        torch.ops.strait.validate_config(os.path.abspath(config))
+        torch.classes.strait.Library.validate_config(os.path.abspath(config))
     except RuntimeError as e:
         raise SystemExit(f"strait launch: {str(e).splitlines()[0]}")
     with open(config) as f:

@@ -31,7 +31,7 @@ def _error(e):
 
 def _load_config(path):
     """The parts of the job config Python needs (the C++ side validates all of it)."""
-    import yaml  # python3-yaml
+    import yaml
 
     with open(path) as f:
         doc = yaml.safe_load(f)
@@ -53,7 +53,7 @@ class Session:
         self.config_path = os.path.abspath(config)
         # Validation with the C++ rules and messages (line, key, allowed).
         try:
-            torch.ops.strait.validate_config(self.config_path)
+            torch.classes.strait.Library.validate_config(self.config_path)
         except RuntimeError as e:
             raise StraitError(str(e).splitlines()[0]) from None
         doc = _load_config(self.config_path)
@@ -210,7 +210,7 @@ class Session:
             from . import Compressor
             error_feedback = self.error_feedback
             if pipeline is None:
-                pipeline, error_feedback = torch.ops.strait.rule_for(self.config_path, name or key, int(size))
+                pipeline, error_feedback = torch.classes.strait.Library.rule_for(self.config_path, name or key, int(size))
             c = Compressor(pipeline, seed=self.seed + 7919 * len(self._compressors), error_feedback=error_feedback)
             self._compressors[key] = c
             self._pipelines[key] = pipeline
