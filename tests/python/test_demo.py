@@ -7,13 +7,9 @@ import os
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-BUILD = os.environ.get("STRAIT_BUILD_DIR", os.path.join(ROOT, "build"))
-
 
 def test_demo_job_learns_from_both_sites_with_a_sliver_of_the_bytes(tmp_path):
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "digits", "demo.py"), "--build", BUILD,
-                          "--steps", "40", "--out", str(tmp_path)],
+    out = subprocess.run([sys.executable, "-m", "strait.demo", "--steps", "40", "--out", str(tmp_path)],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     s = json.load(open(tmp_path / "summary.json"))

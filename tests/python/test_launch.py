@@ -10,7 +10,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from strait.ports import free_port  # noqa: E402  (distinct ports within this process)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TRAIN = os.path.join(ROOT, "examples", "digits", "train.py")
+TRAIN = os.path.join(ROOT, "torch_ext", "python", "strait", "demo", "train.py")  # the demo's worker
 
 
 def launch(args, timeout=240):

@@ -12,7 +12,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BUILD = os.environ.get("STRAIT_BUILD_DIR", os.path.join(ROOT, "build"))
-TRAIN = os.path.join(ROOT, "examples", "digits", "train.py")
+TRAIN = os.path.join(ROOT, "torch_ext", "python", "strait", "demo", "train.py")  # the demo's worker
 AUDIT = os.path.join(BUILD, "transport", "strait_audit")
 KEYS = os.path.join(BUILD, "transport", "strait_keys")
 sys.path.insert(0, os.path.join(ROOT, "torch_ext", "python"))

@@ -88,6 +88,28 @@ def test_diloco_mode_keeps_replicas_identical_and_learns():
     check(run_job("diloco", "int4(rounding=stochastic)", steps=40, extra_args=("--sync-every", "10")))
 
 
+@pytest.mark.parametrize("options", [("--bucket-view",), ("--static-graph",), ("--bucket-view", "--static-graph")],
+                         ids=lambda o: "+".join(a.strip("-") for a in o))
+def test_every_step_mode_works_with_ddps_bucket_view_and_static_graph(options):
+    # gradient_as_bucket_view: the hook's bucket *is* the parameters' .grad
+    # storage; static_graph: DDP skips its bucket rebuild bookkeeping.
+    check(run_job("every_step", "topk(0.1) -> int8", steps=30, extra_args=options))
+
+
+@pytest.mark.parametrize("mode,args", [("every_step", ("--bucket-view",)), ("diloco", ("--sync-every", "10"))],
+                         ids=["every_step", "diloco"])
+def test_a_compiled_model_trains_two_site_with_identical_replicas(mode, args):
+    # torch.compile (inductor) generates the forward and backward; the
+    # cross-site exchange stays outside the graph (the DDP hook, DiLoCo's
+    # step). 1.7 MB of parameters in 1 MB buckets: two buckets a step.
+    results = run_job(mode, "int8", steps=30, extra_args=("--compile", "--hidden", "4096", "--bucket-cap-mb", "1") + args)
+    check(results)
+    for r in results:
+        assert r["compiled_graphs"] >= 1, r  # the model really ran compiled
+        if mode == "every_step":
+            assert r["buckets"] >= 2, r  # every bucket of the split graph reached the hook
+
+
 def test_diloco_with_overlap_keeps_replicas_identical_and_learns():
     # Each sync's exchange runs during the next inner steps; the outer step
     # lands one round late, the same on every worker of every site.

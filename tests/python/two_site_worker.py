@@ -54,6 +54,11 @@ def main():
     ap.add_argument("--hidden", type=int, default=32, help="hidden width (tests give sites different models)")
     ap.add_argument("--seed", type=int, default=0, help="initial weights (tests give sites different ones)")
     ap.add_argument("--no-flush", action="store_true", help="skip diloco.flush() (a test of the warning)")
+    ap.add_argument("--compile", action="store_true", help="train a torch.compile'd model")
+    ap.add_argument("--bucket-cap-mb", type=float, default=0.002,
+                    help="DDP's bucket size in MB")
+    ap.add_argument("--bucket-view", action="store_true", help="DDP(gradient_as_bucket_view=True)")
+    ap.add_argument("--static-graph", action="store_true", help="DDP(static_graph=True)")
     args = ap.parse_args()
 
     torch.manual_seed(args.seed)
@@ -65,11 +70,24 @@ def main():
     model = nn.Sequential(nn.Linear(64, args.hidden), nn.ReLU(), nn.Linear(args.hidden, 10))
     # Tiny buckets: several per step, and DDP rebuilds them after the first
     # iteration, as it does for real models.
-    ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.002)
+    # Compiled, the forward and backward run as code inductor generated; the
+    # hook (and DiLoCo's sync) stay outside the graph. The model is compiled
+    # and then wrapped, as torchtitan does: DDP's reducer sees the
+    # parameters' gradients arrive from the compiled backward, bucket by
+    # bucket. (torch.compile of the DDP module itself captured no graph when
+    # tried on torch 2.11 with gloo on the CPU.)
+    net = torch.compile(model) if args.compile else model
+    ddp = nn.parallel.DistributedDataParallel(net, bucket_cap_mb=args.bucket_cap_mb,
+                                              gradient_as_bucket_view=args.bucket_view,
+                                              static_graph=args.static_graph)
     loss_fn = nn.CrossEntropyLoss()
-    losses = []
+    losses, buckets = [], set()
     if args.mode == "every_step":
-        ddp.register_comm_hook(session, strait.ddp_hook)
+        def hook(state, bucket):  # strait's hook, counting the buckets it sees
+            buckets.add(bucket.index())
+            return strait.ddp_hook(state, bucket)
+
+        ddp.register_comm_hook(session, hook)
         opt = torch.optim.SGD(ddp.parameters(), lr=0.5)
         for _ in range(args.steps):
             opt.zero_grad()
@@ -94,11 +112,12 @@ def main():
     with open(args.out, "w") as f:
         json.dump({"site": args.site, "rank": session.rank, "hash": param_hash(model), "losses": losses,
                    "syncs": diloco.syncs if args.mode == "diloco" else None,
-                   "payload_bytes_sent": session.bytes_sent}, f)
+                   "payload_bytes_sent": session.bytes_sent, "buckets": len(buckets),
+                   "compiled_graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"]}, f)
     # Tear down in order: both workers done, DDP (and its reducer) gone, then
     # the process group. Destroying them the other way round can hang gloo.
     dist.barrier()
-    del ddp
+    del ddp, net
     dist.destroy_process_group()
 
 

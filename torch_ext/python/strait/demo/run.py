@@ -1,5 +1,4 @@
-#!/usr/bin/python3
-"""`./strait demo`: a two-site job on this machine.
+"""`strait demo` (and `./strait demo`): a two-site job on this machine.
 
 "hangzhou" (CN) and "singapore" (SG), two worker processes each (gloo inside
 each site), train one model in every-step mode: gradients are compressed
@@ -17,11 +16,14 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "torch_ext", "python"))
-from strait.ports import free_port  # noqa: E402  (distinct ports within this process)
+from strait import tools
+from strait.ports import free_port  # distinct ports within this process
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(os.path.dirname(HERE))
+from . import train
+
+# The folder that holds the strait package: the workers import it from there,
+# in a checkout and installed alike.
+PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SITES = (("hangzhou", "CN"), ("singapore", "SG"))
 
 
@@ -56,12 +58,12 @@ def write_policies(out, tag):
     return paths
 
 
-def verify_audit(build, out, tag):
+def verify_audit(out, tag):
     """Checks each site's audit log with its public key; returns summaries."""
     results = {}
     for site, _ in SITES:
         log = os.path.join(out, "audit", f"{tag}-{site}.jsonl")
-        r = subprocess.run([os.path.join(build, "transport", "strait_audit"), "verify", log, "--key",
+        r = subprocess.run([tools.program("strait_audit"), "verify", log, "--key",
                             os.path.join(out, "keys", f"{site}.sign.pub"), "--json"], capture_output=True, text=True)
         try:
             results[site] = dict(json.loads(r.stdout), log=log)
@@ -75,7 +77,6 @@ def run_job(config, out, tag, steps, progress, wan_profile=None):
     Returns every worker's result and what crossed the border (None without one)."""
     if not wan_profile:
         return run_workers(config, out, tag, steps, progress, None), None
-    sys.path.insert(0, os.path.join(ROOT, "torch_ext", "python"))
     from strait import wan
 
     try:
@@ -94,13 +95,13 @@ def run_workers(config, out, tag, steps, progress, border):
             res = os.path.join(out, f"{tag}-{site}-{rank}.json")
             env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                        OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", STRAIT_LOG="0",
-                       PYTHONPATH=os.path.join(ROOT, "torch_ext", "python"),
+                       PYTHONPATH=os.pathsep.join(filter(None, [PACKAGE_PARENT, os.environ.get("PYTHONPATH")])),
                        STRAIT_JSON_LOG=os.path.join(out, f"{tag}-rounds.jsonl"),
                        STRAIT_POLICY=os.path.join(out, f"policy-{tag}-{site}.yaml"))
             if border:
                 env.update(border.env(site))
             cmd = (border.prefix(site) if border else []) + [
-                sys.executable, os.path.join(HERE, "train.py"), "--config", config, "--site", site,
+                sys.executable, "-m", "strait.demo.train", "--config", config, "--site", site,
                 "--steps", str(steps), "--out", res]
             if progress and site == SITES[0][0] and rank == 0:
                 cmd.append("--progress")
@@ -126,9 +127,6 @@ def alone(site_index, steps):
     """The same model trained on one site's rows only."""
     import torch
     import torch.nn as nn
-
-    sys.path.insert(0, HERE)
-    import train
 
     xtr, ytr, xte, yte = train.split()
     x, y = train.site_rows(xtr, ytr, site_index)
@@ -167,13 +165,15 @@ def plot(path, compressed, plain):
     fig.savefig(path, dpi=120)
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--build", required=True)
-    ap.add_argument("--out", default=os.path.join(ROOT, "build", "demo"))
+def main(argv=None):
+    root = tools.source_root()
+    ap = argparse.ArgumentParser(prog="strait demo", description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=os.path.join(root, "build", "demo") if root else "strait-demo",
+                    help="where keys, configs, logs and the plot go (default: build/demo in a checkout, "
+                         "./strait-demo otherwise)")
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--wan", metavar="PROFILE", help="run across a simulated border, e.g. 100mbit-150ms (root)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     out = os.path.abspath(args.out)
     for tag in ("compressed", "fp32"):
         if os.path.exists(os.path.join(out, f"{tag}-rounds.jsonl")):
@@ -181,7 +181,7 @@ def main():
     os.makedirs(os.path.join(out, "keys"), exist_ok=True)
     for site, _ in SITES:
         if not os.path.exists(os.path.join(out, "keys", f"{site}.sign")):
-            subprocess.run([os.path.join(args.build, "transport", "strait_keys"), "generate", site, "--dir",
+            subprocess.run([tools.program("strait_keys"), "generate", site, "--dir",
                             os.path.join(out, "keys")], check=True, stdout=subprocess.DEVNULL)
 
     print("strait demo: two sites (hangzhou CN, singapore SG), two workers each, CurveZMQ between them")
@@ -200,7 +200,7 @@ def main():
     alone_acc = [alone(i, args.steps) for i in range(len(SITES))]
 
     params = {json.dumps(r["params"]) for r in compressed}
-    audit = verify_audit(args.build, out, "compressed")
+    audit = verify_audit(out, "compressed")
     shared_acc = compressed[0]["test_accuracy"]
     b_comp, b_plain = crossed(compressed)[-1], crossed(plain)[-1]
     png = os.path.join(out, "loss_vs_bytes.png")
@@ -234,7 +234,8 @@ def main():
         rel = shown(a["log"])
         if a.get("ok"):
             print(f"audit trail, {site}: {rel}: {a['records']} signed records, verified "
-                  f"(./strait audit verify {rel} --key {shown(os.path.join(out, 'keys', site + '.sign.pub'))})")
+                  f"({'./strait' if root else 'strait'} audit verify {rel} "
+                  f"--key {shown(os.path.join(out, 'keys', site + '.sign.pub'))})")
         else:
             print(f"audit trail, {site}: {rel}: VERIFY FAILED: {a.get('problem')}")
 

@@ -1,5 +1,5 @@
-"""One worker of the digits job (run by examples/digits/demo.py, or by
-torchrun inside a site: RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT describe
+"""One worker of the digits job (`python -m strait.demo.train`: run by the
+demo, by `./strait launch`, or by torchrun inside a site: RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT describe
 the worker's own site).
 
 Each site holds its own rows of scikit-learn's bundled digits — mostly
