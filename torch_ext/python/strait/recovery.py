@@ -130,10 +130,11 @@ class CheckpointStore:
 
         path = self.path(round_, digest)
         try:
-            # The site's own file on its own disk (torch 1.13's weights_only
-            # loader cannot read optimizer states); bytes from peers are never
-            # unpickled (state_blob).
-            state = torch.load(path, map_location="cpu")
+            # The site's own file on its own disk, and still read with the
+            # weights-only unpickler (tensors, numbers, strings, containers:
+            # all a checkpoint holds, optimizer states included); bytes from
+            # peers are never unpickled at all (state_blob).
+            state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - a damaged file of any kind
             raise StraitError(f"strait: checkpoint {path} cannot be read: {e}") from None
         if not isinstance(state, dict) or state.get("round") != round_:
