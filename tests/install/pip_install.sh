@@ -16,7 +16,6 @@ WHEELS="${STRAIT_WHEELHOUSE:-${XDG_CACHE_HOME:-$HOME/.cache}/strait/wheels}"
 BASE="${STRAIT_BASE_PYTHON:-/usr/bin/python3}"
 WORK="$(mktemp -d /tmp/strait-pip-XXXXXX)"
 trap 'rm -rf "$WORK"' EXIT
-export CCACHE_BASEDIR="$WORK"   # the two builds of the same copy share ccache's entries
 git -C "$ROOT" ls-files -z --cached --others --exclude-standard |
   (cd "$ROOT" && xargs -0 tar cf - --ignore-failed-read 2>/dev/null) | (mkdir -p "$WORK/src" && tar xf - -C "$WORK/src")
 
@@ -59,7 +58,9 @@ STRAIT_PIP_BUILD_DIR="$WORK/build-src" "$WORK/venv-src/bin/pip" install -q --dis
 use_it "$WORK/venv-src" source
 
 echo "pip wheel: the same copy as a wheel, installed into another fresh environment ..."
-STRAIT_PIP_BUILD_DIR="$WORK/build-wheel" "$WORK/venv-src/bin/pip" wheel -q --disable-pip-version-check \
+# The same CMake build folder: the wheel packs what the source install just
+# compiled (against the same torch), so nothing is compiled twice.
+STRAIT_PIP_BUILD_DIR="$WORK/build-src" "$WORK/venv-src/bin/pip" wheel -q --disable-pip-version-check \
   --no-build-isolation --no-deps -w "$WORK/dist" "$WORK/src"
 fresh_env "$WORK/venv-wheel"
 wheel="$(ls "$WORK"/dist/strait-*.whl)"
