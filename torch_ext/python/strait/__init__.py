@@ -22,14 +22,9 @@ import os
 
 import torch
 
-from ._meta import TORCH_MIN, __version__
+from ._meta import TORCH_MIN, __version__, too_old
 
-
-def _version_tuple(v):
-    return tuple(int(p) for p in v.split("+")[0].split(".")[:2])
-
-
-if _version_tuple(torch.__version__) < _version_tuple(TORCH_MIN):
+if too_old(torch.__version__):
     raise ImportError(f"strait {__version__} needs torch {TORCH_MIN} or newer; this is torch {torch.__version__} "
                       f"(README.md, 'Supported versions')")
 
