@@ -3,8 +3,9 @@
 # index (the pinned torch of requirements.lock):
 #   1. `pip install --no-build-isolation .[demo]` from a clean copy of the
 #      repository into a fresh virtual environment that already has torch;
-#   2. `pip wheel` of the same copy, installed into a second fresh virtual
-#      environment.
+#   2. `pip wheel` of the same copy, installed into that environment once the
+#      source install is uninstalled (a second environment would only
+#      install the same torch again: 80 s).
 # Each is then used from another folder: the ops, `strait env`, `strait keys`,
 # `strait demo` and `strait audit verify` on the demo's trail.
 # Run by .ci/run after ./strait test (which fills the wheelhouse); no network.
@@ -57,14 +58,17 @@ STRAIT_PIP_BUILD_DIR="$WORK/build-src" "$WORK/venv-src/bin/pip" install -q --dis
   --no-build-isolation --no-index --find-links "$WHEELS" -c "$LOCK" "$WORK/src[demo]"
 use_it "$WORK/venv-src" source
 
-echo "pip wheel: the same copy as a wheel, installed into another fresh environment ..."
+echo "pip wheel: the same copy as a wheel, installed in place of the source install ..."
 # The same CMake build folder: the wheel packs what the source install just
 # compiled (against the same torch), so nothing is compiled twice.
 STRAIT_PIP_BUILD_DIR="$WORK/build-src" "$WORK/venv-src/bin/pip" wheel -q --disable-pip-version-check \
   --no-build-isolation --no-deps -w "$WORK/dist" "$WORK/src"
-fresh_env "$WORK/venv-wheel"
+"$WORK/venv-src/bin/pip" uninstall -q -y strait
+if "$WORK/venv-src/bin/python" -c "import strait" 2>/dev/null; then
+  echo "pip uninstall left strait importable"; exit 1
+fi
 wheel="$(ls "$WORK"/dist/strait-*.whl)"
-"$WORK/venv-wheel/bin/pip" install -q --disable-pip-version-check --no-index --find-links "$WHEELS" -c "$LOCK" \
+"$WORK/venv-src/bin/pip" install -q --disable-pip-version-check --no-index --find-links "$WHEELS" -c "$LOCK" \
   "$wheel[demo]"
-use_it "$WORK/venv-wheel" wheel
+use_it "$WORK/venv-src" wheel
 echo "2 passed, 0 failed"
