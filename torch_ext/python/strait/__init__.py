@@ -22,6 +22,7 @@ import os
 
 import torch
 
+from . import tools
 from ._meta import TORCH_MIN, __version__, too_old
 
 if too_old(torch.__version__):
@@ -41,9 +42,9 @@ def _find_library():
         return env
     here = os.path.dirname(os.path.abspath(__file__))
     candidates = [os.path.join(here, "libstrait_torch.so")]
-    root = os.path.dirname(os.path.dirname(os.path.dirname(here)))
-    build = os.environ.get("STRAIT_BUILD_DIR", os.path.join(root, "build"))
-    candidates.append(os.path.join(build, "torch_ext", "libstrait_torch.so"))
+    build = tools.build_dir()
+    if build:
+        candidates.append(os.path.join(build, "torch_ext", "libstrait_torch.so"))
     for c in candidates:
         if os.path.exists(c):
             return c

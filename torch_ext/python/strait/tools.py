@@ -14,13 +14,20 @@ def source_root():
     return root if os.path.exists(os.path.join(root, "torch_ext", "csrc", "ops.cc")) else None
 
 
+def build_dir():
+    """The CMake build of a checkout: $STRAIT_BUILD_DIR, else the checkout's
+    build/; None for an installed strait without STRAIT_BUILD_DIR."""
+    root = source_root()
+    return os.environ.get("STRAIT_BUILD_DIR") or (os.path.join(root, "build") if root else None)
+
+
 def program(name):
     """The path of a C++ program of strait's: installed next to the package
     (strait/bin/), else in $STRAIT_BUILD_DIR or the checkout's build/."""
     if name not in _IN_BUILD:
         raise ValueError(f"strait has no program '{name}' (it has {', '.join(sorted(_IN_BUILD))})")
     candidates = [os.path.join(_HERE, "bin", name)]
-    build = os.environ.get("STRAIT_BUILD_DIR") or (os.path.join(source_root(), "build") if source_root() else None)
+    build = build_dir()
     if build:
         candidates.append(os.path.join(build, _IN_BUILD[name], name))
     for c in candidates:
