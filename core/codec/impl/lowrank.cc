@@ -53,20 +53,35 @@ View viewFor(size_t n, const TensorShape& shape) {
   return v;
 }
 
-// Modified Gram-Schmidt on the columns of P (rows x r). A column that is
-// (numerically) in the span of the previous ones becomes zero.
+// Orthonormalises the columns of P (rows x r) by modified Gram-Schmidt, in
+// double precision and with a second pass ("twice is enough": Giraud,
+// Langou, Rozloznik 2005), so the columns come out orthogonal to working
+// precision even when P's columns are nearly dependent. A column whose part
+// outside the span of the previous ones is below kDependent of its own norm
+// is dependent (rounding noise in P = M Q when the rank exceeds M's) and
+// becomes zero: normalising that noise would add a direction that is not
+// orthogonal to the others, and P P^T M would no longer be a projection.
+// Double precision also keeps the norms of very large (|x| ~ 1e19: squares
+// overflow float) and very small (|x| ~ 1e-23: squares underflow) columns.
+constexpr double kDependent = 1e-3;
+
 void orthonormalize(RowMatrix& p) {
-  for (Eigen::Index c = 0; c < p.cols(); ++c) {
-    for (Eigen::Index prev = 0; prev < c; ++prev) {
-      p.col(c) -= p.col(prev).dot(p.col(c)) * p.col(prev);
+  Eigen::MatrixXd d = p.cast<double>();
+  for (Eigen::Index c = 0; c < d.cols(); ++c) {
+    const double before = d.col(c).norm();
+    for (int pass = 0; pass < 2; ++pass) {
+      for (Eigen::Index prev = 0; prev < c; ++prev) {
+        d.col(c) -= d.col(prev).dot(d.col(c)) * d.col(prev);
+      }
     }
-    const float norm = p.col(c).norm();
-    if (norm > 1e-30f && std::isfinite(norm)) {
-      p.col(c) /= norm;
+    const double norm = d.col(c).norm();
+    if (norm > 0 && std::isfinite(norm) && norm > kDependent * before) {
+      d.col(c) /= norm;
     } else {
-      p.col(c).setZero();
+      d.col(c).setZero();
     }
   }
+  p = d.cast<float>();
 }
 
 class LowRank final : public Structure {
@@ -85,7 +100,8 @@ class LowRank final : public Structure {
 
   void encode(const float* in, size_t n, const TensorShape& shape, CodecState& st,
               const ValueCodec& values, std::vector<uint8_t>& out) const override {
-    if (absMaxBits(in, n) >= kernels::kExpMask) failNonFinite(in, n, 0);
+    const uint32_t amax_bits = absMaxBits(in, n);
+    if (amax_bits >= kernels::kExpMask) failNonFinite(in, n, 0);
     const View v = viewFor(n, shape);
     if (v.rows > 0xffffffffULL || v.cols > 0xffffffffULL) {
       fail<InvalidArgument>("lowrank: view ", v.rows, " x ", v.cols, " exceeds 2^32-1 per side");
@@ -104,10 +120,19 @@ class LowRank final : public Structure {
       return;
     }
 
+    // Far from 1 (max|x| outside [2^-60, 2^60]) the products below would
+    // overflow or lose their digits in float: work on M * 2^shift (exact in
+    // binary) and scale Q back at the end. P does not depend on M's scale.
+    const int exponent = amax_bits == 0 ? 0 : std::ilogb(kernels::bitsFloat(amax_bits));
+    const int shift = exponent > 60 || exponent < -60 ? -exponent : 0;
     const float* m_data = in;
-    if (v.rows * v.cols != n) {
+    if (v.rows * v.cols != n || shift != 0) {
       st.matrix.assign(v.rows * v.cols, 0.0f);
-      std::copy(in, in + n, st.matrix.begin());
+      if (shift == 0) {
+        std::copy(in, in + n, st.matrix.begin());
+      } else {
+        for (size_t i = 0; i < n; ++i) st.matrix[i] = std::ldexp(in[i], shift);
+      }
       m_data = st.matrix.data();
     }
     ConstRowMap m(m_data, rows, cols);
@@ -119,10 +144,15 @@ class LowRank final : public Structure {
     if (fresh) st.warm_q.resize(static_cast<size_t>(cols * r));
     RowMap q(st.warm_q.data(), cols, r);
     for (Eigen::Index c = 0; c < r; ++c) {
-      if (fresh || q.col(c).squaredNorm() == 0.0f) {
+      // Unit columns: only Q's directions matter for P, and M Q must not
+      // overflow when the previous Q carried M's magnitude.
+      const double norm = q.col(c).cast<double>().norm();
+      if (fresh || !(norm > 0) || !std::isfinite(norm)) {
         for (Eigen::Index i = 0; i < cols; ++i) {
           q(i, c) = random::normal(seed ^ 0x10e7a4cULL, static_cast<uint64_t>(i * r + c));
         }
+      } else {
+        q.col(c) = (q.col(c).cast<double>() / norm).cast<float>();
       }
     }
     st.warm_rows = rows;
@@ -130,18 +160,23 @@ class LowRank final : public Structure {
 
     RowMatrix p = m * q;  // rows x r
     orthonormalize(p);
-    q.noalias() = m.transpose() * p;  // cols x r
+    q.noalias() = m.transpose() * p;  // cols x r (of M * 2^shift; kept as the next warm start)
 
+    // Payload values: P then Q (of M itself), both row-major.
+    st.values.resize(static_cast<size_t>((rows + cols) * r));
+    std::copy(p.data(), p.data() + rows * r, st.values.begin());
+    float* q_sent = st.values.data() + rows * r;
+    float q_max = 0.0f;
+    for (Eigen::Index i = 0; i < cols * r; ++i) {
+      q_sent[i] = shift == 0 ? q.data()[i] : std::ldexp(q.data()[i], -shift);
+      q_max = std::max(q_max, std::fabs(q_sent[i]));
+    }
     // Receivers refuse factors whose product could overflow (see decode).
-    const double bound = static_cast<double>(r) * p.cwiseAbs().maxCoeff() * q.cwiseAbs().maxCoeff();
+    const double bound = static_cast<double>(r) * p.cwiseAbs().maxCoeff() * q_max;
     if (!(bound <= kMaxProductBound)) {
       fail<InvalidArgument>("lowrank: factors of this tensor could overflow float32 (rank * max|P| * "
                             "max|Q| = ", bound, "); scale the input down");
     }
-    // Payload values: P then Q, both row-major.
-    st.values.resize(static_cast<size_t>((rows + cols) * r));
-    std::copy(p.data(), p.data() + rows * r, st.values.begin());
-    std::copy(q.data(), q.data() + cols * r, st.values.begin() + rows * r);
     appendValues(values, st.values.data(), st.values.size(), seed, out, 0);
   }
 

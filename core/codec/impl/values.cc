@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <vector>
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -202,6 +203,24 @@ struct BlockStatus {
   bool overflow = false;
 };
 
+// A block so small that top / L is not a normal float (max|x| below about
+// 1.5e-36 for int8): there L / top overflows float, which would saturate
+// every code, and a subnormal scale keeps few significant bits. Here the
+// scale is the float at or above top / L, and the codes are quantised against
+// that stored scale in double precision, so |x - code * scale| <= scale / 2
+// (nearest rounding) holds as in every other block and no code exceeds L.
+// Rare (denormal inputs), so its scratch is allocated here.
+template <int Bits, bool Stochastic>
+void quantizeTinyBlock(const float* x, size_t len, double top, uint32_t key, uint8_t* codes, float* scale_out) {
+  constexpr int L = (1 << (Bits - 1)) - 1;
+  float scale = static_cast<float>(top / L);
+  if (static_cast<double>(scale) * L < top) scale = std::nextafter(scale, std::numeric_limits<float>::infinity());
+  std::vector<float> y(len);
+  for (size_t j = 0; j < len; ++j) y[j] = static_cast<float>(static_cast<double>(x[j]) / scale);
+  kernels::quantizeBlock<Bits, Stochastic>(y.data(), len, 1.0f, key, codes);
+  *scale_out = scale;
+}
+
 template <int Bits, bool Stochastic, bool L2>
 STRAIT_INLINE BlockStatus encodeIntBlocks(const float* in, size_t count, uint32_t block,
                                           uint64_t seed, uint8_t* scales, uint8_t* codes) {
@@ -223,14 +242,21 @@ STRAIT_INLINE BlockStatus encodeIntBlocks(const float* in, size_t count, uint32_
     }
     float scale = 0.0f;
     float inv = 0.0f;
+    // What the top code stands for: the block's l2 norm (qsgd) or max|x|.
+    const double top = L2 ? std::sqrt(kernels::sumSquares(x, len)) : static_cast<double>(bitsFloat(m));
     if (L2) {
-      const double norm = std::sqrt(kernels::sumSquares(x, len));
-      scale = static_cast<float>(norm / L);
-      inv = norm > 0 ? static_cast<float>(L / norm) : 0.0f;
+      scale = static_cast<float>(top / L);
+      inv = top > 0 ? static_cast<float>(L / top) : 0.0f;
     } else {
       const float amax = bitsFloat(m);
       scale = amax / L;
       inv = amax > 0 ? L / amax : 0.0f;
+    }
+    if (top > 0 && (scale < std::numeric_limits<float>::min() || !std::isfinite(inv))) {
+      quantizeTinyBlock<Bits, Stochastic>(x, len, top, Stochastic ? random::blockKey(seed, b) : 0,
+                                         codes + b * block * Bits / 8, &scale);
+      std::memcpy(scales + b * sizeof(float), &scale, sizeof scale);
+      continue;
     }
     // Decoders accept a scale only if L * scale is a finite float, so that
     // every decoded value is finite; refuse to produce anything else.
@@ -720,7 +746,7 @@ std::shared_ptr<const ValueCodec> makeFp16(const StageArgs& args) {
   ArgReader(args).finish();
   // 65520.0f (0x477ff000) is the first value that rounds to Inf in fp16.
   return std::make_shared<Float16Codec>(ValueKind::kFp16, 0x477ff000U,
-                                        "is outside the fp16 range (|x| <= 65504); use bf16 or int8", floatToHalf);
+                                        "is outside the fp16 range (|x| < 65520, which rounds to at most 65504); use bf16 or int8", floatToHalf);
 }
 std::shared_ptr<const ValueCodec> makeBf16(const StageArgs& args) {
   ArgReader(args).finish();

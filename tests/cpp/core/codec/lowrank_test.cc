@@ -37,6 +37,60 @@ TEST(LowRank, RecoversAMatrixOfAtMostItsRankInOneStep) {
   }
 }
 
+// P's columns stay orthonormal however dependent M Q's are, so P P^T M is a
+// projection: exact (up to rounding) once the rank reaches M's, and never
+// further from M than M is from zero. Before the fix a constant 32x32 matrix
+// at rank 4 came back 3x the input, a rank-1 64x48 one at rank 4 with
+// relative error 0.51.
+TEST(LowRank, RanksAboveTheInputsRankStayExact) {
+  struct Case {
+    int rows, cols, true_rank;
+  };
+  for (const Case c : {Case{32, 32, 0}, Case{64, 48, 1}, Case{64, 48, 2}, Case{7, 300, 1}}) {
+    std::vector<float> x = c.true_rank == 0 ? std::vector<float>(size_t(c.rows) * c.cols, 0.37f)
+                                            : lowRankMatrix(c.rows, c.cols, c.true_rank, 5 + c.true_rank);
+    const int have = std::max(1, c.true_rank);
+    for (int rank = have; rank <= std::min({8, c.rows, c.cols}); ++rank) {
+      const Pipeline p = Pipeline::parse("lowrank(rank=" + std::to_string(rank) + ")");
+      CodecState st(3);
+      std::vector<uint8_t> payload;
+      for (int step = 0; step < 3; ++step) {  // warm starts too
+        p.encode(x.data(), x.size(), TensorShape{{c.rows, c.cols}}, st, payload);
+        const auto y = decodeAll(payload, x.size());
+        EXPECT_LT(relError(x, y), 1e-4) << c.rows << "x" << c.cols << " of rank " << c.true_rank << " at rank "
+                                        << rank << ", step " << step;
+      }
+    }
+  }
+  // Full rank: a projection never leaves more than the input.
+  const auto x = gaussian(40 * 30, 9);
+  for (int rank : {1, 4, 16, 30}) {
+    const auto y = roundTrip(Pipeline::parse("lowrank(rank=" + std::to_string(rank) + ")"), x, 2, TensorShape{{40, 30}});
+    EXPECT_LE(relError(x, y), 1.0 + 1e-5) << "rank " << rank;
+  }
+}
+
+// Scale invariance from denormal to near float max: before the fix values
+// of 1e18 or more, or 1e-25 or less, were sent as all-zero factors.
+TEST(LowRank, EveryMagnitudeIsSentNotZeroed) {
+  const auto base = lowRankMatrix(24, 20, 2, 31);
+  double amax = 0;
+  for (float v : base) amax = std::max(amax, double(std::fabs(v)));
+  for (int e = -140; e <= 120; e += 10) {
+    std::vector<float> x(base.size());
+    for (size_t i = 0; i < x.size(); ++i) x[i] = float(std::ldexp(base[i] / amax, e));
+    const Pipeline p = Pipeline::parse("lowrank(rank=4)");
+    CodecState st(4);
+    std::vector<uint8_t> payload;
+    for (int step = 0; step < 3; ++step) {
+      p.encode(x.data(), x.size(), TensorShape{{24, 20}}, st, payload);
+      const auto y = decodeAll(payload, x.size());
+      // Subnormal inputs carry few digits themselves: a looser bound there.
+      EXPECT_LT(relError(x, y), e < -126 ? 0.05 : 1e-4) << "max|x| = 2^" << e << ", step " << step;
+    }
+  }
+}
+
 TEST(LowRank, WarmStartConvergesToTheBestRankRApproximation) {
   // A full-rank matrix with a clear spectral gap after the 4th singular value.
   const int rows = 80, cols = 60, r = 4;

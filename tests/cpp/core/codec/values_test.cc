@@ -98,6 +98,13 @@ TEST(Fp16, RejectsValuesBeyondItsRange) {
   }
   x[7] = 65504.0f;  // the largest half: fine
   EXPECT_EQ(roundTrip(p, x)[7], 65504.0f);
+  // The range as documented: below 65520 rounds to 65504, from 65520 on to Inf (refused).
+  x[7] = 65519.996f;
+  EXPECT_EQ(roundTrip(p, x)[7], 65504.0f);
+  for (float big : {65520.0f, -65520.0f}) {
+    x[7] = big;
+    EXPECT_THROW(encodeOnce(p, x), InvalidArgument) << big;
+  }
 }
 
 // --------------------------------------------------------------- bf16 ---
@@ -231,6 +238,45 @@ TEST(Qsgd, UnbiasedWithNormScaledLevels) {
     const float step = float(norm / L);
     expectUnbiased("qsgd(bits=" + std::to_string(bits) + ", block=64)", x,
                    std::vector<float>(x.size(), step));
+  }
+}
+
+// Every magnitude a float can hold, denormals included: each block decodes
+// within its stated bound (nearest: half a step of max|x| / L; qsgd: one
+// step of ||x|| / L), plus one subnormal ulp where the step itself is below
+// the smallest normal float. Before the fix a block with max|x| below about
+// 3e-37 (int8) decoded to -max|x| everywhere (L / max|x| overflowed).
+TEST(IntAndQsgd, MeetTheirBoundAtEveryMagnitudeFromDenormalToNearFloatMax) {
+  constexpr float kUlp = std::numeric_limits<float>::denorm_min();
+  for (const char* text : {"int8", "int4", "int2", "int8(block=8)", "qsgd(8)", "qsgd(4)", "qsgd(2)"}) {
+    const Pipeline p = Pipeline::parse(text);
+    const bool l2 = std::string(text).rfind("qsgd", 0) == 0;
+    const int bits = l2 ? std::stoi(std::string(text).substr(5)) : std::stoi(std::string(text).substr(3));
+    const int L = (1 << (bits - 1)) - 1;
+    const size_t block = std::string(text) == "int8(block=8)" ? 8 : (l2 ? 512 : 256);
+    for (int e = -149; e <= 120; e += 7) {  // max|x| from 2^-149 (the smallest denormal) to 2^122
+      auto x = gaussian(1000, 1000 + e);
+      for (float& v : x) v = std::ldexp(v, e);
+      const auto y = roundTrip(p, x, 7);
+      double err = 0, ref = 0;
+      for (size_t b0 = 0; b0 < x.size(); b0 += block) {
+        const size_t b1 = std::min(x.size(), b0 + block);
+        double top = 0;
+        for (size_t i = b0; i < b1; ++i) top = l2 ? top + double(x[i]) * x[i] : std::max(top, double(std::fabs(x[i])));
+        if (l2) top = std::sqrt(top);
+        const double step = top / L;
+        for (size_t i = b0; i < b1; ++i) {
+          const double bound = (l2 ? step : step / 2) * (1 + 1e-5) + kUlp;
+          ASSERT_LE(std::fabs(double(y[i]) - x[i]), bound) << text << " 2^" << e << " i=" << i << " x=" << x[i]
+                                                           << " y=" << y[i];
+          err += (double(y[i]) - x[i]) * (double(y[i]) - x[i]);
+          ref += double(x[i]) * x[i];
+        }
+      }
+      if (!l2 && e > -120) {
+        EXPECT_LT(std::sqrt(err / ref), 1.0 / L) << text << " 2^" << e;
+      }
+    }
   }
 }
 
