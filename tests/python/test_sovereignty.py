@@ -174,6 +174,33 @@ def test_a_real_runs_audit_log_fails_verify_after_any_edit_deletion_or_reorderin
     v = subprocess.run([AUDIT, "verify", tampered, "--key", os.path.join(tmp, "keys", "hangzhou.sign.pub"),
                         "--head", head], capture_output=True, text=True)
     assert v.returncode == 1 and "missing at the end" in v.stdout
+    key = os.path.join(tmp, "keys", "hangzhou.sign.pub")
+
+    def cli(*args):
+        return subprocess.run([AUDIT, "verify", *args, "--key", key], capture_output=True, text=True)
+
+    # The head is a digest the user types: any case is the same head.
+    assert cli(log, "--head", head.upper()).returncode == 0
+    # Never OK on what is not a log: a directory, an empty file.
+    d = cli(tmp)
+    assert d.returncode == 2 and "not a regular file" in d.stderr, d.stdout + d.stderr
+    empty = os.path.join(tmp, "empty.jsonl")
+    open(empty, "w").close()
+    e = cli(empty)
+    assert e.returncode == 1 and "empty" in e.stdout, e.stdout
+    # One encoding per record: an upper-cased signature is an edit, found on its own line.
+    for at in (2, len(lines) - 1):
+        sig = lines[at].rindex('"sig":"') + 7
+        upper = lines[at][:sig] + lines[at][sig:].upper()
+        with open(tampered, "w") as f:
+            f.write("".join(l + "\n" for l in lines[:at] + [upper] + lines[at + 1:]))
+        u = cli(tampered)
+        assert u.returncode == 1 and f"FAILED at line {at + 1}:" in u.stdout, (at, u.stdout)
+    # --json is JSON whatever the input, and a malformed --head is a usage error.
+    j = cli(tampered, "--json")
+    assert j.returncode == 1 and json.loads(j.stdout)["line"] == len(lines)
+    q = cli(log, "--json", "--head", 'ab"cd')
+    assert q.returncode == 2 and "64 hex characters" in q.stderr, q.stdout + q.stderr
 
 
 def test_a_kind_the_policy_does_not_allow_stops_the_job_and_is_on_record(tmp_path):

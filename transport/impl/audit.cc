@@ -7,6 +7,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <cctype>
 #include <cerrno>
 #include <chrono>
 #include <cmath>
@@ -18,6 +19,7 @@
 #include <sstream>
 
 #include "core/error.h"
+#include "core/json.h"
 #include "transport/impl/key_file.h"
 
 namespace strait::transport {
@@ -38,10 +40,15 @@ std::string toHex(const uint8_t* p, size_t n) {
   return s;
 }
 
+// Lowercase hex only, as toHex writes it: a log has exactly one encoding of
+// each record, so an edited (say, upper-cased) signature is an edit.
 bool fromHex(const std::string& hex, std::vector<uint8_t>& out, size_t expect) {
   out.assign(expect, 0);
   size_t len = 0;
   if (hex.size() != expect * 2) return false;
+  for (char c : hex) {
+    if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f'))) return false;
+  }
   return sodium_hex2bin(out.data(), out.size(), hex.data(), hex.size(), nullptr, &len, nullptr) == 0 &&
          len == expect;
 }
@@ -50,23 +57,6 @@ std::string hashHex(const std::string& line) {
   uint8_t h[32];
   crypto_generichash(h, sizeof h, reinterpret_cast<const uint8_t*>(line.data()), line.size(), nullptr, 0);
   return toHex(h, sizeof h);
-}
-
-std::string jsonString(const std::string& s) {
-  std::string o = "\"";
-  for (unsigned char c : s) {
-    if (c == '"' || c == '\\') {
-      o += '\\';
-      o += char(c);
-    } else if (c < 0x20 || c == 0x7f) {
-      char buf[8];
-      std::snprintf(buf, sizeof buf, "\\u%04x", c);
-      o += buf;
-    } else {
-      o += char(c);
-    }
-  }
-  return o + "\"";
 }
 
 std::string jsonNumber(double v) {
@@ -329,11 +319,24 @@ AuditVerdict verifyAuditLog(const std::string& path, const std::vector<std::vect
   for (const auto& k : public_keys) {
     if (k.size() != crypto_sign_PUBLICKEYBYTES) fail<InvalidArgument>("verify: a public key must be 32 bytes (Ed25519)");
   }
+  struct stat st{};
+  if (::stat(path.c_str(), &st) != 0) fail<Error>("cannot read audit log '", path, "': ", std::strerror(errno));
+  if (!S_ISREG(st.st_mode)) fail<Error>("audit log '", path, "' is not a regular file (a directory?): give the log itself");
   std::ifstream in(path, std::ios::binary);
   if (!in) fail<Error>("cannot read audit log '", path, "': ", std::strerror(errno));
   std::ostringstream ss;
   ss << in.rdbuf();
+  if (in.bad()) fail<Error>("cannot read audit log '", path, "': ", std::strerror(errno));
   const std::string text = ss.str();
+  std::string want_head = expected_head;
+  for (char& c : want_head) c = char(std::tolower(static_cast<unsigned char>(c)));
+  if (!want_head.empty()) {
+    std::vector<uint8_t> ignored;
+    if (!fromHex(want_head, ignored, 32)) {
+      fail<InvalidArgument>("verify: the expected head '", expected_head,
+                            "' is not 64 hex characters (a BLAKE2b-256 digest, as verify prints it)");
+    }
+  }
   AuditSummary& s = v.summary;
   std::string prev = kZeroHash;
   uint64_t expect = 0;
@@ -389,10 +392,13 @@ AuditVerdict verifyAuditLog(const std::string& path, const std::vector<std::vect
       return bad("record " + std::to_string(seq) + " does not chain to the line before it: a record was dropped, "
                  "inserted or reordered");
     }
+    const std::string& event = f["event"];
+    if (seq == 0 && event != "open") {
+      return bad("record 0 is a '" + event + "' record: every audit log starts with its 'open' record");
+    }
     prev = hashHex(line);
     ++expect;
     // Summary.
-    const std::string& event = f["event"];
     if (s.records == 0) s.first_time = f["time"];
     s.last_time = f["time"];
     if (event == "open") {
@@ -413,7 +419,12 @@ AuditVerdict verifyAuditLog(const std::string& path, const std::vector<std::vect
   }
   s.head = prev;
   line_no = 0;
-  if (!expected_head.empty() && expected_head != prev) {
+  if (s.records == 0) {
+    v.ok = false;
+    v.problem = "the file is empty: not an audit log (every log starts with its 'open' record)";
+    return v;
+  }
+  if (!want_head.empty() && want_head != prev) {
     v.ok = false;
     v.problem = "the log ends at record " + (expect ? std::to_string(expect - 1) : std::string("(none)")) +
                 " with head " + prev + ", not at the expected head " + expected_head +

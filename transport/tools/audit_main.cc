@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "core/error.h"
+#include "core/json.h"
 #include "transport/audit.h"
 
 namespace {
@@ -54,12 +55,12 @@ int main(int argc, char** argv) {
     const t::AuditVerdict best = t::verifyAuditLog(log, pubs, head);
     const t::AuditSummary& s = best.summary;
     if (json) {
-      std::printf("{\"ok\": %s, \"problem\": \"%s\", \"line\": %llu, \"records\": %llu, \"head\": \"%s\", \"bytes_out\": {",
-                  best.ok ? "true" : "false", best.problem.c_str(), (unsigned long long)best.line,
-                  (unsigned long long)s.records, s.head.c_str());
+      std::printf("{\"ok\": %s, \"problem\": %s, \"line\": %llu, \"records\": %llu, \"head\": %s, \"bytes_out\": {",
+                  best.ok ? "true" : "false", strait::jsonString(best.problem).c_str(), (unsigned long long)best.line,
+                  (unsigned long long)s.records, strait::jsonString(s.head).c_str());
       bool comma = false;
       for (const auto& [key, bytes] : s.bytes_out) {
-        std::printf("%s\"%s/%s\": %llu", comma ? ", " : "", key.first.c_str(), key.second.c_str(),
+        std::printf("%s%s: %llu", comma ? ", " : "", strait::jsonString(key.first + "/" + key.second).c_str(),
                     (unsigned long long)bytes);
         comma = true;
       }

@@ -225,6 +225,18 @@ TEST(AuditLog, EveryKindOfTamperingIsFoundAndNamed) {
     l.insert(l.begin() + 4, l[2]);
     cases.push_back({"replayed", l, "record 2 where record 4 belongs", 5});
   }
+  {  // a signature re-encoded in upper case: the same bytes, another encoding
+    auto l = clean;
+    const size_t at = l[2].rfind("\"sig\":\"") + 7;
+    for (size_t i = at; i < l[2].size(); ++i) l[2][i] = char(std::toupper(static_cast<unsigned char>(l[2][i])));
+    cases.push_back({"upper-cased signature", l, "signature does not verify", 3});
+    auto last = clean;
+    const size_t end = last.back().rfind("\"sig\":\"") + 7;
+    for (size_t i = end; i < last.back().size(); ++i) {
+      last.back()[i] = char(std::toupper(static_cast<unsigned char>(last.back()[i])));
+    }
+    cases.push_back({"upper-cased last signature", last, "signature does not verify", last.size()});
+  }
   {  // insert a forged record
     auto l = clean;
     l.insert(l.begin() + 1, "{\"seq\":1,\"event\":\"out\",\"bytes\":0}");
@@ -247,6 +259,25 @@ TEST(AuditLog, EveryKindOfTamperingIsFoundAndNamed) {
   EXPECT_NE(v.problem.find("records are missing at the end"), std::string::npos) << v.problem;
   writeLines(j.logs[0], clean);
   EXPECT_TRUE(verifyAuditLog(j.logs[0], j.pub(0), head).ok);
+}
+
+TEST(AuditLog, NothingThatIsNotALogVerifies) {
+  AuditedJob j;
+  j.run(1);
+  // A directory is an error, not "OK, 0 records".
+  EXPECT_THROW(verifyAuditLog(j.dir.path, j.pub(0)), Error);
+  // An empty file is not a log: every log starts with its open record.
+  const std::string empty = j.dir.path + "/empty.jsonl";
+  writeLines(empty, {});
+  const AuditVerdict e = verifyAuditLog(empty, j.pub(0));
+  EXPECT_FALSE(e.ok);
+  EXPECT_NE(e.problem.find("empty"), std::string::npos) << e.problem;
+  // The expected head is a digest: any case, but only 64 hex characters.
+  const std::string head = verifyAuditLog(j.logs[0], j.pub(0)).summary.head;
+  std::string upper = head;
+  for (char& c : upper) c = char(std::toupper(static_cast<unsigned char>(c)));
+  EXPECT_TRUE(verifyAuditLog(j.logs[0], j.pub(0), upper).ok);
+  EXPECT_THROW(verifyAuditLog(j.logs[0], j.pub(0), head.substr(0, 63) + "\""), InvalidArgument);
 }
 
 TEST(AuditLog, ARestartContinuesTheChainAndATornLastLineIsCutAndNoted) {
