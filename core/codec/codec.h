@@ -19,7 +19,7 @@
 // Non-finite input (NaN, +-Inf) is rejected by every encoder with
 // InvalidArgument naming the first bad index: a NaN that crossed the border
 // would poison every site's model. fp16 likewise rejects finite values beyond
-// its range (|x| > 65504) rather than sending Inf.
+// its range (|x| >= 65520, which rounds to Inf) rather than sending Inf.
 
 #include <cstddef>
 #include <cstdint>

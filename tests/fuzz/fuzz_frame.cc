@@ -36,7 +36,8 @@ void checkLayout(const strait::wire::Chunk& c, const FrameView& data, const Chun
   const U128 off = U128(c.index()) * limits.chunk_bytes;
   const U128 end = std::min<U128>(total, off + limits.chunk_bytes);
   const bool fits = c.tag().size() <= kMaxTagBytes && total <= limits.max_message_bytes && c.count() == count &&
-                    c.index() < c.count() && off < std::max<U128>(total, 1) && data.size == end - off;
+                    c.index() < c.count() && off < std::max<U128>(total, 1) && data.size == end - off &&
+                    c.kind() >= 1 && c.kind() <= 4;
   check(fits == bad.empty());
   check(chunkCount(c.total_bytes(), limits.chunk_bytes) == (total == 0 ? 1 : count));
   if (!bad.empty() || total > (1u << 16)) return;

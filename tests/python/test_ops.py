@@ -234,3 +234,26 @@ def test_init_without_config_or_site_says_which_is_missing(monkeypatch):
     monkeypatch.setenv("STRAIT_SITE", "a")
     with pytest.raises(strait.StraitError, match="'/nonexistent/job.yaml' does not exist"):
         strait.init()
+
+
+def test_seeds_cover_the_documented_range_0_to_2_64_minus_1():
+    x = gaussian(1000, 5)
+    pipe = "int4(block=64, rounding=stochastic)"
+    top = (1 << 64) - 1
+    # Seeds from 2^63 on are accepted, deterministic and their own streams (not folded onto small ones).
+    big = (1 << 63) + 5
+    assert torch.equal(strait.encode(x, pipe, big), strait.encode(x, pipe, big))
+    assert not torch.equal(strait.encode(x, pipe, big), strait.encode(x, pipe, 5))
+    assert not torch.equal(strait.encode(x, pipe, top), strait.encode(x, pipe, 0))
+    assert torch.equal(strait.Compressor(pipe, top, False).encode(x), strait.encode(x, pipe, top))
+    for bad in (-1, 1 << 64):
+        with pytest.raises(ValueError, match=r"\[0, 2\^64-1\]"):
+            strait.encode(x, pipe, bad)
+    with pytest.raises(TypeError, match="integer"):
+        strait.encode(x, pipe, 1.5)
+
+
+@pytest.mark.parametrize("state", [None, "a process group"])
+def test_the_hook_without_a_session_says_what_to_pass(state):
+    with pytest.raises(strait.StraitError, match=r"register_comm_hook\(strait.init\(CONFIG\), strait.ddp_hook\)"):
+        strait.ddp_hook(state, None)

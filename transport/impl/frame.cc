@@ -89,6 +89,12 @@ std::string checkChunk(const wire::Chunk& c, size_t data_bytes, const ChunkLimit
     return "chunk " + std::to_string(c.index()) + " has " + std::to_string(data_bytes) + " bytes, expected " +
            std::to_string(len);
   }
+  // The egress policy and the audit log name what a payload is: a kind
+  // this gateway does not know cannot be recorded truthfully, so it is refused.
+  if (c.kind() < 1 || c.kind() > 4) {
+    return "message kind " + std::to_string(c.kind()) +
+           " is not one of 1 (model_update), 2 (model_state), 3 (control), 4 (metrics)";
+  }
   return "";
 }
 

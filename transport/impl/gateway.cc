@@ -37,6 +37,7 @@
 #include <zmq_addon.hpp>
 
 #include "core/error.h"
+#include "core/json.h"
 #include "core/codec/codec.h"
 #include "transport/audit.h"
 #include "transport/checksum.h"
@@ -1271,7 +1272,7 @@ class Gateway::Impl {
         for (const Peer& p : peers_) {
           const Incoming& in = r.in[p.index];
           if (!in.complete) continue;
-          const MessageKind kind = in.kind >= 1 && in.kind <= 4 ? MessageKind(in.kind) : MessageKind::kModelUpdate;
+          const MessageKind kind = MessageKind(in.kind);  // checkChunk: 1-4
           auditPayload("in", r.key.first, r.key.second, in.data.data(), in.data.size(), kind, &p);
         }
       } catch (const std::exception& e) {
@@ -1324,8 +1325,9 @@ class Gateway::Impl {
     if (opt_.metrics_path.empty()) return;
     std::ofstream out(opt_.metrics_path, std::ios::app);
     for (const PeerMetrics& m : res.peers) {
-      out << "{\"site\": \"" << opt_.site << "\", \"peer\": \"" << m.site << "\", \"round\": " << res.round
-          << ", \"tag\": \"" << res.tag << "\", \"bytes_sent\": " << m.bytes_sent
+      out << "{\"site\": " << jsonString(opt_.site) << ", \"peer\": " << jsonString(m.site)
+          << ", \"round\": " << res.round << ", \"tag\": " << jsonString(res.tag)
+          << ", \"bytes_sent\": " << m.bytes_sent
           << ", \"bytes_received\": " << m.bytes_received << ", \"retransmissions\": " << m.retransmissions
           << ", \"goodput_mbps\": " << m.goodput_mbps << ", \"round_seconds\": " << res.seconds
           << ", \"missing\": " << (m.missing ? "true" : "false") << "}\n";

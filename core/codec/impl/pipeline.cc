@@ -132,7 +132,10 @@ void ArgReader::finish() const {
 size_t SparseAmount::kFor(size_t n) const {
   if (n == 0) return 0;
   if (count > 0) return static_cast<size_t>(std::min<uint64_t>(count, n));
-  const double k = std::ceil(ratio * static_cast<double>(n));
+  // ceil(ratio * n), where a product a rounding error above a whole number
+  // is that number: topk(0.07) of 100 values keeps 7, not ceil(7.000000000000001).
+  const double x = ratio * static_cast<double>(n);
+  const double k = std::ceil(x - x * 1e-12);
   return std::min<size_t>(n, std::max<size_t>(1, static_cast<size_t>(k)));
 }
 

@@ -5,6 +5,9 @@
 
 #include <gtest/gtest.h>
 
+#include <cstdio>
+#include <set>
+
 #include <fstream>
 #include <memory>
 #include <thread>
@@ -406,6 +409,24 @@ TEST(Gateway, WaitModeSaysWhomItWaitsForAsSoonAsThatSiteIsGone) {
   a.reset();  // the pending round fails with the gateway
 }
 
+// The tests' ports come from below the kernel's ephemeral range (where no
+// outgoing connection takes a source port), never twice in one process.
+TEST(TestPorts, ComeFromBelowTheEphemeralRangeAndNeverTwice) {
+  int lo = 32768;
+  if (std::FILE* f = std::fopen("/proc/sys/net/ipv4/ip_local_port_range", "r")) {
+    ASSERT_EQ(std::fscanf(f, "%d", &lo), 1);
+    std::fclose(f);
+  }
+  std::set<int> seen;
+  for (int i = 0; i < 300; ++i) {
+    const int port = freePort();
+    EXPECT_TRUE(seen.insert(port).second) << port << " handed out twice";
+    if (lo - 12000 >= 1024) {
+      EXPECT_LT(port, lo) << "inside the ephemeral range";
+    }
+  }
+}
+
 TEST(Gateway, MetricsArriveWithTheResultAndAsJsonLines) {
   Job job = makeJob(2);
   char path[] = "/tmp/strait-metrics-XXXXXX";
@@ -413,8 +434,10 @@ TEST(Gateway, MetricsArriveWithTheResultAndAsJsonLines) {
   job.sites[0].metrics_path = path;
   {
     auto g = start(job);
-    auto f0 = g[0]->exchange(3, "g", payloadFor(0, 3, 150000));
-    auto f1 = g[1]->exchange(3, "g", payloadFor(1, 3, 100000));
+    // A tag with characters JSON must escape still gives one valid line.
+    const std::string tag = "g\"quoted\\";
+    auto f0 = g[0]->exchange(3, tag, payloadFor(0, 3, 150000));
+    auto f1 = g[1]->exchange(3, tag, payloadFor(1, 3, 100000));
     RoundResult r = getWithin(f0);
     getWithin(f1);
     ASSERT_EQ(r.peers.size(), 1u);
@@ -429,6 +452,7 @@ TEST(Gateway, MetricsArriveWithTheResultAndAsJsonLines) {
   std::getline(in, line);
   EXPECT_NE(line.find("\"site\": \"s0\", \"peer\": \"s1\", \"round\": 3"), std::string::npos) << line;
   EXPECT_NE(line.find("\"bytes_received\": 100000"), std::string::npos) << line;
+  EXPECT_NE(line.find("\"tag\": \"g\\\"quoted\\\\\""), std::string::npos) << line;
   std::remove(path);
 }
 

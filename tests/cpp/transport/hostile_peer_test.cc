@@ -40,6 +40,7 @@ wire::Envelope chunk(uint64_t round, uint32_t index, uint32_t count, uint64_t to
   c->set_count(count);
   c->set_total_bytes(total);
   c->set_xxh3(sum);
+  c->set_kind(1);
   return e;
 }
 
@@ -75,6 +76,9 @@ TEST(HostilePeer, GarbageAndImpossibleChunksAreRefusedAndTheJobGoesOn) {
     send(envelope(chunk(0, 0, 1, 10, 12345)), &d);        // wrong checksum: Nack
     send(envelope(chunk(0, 0, 1, 11)), &d);               // data frame of the wrong length
     send(envelope(chunk(0, 0, 1, 10)));                   // chunk without its data frame
+    wire::Envelope odd = chunk(0, 0, 1, 10, chunkChecksum(d.data(), d.size()));
+    odd.mutable_chunk()->set_kind(9);
+    send(envelope(odd), &d);                              // a kind the audit log could not name
     const std::string first_half(4096, 'y');
     for (uint64_t r = 100; r < 200; ++r) {  // key flood: valid first chunks of 100 rounds
       send(envelope(chunk(r, 0, 2, 8000, chunkChecksum(first_half.data(), first_half.size()))), &first_half);
@@ -97,7 +101,7 @@ TEST(HostilePeer, GarbageAndImpossibleChunksAreRefusedAndTheJobGoesOn) {
                              "refused handshake from 's2': protocol version 7",
                              "refused handshake from 's9': site 's9' is not a site of job",
                              "exceeds max_message_bytes", "does not fit a payload of 10 bytes",
-                             "failed its checksum", "has 10 bytes, expected 11",
+                             "failed its checksum", "has 10 bytes, expected 11", "message kind 9 is not one of",
                              "too many rounds opened ahead of this site"}) {
     EXPECT_NE(log.find(expect), std::string::npos) << "log lacks \"" << expect << "\":\n" << log.substr(0, 4000);
   }

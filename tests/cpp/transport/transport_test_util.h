@@ -10,8 +10,12 @@
 #include <chrono>
 #include <cstdint>
 #include <algorithm>
+#include <cstdio>
 #include <cstring>
 #include <future>
+#include <mutex>
+#include <random>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -20,19 +24,57 @@
 
 namespace strait::transport::testing {
 
-// A loopback port that was free a moment ago (bind to 0, read it, close).
-inline int freePort() {
+// A loopback port that was free a moment ago and that this process has not
+// handed out before, taken at random from just below the kernel's ephemeral
+// range (the rule of strait.ports.free_port, for the same reason): a port
+// from inside that range, what binding port 0 returns, can be taken by an
+// outgoing connection, even a peer's own dial to it, before the gateway binds.
+inline bool bindableLoopback(int port) {
   const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  if (fd < 0) return false;
   sockaddr_in a{};
   a.sin_family = AF_INET;
   a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  a.sin_port = 0;
-  ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a);
-  socklen_t len = sizeof a;
-  ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
-  const int port = ntohs(a.sin_port);
+  a.sin_port = htons(static_cast<uint16_t>(port));
+  const bool ok = ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0;
   ::close(fd);
-  return port;
+  return ok;
+}
+
+inline int freePort() {
+  static std::mutex mu;
+  static std::set<int> given;
+  static std::mt19937 rng{std::random_device{}()};
+  std::lock_guard<std::mutex> lock(mu);
+  int lo = 32768;
+  if (std::FILE* f = std::fopen("/proc/sys/net/ipv4/ip_local_port_range", "r")) {
+    int a = 0, b = 0;
+    if (std::fscanf(f, "%d %d", &a, &b) == 2 && a > 1024) lo = a;
+    std::fclose(f);
+  }
+  const int first = std::max(1024, lo - 12000);
+  if (lo - first >= 1000) {
+    std::uniform_int_distribution<int> pick(first, lo - 1);
+    for (int i = 0; i < 200; ++i) {
+      const int port = pick(rng);
+      if (!given.count(port) && bindableLoopback(port)) {
+        given.insert(port);
+        return port;
+      }
+    }
+  }
+  for (;;) {  // no room below the range: whatever the kernel gives
+    const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a);
+    socklen_t len = sizeof a;
+    ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
+    ::close(fd);
+    const int port = ntohs(a.sin_port);
+    if (given.insert(port).second) return port;
+  }
 }
 
 struct Job {

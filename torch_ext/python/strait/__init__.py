@@ -59,10 +59,21 @@ _lib = torch.classes.strait.Library
 from . import _fake  # noqa: E402,F401 - registers the operators' fake kernels
 
 
+def _seed(seed) -> int:
+    """A seed of [0, 2^64-1] (CONFIG.md's range) as the int64 with the same
+    64 bits: the operators take torch's `int`, which is signed."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"strait: seed must be an integer in [0, 2^64-1], got {type(seed).__name__} {seed!r}")
+    if not 0 <= seed < 1 << 64:
+        raise ValueError(f"strait: seed = {seed}: must be in [0, 2^64-1]")
+    return seed - (1 << 64) if seed >= 1 << 63 else seed
+
+
 def encode(x: torch.Tensor, pipeline: str, seed: int = 0) -> torch.Tensor:
     """Compresses a float32 tensor (any device); returns the self-describing
-    payload, a 1-D uint8 CPU tensor (bytes bound for the network)."""
-    return _ops.encode(x, pipeline, seed)
+    payload, a 1-D uint8 CPU tensor (bytes bound for the network). `seed`
+    (0 to 2^64-1) drives stochastic rounding and random choices."""
+    return _ops.encode(x, pipeline, _seed(seed))
 
 
 def decode(payload: torch.Tensor, shape) -> torch.Tensor:
@@ -99,7 +110,7 @@ class Compressor:
     stream, lowrank warm start) and, with error feedback, its residual."""
 
     def __init__(self, pipeline: str, seed: int = 0, error_feedback: bool = True):
-        self._c = torch.classes.strait.Compressor(pipeline, seed, error_feedback)
+        self._c = torch.classes.strait.Compressor(pipeline, _seed(seed), error_feedback)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self._c.encode(x)

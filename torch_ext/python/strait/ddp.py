@@ -6,7 +6,7 @@ import zlib
 import torch
 import torch.distributed as dist
 
-from .session import StraitError
+from .session import Session, StraitError
 
 
 def _start_bucket(session, buf, index, params):
@@ -76,6 +76,10 @@ def ddp_hook(session, bucket):
     decoding overlaps with backward. One thread, buckets in DDP's order: the
     same order of collectives on every worker.
     """
+    if not isinstance(session, Session):
+        raise StraitError(
+            "strait.ddp_hook: the hook's state must be the session strait.init() returns, got "
+            f"{type(session).__name__}: call ddp_model.register_comm_hook(strait.init(CONFIG), strait.ddp_hook)")
     if session._join_server is None:
         # A site restarted with --resume asks to join: tell it this job
         # cannot take it in, rather than let it train alone.
@@ -113,7 +117,8 @@ def ddp_hook(session, bucket):
                     note = session.adaptive.update(done - waiting, waiting - previous)
                     if note:
                         session._adaptive_note = note
-        except BaseException as e:  # noqa: B902 - surfaces in DDP's wait, on this worker
+        except BaseException as e:  # noqa: B902 - raised by the step's last hook call, on this worker
+            session._ddp_failure = e
             for _, f, _ in pending:
                 if not f.done():
                     f.set_exception(e)
@@ -121,5 +126,15 @@ def ddp_hook(session, bucket):
             if not fut.done():
                 fut.set_exception(e)
 
-    session.comm_thread().submit(work)
+    done = session.comm_thread().submit(work)
+    if last:
+        # The step's rounds end in this call: wait for them here, on the
+        # autograd thread, so that a failure reaches loss.backward() as the
+        # StraitError it is. DDP's C++ reducer reads a hook's future as a
+        # value: one completed with set_exception would reach the training
+        # loop as "Unable to cast ... to Tensor".
+        done.result()
+        failure = session.__dict__.pop("_ddp_failure", None)
+        if failure is not None:
+            raise failure
     return fut

@@ -201,7 +201,7 @@ class Session:
             # Another pipeline for the same tensor (adaptive compression):
             # what the old one had not sent yet carries over.
             from . import Compressor
-            new = Compressor(pipeline, seed=self.seed + 7919 * len(self._compressors), error_feedback=c.error_feedback)
+            new = Compressor(pipeline, seed=(self.seed + 7919 * len(self._compressors)) % (1 << 64), error_feedback=c.error_feedback)
             if c.error_feedback and c.residual().numel() > 0:
                 new.set_residual(c.residual())
             self._compressors[key], self._pipelines[key] = new, pipeline
@@ -211,7 +211,7 @@ class Session:
             error_feedback = self.error_feedback
             if pipeline is None:
                 pipeline, error_feedback = torch.classes.strait.Library.rule_for(self.config_path, name or key, int(size))
-            c = Compressor(pipeline, seed=self.seed + 7919 * len(self._compressors), error_feedback=error_feedback)
+            c = Compressor(pipeline, seed=(self.seed + 7919 * len(self._compressors)) % (1 << 64), error_feedback=error_feedback)
             self._compressors[key] = c
             self._pipelines[key] = pipeline
         return c

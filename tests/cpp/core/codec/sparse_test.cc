@@ -68,6 +68,24 @@ TEST(TopK, CountLargerThanTensorKeepsEverything) {
   EXPECT_EQ(roundTrip(Pipeline::parse("topk(1000)"), x), x);  // integer literal: a count
 }
 
+// k = ceil(ratio * n) of the decimal ratio written, not of its binary
+// double: 0.07 * 100 is 7.000000000000001 in double arithmetic.
+TEST(TopK, KIsTheCeilingOfRatioTimesNAsWritten) {
+  struct Case {
+    const char* ratio;
+    size_t n, k;
+  };
+  for (const Case c : {Case{"0.07", 100, 7}, Case{"0.29", 100, 29}, Case{"0.57", 100, 57}, Case{"0.1", 30, 3},
+                       Case{"0.07", 101, 8}, Case{"0.015", 1000, 15}, Case{"0.0001", 10, 1}, Case{"1.0", 13, 13}}) {
+    for (const char* structure : {"topk", "randomk"}) {
+      const auto x = gaussian(c.n, c.n);
+      const auto y = roundTrip(Pipeline::parse(std::string(structure) + "(ratio=" + c.ratio + ")"), x);
+      EXPECT_EQ(size_t(std::count_if(y.begin(), y.end(), [](float v) { return v != 0.0f; })), c.k)
+          << structure << "(" << c.ratio << ") of " << c.n;
+    }
+  }
+}
+
 TEST(TopK, FarApartIndicesUseWideDeltas) {
   // Two spikes 10 million apart: the delta needs 24 bits.
   std::vector<float> x(10000001, 0.0f);
