@@ -3,9 +3,11 @@ pyproject.toml). CMake compiles the extension against the torch of the
 interpreter running pip; libstrait_torch.so goes inside the package, the C++
 programs (strait_keys, strait_audit) into strait/bin/ for the `strait`
 command. STRAIT_PIP_BUILD_DIR names the CMake build folder (default
-build/pip)."""
+build/pip); CMAKE_ARGS (the variable scikit-build and conda use) adds CMake
+options after strait's, e.g. CMAKE_ARGS="-G Ninja -DCMAKE_BUILD_TYPE=Debug"."""
 
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -24,7 +26,8 @@ class BuildWithCMake(build_py):
         subprocess.run(["cmake", "-S", ROOT, "-B", build, "-DCMAKE_BUILD_TYPE=Release", f"-DSTRAIT_PYTHON={sys.executable}",
                         "-DSTRAIT_BUILD_TESTS=OFF", "-DSTRAIT_BUILD_BENCH=OFF", "-DSTRAIT_BUILD_TORCH=ON",
                         # Installed, the library finds torch's libraries in the torch package next to it.
-                        "-DSTRAIT_TORCH_RPATH=$ORIGIN/../torch/lib"], check=True)
+                        "-DSTRAIT_TORCH_RPATH=$ORIGIN/../torch/lib",
+                        *shlex.split(os.environ.get("CMAKE_ARGS", ""))], check=True)
         subprocess.run(["cmake", "--build", build, "--target", "strait_torch", "strait_keys", "strait_audit",
                         "-j", jobs], check=True)
         target = os.path.join(self.build_lib, "strait")

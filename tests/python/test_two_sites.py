@@ -30,7 +30,7 @@ sites:
   - {{name: singapore, jurisdiction: SG, endpoint: "tcp://127.0.0.1:{p1}", workers: 2}}
 {extra.get("sync") or f"sync: {{mode: {mode}}}"}
 compression: {{pipeline: "{pipeline}", error_feedback: true{extra.get("rules", "")}}}
-transport: {{insecure: true, round_deadline_s: 60, hard_deadline_s: 120, heartbeat_ms: 100, peer_timeout_ms: 3000}}
+transport: {{insecure: true, heartbeat_ms: 100, peer_timeout_ms: 3000, {extra.get("transport") or "round_deadline_s: 60, hard_deadline_s: 120"}}}
 """)
     return path
 
@@ -96,13 +96,18 @@ def test_every_step_mode_works_with_ddps_bucket_view_and_static_graph(options):
     check(run_job("every_step", "topk(0.1) -> int8", steps=30, extra_args=options))
 
 
-@pytest.mark.parametrize("mode,args", [("every_step", ("--bucket-view",)), ("diloco", ("--sync-every", "10"))],
+@pytest.mark.parametrize("mode,args", [("every_step", ("--compile", "--bucket-view")),
+                                       ("diloco", ("--compile", "aot_eager", "--sync-every", "10"))],
                          ids=["every_step", "diloco"])
 def test_a_compiled_model_trains_two_site_with_identical_replicas(mode, args):
-    # torch.compile (inductor) generates the forward and backward; the
-    # cross-site exchange stays outside the graph (the DDP hook, DiLoCo's
-    # step). 1.7 MB of parameters in 1 MB buckets: two buckets a step.
-    results = run_job(mode, "int8", steps=30, extra_args=("--compile", "--hidden", "4096", "--bucket-cap-mb", "1") + args)
+    # torch.compile generates the forward and backward; the cross-site
+    # exchange stays outside the graph (the DDP hook, DiLoCo's step). 1.7 MB
+    # of parameters in 1 MB buckets: two buckets a step. Every-step mode runs
+    # inductor, whose compiled backward hands DDP the buckets. DiLoCo syncs
+    # parameters after the optimizer, outside any graph, whatever the
+    # backend: aot_eager (the same graphs, traced but not code-generated)
+    # saves the two minutes inductor's C++ compile costs four processes on 2 cores.
+    results = run_job(mode, "int8", steps=30, extra_args=("--hidden", "4096", "--bucket-cap-mb", "1") + args)
     check(results)
     for r in results:
         assert r["compiled_graphs"] >= 1, r  # the model really ran compiled
@@ -162,6 +167,19 @@ def test_diloco_schedules_that_differ_between_sites_are_a_clear_error_everywhere
     for rc, err in results:
         assert rc == 3, err[-1500:]
         assert "schedule: sync_every 5, fragments 1, overlap False" in err, err[-1500:]
+
+
+def test_every_step_mode_past_the_hard_deadline_raises_a_strait_error_in_the_training_loop():
+    # singapore stops after 3 steps; hangzhou (on_site_loss: wait) waits for
+    # its step-4 gradients until the hard deadline. The error must reach
+    # loss.backward() as a StraitError, not as DDP's "Unable to cast ... to Tensor".
+    results = run_job("every_step", "int8", steps=8, site_args={"singapore": ("--steps", "3")}, expect_ok=False,
+                      extra_config={"transport": "on_site_loss: wait, round_deadline_s: 2, hard_deadline_s: 4"})
+    for rc, err in results[:2]:
+        assert rc == 3, err[-1500:]
+        assert "strait error (StraitError)" in err and "hard deadline" in err, err[-1500:]
+        assert "Unable to cast" not in err, err[-1500:]
+    assert all(rc == 0 for rc, _ in results[2:]), results[2:]
 
 
 @pytest.mark.parametrize("mode", ["every_step", "diloco"])

@@ -54,7 +54,8 @@ def main():
     ap.add_argument("--hidden", type=int, default=32, help="hidden width (tests give sites different models)")
     ap.add_argument("--seed", type=int, default=0, help="initial weights (tests give sites different ones)")
     ap.add_argument("--no-flush", action="store_true", help="skip diloco.flush() (a test of the warning)")
-    ap.add_argument("--compile", action="store_true", help="train a torch.compile'd model")
+    ap.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                    help="train a torch.compile'd model (backend: inductor unless named)")
     ap.add_argument("--bucket-cap-mb", type=float, default=0.002,
                     help="DDP's bucket size in MB")
     ap.add_argument("--bucket-view", action="store_true", help="DDP(gradient_as_bucket_view=True)")
@@ -76,7 +77,7 @@ def main():
     # parameters' gradients arrive from the compiled backward, bucket by
     # bucket. (torch.compile of the DDP module itself captured no graph when
     # tried on torch 2.11 with gloo on the CPU.)
-    net = torch.compile(model) if args.compile else model
+    net = torch.compile(model, backend=args.compile) if args.compile else model
     ddp = nn.parallel.DistributedDataParallel(net, bucket_cap_mb=args.bucket_cap_mb,
                                               gradient_as_bucket_view=args.bucket_view,
                                               static_graph=args.static_graph)
@@ -128,7 +129,7 @@ if __name__ == "__main__":
     except RuntimeError as e:  # StraitError, or one raised in the DDP hook and rewrapped by autograd
         if "strait" not in str(e):
             raise
-        print(f"strait error: {e}", file=sys.stderr)
+        print(f"strait error ({type(e).__name__}): {e}", file=sys.stderr)
         code = 3
     # On the error path too: the traceback (and with it DDP) is gone once the
     # except block ends; a gloo group left to interpreter teardown can abort
