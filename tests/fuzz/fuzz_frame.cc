@@ -91,11 +91,13 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       for (const char* user : {routing.c_str(), static_cast<const char*>(nullptr)}) {
         for (bool curve : {true, false}) {
           const HelloTerms terms = fuzz::helloTerms(curve);
-          const std::string reason = checkHello(env.hello(), routing, user, terms);
+          const std::string reason = checkHello(env.hello(), user, terms);
           const strait::wire::Hello& h = env.hello();
+          const auto at = std::find(terms.peers.begin(), terms.peers.end(), h.site());
           const bool welcome = h.protocol_version() == kProtocolVersion && h.job_id() == terms.job_id &&
-                               std::count(terms.peers.begin(), terms.peers.end(), h.site()) > 0 &&
-                               routing == h.site() && h.config_fingerprint() == terms.config_fingerprint &&
+                               at != terms.peers.end() &&
+                               h.jurisdiction() == terms.jurisdictions[size_t(at - terms.peers.begin())] &&
+                               h.config_fingerprint() == terms.config_fingerprint &&
                                (!curve || (user != nullptr && h.site() == std::string(user)));
           check(welcome == reason.empty());
         }

@@ -17,7 +17,9 @@ namespace strait::transport::fuzz {
 inline HelloTerms helloTerms(bool curve) {
   HelloTerms t;
   t.job_id = "fuzz-job";
+  t.self = "s0";
   t.peers = {"s1", "s2"};
+  t.jurisdictions = {"DE", "SG"};
   t.config_fingerprint = std::string(32, '\x5a');
   t.curve = curve;
   return t;

@@ -33,8 +33,7 @@ std::string parseMessage(const FrameView* frames, size_t count, Message* out) {
   return "";
 }
 
-std::string checkHello(const wire::Hello& h, const std::string& routing, const char* user,
-                       const HelloTerms& terms) {
+std::string checkHello(const wire::Hello& h, const char* user, const HelloTerms& terms) {
   if (h.protocol_version() != kProtocolVersion) {
     return "protocol version " + std::to_string(h.protocol_version()) + " is not supported (this gateway speaks " +
            std::to_string(kProtocolVersion) + ")";
@@ -42,19 +41,26 @@ std::string checkHello(const wire::Hello& h, const std::string& routing, const c
   if (h.job_id() != terms.job_id) {
     return "job id '" + h.job_id() + "' differs from this site's job '" + terms.job_id + "'";
   }
-  if (std::find(terms.peers.begin(), terms.peers.end(), h.site()) == terms.peers.end()) {
+  if (h.site() == terms.self) {
+    return "site '" + h.site() + "' is this site: a second gateway runs as '" + h.site() +
+           "' (check the --site / STRAIT_SITE each gateway was started with)";
+  }
+  const auto at = std::find(terms.peers.begin(), terms.peers.end(), h.site());
+  if (at == terms.peers.end()) {
     return "site '" + h.site() + "' is not a site of job '" + terms.job_id + "'";
   }
-  if (routing != h.site()) {
-    return "connection identity '" + routing + "' does not match the site name '" + h.site() + "'";
+  if (terms.curve && (user == nullptr || h.site() != user)) {
+    return "site '" + h.site() + "' connected with the key of '" + std::string(user ? user : "?") + "'";
+  }
+  const size_t i = size_t(at - terms.peers.begin());
+  if (i < terms.jurisdictions.size() && h.jurisdiction() != terms.jurisdictions[i]) {
+    return "site '" + h.site() + "' says its jurisdiction is '" + h.jurisdiction().substr(0, 64) +
+           "', the job config says '" + terms.jurisdictions[i] + "'";
   }
   if (h.config_fingerprint() != terms.config_fingerprint) {
     return "config fingerprint " + hex(h.config_fingerprint()) + "... differs from this site's " +
            hex(terms.config_fingerprint) +
            "...: every site must run the same job config (only key file paths and bind may differ)";
-  }
-  if (terms.curve && (user == nullptr || h.site() != user)) {
-    return "site '" + h.site() + "' connected with the key of '" + std::string(user ? user : "?") + "'";
   }
   return "";
 }

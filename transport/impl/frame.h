@@ -42,17 +42,20 @@ std::string parseMessage(const FrameView* frames, size_t count, Message* out);
 // What this site holds an incoming Hello against.
 struct HelloTerms {
   std::string job_id;
-  std::vector<std::string> peers;   // the other sites of the job (this one excluded)
-  std::string config_fingerprint;   // this site's, raw bytes
-  bool curve = true;                // CurveZMQ: the connection's User-Id must be the site
+  std::string self;                         // this site's name
+  std::vector<std::string> peers;           // the other sites of the job (this one excluded)
+  std::vector<std::string> jurisdictions;   // peers[i]'s jurisdiction in the job config
+  std::string config_fingerprint;           // this site's, raw bytes
+  bool curve = true;                        // CurveZMQ: the connection's User-Id must be the site
 };
 
 // The handshake checks of docs/PROTOCOL.md in their order: "" if `h` is
-// welcome, else the reason a Welcome{accepted: false} carries. `routing` is
-// the connection's routing id; `user` the User-Id ZAP gave the connection
-// (nullptr if none), looked at only with terms.curve.
-std::string checkHello(const wire::Hello& h, const std::string& routing, const char* user,
-                       const HelloTerms& terms);
+// welcome, else the reason a Welcome{accepted: false} carries. `user` is the
+// User-Id ZAP gave the connection (the site whose key it authenticated with;
+// nullptr if none), looked at only with terms.curve. The connection's routing
+// id plays no part: the ROUTER assigns it, and a Hello welcomed on it binds
+// it to the site (docs/PROTOCOL.md, "Connections").
+std::string checkHello(const wire::Hello& h, const char* user, const HelloTerms& terms);
 
 // The answer to our Hello from site `peer`: "" if it was accepted, else the
 // refusal as this site reports it.

@@ -140,8 +140,11 @@ class Gateway::Impl {
   explicit Impl(GatewayOptions options) : opt_(std::move(options)) {
     validate();
     hello_terms_.job_id = opt_.job_id;
+    hello_terms_.self = opt_.site;
     for (size_t i = 0; i < opt_.sites.size(); ++i) {
-      if (i != self_) hello_terms_.peers.push_back(opt_.sites[i].name);
+      if (i == self_) continue;
+      hello_terms_.peers.push_back(opt_.sites[i].name);
+      hello_terms_.jurisdictions.push_back(opt_.sites[i].jurisdiction);
     }
     hello_terms_.config_fingerprint.assign(opt_.config_fingerprint.begin(), opt_.config_fingerprint.end());
     hello_terms_.curve = !opt_.insecure;
@@ -373,8 +376,10 @@ class Gateway::Impl {
  private:
   size_t poolLimit() const { return size_t(opt_.max_rounds_in_flight) * opt_.sites.size(); }
 
-  // A buffer of `bytes` bytes: a recycled one that is large enough, else new.
-  std::vector<uint8_t> takeBuffer(uint64_t bytes) {
+  // A recycled buffer of at least `bytes` bytes, sized to `bytes` (memory
+  // this process holds already: the steady state allocates nothing), or an
+  // empty one that handleChunk grows as chunks arrive.
+  std::vector<uint8_t> recycledBuffer(uint64_t bytes) {
     std::vector<uint8_t> out;
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -382,11 +387,11 @@ class Gateway::Impl {
         if (pool_[i].size() >= bytes) {
           out = std::move(pool_[i]);
           pool_.erase(pool_.begin() + long(i));
+          out.resize(bytes);  // within its capacity: no allocation
           break;
         }
       }
     }
-    out.resize(bytes);
     return out;
   }
 
@@ -444,7 +449,11 @@ class Gateway::Impl {
     router_ = std::make_unique<zmq::socket_t>(ctx_, zmq::socket_type::router);
     setCommon(*router_);
     router_->set(zmq::sockopt::router_mandatory, 1);
-    router_->set(zmq::sockopt::router_handover, 1);
+    // No ROUTER handover: a connection that names an existing routing id is
+    // refused by ZeroMQ instead of taking the other's place (a takeover, and
+    // in libzmq 4.3.4 a way to abort this process). Our DEALERs name none:
+    // the ROUTER gives each connection its own id, and a welcomed Hello binds
+    // that id to a site (conns_).
     if (!opt_.insecure) {
       router_->set(zmq::sockopt::curve_server, 1);
       router_->set(zmq::sockopt::curve_secretkey, opt_.secret_key);
@@ -464,7 +473,6 @@ class Gateway::Impl {
       p.name = opt_.sites[i].name;
       p.dealer = std::make_unique<zmq::socket_t>(ctx_, zmq::socket_type::dealer);
       setCommon(*p.dealer);
-      p.dealer->set(zmq::sockopt::routing_id, opt_.site);
       p.dealer->set(zmq::sockopt::immediate, 1);  // queue only to a live connection
       p.dealer->set(zmq::sockopt::reconnect_ivl, 100);
       p.dealer->set(zmq::sockopt::reconnect_ivl_max, 2000);
@@ -771,32 +779,33 @@ class Gateway::Impl {
       handleHello(routing, frame, env.hello());
       return true;
     }
-    Peer* p = peerByName(routing);
-    if (p == nullptr || !p->greeted) {
-      return true;  // no (valid) handshake on this connection yet: ignore
+    const auto conn = conns_.find(routing);
+    if (conn == conns_.end()) {
+      return true;  // no welcomed Hello on this connection (or a newer one of its site took over): ignore
     }
+    Peer& p = peers_[conn->second];
     if (!opt_.insecure) {
-      // The routing id is the sender's choice; the CurveZMQ key is not.
+      // The binding was made under this connection's key; check it anyway.
       const char* user = zmq_msg_gets(const_cast<zmq_msg_t*>(frame.handle()), "User-Id");
-      if (user == nullptr || routing != user) {
-        log("dropped a message claiming to be '" + routing + "' from the key of '" + (user ? user : "?") + "'");
+      if (user == nullptr || p.name != user) {
+        log("dropped a message on the connection of '" + p.name + "' from the key of '" + (user ? user : "?") + "'");
         return true;
       }
     }
-    p->last_heard = Clock::now();
+    p.last_heard = Clock::now();
     if (env.body_case() == wire::Envelope::kChunk) {
       if (!m.has_data) {
         reply(routing, refuseEnv(env.chunk().round(), env.chunk().tag(), "chunk without a data frame"));
         return true;
       }
-      handleChunk(*p, env.chunk(), data);
+      handleChunk(p, routing, env.chunk(), data);
     }
     return true;
   }
 
   void handleHello(const std::string& routing, const zmq::message_t& frame, const wire::Hello& h) {
     const char* user = opt_.insecure ? nullptr : zmq_msg_gets(const_cast<zmq_msg_t*>(frame.handle()), "User-Id");
-    const std::string reason = checkHello(h, routing, user, hello_terms_);
+    const std::string reason = checkHello(h, user, hello_terms_);
     wire::Envelope env;
     wire::Welcome* w = env.mutable_welcome();
     w->set_site(opt_.site);
@@ -810,6 +819,13 @@ class Gateway::Impl {
     }
     w->set_accepted(true);
     Peer* p = peerByName(h.site());  // checkHello: one of peers_
+    // This connection speaks for the site from now on; an older one of the
+    // same site (half-open after a restart or a partition) no longer does.
+    const size_t slot = size_t(p - peers_.data());
+    for (auto it = conns_.begin(); it != conns_.end();) {
+      it = it->second == slot ? conns_.erase(it) : std::next(it);
+    }
+    conns_[routing] = slot;
     const bool restarted = p->greeted && p->incarnation != h.incarnation();
     p->greeted = true;
     p->last_heard = Clock::now();
@@ -850,7 +866,8 @@ class Gateway::Impl {
     return env;
   }
 
-  void handleChunk(Peer& p, const wire::Chunk& c, const zmq::message_t& data) {
+  // `routing`: the connection it came on, where replies go.
+  void handleChunk(Peer& p, const std::string& routing, const wire::Chunk& c, const zmq::message_t& data) {
     // Only the incarnation that said Hello may send: a stale or forged one
     // could otherwise make us drop and reallocate buffers at will.
     if (c.incarnation() != p.incarnation) return;
@@ -859,13 +876,22 @@ class Gateway::Impl {
       wire::Envelope ack;
       ack.mutable_ack()->set_round(c.round());
       ack.mutable_ack()->set_tag(c.tag());
-      reply(p.name, ack);
+      reply(routing, ack);
+      return;
+    }
+    auto it = rounds_.find(key);
+    if (it != rounds_.end() && it->second.in[p.index].complete) {
+      // Whatever it holds, a chunk of a payload that is already in changes
+      // nothing (PROTOCOL.md): our Ack may have been lost, acknowledge again.
+      wire::Envelope ack;
+      ack.mutable_ack()->set_round(c.round());
+      ack.mutable_ack()->set_tag(c.tag());
+      reply(routing, ack);
       return;
     }
     // Layout checks before anything is allocated.
     const uint64_t total = c.total_bytes();
     std::string bad = checkChunk(c, data.size(), ChunkLimits{opt_.chunk_bytes, opt_.max_message_bytes});
-    auto it = rounds_.find(key);
     bool flood = false;
     if (bad.empty() && (it == rounds_.end() || !it->second.local) &&
         (it == rounds_.end() || it->second.in[p.index].count == 0)) {
@@ -880,7 +906,7 @@ class Gateway::Impl {
     }
     if (!bad.empty()) {
       log("refused round " + std::to_string(c.round()) + " '" + c.tag() + "' from '" + p.name + "': " + bad);
-      reply(p.name, refuseEnv(c.round(), c.tag(), bad));
+      reply(routing, refuseEnv(c.round(), c.tag(), bad));
       // With `continue` the site simply counts as missing for this round
       // (and is not waited for: it will not send the payload again).
       // With `wait` nothing good can come any more: fail the round now, with
@@ -907,36 +933,20 @@ class Gateway::Impl {
       return;
     }
     Round& r = it != rounds_.end() ? it->second : newRound(key, false);
-    Incoming& in = r.in[p.index];
-    if (in.complete) {  // our Ack may have been lost: acknowledge again
-      wire::Envelope ack;
-      ack.mutable_ack()->set_round(c.round());
-      ack.mutable_ack()->set_tag(c.tag());
-      reply(p.name, ack);
-      return;
-    }
+    Incoming& in = r.in[p.index];  // not complete: see above
     if (in.count == 0 || in.incarnation != c.incarnation()) {
       in = Incoming{};
       in.incarnation = c.incarnation();
       in.total = total;
       in.count = c.count();
       in.kind = c.kind();
-      try {
-        in.data = takeBuffer(total);
-      } catch (const std::bad_alloc&) {
-        in = Incoming{};
-        log("cannot allocate " + std::to_string(total) + " bytes for round " + std::to_string(c.round()) + " '" +
-            c.tag() + "' from '" + p.name + "'");
-        reply(p.name, refuseEnv(c.round(), c.tag(), "the receiver cannot allocate the payload"));
-        return;
-      }
-      in.have.assign(c.count(), false);
+      in.data = recycledBuffer(total);  // empty unless one is held already: see below
     }
     if (in.total != total || in.count != c.count()) {
-      reply(p.name, refuseEnv(c.round(), c.tag(), "chunk layout changed within one payload"));
+      reply(routing, refuseEnv(c.round(), c.tag(), "chunk layout changed within one payload"));
       return;
     }
-    if (in.have[c.index()]) return;
+    if (c.index() < in.have.size() && in.have[c.index()]) return;
     if (chunkChecksum(data.data(), data.size()) != c.xxh3()) {
       log("chunk " + std::to_string(c.index()) + " of round " + std::to_string(c.round()) + " '" + c.tag() +
           "' from '" + p.name + "' failed its checksum: asking for it again");
@@ -944,7 +954,24 @@ class Gateway::Impl {
       nack.mutable_nack()->set_round(c.round());
       nack.mutable_nack()->set_tag(c.tag());
       nack.mutable_nack()->set_index(c.index());
-      reply(p.name, nack);
+      reply(routing, nack);
+      return;
+    }
+    // Memory follows the bytes that arrived, not the size the first chunk
+    // claims: a peer that announces 1 GiB and sends one chunk costs one
+    // chunk (twice at most, the buffer growing geometrically up to `total`).
+    const uint64_t end = uint64_t(c.index()) * opt_.chunk_bytes + data.size();
+    try {
+      if (in.data.size() < end) {
+        if (in.data.capacity() < end) in.data.reserve(std::min<uint64_t>(total, std::max<uint64_t>(end, 2 * in.data.capacity())));
+        in.data.resize(end);
+      }
+      if (in.have.size() <= c.index()) in.have.resize(c.index() + 1, false);
+    } catch (const std::bad_alloc&) {
+      in = Incoming{};
+      log("cannot allocate " + std::to_string(end) + " bytes for round " + std::to_string(c.round()) + " '" +
+          c.tag() + "' from '" + p.name + "'");
+      reply(routing, refuseEnv(c.round(), c.tag(), "the receiver cannot allocate the payload"));
       return;
     }
     if (data.size() > 0) std::memcpy(in.data.data() + uint64_t(c.index()) * opt_.chunk_bytes, data.data(), data.size());
@@ -956,7 +983,7 @@ class Gateway::Impl {
       wire::Envelope ack;
       ack.mutable_ack()->set_round(c.round());
       ack.mutable_ack()->set_tag(c.tag());
-      reply(p.name, ack);
+      reply(routing, ack);
     }
   }
 
@@ -1413,6 +1440,9 @@ class Gateway::Impl {
 
   GatewayOptions opt_;
   HelloTerms hello_terms_;  // what peers' Hellos are checked against
+  // The ROUTER's connections that speak for a site (routing id -> position
+  // in peers_): the one whose Hello was welcomed last, at most one per site.
+  std::map<std::string, size_t> conns_;
   size_t self_ = 0;
   uint64_t incarnation_ = 0;
   int wake_fd_ = -1;
