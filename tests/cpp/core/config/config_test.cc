@@ -550,6 +550,27 @@ job: {id: Full.Job_1}
   EXPECT_NE(a.sharedText(), c.sharedText()) << "a setting every site must agree on";
 }
 
+// docs/PROTOCOL.md's example of the canonical text (what the handshake's
+// config fingerprint hashes), byte for byte: a peer written from the
+// document computes the same fingerprint.
+TEST(Config, TheCanonicalTextIsTheOneDocumentedInProtocolMd) {
+  const JobConfig c = JobConfig::parse(R"yaml(
+job: {id: demo}
+sites:
+  - {name: hangzhou, jurisdiction: CN, endpoint: "tcp://10.0.0.1:5555", bind: "tcp://0.0.0.0:5555"}
+  - {name: singapore, jurisdiction: SG, endpoint: "tcp://10.0.0.2:5555", public_key: keys/sg.pub}
+sync: {mode: diloco}
+compression: {pipeline: "topk(0.01) -> int8", adaptive: {min_bits: 8}}
+)yaml");
+  EXPECT_EQ(c.sharedText(),
+            "job demo\n"
+            "site hangzhou CN tcp://10.0.0.1:5555 1 1\n"
+            "site singapore SG tcp://10.0.0.2:5555 1 1\n"
+            "sync diloco 50 0.69999999999999996 0.90000000000000002 1 1\n"
+            "compression topk(ratio=0.01, method=sample) -> int8(block=256, rounding=nearest) 1 0\n"
+            "transport 1048576 1073741824 4 64 500 5000 60 600 0 0\n");
+}
+
 TEST(Config, AdaptiveCompressionIsOffByDefaultAndParses) {
   const std::string base = "job: {id: x}\nsites:\n  - {name: a, jurisdiction: CN, endpoint: \"tcp://h:1\"}\n";
   EXPECT_FALSE(JobConfig::parse(base).compression.adaptive.enabled);
