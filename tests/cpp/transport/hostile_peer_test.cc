@@ -195,11 +195,16 @@ TEST(HostilePeer, ConnectionsUnderAnAdmittedSitesIdentityCannotStopOrMisleadTheG
     const std::string junk = "\x01\x02 not an envelope";
     const std::string bytes(100, 'z');
     for (uint64_t r = 0; r < 6; ++r) {
+      // Round 0 names the sites' own ids; later rounds ids of their own, as
+      // the ROUTER may not yet have dropped the previous round's connections
+      // (and, without handover, refuses a new one under an id still in use).
+      const std::string id1 = r == 0 ? "s1" : "s1/" + std::to_string(r);
+      const std::string id2 = r == 0 ? "s2" : "s2/" + std::to_string(r);
       std::vector<std::unique_ptr<zmq::socket_t>> evil;
-      evil.push_back(client(1, "s1"));  // s1's own key, s1's old routing id, twice
-      evil.push_back(client(1, "s1"));
-      evil.push_back(client(2, "s1"));  // s2's key naming s1
-      evil.push_back(client(2, "s2"));
+      evil.push_back(client(1, id1));  // s1's own key under s1's (old-scheme) routing id, twice
+      evil.push_back(client(1, id1));
+      evil.push_back(client(2, id1));  // s2's key under s1's id
+      evil.push_back(client(2, id2));
       for (auto& e : evil) {
         e->send(zmq::buffer(junk), zmq::send_flags::dontwait);
         const std::string c = envelope(chunk(r, 0, 1, bytes.size(), chunkChecksum(bytes.data(), bytes.size())));
