@@ -271,8 +271,12 @@ def test_every_step_job_killed_and_resumed_ends_like_an_uninterrupted_run(tmp_pa
     config, policies = make_job(chaos, on_site_loss="wait", every=10, mode="every_step")
     job = launch(chaos, config, policies, steps=60, step_sleep=0.05, mode="every_step")
     def both_hold_step_20():
+        # A finished checkpoint, not the temporary file it is written to
+        # first (same prefix, ".tmp-PID" after it): killed while that is on
+        # disk, the newest checkpoint both sites hold is step 10's.
         dirs = [os.path.join(chaos, "ckpt", s) for s, _ in SITES]
-        return all(os.path.isdir(d) and any(n.startswith("round-00000020-") for n in os.listdir(d)) for d in dirs)
+        return all(os.path.isdir(d) and any(n.startswith("round-00000020-") and ".tmp-" not in n
+                                            for n in os.listdir(d)) for d in dirs)
 
     wait_for("a checkpoint of step 20 on both sites", both_hold_step_20)
     kill_launch(chaos, job, [s for s, _ in SITES])
