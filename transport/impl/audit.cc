@@ -319,15 +319,6 @@ AuditVerdict verifyAuditLog(const std::string& path, const std::vector<std::vect
   for (const auto& k : public_keys) {
     if (k.size() != crypto_sign_PUBLICKEYBYTES) fail<InvalidArgument>("verify: a public key must be 32 bytes (Ed25519)");
   }
-  struct stat st{};
-  if (::stat(path.c_str(), &st) != 0) fail<Error>("cannot read audit log '", path, "': ", std::strerror(errno));
-  if (!S_ISREG(st.st_mode)) fail<Error>("audit log '", path, "' is not a regular file (a directory?): give the log itself");
-  std::ifstream in(path, std::ios::binary);
-  if (!in) fail<Error>("cannot read audit log '", path, "': ", std::strerror(errno));
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  if (in.bad()) fail<Error>("cannot read audit log '", path, "': ", std::strerror(errno));
-  const std::string text = ss.str();
   std::string want_head = expected_head;
   for (char& c : want_head) c = char(std::tolower(static_cast<unsigned char>(c)));
   if (!want_head.empty()) {
@@ -337,6 +328,15 @@ AuditVerdict verifyAuditLog(const std::string& path, const std::vector<std::vect
                             "' is not 64 hex characters (a BLAKE2b-256 digest, as verify prints it)");
     }
   }
+  struct stat st{};
+  if (::stat(path.c_str(), &st) != 0) fail<Error>("cannot read audit log '", path, "': ", std::strerror(errno));
+  if (!S_ISREG(st.st_mode)) fail<Error>("audit log '", path, "' is not a regular file (a directory?): give the log itself");
+  std::ifstream in(path, std::ios::binary);
+  if (!in) fail<Error>("cannot read audit log '", path, "': ", std::strerror(errno));
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  if (in.bad()) fail<Error>("cannot read audit log '", path, "': ", std::strerror(errno));
+  const std::string text = ss.str();
   AuditSummary& s = v.summary;
   std::string prev = kZeroHash;
   uint64_t expect = 0;

@@ -857,6 +857,13 @@ class Gateway::Impl {
     reply(routing, env);
   }
 
+  wire::Envelope ackEnv(uint64_t round, const std::string& tag) {
+    wire::Envelope env;
+    env.mutable_ack()->set_round(round);
+    env.mutable_ack()->set_tag(tag);
+    return env;
+  }
+
   wire::Envelope refuseEnv(uint64_t round, const std::string& tag, const std::string& why) {
     wire::Envelope env;
     wire::Refuse* r = env.mutable_refuse();
@@ -873,20 +880,14 @@ class Gateway::Impl {
     if (c.incarnation() != p.incarnation) return;
     const Key key{c.round(), c.tag()};
     if (finished_.count(key)) {  // stale or duplicate: it may have missed our Ack
-      wire::Envelope ack;
-      ack.mutable_ack()->set_round(c.round());
-      ack.mutable_ack()->set_tag(c.tag());
-      reply(routing, ack);
+      reply(routing, ackEnv(c.round(), c.tag()));
       return;
     }
     auto it = rounds_.find(key);
     if (it != rounds_.end() && it->second.in[p.index].complete) {
       // Whatever it holds, a chunk of a payload that is already in changes
       // nothing (PROTOCOL.md): our Ack may have been lost, acknowledge again.
-      wire::Envelope ack;
-      ack.mutable_ack()->set_round(c.round());
-      ack.mutable_ack()->set_tag(c.tag());
-      reply(routing, ack);
+      reply(routing, ackEnv(c.round(), c.tag()));
       return;
     }
     // Layout checks before anything is allocated.
@@ -980,10 +981,7 @@ class Gateway::Impl {
     if (++in.have_count == in.count) {
       in.complete = true;
       in.done_at = Clock::now();
-      wire::Envelope ack;
-      ack.mutable_ack()->set_round(c.round());
-      ack.mutable_ack()->set_tag(c.tag());
-      reply(routing, ack);
+      reply(routing, ackEnv(c.round(), c.tag()));
     }
   }
 

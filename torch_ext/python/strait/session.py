@@ -192,6 +192,11 @@ class Session:
             self._comm = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="strait-comm")
         return self._comm
 
+    def _next_seed(self):
+        """The seed of the next compressor: the config's, stepped per
+        compressor, mod 2^64 like the C++ API's uint64 arithmetic."""
+        return (self.seed + 7919 * len(self._compressors)) % (1 << 64)
+
     def compressor(self, key, pipeline=None, name=None, size=0):
         """The compressor of `key`, created on first use. Its pipeline and
         error feedback come from the config's first rule matching (`name`,
@@ -201,7 +206,7 @@ class Session:
             # Another pipeline for the same tensor (adaptive compression):
             # what the old one had not sent yet carries over.
             from . import Compressor
-            new = Compressor(pipeline, seed=(self.seed + 7919 * len(self._compressors)) % (1 << 64), error_feedback=c.error_feedback)
+            new = Compressor(pipeline, seed=self._next_seed(), error_feedback=c.error_feedback)
             if c.error_feedback and c.residual().numel() > 0:
                 new.set_residual(c.residual())
             self._compressors[key], self._pipelines[key] = new, pipeline
@@ -211,7 +216,7 @@ class Session:
             error_feedback = self.error_feedback
             if pipeline is None:
                 pipeline, error_feedback = torch.classes.strait.Library.rule_for(self.config_path, name or key, int(size))
-            c = Compressor(pipeline, seed=(self.seed + 7919 * len(self._compressors)) % (1 << 64), error_feedback=error_feedback)
+            c = Compressor(pipeline, seed=self._next_seed(), error_feedback=error_feedback)
             self._compressors[key] = c
             self._pipelines[key] = pipeline
         return c
