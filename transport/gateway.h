@@ -178,6 +178,16 @@ class Gateway {
   // reconcile them (DiLoCo: the side without the lowest-index site rejoins).
   std::vector<std::string> takeReturnedPeers();
 
+  // Sites this site has parted from since the last call: one of them ended
+  // a round without the other's payload (on_site_loss: continue) while the
+  // other went on with that round. Learnt on both sides: the site that
+  // closed the round hears the other's late payload for it and answers
+  // Closed; the other hears that Closed. Both now hold different state,
+  // whatever the round counters say: the caller must reconcile them
+  // (DiLoCo: the higher-index site fetches the other's state; every-step
+  // mode: the higher-index site stops). Each site at most once per call.
+  std::vector<std::string> takeDivergedPeers();
+
  private:
   class Impl;
   std::unique_ptr<Impl> impl_;

@@ -32,7 +32,7 @@ MAX_RSS_KB = 1_200_000
 
 
 def make_job(tmp, on_site_loss="continue", workers=1, hard_deadline=60, every=2, sync_every=5, mode="diloco",
-             fragments=1, overlap=False):
+             fragments=1, overlap=False, round_deadline=None):
     """Two sites with CurveZMQ keys (plaintext is refused off loopback, so
     always), a policy with a signed audit log each, checkpoints every
     `every` syncs (a sync every sync_every steps: with fragments, each
@@ -50,7 +50,7 @@ def make_job(tmp, on_site_loss="continue", workers=1, hard_deadline=60, every=2,
         ([f"  diloco: {{sync_every: {sync_every * fragments}, fragments: {fragments}, outer_lr: 0.7, "
           f"outer_momentum: 0.5, overlap: {str(overlap).lower()}}}"] if mode == "diloco" else [])
     lines += ["compression:", "  pipeline: \"topk(0.1) -> int8\"",
-              f"transport: {{heartbeat_ms: 100, peer_timeout_ms: 1000, round_deadline_s: {min(20, hard_deadline)}, "
+              f"transport: {{heartbeat_ms: 100, peer_timeout_ms: 1000, round_deadline_s: {round_deadline or min(20, hard_deadline)}, "
               f"hard_deadline_s: {hard_deadline}, on_site_loss: {on_site_loss}}}",
               f"checkpoint: {{dir: ckpt, every: {every}, keep: 3}}"]
     config = os.path.join(tmp, "job.yaml")
@@ -453,3 +453,93 @@ def test_a_partition_heals_and_the_replicas_agree_again(tmp_path, mode):
         assert not any(s["missing"] for s in alpha), alpha
         stalled = max(b["time"] - a["time"] for a, b in zip(alpha, alpha[1:]))
         print(f"\n[wait] partition of {healed_at - cut_at:.1f} s; the longest pause between syncs was {stalled:.1f} s")
+
+
+# ---------------------------------------------------------------- freezes ---
+# A frozen, not dead, site (a GC pause, a slow disk, a migrated VM): SIGSTOP
+# for a multiple of peer_timeout (1 s), then SIGCONT. The other site goes on
+# (continue) or waits (wait); afterwards both must hold the same parameters
+# again, whatever the round counters did meanwhile (issue 16, defect 4).
+
+def freeze(tmp, site, seconds, other):
+    """SIGSTOP every worker of `site` for `seconds`, the other site running
+    at full speed meanwhile (held back again after: see hold_back); the
+    time it woke. Under `continue` the other site runs many rounds ahead."""
+    pids = worker_pids(tmp, site)
+    assert pids, tail(tmp)
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    os.remove(os.path.join(tmp, f"{other}.slow"))
+    try:
+        time.sleep(seconds)
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+        hold_back(tmp, other)
+    return time.time()
+
+
+def agree_since(tmp, since):
+    """Both sites applied a sync after `since`, and at the latest sync number
+    both applied they hold the same parameters."""
+    a = {s["sync"]: s["hash"] for s in syncs(tmp, "alpha") if s["time"] > since}
+    b = {s["sync"]: s["hash"] for s in syncs(tmp, "beta") if s["time"] > since}
+    common = set(a) & set(b)
+    return bool(common) and a[max(common)] == b[max(common)]
+
+
+@pytest.mark.parametrize("mode", ["continue", "wait"])
+def test_frozen_sites_of_half_to_five_peer_timeouts_leave_the_replicas_identical(tmp_path, mode):
+    # peer_timeout 1 s, round deadline 5 s, hard deadline 15 s: every freeze
+    # here is shorter than the hard deadline, so under both modes the job
+    # goes on and the sites agree again after each.
+    tmp = str(tmp_path)
+    config, policies = make_job(tmp, on_site_loss=mode, hard_deadline=15, round_deadline=5)
+    slow = [hold_back(tmp, "alpha"), hold_back(tmp, "beta")]  # the job outlasts the freezes
+    job = launch(tmp, config, policies, steps=1500)
+    wait_for("sync 3", lambda: len(syncs(tmp, "beta")) >= 3 and len(syncs(tmp, "alpha")) >= 3)
+    took = []
+    for site, factor in [("beta", 0.5), ("beta", 1), ("beta", 2), ("beta", 5), ("alpha", 5)]:
+        woke = freeze(tmp, site, factor * 1.0, "alpha" if site == "beta" else "beta")
+        started = time.monotonic()
+        wait_for(f"the sites to agree after {site} was frozen for {factor} s", lambda: agree_since(tmp, woke),
+                 timeout=90)
+        took.append(f"{site} {factor} s: {time.monotonic() - started:.1f} s")
+    for path in slow:
+        os.remove(path)
+    assert finish(job, tmp) == 0, tail(tmp)
+    check_whole(tmp, ["alpha-0", "beta-0"])
+    if mode == "wait":
+        alpha, beta = syncs(tmp, "alpha"), syncs(tmp, "beta")
+        assert not any(s["missing"] for s in alpha + beta), tail(tmp)
+    print(f"\n[{mode}] agreed again after each freeze in: " + "; ".join(took))
+
+
+@pytest.mark.parametrize("mode", ["continue", "wait"])
+def test_a_site_frozen_past_the_hard_deadline_rejoins_or_both_stop_with_a_named_error(tmp_path, mode):
+    # 20 x peer_timeout, beyond the hard deadline (15 s): under continue alpha
+    # trained alone and beta, awake, takes alpha's state; under wait both
+    # sites stop with the hard deadline's error, neither trains on alone.
+    tmp = str(tmp_path)
+    config, policies = make_job(tmp, on_site_loss=mode, hard_deadline=15, round_deadline=5)
+    slow = [hold_back(tmp, "alpha"), hold_back(tmp, "beta")]
+    job = launch(tmp, config, policies, steps=1500)
+    wait_for("sync 3", lambda: len(syncs(tmp, "beta")) >= 3 and len(syncs(tmp, "alpha")) >= 3)
+    woke = freeze(tmp, "beta", 20.0, "alpha")
+    log = os.path.join(tmp, "launch.log")
+    if mode == "continue":
+        wait_for("the sites to agree after beta was frozen for 20 s", lambda: agree_since(tmp, woke), timeout=90)
+        for path in slow:
+            os.remove(path)
+        assert finish(job, tmp) == 0, tail(tmp)
+        check_whole(tmp, ["alpha-0", "beta-0"])
+        assert "this site gives way and fetches the state of the side with 'alpha'" in open(log).read(), tail(tmp)
+    else:
+        for path in slow:
+            os.remove(path)
+        assert finish(job, tmp) != 0, tail(tmp)
+        text = open(log, errors="replace").read()
+        assert "within the hard deadline of 15.0 s" in text, tail(tmp)
+        # Neither site went on past the freeze: no sync applied after it without the other.
+        assert not any(s["missing"] for s in syncs(tmp, "alpha") + syncs(tmp, "beta")), tail(tmp)
+        assert not results(tmp), (results(tmp), tail(tmp))

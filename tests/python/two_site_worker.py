@@ -44,6 +44,8 @@ def main():
     # A hung worker dumps every thread's stack and exits: the test reports
     # where, instead of waiting for its own deadline.
     faulthandler.dump_traceback_later(int(os.environ.get("STRAIT_WORKER_TIMEOUT", "200")), exit=True)
+    # A fatal signal (an abort in C++) prints every thread's Python stack.
+    faulthandler.enable()
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", required=True)
     ap.add_argument("--site", required=True)
@@ -120,6 +122,7 @@ def main():
     dist.barrier()
     del ddp, net
     dist.destroy_process_group()
+    session.close()
 
 
 if __name__ == "__main__":
@@ -138,4 +141,11 @@ if __name__ == "__main__":
         import gc
         gc.collect()
         dist.destroy_process_group()
-    sys.exit(code)
+    # Everything strait and torch.distributed own is closed by now. What is
+    # left is the interpreter's teardown of torch's C++ state: one CI run
+    # (of some 230 here since) saw a worker abort after its work was done
+    # ("terminate called without an active exception", no Python frame),
+    # which this test does not test; skip it.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

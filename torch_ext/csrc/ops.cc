@@ -270,6 +270,7 @@ class SiteGateway : public torch::CustomClassHolder {
 
   std::vector<std::string> livePeers() const { return gateway_->livePeers(); }
   std::vector<std::string> returnedPeers() { return gateway_->takeReturnedPeers(); }
+  std::vector<std::string> divergedPeers() { return gateway_->takeDivergedPeers(); }
 
   // Rounds peers opened that this site has not, as "ROUND TAB TAG TAB SITE".
   std::vector<std::string> peerRounds(const std::string& prefix) const {
@@ -331,6 +332,7 @@ TORCH_LIBRARY(strait, m) {
       .def("site_index", &SiteGateway::siteIndex)
       .def("live_peers", &SiteGateway::livePeers)
       .def("returned_peers", &SiteGateway::returnedPeers)
+      .def("diverged_peers", &SiteGateway::divergedPeers)
       .def("peer_rounds", &SiteGateway::peerRounds);
 }
 

@@ -73,6 +73,7 @@ struct Outgoing {
   bool acked = false;
   bool abandoned = false;         // the round finished without this peer
   bool refused = false;           // the peer refused it (continue: the round goes on without it)
+  bool closed = false;            // the peer ended the round without it (Closed): the sites parted
 };
 
 // A peer's payload being reassembled.
@@ -109,6 +110,48 @@ struct Round {
   Clock::time_point next_wait_log;
   bool said_waiting = false;  // "waiting for" logged once already
 };
+
+// The model-update rounds of one tag that this site completed without one
+// peer (missing, not refused), in one life of that peer, as spans of round
+// numbers: [lo, hi] by lo. Kept as long as the gateway runs (at most
+// kMaxLeftOutSpans spans; a freeze of any length is one span), because a
+// peer that froze can wake any number of rounds behind: its late chunks for
+// these rounds are answered with Closed, never Ack.
+struct LeftOut {
+  uint64_t incarnation = 0;  // the peer's life then; 0: never heard (any life)
+  std::map<uint64_t, uint64_t> spans;
+  bool told = false;         // the parting logged and noted once already
+
+  bool has(uint64_t round, uint64_t life) const {
+    if (incarnation != 0 && incarnation != life) return false;
+    auto it = spans.upper_bound(round);
+    return it != spans.begin() && std::prev(it)->second >= round;
+  }
+
+  void add(uint64_t round) {
+    auto next = spans.upper_bound(round);
+    if (next != spans.begin()) {
+      auto prev = std::prev(next);
+      if (prev->second >= round) return;  // in it already
+      if (prev->second + 1 == round) {
+        prev->second = round;
+        if (next != spans.end() && next->first == round + 1) {
+          prev->second = next->second;
+          spans.erase(next);
+        }
+        return;
+      }
+    }
+    if (next != spans.end() && next->first == round + 1) {
+      const uint64_t hi = next->second;
+      spans.erase(next);
+      spans.emplace(round, hi);
+      return;
+    }
+    spans.emplace(round, round);
+  }
+};
+constexpr size_t kMaxLeftOutSpans = 256;
 
 struct Peer {
   size_t index = 0;
@@ -358,6 +401,13 @@ class Gateway::Impl {
     std::lock_guard<std::mutex> lock(mu_);
     std::vector<std::string> out;
     out.swap(returned_);
+    return out;
+  }
+
+  std::vector<std::string> takeDivergedPeers() {
+    std::lock_guard<std::mutex> lock(mu_);
+    std::vector<std::string> out;
+    out.swap(diverged_);
     return out;
   }
 
@@ -721,6 +771,22 @@ class Gateway::Impl {
         }
         break;
       }
+      case wire::Envelope::kClosed: {
+        const wire::Closed& cl = env.closed();
+        if (cl.incarnation() != incarnation_) break;  // an answer to an earlier life of this gateway
+        const Key key{cl.round(), cl.tag()};
+        auto it = rounds_.find(key);
+        if (it != rounds_.end() && it->second.local) {
+          Outgoing& o = it->second.out[p.index];
+          if (o.closed) break;
+          // Not waited for any more, and its payload (if here) is not used:
+          // it did not use ours.
+          o.closed = true;
+          o.abandoned = true;
+        }
+        noteParted(p, key, "site '" + p.name + "' had closed the round without this site's payload");
+        break;
+      }
       default:
         log("unexpected message from " + p.name + " on its reply channel: ignored");
     }
@@ -864,6 +930,40 @@ class Gateway::Impl {
     return env;
   }
 
+  wire::Envelope closedEnv(uint64_t round, const std::string& tag, uint64_t incarnation) {
+    wire::Envelope env;
+    wire::Closed* c = env.mutable_closed();
+    c->set_round(round);
+    c->set_tag(tag);
+    c->set_incarnation(incarnation);
+    return env;
+  }
+
+  // This site and `p` applied different results for (round, tag): one
+  // closed it without the other (takeDivergedPeers).
+  void noteParted(const Peer& p, const Key& key, const std::string& how) {
+    log("round " + std::to_string(key.first) + " '" + key.second + "': " + how +
+        ": the two sites now hold different state");
+    std::lock_guard<std::mutex> lock(mu_);
+    if (std::find(diverged_.begin(), diverged_.end(), p.name) == diverged_.end() && diverged_.size() < 64) {
+      diverged_.push_back(p.name);
+    }
+  }
+
+  // A chunk of `p` for a round this site completed without it: Closed, the
+  // parting noted once per tag and life (its later chunks get Closed too).
+  bool answeredLeftOut(Peer& p, const std::string& routing, const wire::Chunk& c) {
+    auto it = left_out_.find({c.tag(), p.index});
+    if (it == left_out_.end() || !it->second.has(c.round(), c.incarnation())) return false;
+    reply(routing, closedEnv(c.round(), c.tag(), c.incarnation()));
+    if (!it->second.told) {
+      it->second.told = true;
+      noteParted(p, {c.round(), c.tag()},
+                 "site '" + p.name + "' sent its payload after this site had closed the round without it");
+    }
+    return true;
+  }
+
   wire::Envelope refuseEnv(uint64_t round, const std::string& tag, const std::string& why) {
     wire::Envelope env;
     wire::Refuse* r = env.mutable_refuse();
@@ -879,6 +979,7 @@ class Gateway::Impl {
     // could otherwise make us drop and reallocate buffers at will.
     if (c.incarnation() != p.incarnation) return;
     const Key key{c.round(), c.tag()};
+    if (answeredLeftOut(p, routing, c)) return;
     if (finished_.count(key)) {  // stale or duplicate: it may have missed our Ack
       reply(routing, ackEnv(c.round(), c.tag()));
       return;
@@ -1216,14 +1317,17 @@ class Gateway::Impl {
           std::vector<std::string> missing, waiting;
           for (const Peer& p : peers_) {
             const bool refused = r.refusedEitherWay(p.index);
-            const bool in = r.in[p.index].complete && !refused;
+            const bool closed = r.out[p.index].closed;  // it went on without us
+            const bool in = r.in[p.index].complete && !refused && !closed;
             if (!in) missing.push_back(p.name);
             // With `continue`, a site that was up and went silent is not
             // waited for: the round goes on without it at once instead of
             // at the round deadline (a site never heard from still gets the
             // round deadline to come up).
-            const bool gone = opt_.on_site_loss == OnSiteLoss::kContinue && (peerLost(p) || refused);
-            if ((!in && !gone) || (!r.out[p.index].acked && !refused && !peerSilent(p))) waiting.push_back(p.name);
+            const bool gone = opt_.on_site_loss == OnSiteLoss::kContinue && (peerLost(p) || refused || closed);
+            if ((!in && !gone) || (!r.out[p.index].acked && !refused && !closed && !peerSilent(p))) {
+              waiting.push_back(p.name);
+            }
           }
           const double age = secondsSince(r.start);
           if (waiting.empty()) {
@@ -1306,6 +1410,22 @@ class Gateway::Impl {
                                                           "' not delivered: " + e.what())));
         return;
       }
+    }
+    // Who this round went on without (not who refused: both sides leave a
+    // refused payload out). A late chunk of theirs gets Closed, not Ack.
+    // Model updates only: a join's or a digest's round left out is no
+    // parting (the updates' rounds say it).
+    for (const Peer& p : peers_) {
+      if (std::find(missing.begin(), missing.end(), p.name) == missing.end() || r.refusedEitherWay(p.index)) continue;
+      // Whatever it sent for this round is not in the result: a chunk still
+      // to come must not complete it and be acknowledged.
+      r.in[p.index].complete = false;
+      if (r.kind != MessageKind::kModelUpdate) continue;
+      LeftOut& lo = left_out_[{r.key.second, p.index}];
+      const uint64_t life = p.greeted ? p.incarnation : 0;
+      if (lo.incarnation != life) lo = LeftOut{life, {}, false};
+      lo.add(r.key.first);
+      if (lo.spans.size() > kMaxLeftOutSpans) lo.spans.erase(lo.spans.begin());
     }
     RoundResult res;
     res.round = r.key.first;
@@ -1464,6 +1584,7 @@ class Gateway::Impl {
   std::vector<std::string> live_;
   std::vector<PeerRound> opened_;
   std::vector<std::string> returned_;  // for takeReturnedPeers(), at most a few per peer
+  std::vector<std::string> diverged_;  // for takeDivergedPeers(), each site once
   std::vector<std::vector<uint8_t>> pool_;  // recycled receive buffers, at most poolLimit()
 
   // I/O thread only.
@@ -1475,7 +1596,8 @@ class Gateway::Impl {
   std::map<Key, std::string> refused_;  // bad payloads for keys not opened yet, at most kMaxRefusedKeys
   std::map<Key, std::set<size_t>> refused_in_;  // continue: peers refused in keys not opened yet (bounded too)
   std::deque<Key> refused_order_;
-  std::set<Key> finished_;
+  std::set<Key> finished_;  // the last 16 x max_rounds_in_flight done
+  std::map<std::pair<std::string, size_t>, LeftOut> left_out_;  // (tag, peer index): rounds completed without it
   std::deque<Key> finished_order_;
   Clock::time_point next_opened_{};
 };
@@ -1497,6 +1619,7 @@ const GatewayOptions& Gateway::options() const { return impl_->options(); }
 std::vector<std::string> Gateway::livePeers() const { return impl_->livePeers(); }
 std::vector<PeerRound> Gateway::peerRounds(const std::string& prefix) const { return impl_->peerRounds(prefix); }
 std::vector<std::string> Gateway::takeReturnedPeers() { return impl_->takeReturnedPeers(); }
+std::vector<std::string> Gateway::takeDivergedPeers() { return impl_->takeDivergedPeers(); }
 void Gateway::recycle(std::vector<uint8_t> buffer) { impl_->recycle(std::move(buffer)); }
 
 }  // namespace strait::transport

@@ -50,9 +50,29 @@ def _finish_bucket(session, buf, handle):
     def mean():
         if isinstance(handle, BaseException):
             raise handle
-        return session.finish_average(handle).to(buf.device, buf.dtype)
+        out = session.finish_average(handle).to(buf.device, buf.dtype)
+        _check_parted(session)
+        return out
 
     return session.from_leader(mean, buf)
+
+
+def _check_parted(session):
+    """Leader: a site this one parted from (one of them completed a round
+    without the other, on_site_loss: continue; the gateway's diverged peers)
+    holds other parameters from now on, and every-step mode has no state
+    transfer to reconcile them: the higher-index site of the pair stops with
+    a StraitError instead of training on with a replica that silently
+    differs; the other says so and goes on."""
+    for name in session.gateway.diverged_peers():
+        if session.sites.index(name) < session.site_index:
+            raise StraitError(
+                f"strait {session.site}: this site and '{name}' applied different rounds (one completed a round "
+                f"without the other: a frozen or cut-off site under on_site_loss: continue), so their replicas "
+                f"differ; every-step mode cannot reconcile them in place: this site stops. Restart every site "
+                f"with --resume (strait.Checkpoints), or use on_site_loss: wait")
+        session._log_event(f"site '{name}' and this site applied different rounds (one completed a round without "
+                           f"the other); every-step mode cannot reconcile them: '{name}' stops, this site goes on")
 
 
 def ddp_hook(session, bucket):

@@ -247,9 +247,11 @@ class DiLoCo:
             if (self.syncs, recovery.params_digest(self.global_params)) not in s.checkpoints.held():
                 self._checkpoint()
 
-    def _recover(self, flat):
+    def _recover(self, flat, give_way=False):
         """--resume: the join protocol on the leader, its outcome broadcast in
-        the site. Returns False when nobody holds anything (a fresh start)."""
+        the site. Returns False when nobody holds anything (a fresh start).
+        give_way: this site parted from the others and must take a running
+        site's state (StraitError if none answers)."""
         s = self.session
         store = s.checkpoints
         outcome = {}
@@ -274,8 +276,14 @@ class DiLoCo:
                 s._log_event(f"joined: state of round {outcome['syncs']} from site '{s.sites[i]}' "
                              f"(SHA-256 verified) in {time.monotonic() - started:.2f} s")
                 return state["global"].float()
+            if result[0] != "running" and give_way:
+                # Its own checkpoints hold the state it parted from the
+                # others with: loading one would be training alone again.
+                raise StraitError(f"strait: site '{s.site}' gave way after parting from the other sites, but no "
+                                  f"running site answered its join request ({result[0]}); its own state is not "
+                                  f"the job's: restart it with --resume once the others run")
             if result[0] == "checkpoint":
-                _, r, d = result
+                _, r, d, absent = result
                 state = store.load(r, d)
                 self.momentum.copy_(state["momentum"])
                 outcome["syncs"] = r
@@ -283,7 +291,9 @@ class DiLoCo:
                 for key, residual in state.get("residuals", {}).items():
                     name = key[len("diloco."):]
                     s.compressor(key, name=name, size=residual.numel()).set_residual(residual)
-                s._log_event(f"resumed from round {r} (every site holds it): {store.path(r, d)}; audit log "
+                held_by = ("every site holds it" if not absent else
+                           f"held by every site that answered; no answer from {', '.join(absent)}")
+                s._log_event(f"resumed from round {r} ({held_by}): {store.path(r, d)}; audit log "
                              f"head then {state.get('audit_head') or 'none'}, now {s.gateway.audit_head() or 'none'}")
                 return state["global"].float()
             return flat
@@ -340,6 +350,21 @@ class DiLoCo:
         this one, this site drops its state and rejoins."""
         s = self.session
         self._absent.update(missing)
+        # A site that closed a round without this one while this one used
+        # that round (or the reverse): the gateway saw it happen (Closed).
+        # This holds whatever the round counters say, also when a frozen
+        # site woke up behind the others.
+        for name in s.gateway.diverged_peers():
+            self._absent.discard(name)
+            if s.sites.index(name) < s.site_index:
+                if not self._diverged:
+                    s._log_event(f"site '{name}' and this site applied different rounds (one closed a round "
+                                 f"without the other); this site gives way and fetches the state of the side "
+                                 f"with '{name}'")
+                self._diverged = True
+            else:
+                s._log_event(f"site '{name}' and this site applied different rounds (one closed a round without "
+                             f"the other); it will fetch this side's state")
         for name in s.gateway.returned_peers():
             if name not in self._absent:
                 continue
@@ -551,7 +576,7 @@ class DiLoCo:
                 # A new incarnation: the winners void what this site sent
                 # while apart, and its round counters start afresh.
                 s.restart_gateway()
-            if not self._recover(local):
+            if not self._recover(local, give_way=True):
                 raise StraitError("strait: after a partition, no running site answered this site's join request")
             return
         self._outer_step(outer_grad, f)

@@ -206,8 +206,9 @@ def blob_state(blob, site, numel, syncs):
 def join(session, model_digest, held, numel):
     """Leader only: the join protocol of a (re)starting site. Returns one of
     ("running", site index, header, state): a running site's current state
-    (verified by its digest); ("checkpoint", round, digest): the newest
-    checkpoint every present site holds; ("fresh",): nobody holds any."""
+    (verified by its digest); ("checkpoint", round, digest, absent): the
+    newest checkpoint every site that answered holds, and the names of the
+    sites that did not answer; ("fresh",): nobody holds any."""
     from .session import StraitError
 
     s = session
@@ -269,7 +270,7 @@ def join(session, model_digest, held, numel):
     common = set.intersection(*sets)
     if common:
         r, d = max(common)
-        return ("checkpoint", r, d)
+        return ("checkpoint", r, d, list(missing))
     if any(sets):
         holdings = "; ".join(f"'{s.sites[i]}' holds " + (", ".join(str(r) for r, _ in sorted(h.get("held", [])))
                                                           or "none") for i, h in resuming)
