@@ -130,25 +130,16 @@ struct LeftOut {
 
   void add(uint64_t round) {
     auto next = spans.upper_bound(round);
-    if (next != spans.begin()) {
-      auto prev = std::prev(next);
-      if (prev->second >= round) return;  // in it already
-      if (prev->second + 1 == round) {
-        prev->second = round;
-        if (next != spans.end() && next->first == round + 1) {
-          prev->second = next->second;
-          spans.erase(next);
-        }
-        return;
-      }
+    auto at = next == spans.begin() ? spans.end() : std::prev(next);
+    if (at != spans.end() && (round <= at->second || round - at->second == 1)) {
+      at->second = std::max(at->second, round);  // in the span before, or just after it
+    } else {
+      at = spans.emplace_hint(next, round, round);
     }
-    if (next != spans.end() && next->first == round + 1) {
-      const uint64_t hi = next->second;
+    if (next != spans.end() && next->first == at->second + 1) {  // now touches the next span
+      at->second = next->second;
       spans.erase(next);
-      spans.emplace(round, hi);
-      return;
     }
-    spans.emplace(round, round);
   }
 };
 constexpr size_t kMaxLeftOutSpans = 256;

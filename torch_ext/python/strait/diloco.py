@@ -356,26 +356,23 @@ class DiLoCo:
         # site woke up behind the others.
         for name in s.gateway.diverged_peers():
             self._absent.discard(name)
-            if s.sites.index(name) < s.site_index:
-                if not self._diverged:
-                    s._log_event(f"site '{name}' and this site applied different rounds (one closed a round "
-                                 f"without the other); this site gives way and fetches the state of the side "
-                                 f"with '{name}'")
-                self._diverged = True
-            else:
-                s._log_event(f"site '{name}' and this site applied different rounds (one closed a round without "
-                             f"the other); it will fetch this side's state")
+            self._parted(name, f"site '{name}' and this site applied different rounds (one closed a round "
+                               f"without the other)")
         for name in s.gateway.returned_peers():
             if name not in self._absent:
                 continue
             self._absent.discard(name)
-            if s.sites.index(name) < s.site_index:
-                s._log_event(f"site '{name}' is back after a partition during which both sides went on; "
-                             f"this site gives way and fetches the state of the side with '{name}'")
-                self._diverged = True
-            else:
-                s._log_event(f"site '{name}' is back after a partition during which both sides went on; "
-                             f"it will fetch this side's state")
+            self._parted(name, f"site '{name}' is back after a partition during which both sides went on")
+
+    def _parted(self, name, why):
+        """Leader: this site and `name` hold different state. The side
+        without the lower-index site gives way (sync fetches the state)."""
+        s = self.session
+        if s.sites.index(name) > s.site_index:
+            s._log_event(f"{why}; it will fetch this side's state")
+        elif not self._diverged:
+            s._log_event(f"{why}; this site gives way and fetches the state of the side with '{name}'")
+            self._diverged = True
 
     def _keep(self, bases, payloads):
         """Leader: the sites whose payloads this round may use. Normally all;
@@ -576,8 +573,7 @@ class DiLoCo:
                 # A new incarnation: the winners void what this site sent
                 # while apart, and its round counters start afresh.
                 s.restart_gateway()
-            if not self._recover(local, give_way=True):
-                raise StraitError("strait: after a partition, no running site answered this site's join request")
+            self._recover(local, give_way=True)  # a running site's state, or a StraitError
             return
         self._outer_step(outer_grad, f)
         self._load(self.global_params, f)
