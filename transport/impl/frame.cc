@@ -104,4 +104,77 @@ std::string checkChunk(const wire::Chunk& c, size_t data_bytes, const ChunkLimit
   return "";
 }
 
+wire::Envelope helloEnvelope(const HelloFields& f) {
+  wire::Envelope env;
+  wire::Hello* h = env.mutable_hello();
+  h->set_protocol_version(f.protocol_version);
+  h->set_job_id(f.job_id);
+  h->set_site(f.site);
+  h->set_jurisdiction(f.jurisdiction);
+  h->set_config_fingerprint(f.config_fingerprint);
+  h->set_incarnation(f.incarnation);
+  return env;
+}
+
+wire::Envelope welcomeEnvelope(const std::string& site, uint64_t incarnation, const std::string& refusal) {
+  wire::Envelope env;
+  wire::Welcome* w = env.mutable_welcome();
+  w->set_site(site);
+  w->set_incarnation(incarnation);
+  w->set_accepted(refusal.empty());
+  if (!refusal.empty()) w->set_reason(refusal);
+  return env;
+}
+
+wire::Envelope heartbeatEnvelope(uint64_t incarnation) {
+  wire::Envelope env;
+  env.mutable_heartbeat()->set_incarnation(incarnation);
+  return env;
+}
+
+wire::Envelope chunkEnvelope(const ChunkHeader& h) {
+  wire::Envelope env;
+  wire::Chunk* c = env.mutable_chunk();
+  c->set_round(h.round);
+  c->set_tag(h.tag);
+  c->set_incarnation(h.incarnation);
+  c->set_index(h.index);
+  c->set_count(h.count);
+  c->set_total_bytes(h.total_bytes);
+  c->set_xxh3(h.xxh3);
+  c->set_kind(h.kind);
+  return env;
+}
+
+wire::Envelope ackEnvelope(uint64_t round, const std::string& tag) {
+  wire::Envelope env;
+  env.mutable_ack()->set_round(round);
+  env.mutable_ack()->set_tag(tag);
+  return env;
+}
+
+wire::Envelope nackEnvelope(uint64_t round, const std::string& tag, uint32_t index) {
+  wire::Envelope env;
+  env.mutable_nack()->set_round(round);
+  env.mutable_nack()->set_tag(tag);
+  env.mutable_nack()->set_index(index);
+  return env;
+}
+
+wire::Envelope refuseEnvelope(uint64_t round, const std::string& tag, const std::string& why) {
+  wire::Envelope env;
+  env.mutable_refuse()->set_round(round);
+  env.mutable_refuse()->set_tag(tag);
+  env.mutable_refuse()->set_reason(why);
+  return env;
+}
+
+wire::Envelope closedEnvelope(uint64_t round, const std::string& tag, uint64_t incarnation) {
+  wire::Envelope env;
+  env.mutable_closed()->set_round(round);
+  env.mutable_closed()->set_tag(tag);
+  env.mutable_closed()->set_incarnation(incarnation);
+  return env;
+}
+
 }  // namespace strait::transport

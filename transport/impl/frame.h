@@ -1,11 +1,12 @@
 #pragma once
-// The gateway's incoming frames (transport-internal): parsing one ZeroMQ
-// message into an Envelope and the checks a Hello, a Welcome and a Chunk must
-// pass before the gateway acts on them (docs/PROTOCOL.md, "Messages",
-// "Handshake", "Payloads, chunks and rounds"). Pure functions of their
-// arguments: no sockets, no state, no allocation beyond the parsed message and
-// the reason text, so tests/fuzz drives them with hostile bytes directly.
-// Thread-safe; nothing here throws except std::bad_alloc.
+// The gateway's messages (transport-internal): parsing one ZeroMQ message
+// into an Envelope, the checks a Hello, a Welcome and a Chunk must pass
+// before the gateway acts on them, and the envelopes it sends
+// (docs/PROTOCOL.md, "Messages", "Handshake", "Payloads, chunks and rounds").
+// Pure functions of their arguments: no sockets, no state, no allocation
+// beyond the parsed message and the reason text, so tests/fuzz drives them
+// with hostile bytes directly. Thread-safe; nothing here throws except
+// std::bad_alloc.
 
 #include <cstddef>
 #include <cstdint>
@@ -77,5 +78,41 @@ uint64_t chunkCount(uint64_t total, size_t chunk_bytes);
 // `data_bytes` bytes lie exactly at [index * chunk_bytes, index * chunk_bytes
 // + data_bytes) within total_bytes.
 std::string checkChunk(const wire::Chunk& c, size_t data_bytes, const ChunkLimits& limits);
+
+// ------------------------------------------------ envelopes we send ---
+// One builder per message of docs/PROTOCOL.md's table, so each is spelt once.
+
+// What this site says in its Hello.
+struct HelloFields {
+  uint32_t protocol_version = 0;
+  std::string job_id;
+  std::string site;
+  std::string jurisdiction;
+  std::string config_fingerprint;  // raw bytes
+  uint64_t incarnation = 0;
+};
+wire::Envelope helloEnvelope(const HelloFields& f);
+// accepted iff `refusal` is empty.
+wire::Envelope welcomeEnvelope(const std::string& site, uint64_t incarnation, const std::string& refusal);
+wire::Envelope heartbeatEnvelope(uint64_t incarnation);
+
+// The header of chunk `index` of `count` of a payload of `total_bytes`; its
+// bytes follow in the next frame, `xxh3` their chunkChecksum.
+struct ChunkHeader {
+  uint64_t round = 0;
+  std::string tag;
+  uint64_t incarnation = 0;
+  uint32_t index = 0;
+  uint32_t count = 0;
+  uint64_t total_bytes = 0;
+  uint64_t xxh3 = 0;
+  uint32_t kind = 0;
+};
+wire::Envelope chunkEnvelope(const ChunkHeader& h);
+wire::Envelope ackEnvelope(uint64_t round, const std::string& tag);
+wire::Envelope nackEnvelope(uint64_t round, const std::string& tag, uint32_t index);
+wire::Envelope refuseEnvelope(uint64_t round, const std::string& tag, const std::string& why);
+// `incarnation`: the sender's life the chunk came from (the Closed is void in any other).
+wire::Envelope closedEnvelope(uint64_t round, const std::string& tag, uint64_t incarnation);
 
 }  // namespace strait::transport

@@ -1,0 +1,83 @@
+#include "transport/impl/peer_table.h"
+
+#include <cstdio>
+
+namespace strait::transport {
+
+PeerTable::PeerTable(std::vector<std::string> sites, size_t self, std::chrono::milliseconds peer_timeout)
+    : timeout_(peer_timeout) {
+  state_.resize(sites.size());
+  for (size_t i = 0; i < sites.size(); ++i) {
+    state_[i].index = i;
+    state_[i].name = std::move(sites[i]);
+    if (i != self) peers_.push_back(i);
+  }
+}
+
+long PeerTable::find(const std::string& name) const {
+  for (size_t i : peers_) {
+    if (state_[i].name == name) return long(i);
+  }
+  return -1;
+}
+
+HelloLife PeerTable::hello(size_t site, uint64_t incarnation, Clock::time_point now) {
+  PeerState& p = state_[site];
+  const bool first = !p.greeted;
+  p.greeted = true;
+  p.last_heard = now;
+  if (p.incarnation == incarnation && !first) return HelloLife::kSame;
+  p.incarnation = incarnation;
+  return first ? HelloLife::kFirst : HelloLife::kRestarted;
+}
+
+void PeerTable::heard(size_t site, Clock::time_point now) { state_[site].last_heard = now; }
+
+std::vector<size_t> PeerTable::tick(Clock::time_point now) {
+  std::vector<size_t> back;
+  for (size_t i : peers_) {
+    PeerState& p = state_[i];
+    const bool gone = lost(i, now);
+    if (!p.lost && gone) {
+      p.lost = true;
+      p.lost_incarnation = p.incarnation;
+    } else if (p.lost && !gone) {
+      p.lost = false;
+      // Heard again in the same life: the link was cut (a partition), not
+      // the process (a restart says Hello with a new incarnation).
+      if (p.incarnation == p.lost_incarnation) back.push_back(i);
+    }
+  }
+  return back;
+}
+
+bool PeerTable::lost(size_t site, Clock::time_point now) const {
+  const PeerState& p = state_[site];
+  return p.greeted && now - p.last_heard >= timeout_;
+}
+
+bool PeerTable::silent(size_t site, Clock::time_point now) const {
+  const PeerState& p = state_[site];
+  return !p.greeted || now - p.last_heard >= timeout_;
+}
+
+std::vector<std::string> PeerTable::live(Clock::time_point now) const {
+  std::vector<std::string> out;
+  for (size_t i : peers_) {
+    if (!silent(i, now)) out.push_back(state_[i].name);
+  }
+  return out;
+}
+
+std::string PeerTable::silence(const std::vector<size_t>& sites, Clock::time_point now) const {
+  std::string s;
+  for (size_t i : sites) {
+    const PeerState& p = state_[i];
+    char ago[32];
+    std::snprintf(ago, sizeof ago, "%.1f", std::chrono::duration<double>(now - p.last_heard).count());
+    s += (s.empty() ? "" : "; ") + p.name + ": " + (p.greeted ? "last heard " + std::string(ago) + " s ago" : "never connected");
+  }
+  return s;
+}
+
+}  // namespace strait::transport

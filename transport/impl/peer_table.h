@@ -1,0 +1,68 @@
+#pragma once
+// The gateway's peer table (transport-internal): the other sites' liveness
+// and lives (incarnations) as this site's ROUTER hears them. A pure state
+// machine: events in (a welcomed Hello, any valid message, the clock), answers
+// out (is a site lost, silent, back after a silence in the same life). Time is
+// an argument, never read here, so tests replay any sequence of events
+// without sockets or sleeps. Not thread-safe: the gateway's I/O thread owns it.
+//
+// "Lost": heard once (its Hello was welcomed) and silent for peer_timeout
+// since. "Silent": lost, or never heard. A site that comes back in the same
+// life after being lost was cut off (a partition, a freeze), not restarted:
+// tick() reports it once.
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace strait::transport {
+
+using Clock = std::chrono::steady_clock;
+
+struct PeerState {
+  size_t index = 0;                 // its position in the job's sites
+  std::string name;
+  bool greeted = false;             // a Hello of it was welcomed
+  uint64_t incarnation = 0;         // its gateway's life, from that Hello (0: never heard)
+  Clock::time_point last_heard{};   // any valid message from it
+  bool lost = false;                // as of the last tick()
+  uint64_t lost_incarnation = 0;    // its life when it was lost
+};
+
+// What a welcomed Hello says about the sender's life.
+enum class HelloLife {
+  kSame,       // the life this site knows: a reconnect
+  kFirst,      // its first Hello this site welcomed
+  kRestarted,  // a new life: it restarted and lost what it held
+};
+
+class PeerTable {
+ public:
+  // `sites`: every site's name in job order; `self`: this site's index.
+  PeerTable(std::vector<std::string> sites, size_t self, std::chrono::milliseconds peer_timeout);
+
+  const std::vector<size_t>& peers() const { return peers_; }  // site indices, self excluded
+  const PeerState& at(size_t site) const { return state_[site]; }
+  // The site index of a peer named `name`, or -1 (this site's own name too).
+  long find(const std::string& name) const;
+
+  HelloLife hello(size_t site, uint64_t incarnation, Clock::time_point now);
+  void heard(size_t site, Clock::time_point now);
+  // Updates who is lost; returns the sites back after a silence in the same life.
+  std::vector<size_t> tick(Clock::time_point now);
+
+  bool lost(size_t site, Clock::time_point now) const;
+  bool silent(size_t site, Clock::time_point now) const;
+  std::vector<std::string> live(Clock::time_point now) const;  // heard within peer_timeout
+  // "beta: last heard 3.2 s ago; gamma: never connected"
+  std::string silence(const std::vector<size_t>& sites, Clock::time_point now) const;
+
+ private:
+  std::vector<PeerState> state_;  // per site (own index unused)
+  std::vector<size_t> peers_;
+  std::chrono::milliseconds timeout_;
+};
+
+}  // namespace strait::transport
