@@ -87,6 +87,13 @@ RoundTable::Round& RoundTable::newRound(const Key& key, Clock::time_point now) {
   return r;
 }
 
+RoundTable::Round* RoundTable::local(const Key& key) {
+  auto it = rounds_.find(key);
+  if (it != rounds_.end()) return it->second.local() ? &it->second : nullptr;
+  auto parked = parked_.find(key);
+  return parked != parked_.end() ? &parked->second : nullptr;
+}
+
 std::string RoundTable::open(const Key& key, MessageKind kind, std::shared_ptr<std::vector<uint8_t>> payload,
                              Clock::time_point now) {
   if (finished_.count(key)) {
@@ -255,16 +262,16 @@ void RoundTable::refuseChunk(size_t peer, const Key& key, std::map<Key, Round>::
 // ------------------------------------------------- answers to our sends ---
 
 void RoundTable::ack(size_t peer, const Key& key) {
-  auto it = rounds_.find(key);
-  if (it == rounds_.end() || !it->second.local()) return;
-  Outgoing& o = it->second.out[peer];
-  if (o.state == SendState::kSending) o.state = SendState::kAcked;
+  Round* r = local(key);
+  if (r == nullptr) return;
+  Outgoing& o = r->out[peer];
+  if (o.state == SendState::kSending || o.state == SendState::kParked) o.state = SendState::kAcked;
 }
 
 void RoundTable::nack(size_t peer, const Key& key, uint32_t index) {
-  auto it = rounds_.find(key);
-  if (it == rounds_.end() || !it->second.local() || index >= it->second.chunk_count) return;
-  Round& r = it->second;
+  Round* found = local(key);
+  if (found == nullptr || index >= found->chunk_count) return;
+  Round& r = *found;
   Outgoing& o = r.out[peer];
   if (o.state != SendState::kSending) return;
   if (o.queued.size() != r.chunk_count) o.queued.assign(r.chunk_count, false);
@@ -306,14 +313,17 @@ void RoundTable::closed(size_t peer, const Key& key, Effects& fx) {
 // ------------------------------------------------------- peers' lives ---
 
 void RoundTable::welcomed(size_t peer) {
-  for (auto& kv : rounds_) {
-    Round& r = kv.second;
-    if (!r.local()) continue;
-    Outgoing& o = r.out[peer];
-    if (o.state != SendState::kSending) continue;
-    o.next = 0;
-    o.resend.clear();
-    o.queued.clear();
+  for (auto* table : {&rounds_, &parked_}) {
+    for (auto& kv : *table) {
+      Round& r = kv.second;
+      if (!r.local()) continue;
+      Outgoing& o = r.out[peer];
+      if (o.state == SendState::kParked) o.state = SendState::kSending;  // back in the same life
+      if (o.state != SendState::kSending) continue;
+      o.next = 0;
+      o.resend.clear();
+      o.queued.clear();
+    }
   }
 }
 
@@ -328,6 +338,13 @@ void RoundTable::newLife(size_t peer, uint64_t life, bool restarted, Effects& fx
       if (o.state == SendState::kSending || o.state == SendState::kAcked) o = Outgoing{};
     }
   }
+  // A finished round's payload is for the life that missed it, not a new one
+  // (a restarted site rejoins by state transfer).
+  for (auto& kv : parked_) {
+    Outgoing& o = kv.second.out[peer];
+    if (o.state == SendState::kParked || o.state == SendState::kSending) o.state = SendState::kGaveUp;
+  }
+  retireParked(Clock::time_point::max());
   // Payloads from its previous life are void in rounds not completed here:
   // partial ones are useless, and a whole one may no longer be what its new
   // life sends for that round (a rejoining site takes part without a
@@ -342,11 +359,13 @@ void RoundTable::newLife(size_t peer, uint64_t life, bool restarted, Effects& fx
 // -------------------------------------------------------------- sends ---
 
 bool RoundTable::hasWork(size_t peer) const {
-  for (const auto& kv : rounds_) {
-    const Round& r = kv.second;
-    if (!r.local()) continue;
-    const Outgoing& o = r.out[peer];
-    if (o.state == SendState::kSending && (o.next < r.chunk_count || !o.resend.empty())) return true;
+  for (const auto* table : {&rounds_, &parked_}) {
+    for (const auto& kv : *table) {
+      const Round& r = kv.second;
+      if (!r.local()) continue;
+      const Outgoing& o = r.out[peer];
+      if (o.state == SendState::kSending && (o.next < r.chunk_count || !o.resend.empty())) return true;
+    }
   }
   return false;
 }
@@ -355,8 +374,8 @@ void RoundTable::send(size_t peer, const Send& send) {
   bool progress = true;
   while (progress) {
     progress = false;
-    for (auto& kv : rounds_) {
-      Round& r = kv.second;
+    for (auto it = rounds_.begin(), parked = parked_.begin(); it != rounds_.end() || parked != parked_.end();) {
+      Round& r = it != rounds_.end() ? (it++)->second : (parked++)->second;
       if (!r.local()) continue;
       Outgoing& o = r.out[peer];
       if (o.state != SendState::kSending) continue;
@@ -400,20 +419,39 @@ void RoundTable::tick(Clock::time_point now, const PeerTable& peers, Effects& fx
     }
     if (r.stage == Stage::kOpen) tickOpen(r, now, peers, fx);
     if (r.stage == Stage::kOpen) continue;
-    // Keep sending to peers that have not acknowledged, unless they are gone
-    // (silent), the hard deadline passed or the round failed.
-    bool pending = false;
+    // Keep sending to peers that have not acknowledged, unless the hard
+    // deadline passed or the round failed. A peer that went silent is not
+    // waited for: the round is retired (its slot freed) but parked with its
+    // payload, which the peer may not have (the link may have been cut
+    // just after this site got the peer's payload, losing its own chunks
+    // and the Ack), and resent if the peer comes back in the same life.
+    bool pending = false, park = false;
     for (size_t i : peers.peers()) {
       Outgoing& o = r.out[i];
       if (o.state != SendState::kSending) continue;
-      if (peers.silent(i, now) || now >= r.start + rules_.hard_deadline || !r.failure.empty()) {
+      if (now >= r.start + rules_.hard_deadline || !r.failure.empty()) {
         o.state = SendState::kGaveUp;
+      } else if (peers.silent(i, now)) {
+        o.state = SendState::kParked;
+        park = true;
       } else {
         pending = true;
       }
     }
     if (!pending) retire.push_back(kv.first);
+    if (!pending && park) {
+      parked_order_.push_back(kv.first);
+      parked_.emplace(kv.first, std::move(r));
+    }
   }
+  for (auto& kv : parked_) {
+    for (size_t i : peers.peers()) {
+      Outgoing& o = kv.second.out[i];
+      if (o.state != SendState::kParked || peers.silent(i, now)) continue;
+      o = Outgoing{};  // heard again: from the first chunk (duplicates are ignored there)
+    }
+  }
+  retireParked(now);
   for (const Key& k : stale) rounds_.erase(k);
   for (const Key& k : retire) {
     rounds_.erase(k);
@@ -424,6 +462,29 @@ void RoundTable::tick(Clock::time_point now, const PeerTable& peers, Effects& fx
       finished_order_.pop_front();
     }
     fx.done.push_back(k);
+  }
+}
+
+// Parked rounds go once every peer acknowledged or was given up, at the
+// hard deadline, and beyond max_rounds_in_flight of them (oldest first).
+void RoundTable::retireParked(Clock::time_point now) {
+  auto over = [&](const Round& r) {
+    if (now != Clock::time_point::max() && now >= r.start + rules_.hard_deadline) return true;
+    for (size_t i = 0; i < r.out.size(); ++i) {
+      const SendState st = r.out[i].state;
+      if (i != rules_.self && (st == SendState::kSending || st == SendState::kParked)) return false;
+    }
+    return true;
+  };
+  for (auto it = parked_order_.begin(); it != parked_order_.end();) {
+    auto r = parked_.find(*it);
+    const bool evict = parked_.size() > size_t(rules_.max_rounds_in_flight);
+    if (r == parked_.end() || evict || over(r->second)) {
+      if (r != parked_.end()) parked_.erase(r);
+      it = parked_order_.erase(it);
+    } else {
+      ++it;
+    }
   }
 }
 

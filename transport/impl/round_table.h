@@ -71,7 +71,8 @@ struct Effects {
 enum class SendState {
   kSending,   // chunks going or gone, no Ack yet
   kAcked,     // the peer has it
-  kGaveUp,    // the round finished, the peer silent or past the deadline
+  kParked,    // the round finished while the peer was silent: resent if it comes back in the same life
+  kGaveUp,    // past the hard deadline, the round failed, or the peer restarted
   kRefused,   // the peer refused it (continue: the round goes on without it)
   kClosed,    // the peer ended the round without it (Closed): the sites parted
 };
@@ -144,6 +145,9 @@ class RoundTable {
   // running ahead), one entry per peer.
   std::vector<PeerRound> openedByPeers() const;
   size_t size() const { return rounds_.size(); }
+  // Finished rounds kept for a peer that went silent before acknowledging
+  // (at most max_rounds_in_flight; until the hard deadline).
+  size_t parked() const { return parked_.size(); }
 
  private:
   struct Outgoing {
@@ -197,9 +201,11 @@ class RoundTable {
   };
 
   Round& newRound(const Key& key, Clock::time_point now);
+  Round* local(const Key& key);  // this site's round, open, finishing or parked; nullptr if none
   bool answeredLeftOut(size_t peer, const wire::Chunk& c, Effects& fx);
   void refuseChunk(size_t peer, const Key& key, std::map<Key, Round>::iterator it, const std::string& bad, bool flood,
                    Effects& fx);
+  void retireParked(Clock::time_point now);  // max(): only those nobody waits for
   void tickOpen(Round& r, Clock::time_point now, const PeerTable& peers, Effects& fx);
   void complete(Round& r, const std::vector<size_t>& missing, Clock::time_point now, const PeerTable& peers,
                 Effects& fx);
@@ -214,6 +220,10 @@ class RoundTable {
   std::map<Key, std::string> refused_;          // wait: bad payloads for keys not opened yet
   std::deque<Key> refused_order_;
   std::map<Key, std::set<size_t>> refused_in_;  // continue: peers refused in keys not opened yet
+  // Done rounds (slot freed, in finished_) whose payload a peer that went
+  // silent may not have: resent when it is welcomed again in the same life.
+  std::map<Key, Round> parked_;
+  std::deque<Key> parked_order_;
   std::set<Key> finished_;                      // the last 16 x max_rounds_in_flight done
   std::deque<Key> finished_order_;
   std::map<std::pair<std::string, size_t>, LeftOut> left_out_;  // (tag, peer)

@@ -9,6 +9,7 @@
 #include <gtest/gtest.h>
 
 #include <deque>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -116,6 +117,7 @@ class Net {
         held.push_back(std::move(p));  // in its socket's buffers until it wakes
         continue;
       }
+      if (cut_ || lost_[{p.from, p.to}]) continue;
       receive(p);
     }
     wire_ = std::move(held);
@@ -152,6 +154,14 @@ class Net {
   void freeze(size_t s) { frozen_[s] = true; }
   void thaw(size_t s) { frozen_[s] = false; }
   void cut(bool on) { cut_ = on; }
+  // Everything from `from` to `to` is lost on the wire (chunks and replies).
+  void lose(size_t from, size_t to, bool on) { lost_[{from, to}] = on; }
+  // Every DEALER reconnected: each site's Hello welcomed again on a new connection.
+  void reconnect() {
+    for (size_t s = 0; s < sites_.size(); ++s) {
+      for (size_t t : sites_[s].peers->peers()) sites_[s].rounds->welcomed(t);
+    }
+  }
   void corruptChunk(int64_t index) { corrupt_ = index; }
   // The site's process is gone: nothing from it is heard.
   void kill(size_t s) {
@@ -259,6 +269,7 @@ class Net {
   std::deque<Packet> wire_;
   Clock::time_point now_ = Clock::time_point{} + std::chrono::hours(1);
   bool cut_ = false;
+  std::map<std::pair<size_t, size_t>, bool> lost_;
   int64_t corrupt_ = -1;
   uint64_t lives_ = 0;
 };
@@ -597,6 +608,49 @@ TEST(RoundTable, OnlyModelUpdatesPart) {
   ASSERT_TRUE(net.run([&] { return settled(net[1], 0, "join"); }));
   EXPECT_TRUE(net[0].parted.empty());
   EXPECT_TRUE(net[1].parted.empty());
+}
+
+
+// Chaos under load, wait mode: a partition cut the link just after a had
+// beta's payload, losing a's chunks to b and a's Ack. b went silent, so a
+// did not wait for b's Ack and finished the round, and (b silent) stopped
+// sending to it: after the heal nobody resent a's payload and b waited until
+// the hard deadline. Now the round is parked with its payload (its slot
+// freed) and resent when b's connection is back in the same life.
+TEST(RoundTable, APayloadLostInAPartitionIsResentAfterTheRoundFinishedWithoutTheAck) {
+  Net net(2, OnSiteLoss::kWait);
+  everyoneExchanges(net, 2, 0, 100);
+  net.lose(0, 1, true);
+  net.open(0, 1, "g", bytesFor(0, 1, 100));
+  net.open(1, 1, "g", bytesFor(1, 1, 100));
+  net.step();  // b's payload reaches a; a's chunks and its Ack do not reach b
+  net.cut(true);
+  ASSERT_TRUE(net.run([&] { return settled(net[0], 1); }));
+  ASSERT_NE(resultOf(net[0], 1), nullptr);
+  EXPECT_EQ(*resultOf(net[0], 1)->result.payloads[1], bytesFor(1, 1, 100));
+  ASSERT_TRUE(net.run([&] { return net[0].done == 2; }));  // its slot is free
+  net.runFor(milliseconds(2000));
+  EXPECT_FALSE(settled(net[1], 1));
+  net.cut(false);
+  net.lose(0, 1, false);
+  net.reconnect();
+  ASSERT_TRUE(net.run([&] { return settled(net[1], 1); }, milliseconds(5000)));
+  ASSERT_NE(resultOf(net[1], 1), nullptr) << failureOf(net[1], 1);
+  EXPECT_EQ(*resultOf(net[1], 1)->result.payloads[0], bytesFor(0, 1, 100));
+}
+
+TEST(RoundTable, ParkedPayloadsAreBoundedAndNotResentToANewLife) {
+  Net net(2, OnSiteLoss::kContinue);
+  everyoneExchanges(net, 2, 0, 100);
+  net.kill(1);
+  for (uint64_t r = 1; r < 10; ++r) {
+    net.open(0, r, "g", bytesFor(0, r, 100));
+    ASSERT_TRUE(net.run([&] { return settled(net[0], r); }));
+  }
+  ASSERT_TRUE(net.run([&] { return net[0].done == 10; }));
+  EXPECT_EQ(net[0].rounds->parked(), 4u);  // at most max_rounds_in_flight: the oldest went
+  net.restart(1);
+  EXPECT_EQ(net[0].rounds->parked(), 0u);  // a new life has no use for them
 }
 
 // ----------------------------------------------------------- PeerTable ---
