@@ -16,14 +16,18 @@
 //   links_    one DEALER per peer, connected to the peer's ROUTER; we send our
 //             Hello, heartbeats and payload chunks there. CurveZMQ client.
 //   zap_      the ZAP handler (RFC 27): admits only the job's public keys.
-//   monitors  one per DEALER: reconnects trigger a new Hello and a resend.
+//   monitors  one per DEALER: reconnects trigger a new Hello and a resend;
+//             one on the ROUTER: accepted connections that have not spoken
+//             yet are counted, and the oldest beyond a limit dropped.
 // exchange() talks to the thread through a mutex-guarded queue and an eventfd.
 
 #include "transport/gateway.h"
 
+#include <netinet/in.h>
 #include <pthread.h>
 #include <signal.h>
 #include <sys/eventfd.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -47,6 +51,7 @@
 #include "transport/checksum.h"
 #include "transport/impl/egress_guard.h"
 #include "transport/impl/frame.h"
+#include "transport/impl/handshakes.h"
 #include "transport/impl/peer_table.h"
 #include "transport/impl/round_table.h"
 #include "transport/proto/strait.pb.h"
@@ -56,6 +61,11 @@ namespace strait::transport {
 namespace {
 
 using core::MessageKind;
+
+// Accepted connections held before they speak (PendingHandshakes). Real
+// peers speak within a round trip of connecting; each held connection may
+// cost up to ZMQ_MAXMSGSIZE (about a chunk) of memory.
+constexpr size_t kMaxPendingHandshakes = 64;
 
 bool isLoopback(const std::string& endpoint) {
   const std::string rest = endpoint.substr(endpoint.find("://") == std::string::npos ? 0 : endpoint.find("://") + 3);
@@ -317,6 +327,13 @@ class Gateway::Impl {
       router_->set(zmq::sockopt::curve_secretkey, opt_.secret_key);
       router_->set(zmq::sockopt::zap_domain, "strait");
     }
+    if (zmq_socket_monitor(router_->handle(), "inproc://monitor-router",
+                           ZMQ_EVENT_ACCEPTED | ZMQ_EVENT_DISCONNECTED) != 0) {
+      fail<Error>("gateway: cannot monitor socket: ", zmq_strerror(zmq_errno()));
+    }
+    router_monitor_ = std::make_unique<zmq::socket_t>(ctx_, zmq::socket_type::pair);
+    router_monitor_->set(zmq::sockopt::linger, 0);
+    router_monitor_->connect("inproc://monitor-router");
     const SiteEndpoint& self = opt_.sites[self_];
     const std::string& me = self.bind.empty() ? self.endpoint : self.bind;
     try {
@@ -324,6 +341,8 @@ class Gateway::Impl {
     } catch (const zmq::error_t& e) {
       fail<Error>("gateway '", opt_.site, "': cannot listen on ", me, ": ", e.what());
     }
+    const std::string bound = router_->get(zmq::sockopt::last_endpoint);
+    bound_port_ = std::atoi(bound.substr(bound.rfind(':') + 1).c_str());
     for (size_t i : peers_.peers()) {
       Link p;
       p.index = i;
@@ -401,6 +420,8 @@ class Gateway::Impl {
       p.monitor.reset();
       p.dealer.reset();
     }
+    if (router_) zmq_socket_monitor(router_->handle(), nullptr, 0);
+    router_monitor_.reset();
     router_.reset();
     zap_.reset();
     ctx_.close();
@@ -411,6 +432,8 @@ class Gateway::Impl {
     items.push_back({nullptr, wake_fd_, ZMQ_POLLIN, 0});
     items.push_back({router_->handle(), 0, ZMQ_POLLIN, 0});
     if (zap_) items.push_back({zap_->handle(), 0, ZMQ_POLLIN, 0});
+    const size_t router_events = items.size();
+    items.push_back({router_monitor_->handle(), 0, ZMQ_POLLIN, 0});
     const size_t first_peer = items.size();
     for (Link& p : links_) {
       short events = ZMQ_POLLIN;
@@ -425,6 +448,7 @@ class Gateway::Impl {
       }
     }
     if (zap_ && (items[2].revents & ZMQ_POLLIN)) handleZap();
+    if (items[router_events].revents & ZMQ_POLLIN) handleRouterMonitor();
     // Drain in bounded batches so one busy socket cannot starve the others.
     for (int i = 0; i < 256 && (items[1].revents & ZMQ_POLLIN); ++i) {
       if (!receiveRouter()) break;
@@ -538,6 +562,56 @@ class Gateway::Impl {
     zmq::send_multipart(*zap_, frames);
   }
 
+  // ------------------------------------------- connections not spoken ---
+
+  // Accepted connections in, closed ones out; the oldest beyond the limit
+  // that have not delivered a message yet (PendingHandshakes) are shut down.
+  void handleRouterMonitor() {
+    while (true) {
+      zmq::message_t event, addr;
+      if (!router_monitor_->recv(event, zmq::recv_flags::dontwait)) break;
+      if (!router_monitor_->recv(addr, zmq::recv_flags::dontwait)) break;
+      uint16_t id;
+      uint32_t fd;
+      std::memcpy(&id, event.data(), sizeof id);
+      std::memcpy(&fd, static_cast<const uint8_t*>(event.data()) + sizeof id, sizeof fd);
+      if (id == ZMQ_EVENT_ACCEPTED) handshakes_.accepted(int(fd));
+      if (id == ZMQ_EVENT_DISCONNECTED) handshakes_.finished(int(fd));
+    }
+    size_t dropped = 0;
+    for (int fd : handshakes_.overLimit()) {
+      // Every event up to now is read, so fd is still the connection it was
+      // accepted as; check anyway that it is one of this ROUTER's accepted
+      // TCP connections before touching it. libzmq sees the shutdown as the
+      // peer closing, and cleans up as it would then.
+      if (acceptedHere(fd) && ::shutdown(fd, SHUT_RDWR) == 0) ++dropped;
+    }
+    if (dropped == 0) return;
+    dropped_ += dropped;
+    const auto now = Clock::now();
+    if (now >= next_drop_log_) {
+      log("dropped " + std::to_string(dropped_) + " connection(s) that had not finished the handshake: at most " +
+          std::to_string(handshakes_.limit()) + " are held at a time (a flood of unauthenticated clients?)");
+      dropped_ = 0;
+      next_drop_log_ = now + std::chrono::seconds(10);
+    }
+  }
+
+  bool acceptedHere(int fd) const {
+    int type = 0, listening = 1;
+    socklen_t n = sizeof type;
+    if (::getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &n) != 0 || type != SOCK_STREAM) return false;
+    n = sizeof listening;
+    if (::getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &n) != 0 || listening != 0) return false;
+    sockaddr_storage a{};
+    socklen_t len = sizeof a;
+    if (::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) != 0) return false;
+    int port = -1;
+    if (a.ss_family == AF_INET) port = ntohs(reinterpret_cast<const sockaddr_in*>(&a)->sin_port);
+    if (a.ss_family == AF_INET6) port = ntohs(reinterpret_cast<const sockaddr_in6*>(&a)->sin6_port);
+    return port == bound_port_;
+  }
+
   // ----------------------------------------------------- dealer events ---
 
   void handleMonitor(Link& p) {
@@ -636,6 +710,11 @@ class Gateway::Impl {
     if (!router_->recv(id, zmq::recv_flags::dontwait)) return false;
     if (!id.more()) return true;
     if (!router_->recv(frame, zmq::recv_flags::dontwait)) return true;
+    if (!handshakes_.empty()) {
+      // A message: its connection finished its handshake.
+      const int fd = zmq_msg_get(frame.handle(), ZMQ_SRCFD);
+      if (fd >= 0) handshakes_.finished(fd);
+    }
     zmq::message_t data;
     bool has_data = false;
     if (frame.more()) {
@@ -920,6 +999,11 @@ class Gateway::Impl {
   zmq::context_t ctx_{2};  // two I/O threads: sending and receiving proceed in parallel
   std::unique_ptr<zmq::socket_t> router_;
   std::unique_ptr<zmq::socket_t> zap_;
+  std::unique_ptr<zmq::socket_t> router_monitor_;
+  int bound_port_ = -1;
+  PendingHandshakes handshakes_{kMaxPendingHandshakes};
+  size_t dropped_ = 0;  // since the last log line about it
+  Clock::time_point next_drop_log_{};
   std::vector<Link> links_;
   Clock::time_point next_opened_{};
 };
