@@ -669,6 +669,19 @@ class Gateway::Impl {
           refusedBy(refusal);
           break;
         }
+        {
+          // The Welcome names the peer's life. If it is a new one, its old
+          // life's payloads are void now: waiting for its Hello to reach our
+          // ROUTER, a round of ours could complete meanwhile with the old
+          // life's payload and this site's Ack from the new life (seen
+          // under load: Gateway.APayloadFromARestartedSitesPreviousLifeIsVoid).
+          const uint64_t life = env.welcome().incarnation();
+          const PeerState& known = peers_.at(p.index);
+          if (life != 0 && (!known.greeted || known.incarnation != life)) {
+            const HelloLife l = peers_.hello(p.index, life, Clock::now());
+            if (l != HelloLife::kSame) rounds_.newLife(p.index, life, l == HelloLife::kRestarted, fx);
+          }
+        }
         if (!p.welcomed) {
           p.welcomed = true;
           rounds_.welcomed(p.index);
