@@ -351,7 +351,10 @@ class Gateway::Impl {
       setCommon(*p.dealer);
       p.dealer->set(zmq::sockopt::immediate, 1);  // queue only to a live connection
       p.dealer->set(zmq::sockopt::reconnect_ivl, 100);
-      p.dealer->set(zmq::sockopt::reconnect_ivl_max, 2000);
+      // Back off to at most half the peer timeout (and 2 s): a peer back from
+      // a partition or a restart is heard again soon after it can be.
+      p.dealer->set(zmq::sockopt::reconnect_ivl_max,
+                    static_cast<int>(std::clamp<int64_t>(opt_.peer_timeout.count() / 2, 100, 2000)));
       // A connect attempt made while the link is down must not sit in TCP's
       // SYN back-off (minutes) after it comes back: retry instead.
       p.dealer->set(zmq::sockopt::connect_timeout, static_cast<int>(opt_.peer_timeout.count()));
@@ -661,6 +664,10 @@ class Gateway::Impl {
       return true;
     }
     const wire::Envelope& env = m.envelope;
+    // Any valid answer is a sign of life (this connection is authenticated
+    // by the peer's key), though only its Hello on our ROUTER starts the
+    // clock of its silence.
+    peers_.heard(p.index, Clock::now());
     Effects fx;
     switch (env.body_case()) {
       case wire::Envelope::kWelcome: {
@@ -676,11 +683,8 @@ class Gateway::Impl {
           // life's payload and this site's Ack from the new life (seen
           // under load: Gateway.APayloadFromARestartedSitesPreviousLifeIsVoid).
           const uint64_t life = env.welcome().incarnation();
-          const PeerState& known = peers_.at(p.index);
-          if (life != 0 && (!known.greeted || known.incarnation != life)) {
-            const HelloLife l = peers_.hello(p.index, life, Clock::now());
-            if (l != HelloLife::kSame) rounds_.newLife(p.index, life, l == HelloLife::kRestarted, fx);
-          }
+          const HelloLife l = life != 0 ? peers_.life(p.index, life) : HelloLife::kSame;
+          if (l != HelloLife::kSame) rounds_.newLife(p.index, life, l == HelloLife::kRestarted, fx);
         }
         if (!p.welcomed) {
           p.welcomed = true;

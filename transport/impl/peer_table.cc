@@ -23,10 +23,15 @@ long PeerTable::find(const std::string& name) const {
 
 HelloLife PeerTable::hello(size_t site, uint64_t incarnation, Clock::time_point now) {
   PeerState& p = state_[site];
-  const bool first = !p.greeted;
   p.greeted = true;
   p.last_heard = now;
-  if (p.incarnation == incarnation && !first) return HelloLife::kSame;
+  return life(site, incarnation);
+}
+
+HelloLife PeerTable::life(size_t site, uint64_t incarnation) {
+  PeerState& p = state_[site];
+  if (p.incarnation == incarnation) return HelloLife::kSame;
+  const bool first = p.incarnation == 0;
   p.incarnation = incarnation;
   return first ? HelloLife::kFirst : HelloLife::kRestarted;
 }

@@ -6,8 +6,8 @@
 // an argument, never read here, so tests replay any sequence of events
 // without sockets or sleeps. Not thread-safe: the gateway's I/O thread owns it.
 //
-// "Lost": heard once (its Hello was welcomed) and silent for peer_timeout
-// since. "Silent": lost, or never heard. A site that comes back in the same
+// "Lost": greeted (its Hello was welcomed on our ROUTER) and silent for
+// peer_timeout since. "Silent": lost, or never heard. A site that comes back in the same
 // life after being lost was cut off (a partition, a freeze), not restarted:
 // tick() reports it once.
 
@@ -24,8 +24,8 @@ using Clock = std::chrono::steady_clock;
 struct PeerState {
   size_t index = 0;                 // its position in the job's sites
   std::string name;
-  bool greeted = false;             // a Hello of it was welcomed
-  uint64_t incarnation = 0;         // its gateway's life, from that Hello (0: never heard)
+  bool greeted = false;             // a Hello of it was welcomed on our ROUTER
+  uint64_t incarnation = 0;         // its gateway's life, from its Hello or its Welcome (0: unknown)
   Clock::time_point last_heard{};   // any valid message from it
   bool lost = false;                // as of the last tick()
   uint64_t lost_incarnation = 0;    // its life when it was lost
@@ -48,7 +48,14 @@ class PeerTable {
   // The site index of a peer named `name`, or -1 (this site's own name too).
   long find(const std::string& name) const;
 
+  // Its Hello was welcomed on our ROUTER: its DEALER reached us, and from
+  // now on its silence counts.
   HelloLife hello(size_t site, uint64_t incarnation, Clock::time_point now);
+  // Its Welcome (on our DEALER) named its life. That says nothing of its
+  // DEALER: a peer whose connection to our ROUTER is still to come (its
+  // reconnect backs off for seconds) must not be judged silent by it, or a
+  // restarted site goes on without the peer it is asking to join.
+  HelloLife life(size_t site, uint64_t incarnation);
   void heard(size_t site, Clock::time_point now);
   // Updates who is lost; returns the sites back after a silence in the same life.
   std::vector<size_t> tick(Clock::time_point now);
