@@ -1,101 +1,231 @@
 #pragma once
-// The libtorch C++ API: cross-site synchronisation for C++ training loops.
+// strait's sync engine: the cross-site algorithms over at::Tensor, for
+// Python (torch.classes.strait.*, wrapped by the `strait` package) and for
+// libtorch programs alike. One implementation of each algorithm and one
+// wire dialect (docs/PROTOCOL.md), so a libtorch site and a Python site
+// train one model together.
 //
-// A strait::torch::Site is one site leader's view of the job: its gateway to
-// the other sites and one compressor (pipeline + error feedback) per tensor
-// slot. Inside a site, averaging across workers stays the caller's business
-// (torch::distributed or one process per site).
+//   auto session = c10::make_intrusive<strait::torch::Session>(
+//       strait::torch::SessionOptions{"job.yaml", "hangzhou", "", pg});  // pg: the site's c10d group, or null
 //
-//   strait::torch::Site site("job.yaml", "hangzhou");
-//   ... loss.backward();
-//   std::vector<at::Tensor> grads = ...;       // e.g. p.grad() for every parameter
-//   site.averageAcrossSites(grads, "grads");   // in place: the weighted mean of every site's decoded update
-//   optimizer.step();
+//   // every-step mode: compressed gradients each step
+//   strait::torch::EveryStep sync(session);
+//   ... loss.backward(); sync.average(grads); optimizer.step();
 //
-//   strait::torch::DiLoCo diloco(site, params, {.sync_every = 50});
+//   // DiLoCo: H local steps, then an outer step on compressed pseudo-gradients
+//   strait::torch::DiLoCo diloco(session, names, params);  // options: the config's sync.diloco
 //   ... after each inner optimizer step: diloco.step();
+//   diloco.flush();  // after training
 //
-// Every call blocks until every site has contributed (or the job's deadlines
-// decide); afterwards the tensors are bitwise identical on every site. Errors
-// are strait::Error subclasses (ConfigError, ProtocolError, TimeoutError).
-// Not thread-safe: one thread per Site.
+// Inside a site the workers average and broadcast through the c10d process
+// group they pass (gloo for CPU tensors, NCCL for CUDA tensors); the site's
+// rank 0 (the leader) alone runs the gateway to the other sites. After every
+// sync, every worker of every site holds bitwise-identical results.
+//
+// Threads: a Session and the algorithms over it are driven from one thread
+// (the training loop); EveryStep runs its bucket work on a thread of its
+// own. Errors are strait::Error subclasses (ConfigError, ProtocolError,
+// TimeoutError, PolicyViolation), and a failure on the leader is raised on
+// every worker of the site alike.
 
 #include <ATen/ATen.h>
+#include <ATen/core/ivalue.h>
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 
+#include <cstdint>
+#include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
 namespace strait::torch {
 
-class Site {
+struct SessionOptions {
+  std::string config;  // the job's YAML
+  std::string site;    // this process's site
+  std::string policy;  // the site's policy file (egress kinds, audit log, privacy); "" = defaults
+  // The site's workers; null when this process is the whole site. Its rank
+  // 0 is the site leader.
+  c10::intrusive_ptr<c10d::ProcessGroup> group;
+  bool resume = false;   // continue the job: from checkpoints, or a running site's state
+  bool log = true;       // a line per logged step and per recovery event on stderr (leader)
+  std::string json_log;  // a file that gets one JSON object per logged step and event ("" = none)
+};
+
+// One process's part of a job: its site, its site's process group and, on
+// the site leader, the gateway to the other sites.
+class Session : public ::torch::CustomClassHolder {
  public:
-  // Loads and validates the job config (and the site's policy file, if
-  // given: egress kinds, signed audit log) and starts this site's gateway.
-  Site(const std::string& config_path, const std::string& site, const std::string& policy_path = "");
-  ~Site();
-  Site(const Site&) = delete;
-  Site& operator=(const Site&) = delete;
+  // Loads and validates the config (and the policy), starts the gateway on
+  // the leader. Throws ConfigError, PolicyViolation (a policy for another
+  // site), Error (the endpoint cannot be bound).
+  explicit Session(SessionOptions options);
+  ~Session() override;
+  Session(const Session&) = delete;
+  Session& operator=(const Session&) = delete;
 
-  // Replaces every tensor (float32, any device) with the weighted mean over
-  // sites of the decoded, compressed tensors (the config's pipeline and error
-  // feedback; one compressor per tensor slot of this tag). Sites missing
-  // under on_site_loss: continue are left out and the weights renormalised.
-  // Tensor shapes must match across sites (checked on the first call).
-  void averageAcrossSites(std::vector<at::Tensor>& tensors, const std::string& tag);
+  const std::string& site() const;
+  int64_t siteIndex() const;
+  const std::vector<std::string>& sites() const;
+  int64_t rank() const;  // in the site
+  int64_t size() const;  // workers in the site
+  bool leader() const;
+  bool resuming() const;
+  const std::string& configPath() const;
 
-  // Site 0's tensors, uncompressed, on every site (initial weights).
-  void adoptFromFirstSite(std::vector<at::Tensor>& tensors, const std::string& tag);
+  // The round log: when rounds crossed since the last call, one line on the
+  // leader's stderr (step, loss, bytes out and in, the rounds' time,
+  // missing sites) and one JSON object in the JSON log; `fields_json` is a
+  // JSON object whose members are added to it ("" or "{}" for none).
+  // Returns the JSON object ("" when nothing crossed or not the leader).
+  // Call it once per step on every worker; `loss` is this worker's.
+  std::string log(int64_t step, std::optional<double> loss, const std::string& fields_json = "");
+  // One line about recovery (joins, checkpoints, lost sites), on stderr
+  // and as {"event": ...} in the JSON log.
+  void event(const std::string& message);
 
-  const std::string& name() const;
-  size_t index() const;
-  // Sites missing from the last round (on_site_loss: continue).
-  const std::vector<std::string>& lastMissing() const;
+  uint64_t bytesSent() const;                    // payload bytes this site sent (leader)
+  std::vector<std::string> lastMissing() const;  // sites missing from the last sync's round
+  std::string auditHead() const;                 // "" without an audit log or off the leader
+  int64_t auditRecords() const;
+  double privacySpent() const;
+
+  // Ends this process's part: lets answered join requests reach the sites
+  // that asked (up to 10 s), then stops the gateway. Safe to call twice.
+  void close();
+
+  struct Impl;  // the engine's internals (torch_ext/csrc/session_impl.h)
+  Impl& impl() { return *impl_; }
 
  private:
-  class Impl;
   std::unique_ptr<Impl> impl_;
 };
 
+// DiLoCo's settings; unset ones come from the config's sync.diloco.
 struct DiLoCoOptions {
-  int sync_every = 50;
-  double outer_lr = 0.7;
-  double outer_momentum = 0.9;
-  bool nesterov = true;
-  int fragments = 1;  // streaming DiLoCo: a divisor of sync_every, at most the number of tensors
+  std::optional<int64_t> sync_every;
+  std::optional<double> outer_lr;
+  std::optional<double> outer_momentum;
+  std::optional<bool> nesterov;
+  std::optional<int64_t> fragments;
+  std::optional<bool> overlap;
+  std::string pipeline;  // one pipeline for every parameter instead of the config's rules ("" = rules)
 };
 
-// DiLoCo (Douillard et al. 2023) over a Site: every sync_every steps the
-// pseudo-gradient (global - local parameters) is averaged across sites and
-// the same outer SGD step with (Nesterov) momentum updates the global
-// parameters everywhere; the local parameters restart from them.
+// DiLoCo (Douillard et al. 2023): every sync_every inner steps the
+// pseudo-gradient (global - local parameters) of each parameter is
+// compressed with the config's rule for its name and error feedback, all
+// parts cross in one round, every site averages every site's decoded parts
+// (weighted, in site order) and applies the same outer SGD step with
+// (Nesterov) momentum; local parameters restart from the new global ones.
 //
-// With fragments = F (streaming DiLoCo, Douillard et al. 2025) the tensors
-// are split into F groups of about equal size (largest first, to the
-// lightest group) and one group syncs every sync_every / F steps, in turn,
-// under the tag "diloco.f<k>": the same bytes per period in rounds 1/F the
-// size. Call flush() after training so every site ends with the global
-// parameters (progress not yet synced is dropped). Overlap is the Python
-// API's (strait.DiLoCo).
-class DiLoCo {
+// Streaming fragments (Douillard et al. 2025): the tensors are split into F
+// fragments of about equal size and one syncs every sync_every / F steps.
+// Overlap: a sync starts its exchange and applies it at the next sync, the
+// site keeping its own progress that is not in it yet. flush() after
+// training makes every replica end on the global parameters.
+//
+// Reliability (docs/RELIABILITY.md): checkpoints every checkpoint.every
+// syncs; with resume, a running site's state (verified by digest) or the
+// newest checkpoint every site holds; joins served while waiting for a
+// round; a site that parted from the others (a partition healed under
+// on_site_loss: continue) gives way and fetches the winners' state.
+class DiLoCo : public ::torch::CustomClassHolder {
  public:
-  // Adopts site 0's parameters as the common start. Throws InvalidArgument on
-  // bad options.
-  DiLoCo(Site& site, std::vector<at::Tensor> params, DiLoCoOptions options = {});
-  void step();  // after each inner optimizer step
-  void sync();   // now: the next fragment (with one fragment, every tensor)
-  void flush();  // after training: every parameter takes its global value
-  int64_t syncs() const { return syncs_; }
-  // Indices into params of each fragment's tensors, in order.
-  const std::vector<std::vector<size_t>>& fragments() const { return fragments_; }
+  // params: the trainable parameters (float32, any device), names: theirs
+  // (config rules match them). Starts from site 0's parameters (compared by
+  // digest first), or resumes (SessionOptions::resume). Throws
+  // InvalidArgument on bad options or when the config's sync.mode is not
+  // diloco.
+  DiLoCo(c10::intrusive_ptr<Session> session, std::vector<std::string> names, std::vector<at::Tensor> params,
+         DiLoCoOptions options = {});
+  ~DiLoCo() override;
+
+  // After each inner optimizer step: syncs every sync_every / fragments
+  // calls. Returns true when this step's sync is due a checkpoint that still
+  // needs the caller's own state (see setExtraState, writeCheckpoint).
+  bool step();
+  // After training: with overlap, applies the round in flight; then every
+  // worker takes the global parameters (progress not synced yet is
+  // dropped), so replicas end identical whatever the step count.
+  void flush();
+
+  // What a checkpoint holds of the caller's own (the inner optimizer, the
+  // model's buffers), as bytes the caller reads back. With a provider set,
+  // checkpoints are complete without help; without one, step() returns true
+  // and the caller passes its state to writeCheckpoint().
+  void setExtraState(std::function<std::vector<uint8_t>()> provider);
+  void writeCheckpoint(const std::vector<uint8_t>& extra);
+  // Leader, after a failed sync (the job stops): writes the rounds applied
+  // so far unless a checkpoint of them exists.
+  void writeFailureCheckpoint(const std::vector<uint8_t>& extra);
+  // The caller's state from the checkpoint this instance resumed from
+  // (empty if none); resumed(): "", "checkpoint" or "running".
+  const std::vector<uint8_t>& resumedExtra() const;
+  const std::string& resumed() const;
+
+  int64_t syncs() const;       // outer steps applied
+  int64_t localSteps() const;  // inner steps; drive the training loop by it
+  int64_t syncEvery() const;
+  double outerLr() const;
+  double outerMomentum() const;
+  bool nesterov() const;
+  bool overlap() const;
+  const std::vector<std::vector<int64_t>>& fragments() const;  // parameter indices of each
+  at::Tensor globalParams() const;  // flat float32, on the parameters' device
+  bool unflushed() const;           // holds progress that is not in the global parameters (flush())
+
+  struct Impl;
 
  private:
-  Site& site_;
-  std::vector<at::Tensor> params_;
-  DiLoCoOptions opt_;
-  std::vector<at::Tensor> global_, momentum_;
-  std::vector<std::vector<size_t>> fragments_;
-  int64_t steps_ = 0, syncs_ = 0;
+  std::unique_ptr<Impl> impl_;
+};
+
+// Every-step mode: the gradient exchange behind the DDP communication hook
+// (Python: strait.ddp_hook) and, for libtorch programs, average(). Per
+// bucket: mean inside the site (c10d), on the leader compression with the
+// config's rule for "ddp.bucket<INDEX>" and error feedback, one round with
+// every site, the weighted mean of every site's decoded payload in site
+// order, broadcast inside the site. A bucket's work runs on this object's
+// thread, so backward goes on while it crosses the border; all of a step's
+// rounds are in flight together and awaited at its last bucket.
+class EveryStep : public ::torch::CustomClassHolder {
+ public:
+  // Throws InvalidArgument when the config's sync.mode is not every_step.
+  explicit EveryStep(c10::intrusive_ptr<Session> session);
+  ~EveryStep() override;
+
+  // Hands over bucket `index`: its flat buffer (averaged in place), its
+  // parameters (the first time a layout is seen: checked against every
+  // site, and site 0's values adopted where they differ) and whether it is
+  // the step's last. Returns at once with a future of the averaged buffer.
+  c10::intrusive_ptr<c10::ivalue::Future> bucket(at::Tensor buffer, int64_t index, std::vector<at::Tensor> params,
+                                                 bool last);
+  // Blocks until every bucket handed over is done; throws the first error
+  // of the step (the same on every worker).
+  void finishStep();
+  // libtorch: averages `tensors` (gradients) in place across the job, as
+  // one bucket of index 0. `params`, if given (one per tensor), are the
+  // parameters they belong to: their shapes are the bucket's layout, and
+  // the first time it is seen their values are checked to be the same at
+  // every site.
+  void average(std::vector<at::Tensor>& tensors, const std::vector<at::Tensor>& params = {});
+
+  // Checkpoints of every-step jobs (strait.Checkpoints): the parameters,
+  // the residuals, the round counters and the caller's own state (`extra`:
+  // the optimizer's) every checkpoint.every steps, on the leader.
+  void checkpoint(int64_t step, const std::vector<at::Tensor>& params, const std::vector<uint8_t>& extra);
+  // With resume: the newest step every site holds, loaded into params (on
+  // every worker) and the residuals; returns that step (0 if none) and
+  // leaves the caller's state in resumedExtra().
+  int64_t resume(std::vector<at::Tensor> params);
+  const std::vector<uint8_t>& resumedExtra() const;
+
+  struct Impl;
+
+ private:
+  std::unique_ptr<Impl> impl_;
 };
 
 }  // namespace strait::torch

@@ -27,7 +27,10 @@
 
 namespace strait::transport {
 
-constexpr uint32_t kProtocolVersion = 1;
+// 2: the sync layer of the C++ engine (docs/PROTOCOL.md, "Sync rounds"):
+// join messages as state documents, the sum digest. Version 1 peers (strait
+// before the engine) are refused in the handshake.
+constexpr uint32_t kProtocolVersion = 2;
 
 enum class OnSiteLoss { kWait, kContinue };
 

@@ -76,7 +76,7 @@ int main(int argc, char** argv) {
   Envelope e;
   ok &= write(handshake + "hello", hello("s2").SerializeAsString());
   e = hello("s2");
-  e.mutable_hello()->set_protocol_version(2);
+  e.mutable_hello()->set_protocol_version(kProtocolVersion + 1);
   ok &= write(handshake + "hello-version", e.SerializeAsString());
   e = hello("s2");
   e.mutable_hello()->set_job_id("other");

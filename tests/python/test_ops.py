@@ -215,7 +215,7 @@ def test_init_errors_name_the_problem(tmp_path):
         strait.init(str(tmp_path / "missing.yaml"), site="a")
     cfg = tmp_path / "job.yaml"
     cfg.write_text("job: {id: j}\nsites:\n  - {name: a, jurisdiction: CN, endpoint: \"tcp://127.0.0.1:7001\"}\n")
-    with pytest.raises(strait.StraitError, match="site 'tokyo' is not in .*its sites are: a"):
+    with pytest.raises(strait.StraitError, match="no site named 'tokyo' in job 'j'; sites: a"):
         strait.init(str(cfg), site="tokyo")
     bad = tmp_path / "bad.yaml"
     bad.write_text("job: {id: j}\nsites:\n  - {name: a, jurisdiction: China, endpoint: \"tcp://127.0.0.1:7001\"}\n")

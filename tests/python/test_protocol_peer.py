@@ -145,7 +145,7 @@ transport: {{chunk_bytes: {CHUNK}, heartbeat_ms: 100, peer_timeout_ms: 30000, ro
 def handshake(wire, peer, fingerprint, **override):
     """Our Hello to a (answered by a Welcome on the DEALER) and a's Hello to
     us (answered by ours on the ROUTER). Returns a's Welcome."""
-    hello = dict(protocol_version=1, job_id="doc-peer", site="b", jurisdiction="SG",
+    hello = dict(protocol_version=2, job_id="doc-peer", site="b", jurisdiction="SG",
                  config_fingerprint=fingerprint, incarnation=peer.incarnation)
     hello.update(override)
     peer.send(hello=wire.Hello(**hello))

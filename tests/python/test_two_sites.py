@@ -88,6 +88,14 @@ def test_diloco_mode_keeps_replicas_identical_and_learns():
     check(run_job("diloco", "int4(rounding=stochastic)", steps=40, extra_args=("--sync-every", "10")))
 
 
+def test_diloco_whose_step_count_is_not_a_multiple_of_sync_every_ends_with_identical_replicas():
+    # 23 steps, a sync every 5: the last 3 steps are each site's own until
+    # flush(), which gives every worker the global parameters.
+    results = run_job("diloco", "int8", steps=23, extra_args=("--sync-every", "5"))
+    assert len({r["hash"] for r in results}) == 1, results
+    assert all(r["syncs"] == 4 for r in results), results
+
+
 @pytest.mark.parametrize("options", [("--bucket-view",), ("--static-graph",), ("--bucket-view", "--static-graph")],
                          ids=lambda o: "+".join(a.strip("-") for a in o))
 def test_every_step_mode_works_with_ddps_bucket_view_and_static_graph(options):

@@ -16,7 +16,7 @@
 
 #include <torch/custom_class.h>
 #include <torch/library.h>
-#include <torch/torch.h>
+#include <ATen/ATen.h>
 
 #include <map>
 #include <memory>
@@ -25,10 +25,11 @@
 #include <vector>
 
 #include "core/codec/codec.h"
-#include "core/codec/error_feedback.h"
 #include "core/config/config.h"
 #include "core/error.h"
 #include "torch_ext/build_config.h"
+#include "torch_ext/csrc/compressor.h"
+#include "torch_ext/strait_torch.h"
 #include "transport/gateway.h"
 
 #if STRAIT_WITH_CUDA
@@ -132,6 +133,16 @@ void validateConfig(const std::string& path) {
   translate("strait.validate_config", [&] { core::JobConfig::load(path); });
 }
 
+// The site's position in the job's order; ConfigError naming the sites if
+// the job has no such site.
+int64_t siteIndex(const std::string& path, const std::string& site) {
+  return translate("strait.init", [&] {
+    const core::JobConfig config = core::JobConfig::load(path);
+    const core::SiteConfig& s = config.site(site);
+    return static_cast<int64_t>(&s - config.sites.data());
+  });
+}
+
 // How this library was built, as "key=value" lines (strait.build_info()
 // turns them into a dict).
 std::string buildInfo() {
@@ -155,65 +166,114 @@ std::tuple<std::string, bool> ruleFor(const std::string& path, const std::string
   });
 }
 
+template <typename T>
+using Self = c10::intrusive_ptr<T>;
+
+std::vector<uint8_t> bytesOfTensor(const at::Tensor& t, const char* op) {
+  const at::Tensor b = bytesCpu(t, op);
+  return std::vector<uint8_t>(b.data_ptr<uint8_t>(), b.data_ptr<uint8_t>() + b.numel());
+}
+
+// The engine (strait_torch.h) as torch custom classes: Session, DiLoCo,
+// EveryStep. Each method only converts and translates errors.
+void registerEngine(::torch::Library& m) {
+  using strait::torch::DiLoCo;
+  using strait::torch::DiLoCoOptions;
+  using strait::torch::EveryStep;
+  using strait::torch::Session;
+  using strait::torch::SessionOptions;
+  m.class_<Session>("Session")
+      .def(::torch::init([](const std::string& config, const std::string& site, const std::string& policy,
+                            std::optional<c10::intrusive_ptr<c10d::ProcessGroup>> group, bool resume, bool log,
+                            const std::string& json_log) {
+        return translate("strait.init", [&] {
+          SessionOptions o{config, site, policy, group.value_or(nullptr), resume, log, json_log};
+          return c10::make_intrusive<Session>(std::move(o));
+        });
+      }))
+      .def("site", [](const Self<Session>& s) { return s->site(); })
+      .def("site_index", [](const Self<Session>& s) { return s->siteIndex(); })
+      .def("sites", [](const Self<Session>& s) { return s->sites(); })
+      .def("rank", [](const Self<Session>& s) { return s->rank(); })
+      .def("size", [](const Self<Session>& s) { return s->size(); })
+      .def("leader", [](const Self<Session>& s) { return s->leader(); })
+      .def("resuming", [](const Self<Session>& s) { return s->resuming(); })
+      .def("log",
+           [](const Self<Session>& s, int64_t step, std::optional<double> loss, const std::string& fields) {
+             return translate("strait.Session.log", [&] { return s->log(step, loss, fields); });
+           })
+      .def("event", [](const Self<Session>& s, const std::string& message) { s->event(message); })
+      .def("bytes_sent", [](const Self<Session>& s) { return static_cast<int64_t>(s->bytesSent()); })
+      .def("last_missing", [](const Self<Session>& s) { return s->lastMissing(); })
+      .def("audit_head", [](const Self<Session>& s) { return s->auditHead(); })
+      .def("audit_records", [](const Self<Session>& s) { return s->auditRecords(); })
+      .def("privacy_spent", [](const Self<Session>& s) { return s->privacySpent(); })
+      .def("close", [](const Self<Session>& s) { translate("strait.Session.close", [&] { s->close(); }); });
+
+  m.class_<DiLoCo>("DiLoCo")
+      .def(::torch::init([](const Self<Session>& session, std::vector<std::string> names,
+                            std::vector<at::Tensor> params, std::optional<int64_t> sync_every,
+                            std::optional<double> outer_lr, std::optional<double> outer_momentum,
+                            std::optional<bool> nesterov, std::optional<int64_t> fragments,
+                            std::optional<bool> overlap, const std::string& pipeline) {
+        return translate("strait.DiLoCo", [&] {
+          DiLoCoOptions o{sync_every, outer_lr, outer_momentum, nesterov, fragments, overlap, pipeline};
+          return c10::make_intrusive<DiLoCo>(session, std::move(names), std::move(params), std::move(o));
+        });
+      }))
+      .def("step", [](const Self<DiLoCo>& d) { return translate("strait.DiLoCo.step", [&] { return d->step(); }); })
+      .def("flush", [](const Self<DiLoCo>& d) { translate("strait.DiLoCo.flush", [&] { d->flush(); }); })
+      .def("write_checkpoint",
+           [](const Self<DiLoCo>& d, const at::Tensor& extra) {
+             translate("strait.DiLoCo.write_checkpoint",
+                       [&] { d->writeCheckpoint(bytesOfTensor(extra, "strait.DiLoCo.write_checkpoint")); });
+           })
+      .def("write_failure_checkpoint",
+           [](const Self<DiLoCo>& d, const at::Tensor& extra) {
+             translate("strait.DiLoCo.write_failure_checkpoint",
+                       [&] { d->writeFailureCheckpoint(bytesOfTensor(extra, "strait.DiLoCo.write_checkpoint")); });
+           })
+      .def("resumed_extra", [](const Self<DiLoCo>& d) { return toTensor(d->resumedExtra()); })
+      .def("resumed", [](const Self<DiLoCo>& d) { return d->resumed(); })
+      .def("syncs", [](const Self<DiLoCo>& d) { return d->syncs(); })
+      .def("local_steps", [](const Self<DiLoCo>& d) { return d->localSteps(); })
+      .def("sync_every", [](const Self<DiLoCo>& d) { return d->syncEvery(); })
+      .def("outer_lr", [](const Self<DiLoCo>& d) { return d->outerLr(); })
+      .def("outer_momentum", [](const Self<DiLoCo>& d) { return d->outerMomentum(); })
+      .def("nesterov", [](const Self<DiLoCo>& d) { return d->nesterov(); })
+      .def("overlap", [](const Self<DiLoCo>& d) { return d->overlap(); })
+      .def("fragments", [](const Self<DiLoCo>& d) { return d->fragments(); })
+      .def("global_params", [](const Self<DiLoCo>& d) { return d->globalParams(); })
+      .def("unflushed", [](const Self<DiLoCo>& d) { return d->unflushed(); });
+
+  m.class_<EveryStep>("EveryStep")
+      .def(::torch::init([](const Self<Session>& session) {
+        return translate("strait.ddp_hook", [&] { return c10::make_intrusive<EveryStep>(session); });
+      }))
+      .def("bucket",
+           [](const Self<EveryStep>& e, const at::Tensor& buffer, int64_t index, std::vector<at::Tensor> params,
+              bool last) -> c10::IValue {
+             return translate("strait.ddp_hook", [&] { return c10::IValue(e->bucket(buffer, index, params, last)); });
+           })
+      .def("finish_step", [](const Self<EveryStep>& e) { translate("strait.ddp_hook", [&] { e->finishStep(); }); })
+      .def("checkpoint",
+           [](const Self<EveryStep>& e, int64_t step, std::vector<at::Tensor> params, const at::Tensor& extra) {
+             translate("strait.Checkpoints.step",
+                       [&] { e->checkpoint(step, params, bytesOfTensor(extra, "strait.Checkpoints.step")); });
+           })
+      .def("resume",
+           [](const Self<EveryStep>& e, std::vector<at::Tensor> params) {
+             return translate("strait.Checkpoints.resume", [&] { return e->resume(params); });
+           })
+      .def("resumed_extra", [](const Self<EveryStep>& e) { return toTensor(e->resumedExtra()); });
+}
+
 }  // namespace
-
-// One tensor's compressor: a pipeline, its codec state and, with error
-// feedback, the residual. Not thread-safe (one per tensor per process).
-class Compressor : public torch::CustomClassHolder {
- public:
-  Compressor(const std::string& pipeline, int64_t seed, bool error_feedback)
-      : pipeline_(translate("strait.Compressor", [&] { return core::Pipeline::parse(pipeline); })),
-        state_(static_cast<uint64_t>(seed)) {
-    if (error_feedback) ef_.emplace(pipeline_, static_cast<uint64_t>(seed));
-  }
-
-  at::Tensor encode(const at::Tensor& x) {
-    return translate("strait.Compressor.encode", [&] {
-      const at::Tensor flat = floatCpu(x, "strait.Compressor.encode");
-      std::vector<uint8_t>& out = scratch_;
-      if (ef_) {
-        ef_->encode(flat.data_ptr<float>(), static_cast<size_t>(flat.numel()), shapeOf(x), out);
-      } else {
-        pipeline_.encode(flat.data_ptr<float>(), static_cast<size_t>(flat.numel()), shapeOf(x), state_, out);
-      }
-      return toTensor(out);
-    });
-  }
-
-  at::Tensor residual() const {
-    if (!ef_ || ef_->residual().empty()) return at::empty({0}, at::kFloat);
-    const auto& r = ef_->residual();
-    at::Tensor out = at::empty({static_cast<int64_t>(r.size())}, at::kFloat);
-    std::memcpy(out.data_ptr<float>(), r.data(), r.size() * sizeof(float));
-    return out;
-  }
-
-  void setResidual(const at::Tensor& r) {
-    translate("strait.Compressor.set_residual", [&] {
-      TORCH_CHECK(ef_.has_value(), "strait.Compressor.set_residual: this compressor has no error feedback");
-      const at::Tensor flat = floatCpu(r, "strait.Compressor.set_residual");
-      ef_->setResidual(std::vector<float>(flat.data_ptr<float>(), flat.data_ptr<float>() + flat.numel()));
-    });
-  }
-
-  void reset() {
-    if (ef_) ef_->reset();
-  }
-
-  std::string pipeline() const { return pipeline_.toString(); }
-  bool errorFeedback() const { return ef_.has_value(); }
-
- private:
-  core::Pipeline pipeline_;
-  core::CodecState state_;
-  std::optional<core::ErrorFeedback> ef_;
-  std::vector<uint8_t> scratch_;
-};
 
 // The site gateway for Python. exchange() starts an all-gather and returns at
 // once; ready() polls it without blocking (so Python threads keep the GIL
 // moving); result() collects it. The network never blocks the interpreter.
-class SiteGateway : public torch::CustomClassHolder {
+class SiteGateway : public ::torch::CustomClassHolder {
  public:
   // policy_path: the site's policy file, "" for none (default egress, no
   // audit log, no differential privacy).
@@ -301,7 +361,12 @@ class SiteGateway : public torch::CustomClassHolder {
 };
 
 // Static methods only: see the comment at the top of this file.
-struct Library : torch::CustomClassHolder {};
+struct Library : ::torch::CustomClassHolder {};
+
+}  // namespace strait::torch_ext
+
+// Outside namespace strait: the macros name ::torch unqualified.
+using namespace strait::torch_ext;  // NOLINT
 
 TORCH_LIBRARY(strait, m) {
   m.def("encode(Tensor x, str pipeline, int seed=0) -> Tensor");
@@ -310,18 +375,34 @@ TORCH_LIBRARY(strait, m) {
   m.class_<Library>("Library")
       .def_static("payload_info", &payloadInfo)
       .def_static("validate_config", &validateConfig)
+      .def_static("site_index", &siteIndex)
       .def_static("rule_for", &ruleFor)
       .def_static("build_info", &buildInfo);
+  using Compressor = strait::torch::Compressor;
   m.class_<Compressor>("Compressor")
-      .def(torch::init<std::string, int64_t, bool>())
-      .def("encode", &Compressor::encode)
-      .def("residual", &Compressor::residual)
-      .def("set_residual", &Compressor::setResidual)
-      .def("reset", &Compressor::reset)
-      .def("pipeline", &Compressor::pipeline)
-      .def("error_feedback", &Compressor::errorFeedback);
+      .def(::torch::init([](const std::string& pipeline, int64_t seed, bool error_feedback) {
+        return translate("strait.Compressor", [&] {
+          return c10::make_intrusive<Compressor>(pipeline, static_cast<uint64_t>(seed), error_feedback);
+        });
+      }))
+      .def("encode",
+           [](const Self<Compressor>& c, const at::Tensor& x) {
+             return translate("strait.Compressor.encode", [&] { return c->encode(x); });
+           })
+      .def("residual", [](const Self<Compressor>& c) { return c->residual(); })
+      .def("set_residual",
+           [](const Self<Compressor>& c, const at::Tensor& r) {
+             translate("strait.Compressor.set_residual", [&] {
+               const at::Tensor flat = floatCpu(r, "strait.Compressor.set_residual");
+               c->setResidual(flat.data_ptr<float>(), static_cast<size_t>(flat.numel()));
+             });
+           })
+      .def("reset", [](const Self<Compressor>& c) { c->reset(); })
+      .def("pipeline", [](const Self<Compressor>& c) { return c->pipeline(); })
+      .def("error_feedback", [](const Self<Compressor>& c) { return c->errorFeedback(); });
+  registerEngine(m);
   m.class_<SiteGateway>("Gateway")
-      .def(torch::init<std::string, std::string, std::string>())
+      .def(::torch::init<std::string, std::string, std::string>())
       .def("exchange", &SiteGateway::exchange)
       .def("privatize", &SiteGateway::privatize)
       .def("privacy_spent", &SiteGateway::privacySpent)
@@ -349,5 +430,3 @@ TORCH_LIBRARY_IMPL(strait, CUDA, m) {
   m.impl("decode", &decode);
   m.impl("decode_accumulate", &decodeAccumulate);
 }
-
-}  // namespace strait::torch_ext

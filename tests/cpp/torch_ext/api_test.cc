@@ -16,7 +16,8 @@
 namespace strait::torch {
 namespace {
 
-std::string writeConfig(const std::string& pipeline, double w0 = 1.0, double w1 = 1.0) {
+std::string writeConfig(const std::string& pipeline, double w0 = 1.0, double w1 = 1.0,
+                        const std::string& mode = "every_step") {
   char tmpl[] = "/tmp/strait-api-XXXXXX";
   const std::string dir = mkdtemp(tmpl);
   const std::string path = dir + "/job.yaml";
@@ -26,21 +27,34 @@ std::string writeConfig(const std::string& pipeline, double w0 = 1.0, double w1 
                       << "\", weight: " << w0 << "}\n"
                       << "  - {name: b, jurisdiction: SG, endpoint: \"tcp://127.0.0.1:" << transport::testing::freePort()
                       << "\", weight: " << w1 << "}\n"
+                      << "sync: {mode: " << mode << "}\n"
                       << "compression: {pipeline: \"" << pipeline << "\"}\n"
                       << "transport: {insecure: true, round_deadline_s: 30, hard_deadline_s: 60, heartbeat_ms: 50, "
                          "peer_timeout_ms: 2000}\n";
   return path;
 }
 
+using SessionPtr = c10::intrusive_ptr<Session>;
+
+SessionPtr open(const std::string& config, const std::string& site) {
+  SessionOptions o;
+  o.config = config;
+  o.site = site;
+  o.log = false;
+  return c10::make_intrusive<Session>(o);
+}
+
 // Runs fa on site a in this thread and fb on site b in another.
 template <typename Fa, typename Fb>
 void bothSites(const std::string& config, Fa fa, Fb fb) {
   auto other = std::async(std::launch::async, [&] {
-    Site b(config, "b");
+    SessionPtr b = open(config, "b");
     fb(b);
+    b->close();
   });
-  Site a(config, "a");
+  SessionPtr a = open(config, "a");
   fa(a);
+  a->close();
   ASSERT_EQ(other.wait_for(std::chrono::seconds(60)), std::future_status::ready);
   other.get();
 }
@@ -51,7 +65,7 @@ TEST(TorchApi, AveragesAcrossSitesWithWeightsInSiteOrder) {
   const at::Tensor u = at::randn({4, 5}), v = at::randn({7});
   std::vector<at::Tensor> ta = {x.clone(), y.clone()}, tb = {u.clone(), v.clone()};
   bothSites(
-      config, [&](Site& s) { s.averageAcrossSites(ta, "g"); }, [&](Site& s) { s.averageAcrossSites(tb, "g"); });
+      config, [&](SessionPtr& s) { EveryStep(s).average(ta); }, [&](SessionPtr& s) { EveryStep(s).average(tb); });
   // acc = 0 + 0.25 * a, then += 0.75 * b: the same float ops as below.
   const at::Tensor ex = x * 0.25f + u * 0.75f, ey = y * 0.25f + v * 0.75f;
   EXPECT_TRUE(at::equal(ta[0], ex));
@@ -65,11 +79,13 @@ TEST(TorchApi, CompressedAveragesAreIdenticalOnBothSites) {
   std::vector<at::Tensor> ta = {at::randn({1000})}, tb = {at::randn({1000})};
   bothSites(
       config,
-      [&](Site& s) {
-        for (int i = 0; i < 3; ++i) s.averageAcrossSites(ta, "g");
+      [&](SessionPtr& s) {
+        EveryStep e(s);
+        for (int i = 0; i < 3; ++i) e.average(ta);
       },
-      [&](Site& s) {
-        for (int i = 0; i < 3; ++i) s.averageAcrossSites(tb, "g");
+      [&](SessionPtr& s) {
+        EveryStep e(s);
+        for (int i = 0; i < 3; ++i) e.average(tb);
       });
   EXPECT_TRUE(at::equal(ta[0], tb[0]));
 }
@@ -78,24 +94,60 @@ TEST(TorchApi, DifferentShapesAreAClearError) {
   const std::string config = writeConfig("fp32");
   std::vector<at::Tensor> ta = {at::randn({3})}, tb = {at::randn({4})};
   std::string ea, eb;
-  bothSites(
-      config,
-      [&](Site& s) {
-        try {
-          s.averageAcrossSites(ta, "g");
-        } catch (const InvalidArgument& e) {
-          ea = e.what();
-        }
-      },
-      [&](Site& s) {
-        try {
-          s.averageAcrossSites(tb, "g");
-        } catch (const InvalidArgument& e) {
-          eb = e.what();
-        }
-      });
-  EXPECT_NE(ea.find("the tensors of 'g' differ between sites: site 'b' has\n[4] Float"), std::string::npos) << ea;
-  EXPECT_NE(eb.find("site 'a' has\n[3] Float"), std::string::npos) << eb;
+  auto attempt = [](std::vector<at::Tensor>& t, std::string& error) {
+    return [&](SessionPtr& s) {
+      try {
+        EveryStep(s).average(t);
+      } catch (const InvalidArgument& e) {
+        error = e.what();
+      }
+    };
+  };
+  bothSites(config, attempt(ta, ea), attempt(tb, eb));
+  EXPECT_NE(ea.find("the model differs between sites: site 'b' has '(4,) Float' where site 'a' has '(3,) Float'"),
+            std::string::npos)
+      << ea;
+  EXPECT_NE(eb.find("site 'a' has '(3,) Float'"), std::string::npos) << eb;
+}
+
+TEST(TorchApi, SitesStartingFromDifferentParametersAreToldSoInEveryStepMode) {
+  const std::string config = writeConfig("fp32");
+  std::vector<at::Tensor> ta = {at::ones({3})}, tb = {at::ones({3})};
+  std::string ea, eb;
+  auto attempt = [](std::vector<at::Tensor>& t, float start, std::string& error) {
+    return [&t, start, &error](SessionPtr& s) {
+      at::Tensor param = at::full({3}, start);
+      try {
+        EveryStep e(s);
+        e.bucket(t[0], 0, {param}, true);
+        e.finishStep();
+      } catch (const InvalidArgument& x) {
+        error = x.what();
+      }
+    };
+  };
+  bothSites(config, attempt(ta, 1.0f, ea), attempt(tb, 2.0f, eb));
+  EXPECT_NE(ea.find("the sites start from different parameters (ddp.b0 digests: a "), std::string::npos) << ea;
+  EXPECT_NE(eb.find("the sites start from different parameters"), std::string::npos) << eb;
+}
+
+TEST(TorchApi, TheConfigDecidesTheMode) {
+  const std::string every = writeConfig("fp32");
+  SessionPtr s = open(every, "a");
+  at::Tensor w = at::zeros({2});
+  try {
+    DiLoCo(s, {"w"}, {w});
+    FAIL() << "DiLoCo ran under sync.mode: every_step";
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("says sync.mode: every_step; DiLoCo runs only under sync.mode: diloco"),
+              std::string::npos)
+        << e.what();
+  }
+  s->close();
+  const std::string diloco = writeConfig("fp32", 1, 1, "diloco");
+  SessionPtr d = open(diloco, "a");
+  EXPECT_THROW(EveryStep{d}, InvalidArgument);
+  d->close();
 }
 
 // `steps` inner steps of fitting y = 3x + 1 on site `which`'s half of
@@ -116,13 +168,30 @@ std::pair<float, float> fitLine(Model& model, ::torch::optim::Optimizer& opt, Di
   return {first, last};
 }
 
+std::vector<std::string> namesOf(size_t n) {
+  std::vector<std::string> out;
+  for (size_t i = 0; i < n; ++i) out.push_back("p" + std::to_string(i));
+  return out;
+}
+
+DiLoCoOptions options(int64_t sync_every, int64_t fragments = 1, bool overlap = false) {
+  DiLoCoOptions o;
+  o.sync_every = sync_every;
+  o.outer_lr = 0.8;
+  o.outer_momentum = 0.5;
+  o.nesterov = true;
+  o.fragments = fragments;
+  o.overlap = overlap;
+  return o;
+}
+
 // Each site fits the line on its own half of the data; DiLoCo keeps the two
 // replicas identical after every sync and the shared model finds the line.
-void trainSite(Site& site, int which, at::Tensor& weight_out, at::Tensor& bias_out) {
+void trainSite(SessionPtr& site, int which, at::Tensor& weight_out, at::Tensor& bias_out) {
   ::torch::manual_seed(100 + which);  // different local inits: DiLoCo adopts site 0's
   ::torch::nn::Linear model(1, 1);
   ::torch::optim::SGD opt(model->parameters(), 0.1);
-  DiLoCo diloco(site, model->parameters(), {5, 0.8, 0.5, true});
+  DiLoCo diloco(site, namesOf(2), model->parameters(), options(5));
   fitLine(model, opt, diloco, which, 100);
   EXPECT_EQ(diloco.syncs(), 20);
   weight_out = model->weight.detach().clone();
@@ -130,46 +199,54 @@ void trainSite(Site& site, int which, at::Tensor& weight_out, at::Tensor& bias_o
 }
 
 TEST(TorchApi, DiLoCoKeepsReplicasIdenticalAndLearns) {
-  const std::string config = writeConfig("int8(rounding=stochastic)");
+  const std::string config = writeConfig("int8(rounding=stochastic)", 1, 1, "diloco");
   at::Tensor wa, ba, wb, bb;
   bothSites(
-      config, [&](Site& s) { trainSite(s, 0, wa, ba); }, [&](Site& s) { trainSite(s, 1, wb, bb); });
+      config, [&](SessionPtr& s) { trainSite(s, 0, wa, ba); }, [&](SessionPtr& s) { trainSite(s, 1, wb, bb); });
   EXPECT_TRUE(at::equal(wa, wb));
   EXPECT_TRUE(at::equal(ba, bb));
   EXPECT_NEAR(wa.item<float>(), 3.0f, 0.3f);
   EXPECT_NEAR(ba.item<float>(), 1.0f, 0.3f);
 }
 
-// Streaming: a two-layer model (four tensors) in two fragments, one synced
-// every 5 steps in turn; after flush() both sites hold the same bits.
-TEST(TorchApi, StreamingDiLoCoSyncsOneFragmentAtATimeAndKeepsReplicasIdentical) {
-  const std::string config = writeConfig("int8(rounding=stochastic)");
-  auto train = [](Site& site, int which, std::vector<at::Tensor>& out) {
+// Streaming (and overlapped): a two-layer model (four tensors) in two
+// fragments, one synced every 5 steps in turn; after flush() both sites
+// hold the same bits.
+class Streaming : public ::testing::TestWithParam<bool> {};
+
+TEST_P(Streaming, SyncsOneFragmentAtATimeAndKeepsReplicasIdentical) {
+  const bool overlap = GetParam();
+  const std::string config = writeConfig("int8(rounding=stochastic)", 1, 1, "diloco");
+  auto train = [overlap](SessionPtr& site, int which, std::vector<at::Tensor>& out) {
     ::torch::manual_seed(200 + which);
     ::torch::nn::Sequential model(::torch::nn::Linear(1, 8), ::torch::nn::Tanh(), ::torch::nn::Linear(8, 1));
     ::torch::optim::SGD opt(model->parameters(), 0.05);
-    EXPECT_THROW(DiLoCo(site, model->parameters(), {10, 0.8, 0.5, true, 3}), InvalidArgument);  // 10 % 3
-    EXPECT_THROW(DiLoCo(site, model->parameters(), {10, 0.8, 0.5, true, 5}), InvalidArgument);  // 4 tensors
-    DiLoCo diloco(site, model->parameters(), {10, 0.8, 0.5, true, 2});
+    EXPECT_THROW(DiLoCo(site, namesOf(4), model->parameters(), options(10, 3)), InvalidArgument);  // 10 % 3
+    EXPECT_THROW(DiLoCo(site, namesOf(4), model->parameters(), options(10, 5)), InvalidArgument);  // 4 tensors
+    DiLoCo diloco(site, namesOf(4), model->parameters(), options(10, 2, overlap));
     // Tensors of 8, 8, 8 and 1 values: {0, 2} and {1, 3} (16 and 9 values).
-    EXPECT_EQ(diloco.fragments(), (std::vector<std::vector<size_t>>{{0, 2}, {1, 3}}));
+    EXPECT_EQ(diloco.fragments(), (std::vector<std::vector<int64_t>>{{0, 2}, {1, 3}}));
     const auto [first, last] = fitLine(model, opt, diloco, which, 200);
-    EXPECT_EQ(diloco.syncs(), 40);  // every 5 steps, each fragment every 10
+    EXPECT_EQ(diloco.syncs(), overlap ? 39 : 40);  // every 5 steps; with overlap the last is in flight
     EXPECT_LT(last, 0.2f * first);
     diloco.flush();
+    EXPECT_EQ(diloco.syncs(), 40);
     for (const at::Tensor& p : model->parameters()) out.push_back(p.detach().clone());
   };
   std::vector<at::Tensor> a, b;
   bothSites(
-      config, [&](Site& s) { train(s, 0, a); }, [&](Site& s) { train(s, 1, b); });
+      config, [&](SessionPtr& s) { train(s, 0, a); }, [&](SessionPtr& s) { train(s, 1, b); });
   ASSERT_EQ(a.size(), 4u);
   for (size_t i = 0; i < a.size(); ++i) EXPECT_TRUE(at::equal(a[i], b[i])) << "tensor " << i;
 }
 
+INSTANTIATE_TEST_SUITE_P(Modes, Streaming, ::testing::Values(false, true),
+                         [](const auto& info) { return info.param ? "overlap" : "plain"; });
+
 TEST(TorchApi, BadOptionsAndConfigsThrow) {
-  EXPECT_THROW(Site("/nonexistent/job.yaml", "a"), ConfigError);
+  EXPECT_THROW(open("/nonexistent/job.yaml", "a"), ConfigError);
   const std::string config = writeConfig("fp32");
-  EXPECT_THROW(Site(config, "tokyo"), ConfigError);
+  EXPECT_THROW(open(config, "tokyo"), ConfigError);
 }
 
 }  // namespace

@@ -152,8 +152,8 @@ TEST(Gateway, WrongJobIdIsRefusedSayingWhich) {
 
 TEST(Gateway, WrongProtocolVersionIsRefused) {
   Job job = makeJob(2);
-  job.sites[1].test_protocol_version = 2;
-  EXPECT_NE(refusal(job).find("protocol version 2 is not supported (this gateway speaks 1)"), std::string::npos);
+  job.sites[1].test_protocol_version = 1;
+  EXPECT_NE(refusal(job).find("protocol version 1 is not supported (this gateway speaks 2)"), std::string::npos);
 }
 
 TEST(Gateway, DifferentConfigIsRefused) {
