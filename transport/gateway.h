@@ -122,7 +122,15 @@ class Gateway {
   // non-loopback endpoint, missing keys) and Error if the endpoint cannot be
   // bound.
   explicit Gateway(GatewayOptions options);
-  ~Gateway();  // stops the I/O thread; pending futures fail with Error
+  ~Gateway();  // stops the I/O thread (as stop("closed")); pending futures fail with Error
+
+  // Stops the I/O thread and tells every peer that welcomed this site why
+  // (a Stopped message, best effort; docs/PROTOCOL.md): "finished", or the
+  // error that ends this site's part of the job. Peers then stop waiting
+  // for this site at once (on_site_loss: wait fails their rounds naming
+  // the reason; continue goes on without it). Pending futures fail with
+  // Error. Blocks up to about a second while the messages leave.
+  void stop(const std::string& reason);
   Gateway(const Gateway&) = delete;
   Gateway& operator=(const Gateway&) = delete;
 

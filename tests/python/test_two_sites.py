@@ -21,12 +21,13 @@ JOB_TIMEOUT_S = int(os.environ.get("STRAIT_TEST_JOB_TIMEOUT", "240"))
 
 def write_config(tmp, mode, pipeline, extra=None):
     extra = extra or {}
+    workers = extra.get("workers", 2)
     p0, p1 = free_port(), free_port()
     path = os.path.join(tmp, "job.yaml")
     with open(path, "w") as f:
         f.write(f"""job: {{id: two-site-test}}
 sites:
-  - {{name: hangzhou, jurisdiction: CN, endpoint: "tcp://127.0.0.1:{p0}", workers: 2}}
+  - {{name: hangzhou, jurisdiction: CN, endpoint: "tcp://127.0.0.1:{p0}", workers: {workers}}}
   - {{name: singapore, jurisdiction: SG, endpoint: "tcp://127.0.0.1:{p1}", workers: 2}}
 {extra.get("sync") or f"sync: {{mode: {mode}}}"}
 compression: {{pipeline: "{pipeline}", error_feedback: true{extra.get("rules", "")}}}
@@ -196,3 +197,17 @@ def test_a_model_that_differs_between_sites_is_a_clear_error_everywhere(mode):
     for rc, err in results:
         assert rc == 3, err[-1500:]  # StraitError, on every worker of both sites
         assert "the model differs between sites" in err, err[-1500:]
+
+
+def test_a_site_running_more_workers_than_its_config_says_is_told_so_on_every_worker():
+    # And the other site, which waits for it (on_site_loss: wait), hears why
+    # it stopped, rather than "never connected".
+    results = run_job("every_step", "int8", steps=3, expect_ok=False, extra_config={
+        "workers": 1, "transport": "on_site_loss: wait, round_deadline_s: 2, hard_deadline_s: 6"})
+    why = "site 'hangzhou' runs 2 workers (its process group) but the config gives it workers: 1"
+    for rc, err in results[:2]:
+        assert rc == 3, err[-1500:]
+        assert why in err, err[-1500:]
+    for rc, err in results[2:]:
+        assert rc == 3, err[-1500:]
+        assert "(hangzhou: stopped: " in err and why in err, err[-1500:]

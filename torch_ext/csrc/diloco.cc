@@ -20,20 +20,8 @@ namespace strait::torch {
 
 namespace {
 
-std::vector<uint8_t> bytesOf(const at::Tensor& t) {
-  const at::Tensor c = t.detach().cpu().contiguous();
-  const uint8_t* p = static_cast<const uint8_t*>(c.data_ptr());
-  return std::vector<uint8_t>(p, p + c.nbytes());
-}
-
 transport::StateSection floats(const std::string& name, const at::Tensor& cpu) {
   return {name, transport::SectionType::kFloat32, static_cast<const uint8_t*>(cpu.data_ptr()), size_t(cpu.nbytes())};
-}
-
-at::Tensor tensorOf(const transport::StateSection& s, const at::Device& device) {
-  at::Tensor t = at::empty({int64_t(s.count())}, at::kFloat);
-  if (s.size) std::memcpy(t.data_ptr<float>(), s.data, s.size);
-  return t.to(device);
 }
 
 }  // namespace

@@ -251,6 +251,7 @@ struct EveryStep::Impl {
         }
         const auto done = Clock::now();
         if (s.adaptive && s.leader && step_done) {
+          std::lock_guard<std::mutex> lock(s.log_mu);  // Session::log reads the controller
           auto note = s.adaptive->update(std::chrono::duration<double>(done - waiting).count(),
                                          std::chrono::duration<double>(waiting - *step_done).count());
           if (note) s.adaptive_note = *note;

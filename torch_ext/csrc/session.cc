@@ -136,7 +136,6 @@ Session::Impl::Impl(SessionOptions options) : opt(std::move(options)) {
   opt.config = absolute(opt.config);
   config = core::JobConfig::load(opt.config);
   const core::SiteConfig& me = config.site(opt.site);  // ConfigError listing the sites
-  (void)me;
   if (!opt.policy.empty()) policy = core::SitePolicy::load(absolute(opt.policy));
   for (const core::SiteConfig& s : config.sites) {
     names.push_back(s.name);
@@ -161,10 +160,23 @@ Session::Impl::Impl(SessionOptions options) : opt(std::move(options)) {
   if (leader) {
     gateway = std::make_unique<transport::Gateway>(
         transport::GatewayOptions::fromConfig(config, opt.site, policy ? &*policy : nullptr));
-    if (!config.checkpoint.dir.empty()) {
+  }
+  try {
+    if (size != me.workers) {
+      // Workers the config does not know of would train with the others'
+      // round numbers and weights as if they were not there.
+      fail<ConfigError>(config.source, ":", me.line, ": site '", opt.site, "' runs ", size, " worker",
+                        size == 1 ? "" : "s", " (its process group) but the config gives it workers: ", me.workers,
+                        "; start that many (./strait launch does) or change workers");
+    }
+    if (leader && !config.checkpoint.dir.empty()) {
       checkpoints.emplace(resolveDir(config.checkpoint.dir, opt.config), opt.site, config.checkpoint.every,
                           config.checkpoint.keep);
     }
+  } catch (const std::exception& e) {
+    // The other sites hear why this one stops, rather than wait for it.
+    if (gateway) gateway->stop(e.what());
+    throw;
   }
 }
 
@@ -242,9 +254,13 @@ void Session::Impl::fromLeader(const std::function<void()>& fn, std::vector<at::
   if (leader) {
     try {
       fn();
+      std::lock_guard<std::mutex> lock(log_mu);
+      last_error.clear();
     } catch (const std::exception& e) {
       error = std::current_exception();
       text = e.what();
+      std::lock_guard<std::mutex> lock(log_mu);
+      last_error = text;  // what the other sites hear if this session ends now
     }
   }
   if (size > 1) {
@@ -640,11 +656,16 @@ std::string Session::log(int64_t step, std::optional<double> loss, const std::st
   Impl& s = *impl_;
   if (!s.leader) return "";
   Impl::Pending p;
+  std::string pipeline, note;
   {
     std::lock_guard<std::mutex> lock(s.log_mu);
     std::swap(p, s.pending);
+    if (p.rounds == 0) return "";
+    if (s.adaptive) {
+      pipeline = s.adaptive->pipeline();
+      note.swap(s.adaptive_note);
+    }
   }
-  if (p.rounds == 0) return "";
   const std::vector<std::string> missing(p.missing.begin(), p.missing.end());
   std::string missing_json;
   for (const std::string& m : missing) missing_json += (missing_json.empty() ? "" : ", ") + jsonString(m);
@@ -654,10 +675,8 @@ std::string Session::log(int64_t step, std::optional<double> loss, const std::st
                        ", \"rounds\": " + std::to_string(p.rounds) + ", \"bytes_out\": " + std::to_string(p.bytes_out) +
                        ", \"bytes_in\": " + std::to_string(p.bytes_in) + ", \"round_s\": " + num("%.6f", p.seconds) +
                        ", \"missing\": [" + missing_json + "]";
-  std::string note;
   if (s.adaptive) {
-    record += ", \"pipeline\": " + jsonString(s.adaptive->pipeline());
-    note.swap(s.adaptive_note);
+    record += ", \"pipeline\": " + jsonString(pipeline);
     if (!note.empty()) record += ", \"adaptive\": " + jsonString(note);
   }
   const size_t open = fields_json.find('{'), close = fields_json.rfind('}');
@@ -694,6 +713,14 @@ void Session::close() {
     }
   }
   s.joins.clear();
+  if (s.gateway) {
+    std::string why;
+    {
+      std::lock_guard<std::mutex> lock(s.log_mu);
+      why = s.last_error.empty() ? "its session closed" : s.last_error;
+    }
+    s.gateway->stop(why);
+  }
   s.gateway.reset();
 }
 

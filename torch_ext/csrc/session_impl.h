@@ -87,8 +87,10 @@ struct Session::Impl {
   std::unique_ptr<transport::Gateway> gateway;  // the leader's
   std::chrono::milliseconds timeout;            // a round's wait: the hard deadline + 30 s
   std::optional<transport::CheckpointStore> checkpoints;
+  // The adaptive controller and its last decision (for the next log
+  // record): the every-step thread updates them under log_mu.
   std::optional<core::AdaptiveCompression> adaptive;
-  std::string adaptive_note;  // the controller's last decision, for the next log record
+  std::string adaptive_note;
 
   // -- round counters (every worker; the leader's number the rounds) ------
   std::map<std::string, uint64_t> counters;
@@ -160,6 +162,7 @@ struct Session::Impl {
     std::set<std::string> missing;
   } pending;
   std::atomic<uint64_t> bytes_sent{0};
+  std::string last_error;  // the leader's last failure (under log_mu): why it stops, for its peers
   std::vector<std::string> last_missing;
 
   // -- joins' bookkeeping ------------------------------------------------------

@@ -177,4 +177,11 @@ wire::Envelope closedEnvelope(uint64_t round, const std::string& tag, uint64_t i
   return env;
 }
 
+wire::Envelope stoppedEnvelope(uint64_t incarnation, const std::string& reason) {
+  wire::Envelope env;
+  env.mutable_stopped()->set_incarnation(incarnation);
+  env.mutable_stopped()->set_reason(reason.substr(0, kMaxReasonBytes));
+  return env;
+}
+
 }  // namespace strait::transport

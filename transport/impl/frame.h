@@ -114,5 +114,8 @@ wire::Envelope nackEnvelope(uint64_t round, const std::string& tag, uint32_t ind
 wire::Envelope refuseEnvelope(uint64_t round, const std::string& tag, const std::string& why);
 // `incarnation`: the sender's life the chunk came from (the Closed is void in any other).
 wire::Envelope closedEnvelope(uint64_t round, const std::string& tag, uint64_t incarnation);
+// `reason` is cut to kMaxReasonBytes.
+constexpr size_t kMaxReasonBytes = 512;
+wire::Envelope stoppedEnvelope(uint64_t incarnation, const std::string& reason);
 
 }  // namespace strait::transport

@@ -80,6 +80,8 @@ struct Link {
   std::unique_ptr<zmq::socket_t> dealer;
   std::unique_ptr<zmq::socket_t> monitor;
   bool welcomed = false;  // our Hello accepted by its ROUTER
+  bool handshaken = false;  // the current connection passed the ZMTP/CurveZMQ handshake
+  int failed_handshakes = 0;  // connections in a row that closed before their handshake passed
   Clock::time_point hello_sent;
   Clock::time_point last_heartbeat{};
 };
@@ -140,6 +142,16 @@ class Gateway::Impl {
       ::close(wake_fd_);
       throw;
     }
+  }
+
+  void stop(const std::string& reason) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (stop_reason_.empty()) stop_reason_ = reason;
+    }
+    stop_.store(true);
+    wake();
+    if (io_.joinable()) io_.join();
   }
 
   ~Impl() {
@@ -366,7 +378,7 @@ class Gateway::Impl {
       const std::string mon = "inproc://monitor-" + std::to_string(i);
       if (zmq_socket_monitor(p.dealer->handle(), mon.c_str(),
                              ZMQ_EVENT_HANDSHAKE_SUCCEEDED | ZMQ_EVENT_DISCONNECTED |
-                                 ZMQ_EVENT_HANDSHAKE_FAILED_AUTH) != 0) {
+                                 ZMQ_EVENT_HANDSHAKE_FAILED_AUTH | ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL) != 0) {
         fail<Error>("gateway: cannot monitor socket: ", zmq_strerror(zmq_errno()));
       }
       p.monitor = std::make_unique<zmq::socket_t>(ctx_, zmq::socket_type::pair);
@@ -403,11 +415,50 @@ class Gateway::Impl {
         rounds_.tick(Clock::now(), peers_, fx);
         apply(fx, nullptr);
       }
+      awaitWelcomes();
     } catch (const std::exception& e) {
       setFatal(std::current_exception(), e.what());
     }
     failAll("gateway stopped");
+    sayStopped();
     closeSockets();
+  }
+
+  // A site that stops right after it started (a config error found after
+  // its gateway came up) has not been welcomed yet: give its Hellos a
+  // moment, so that the peers hear why it stops. Only with a reason
+  // (Gateway::stop); a plain destruction does not wait.
+  void awaitWelcomes() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (stop_reason_.empty() || fatal_) return;
+    }
+    const auto until = Clock::now() + std::min<std::chrono::milliseconds>(opt_.peer_timeout, std::chrono::seconds(2));
+    auto waiting = [&] {
+      return std::any_of(links_.begin(), links_.end(), [](const Link& p) { return !p.welcomed; });
+    };
+    while (waiting() && Clock::now() < until && !fatal_) {
+      poll();
+      timers();
+    }
+  }
+
+  // Best effort, on each connection a peer welcomed: why this gateway
+  // stops, so its peers stop waiting for it (closeSockets lingers a moment
+  // for these to leave).
+  void sayStopped() {
+    std::string reason;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      reason = fatal_ ? "failed: " + fatal_what_ : stop_reason_.empty() ? "closed" : stop_reason_;
+    }
+    for (Link& p : links_) {
+      if (!p.welcomed || !p.dealer) continue;
+      try {
+        sendEnvelope(*p.dealer, stoppedEnvelope(incarnation_, reason), nullptr);
+      } catch (const zmq::error_t&) {
+      }
+    }
   }
 
   void closeSockets() {
@@ -629,12 +680,25 @@ class Gateway::Impl {
         // event comes before the ZMTP/Curve handshake, when a send would be
         // dropped). Whatever was in flight on an old one may be lost: say
         // hello again; once welcomed, resend what is unacknowledged.
+        p.handshaken = true;
+        p.failed_handshakes = 0;
         sendHello(p);
       } else if (id == ZMQ_EVENT_DISCONNECTED) {
         p.welcomed = false;
+        // The peer closing connection after connection before their
+        // CurveZMQ handshake passed: its keys are not what this job's
+        // config says (a server that cannot decrypt our hello just closes).
+        if (!p.handshaken && ++p.failed_handshakes == 3) {
+          peers_.trouble(p.index, "its endpoint closes every connection before the CurveZMQ handshake passes (does "
+                                  "it run with the secret key of the public key this job's config lists for it?)");
+        }
+        p.handshaken = false;
       } else if (id == ZMQ_EVENT_HANDSHAKE_FAILED_AUTH) {
         refusedBy("site '" + p.name + "' refused our CurveZMQ key: it does not list this site's "
                   "public key (check both sites' key files and configs)");
+      } else if (id == ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL) {
+        peers_.trouble(p.index, "the CurveZMQ handshake with its endpoint fails (does it run with the secret key "
+                                "of the public key this job's config lists for it?)");
       }
     }
   }
@@ -688,6 +752,7 @@ class Gateway::Impl {
         }
         if (!p.welcomed) {
           p.welcomed = true;
+          peers_.trouble(p.index, "");
           rounds_.welcomed(p.index);
         }
         break;
@@ -767,6 +832,14 @@ class Gateway::Impl {
     }
     const auto now = Clock::now();
     peers_.heard(site, now);
+    if (env.body_case() == wire::Envelope::kStopped) {
+      if (env.stopped().incarnation() == p.incarnation && p.stopped.empty()) {
+        const std::string why = env.stopped().reason().substr(0, kMaxReasonBytes);
+        peers_.stopped(site, env.stopped().incarnation(), why);
+        log("site '" + p.name + "' stopped: " + why);
+      }
+      return true;
+    }
     if (env.body_case() == wire::Envelope::kChunk) {
       if (!m.has_data) {
         reply(routing, refuseEnvelope(env.chunk().round(), env.chunk().tag(), "chunk without a data frame"));
@@ -784,6 +857,13 @@ class Gateway::Impl {
     const std::string reason = checkHello(h, user, hello_terms_);
     if (!reason.empty()) {
       log("refused handshake from '" + h.site() + "': " + reason);
+      // A peer that authenticated as itself and was refused (another
+      // config, version or jurisdiction) cannot take part in this life:
+      // rounds stop waiting for it, naming why.
+      const long site = peers_.find(h.site());
+      if (site >= 0 && (opt_.insecure || (user != nullptr && h.site() == user))) {
+        if (peers_.at(size_t(site)).refused.empty()) peers_.refused(size_t(site), reason, Clock::now());
+      }
       reply(routing, welcomeEnvelope(opt_.site, incarnation_, reason));
       return;
     }
@@ -960,6 +1040,7 @@ class Gateway::Impl {
     log("fatal: " + what);
     std::lock_guard<std::mutex> lock(mu_);
     fatal_ = e;
+    fatal_what_ = what;
     slots_.notify_all();
   }
 
@@ -1000,6 +1081,8 @@ class Gateway::Impl {
   std::deque<Command> commands_;
   std::set<Key> open_keys_;  // (round, tag) of open exchanges: at most max_rounds_in_flight
   std::exception_ptr fatal_;
+  std::string fatal_what_;
+  std::string stop_reason_;  // what the Stopped messages say (Gateway::stop)
   std::vector<std::string> live_;
   std::vector<PeerRound> opened_;
   std::vector<std::string> returned_;  // for takeReturnedPeers(), at most a few per peer
@@ -1027,6 +1110,8 @@ class Gateway::Impl {
 
 Gateway::Gateway(GatewayOptions options) : impl_(std::make_unique<Impl>(std::move(options))) {}
 Gateway::~Gateway() = default;
+
+void Gateway::stop(const std::string& reason) { impl_->stop(reason); }
 
 std::future<RoundResult> Gateway::exchange(uint64_t round, const std::string& tag, std::vector<uint8_t> payload,
                                            core::MessageKind kind) {

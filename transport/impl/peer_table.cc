@@ -25,6 +25,8 @@ HelloLife PeerTable::hello(size_t site, uint64_t incarnation, Clock::time_point 
   PeerState& p = state_[site];
   p.greeted = true;
   p.last_heard = now;
+  p.stopped.clear();
+  p.refused.clear();
   return life(site, incarnation);
 }
 
@@ -37,6 +39,22 @@ HelloLife PeerTable::life(size_t site, uint64_t incarnation) {
 }
 
 void PeerTable::heard(size_t site, Clock::time_point now) { state_[site].last_heard = now; }
+
+void PeerTable::stopped(size_t site, uint64_t incarnation, const std::string& reason) {
+  if (state_[site].incarnation == incarnation) state_[site].stopped = reason;
+}
+
+void PeerTable::refused(size_t site, const std::string& reason, Clock::time_point now) {
+  state_[site].refused = reason;
+  state_[site].refused_at = now;
+}
+
+std::string PeerTable::gone(size_t site) const {
+  const PeerState& p = state_[site];
+  if (!p.refused.empty()) return "was refused in the handshake here: " + p.refused;
+  if (!p.stopped.empty()) return "stopped: " + p.stopped;
+  return "";
+}
 
 std::vector<size_t> PeerTable::tick(Clock::time_point now) {
   std::vector<size_t> back;
@@ -58,12 +76,12 @@ std::vector<size_t> PeerTable::tick(Clock::time_point now) {
 
 bool PeerTable::lost(size_t site, Clock::time_point now) const {
   const PeerState& p = state_[site];
-  return p.greeted && now - p.last_heard >= timeout_;
+  return !p.refused.empty() || (p.greeted && now - p.last_heard >= timeout_);
 }
 
 bool PeerTable::silent(size_t site, Clock::time_point now) const {
   const PeerState& p = state_[site];
-  return !p.greeted || now - p.last_heard >= timeout_;
+  return !p.refused.empty() || !p.greeted || now - p.last_heard >= timeout_;
 }
 
 std::vector<std::string> PeerTable::live(Clock::time_point now) const {
@@ -80,7 +98,11 @@ std::string PeerTable::silence(const std::vector<size_t>& sites, Clock::time_poi
     const PeerState& p = state_[i];
     char ago[32];
     std::snprintf(ago, sizeof ago, "%.1f", std::chrono::duration<double>(now - p.last_heard).count());
-    s += (s.empty() ? "" : "; ") + p.name + ": " + (p.greeted ? "last heard " + std::string(ago) + " s ago" : "never connected");
+    s += (s.empty() ? "" : "; ") + p.name + ": " +
+         (!gone(i).empty() ? gone(i)
+          : p.greeted    ? "last heard " + std::string(ago) + " s ago"
+          : !p.trouble.empty() ? "never connected: " + p.trouble
+                               : "never connected");
   }
   return s;
 }

@@ -7,7 +7,10 @@
 // without sockets or sleeps. Not thread-safe: the gateway's I/O thread owns it.
 //
 // "Lost": greeted (its Hello was welcomed on our ROUTER) and silent for
-// peer_timeout since. "Silent": lost, or never heard. A site that comes back in the same
+// peer_timeout since, or refused: its Hello was refused here (until a Hello
+// of it is welcomed). A site that said it stopped is not lost until it is
+// silent: it may restart, and a round must not complete with what its old
+// life sent before its new life is heard. "Silent": lost, or never heard. A site that comes back in the same
 // life after being lost was cut off (a partition, a freeze), not restarted:
 // tick() reports it once.
 
@@ -29,6 +32,17 @@ struct PeerState {
   Clock::time_point last_heard{};   // any valid message from it
   bool lost = false;                // as of the last tick()
   uint64_t lost_incarnation = 0;    // its life when it was lost
+  // What it said when it stopped (its Stopped message): it is waited for as
+  // a lost site is (it may restart), but whoever waits is told why.
+  std::string stopped;
+  // Why this site refused its Hello (another config, version or
+  // jurisdiction): it cannot take part in this life.
+  std::string refused;
+  Clock::time_point refused_at{};
+  // What goes wrong reaching it (a CurveZMQ handshake with its endpoint
+  // that fails: a key that is not the job's?), until one of our connections
+  // to it is welcomed.
+  std::string trouble;
 };
 
 // What a welcomed Hello says about the sender's life.
@@ -57,6 +71,16 @@ class PeerTable {
   // restarted site goes on without the peer it is asking to join.
   HelloLife life(size_t site, uint64_t incarnation);
   void heard(size_t site, Clock::time_point now);
+  // It said it stops (a Stopped message of its life `incarnation`; another
+  // life's is ignored).
+  void stopped(size_t site, uint64_t incarnation, const std::string& reason);
+  // This site refused its Hello (its config, version or jurisdiction
+  // differs): it cannot take part until it comes back otherwise.
+  void refused(size_t site, const std::string& reason, Clock::time_point now);
+  // Why it is not taking part, as words ("stopped: ...", "was refused in
+  // the handshake here: ..."); "" when nothing is known against it.
+  std::string gone(size_t site) const;
+  void trouble(size_t site, const std::string& what) { state_[site].trouble = what; }
   // Updates who is lost; returns the sites back after a silence in the same life.
   std::vector<size_t> tick(Clock::time_point now);
 

@@ -509,17 +509,40 @@ void RoundTable::tickOpen(Round& r, Clock::time_point now, const PeerTable& peer
     // for: the round goes on without it at once instead of at the round
     // deadline (a site never heard from still gets the round deadline to
     // come up).
-    const bool gone = go_on && (peers.lost(i, now) || refused || closed);
-    const bool unacked = r.out[i].state == SendState::kSending && !peers.silent(i, now);
+    // A site that said it stopped is not waited for either, not even for
+    // its acknowledgement.
+    const bool stopped = go_on && !peers.gone(i).empty();
+    const bool gone = go_on && (peers.lost(i, now) || refused || closed || stopped);
+    const bool unacked = r.out[i].state == SendState::kSending && !peers.silent(i, now) && !stopped;
     if ((!in && !gone) || unacked) waiting.push_back(i);
   }
   const double age = seconds(now - r.start);
+  // Why missing sites are not taking part, when they said so (Stopped) or
+  // this site refused their handshake; only the refused ones fail a round
+  // under `wait` at once: they cannot take part in this life, while a site
+  // that stopped may restart.
+  std::string gone, refused_here;
+  for (size_t i : go_on ? missing : waiting) {
+    const bool in = r.in[i].state == ReceiveState::kComplete;
+    if (in || peers.gone(i).empty()) continue;
+    const std::string why = "site '" + rules_.sites[i] + "' " + peers.gone(i);
+    gone += (gone.empty() ? "" : "; ") + why;
+    // A grace of peer_timeout: when both sites refuse each other, the
+    // refusal of this site's own Hello (fatal here) says it first.
+    if (!peers.at(i).refused.empty() && now - peers.at(i).refused_at >= rules_.peer_timeout) {
+      refused_here += (refused_here.empty() ? "" : "; ") + why;
+    }
+  }
   if (waiting.empty()) {
     if (!missing.empty()) {
-      fx.logs.push_back(where(r.key) + ": continuing without " + names(missing) + " (silent for " +
-                        fmt(rules_.peer_timeout.count() / 1000.0) + " s or more)");
+      fx.logs.push_back(where(r.key) + ": continuing without " + names(missing) + " (" +
+                        (gone.empty() ? "silent for " + fmt(rules_.peer_timeout.count() / 1000.0) + " s or more"
+                                      : gone) +
+                        ")");
     }
     complete(r, missing, now, peers, fx);
+  } else if (!go_on && !refused_here.empty()) {
+    fail(r, std::make_exception_ptr(ProtocolError(where(r.key) + ": " + refused_here)), fx);
   } else if (now >= r.start + rules_.round_deadline && go_on) {
     if (!missing.empty()) {
       fx.logs.push_back(where(r.key) + ": continuing without " + names(missing) + " after " + fmt(age) + " s");
@@ -533,8 +556,9 @@ void RoundTable::tickOpen(Round& r, Clock::time_point now, const PeerTable& peer
                                               peers.silence(waiting, now) + ")")),
          fx);
   } else if (now >= r.next_wait_log ||
-             (!r.said_waiting &&
-              std::any_of(waiting.begin(), waiting.end(), [&](size_t i) { return peers.lost(i, now); }))) {
+             (!r.said_waiting && std::any_of(waiting.begin(), waiting.end(), [&](size_t i) {
+                return peers.lost(i, now) || !peers.gone(i).empty() || !peers.at(i).trouble.empty();
+              }))) {
     // Said at once when a site we wait for is gone, then every round deadline.
     r.said_waiting = true;
     fx.logs.push_back(where(r.key) + ": waiting for " + names(waiting) + " (" + peers.silence(waiting, now) +

@@ -144,6 +144,94 @@ TEST(Gateway, UnknownKeyIsRefusedAndLogged) {
   EXPECT_NE(log.find("refused a connection from 127.0.0.1"), std::string::npos) << log;
 }
 
+// The refusing side does not wait for a site it refused: its round fails at
+// once (on_site_loss: wait) naming the refusal, instead of waiting out the
+// hard deadline for a site that "never connected" (issue 17: a site whose
+// peer failed at start-up was not told).
+TEST(Gateway, TheRefusingSideStopsWaitingForTheSiteItRefused) {
+  Job job = makeJob(2);
+  job.sites[1].sites[1].jurisdiction = "XX";  // s1 says so of itself; s0 welcomes nothing of that
+  for (auto& o : job.sites) o.hard_deadline = milliseconds(120000);
+  ::testing::internal::CaptureStderr();
+  auto g = start(job);
+  auto f = g[0]->exchange(0, "g", {1});
+  const auto t0 = std::chrono::steady_clock::now();
+  try {
+    getWithin(f, std::chrono::seconds(60));
+    FAIL() << "the round completed without its refused peer";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("site 's1' was refused in the handshake here: site 's1' says its "
+                                         "jurisdiction is 'XX', the job config says 'SG'"),
+              std::string::npos)
+        << e.what();
+  }
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(60));
+  g.clear();
+  ::testing::internal::GetCapturedStderr();
+}
+
+// A site whose endpoint fails the CurveZMQ handshake (it runs with a secret
+// key that is not the one of the public key the config lists) is named as
+// such at once by whoever waits for it, not as "never connected" after the
+// round deadline (issue 17: a site whose peer failed at start-up was not told).
+TEST(Gateway, AWaitedSiteWhoseEndpointFailsTheCurveHandshakeIsNamedAtOnce) {
+  Job job = makeJob(2);
+  for (auto& o : job.sites) {
+    o.round_deadline = milliseconds(60000);
+    o.hard_deadline = milliseconds(60000);
+  }
+  job.sites[1].secret_key = generateKeyPair().secret_key;
+  ::testing::internal::CaptureStderr();
+  std::string log;
+  {
+    auto g = start(job);
+    auto f = g[0]->exchange(0, "g", {1});
+    std::this_thread::sleep_for(milliseconds(3000));
+    EXPECT_EQ(f.wait_for(std::chrono::seconds(0)), std::future_status::timeout);
+  }
+  log = ::testing::internal::GetCapturedStderr();
+  EXPECT_NE(log.find("round 0 'g': waiting for s1 (s1: never connected: its endpoint closes every connection before "
+                     "the CurveZMQ handshake passes"),
+            std::string::npos)
+      << log;
+}
+
+// A gateway that stops says why: under continue its peers go on without it
+// at once; under wait they say at once why they wait (it may restart) and
+// name the reason when the hard deadline fails the round.
+TEST(Gateway, APeerThatStopsSaysWhy) {
+  for (const bool go_on : {false, true}) {
+    Job job = makeJob(2);
+    for (auto& o : job.sites) {
+      o.hard_deadline = milliseconds(go_on ? 120000 : 3000);
+      o.round_deadline = milliseconds(go_on ? 60000 : 2000);
+      o.on_site_loss = go_on ? OnSiteLoss::kContinue : OnSiteLoss::kWait;
+    }
+    ::testing::internal::CaptureStderr();
+    auto g = start(job);
+    exchangeAndCheck(g, 1, {10});
+    auto f = g[0]->exchange(1, "grad", {1});
+    g[1]->stop("finished its 30 steps");
+    if (go_on) {
+      const RoundResult r = getWithin(f, std::chrono::seconds(60));
+      EXPECT_EQ(r.missing, std::vector<std::string>{"s1"});
+    } else {
+      try {
+        getWithin(f, std::chrono::seconds(60));
+        FAIL() << "the round completed without the peer that stopped";
+      } catch (const Error& e) {
+        EXPECT_NE(std::string(e.what()).find("round 1 'grad': no payload from s1 within the hard deadline of 3.0 s "
+                                             "(s1: stopped: finished its 30 steps)"),
+                  std::string::npos)
+            << e.what();
+      }
+    }
+    g.clear();
+    const std::string log = ::testing::internal::GetCapturedStderr();
+    EXPECT_NE(log.find("site 's1' stopped: finished its 30 steps"), std::string::npos) << log;
+  }
+}
+
 TEST(Gateway, WrongJobIdIsRefusedSayingWhich) {
   Job job = makeJob(2);
   job.sites[1].job_id = "other-job";

@@ -715,7 +715,57 @@ TEST(RoundTable, ARestartedSiteWaitsForAPeerWhoseConnectionToItIsStillToCome) {
   EXPECT_FALSE(logged(net[1], "continuing without"));
 }
 
+// A peer that says it stops (Stopped): under continue the round goes on
+// without it at once; under wait it is waited for as a lost site (it may
+// restart), and whoever waits is told why at once. Its next life takes
+// part again.
+TEST(RoundTable, APeerThatStoppedIsNotWaitedForUnderContinueAndNamedUnderWait) {
+  for (const OnSiteLoss mode : {OnSiteLoss::kWait, OnSiteLoss::kContinue}) {
+    Net net(2, mode);
+    everyoneExchanges(net, 2, 0, 100);
+    net.kill(1);
+    net.open(0, 1, "g", bytesFor(0, 1, 100));
+    net[0].peers->stopped(1, net[1].life, "finished");
+    if (mode == OnSiteLoss::kWait) {
+      net.runFor(milliseconds(500));
+      EXPECT_FALSE(settled(net[0], 1));
+      EXPECT_TRUE(logged(net[0], "round 1 'g': waiting for b (b: stopped: finished); giving up at the hard deadline"));
+    } else {
+      ASSERT_TRUE(net.run([&] { return settled(net[0], 1); }, milliseconds(500)));
+      ASSERT_NE(resultOf(net[0], 1), nullptr);
+      EXPECT_EQ(resultOf(net[0], 1)->result.missing, std::vector<std::string>{"b"});
+      EXPECT_TRUE(logged(net[0], "continuing without b (site 'b' stopped: finished)"));
+    }
+    net.restart(1);  // a new life: it takes part again
+    if (mode == OnSiteLoss::kWait) {
+      net.open(1, 1, "g", bytesFor(1, 1, 100));
+      ASSERT_TRUE(net.run([&] { return settled(net[0], 1); }));
+      EXPECT_TRUE(resultOf(net[0], 1)->result.missing.empty());
+    }
+    everyoneExchanges(net, 2, 2, 100);
+    EXPECT_TRUE(resultOf(net[0], 2)->result.missing.empty());
+  }
+}
+
 // ----------------------------------------------------------- PeerTable ---
+
+TEST(PeerTable, AStoppedOrRefusedPeerIsGoneUntilAHelloOfItIsWelcomed) {
+  PeerTable t({"a", "b"}, 0, milliseconds(1000));
+  const auto now = Clock::time_point{} + std::chrono::hours(1);
+  t.hello(1, 5, now);
+  t.stopped(1, 4, "another life's word");  // ignored
+  EXPECT_TRUE(t.gone(1).empty());
+  t.stopped(1, 5, "finished");
+  EXPECT_EQ(t.gone(1), "stopped: finished");
+  EXPECT_FALSE(t.lost(1, now));  // it may restart: lost only once silent
+  EXPECT_EQ(t.silence({1}, now), "b: stopped: finished");
+  t.hello(1, 6, now);
+  EXPECT_TRUE(t.gone(1).empty());
+  t.refused(1, "job id 'x' differs", now);
+  EXPECT_EQ(t.gone(1), "was refused in the handshake here: job id 'x' differs");
+  EXPECT_TRUE(t.lost(1, now));
+  EXPECT_TRUE(t.silent(1, now));
+}
 
 TEST(PeerTable, AWelcomeNamesALifeButStartsNoSilenceClock) {
   PeerTable t({"a", "b"}, 1, milliseconds(1000));
