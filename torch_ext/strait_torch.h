@@ -70,6 +70,11 @@ class Session : public ::torch::CustomClassHolder {
   const std::vector<std::string>& sites() const;
   int64_t rank() const;  // in the site
   int64_t size() const;  // workers in the site
+  // This worker's place in the whole job: the workers of the sites before
+  // this one (config order), then its rank; of all sites' workers. (RANK
+  // and WORLD_SIZE of a site's launcher are per site.)
+  int64_t jobRank() const;
+  int64_t jobSize() const;
   bool leader() const;
   bool resuming() const;
   const std::string& configPath() const;

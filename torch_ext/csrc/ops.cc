@@ -196,6 +196,8 @@ void registerEngine(::torch::Library& m) {
       .def("sites", [](const Self<Session>& s) { return s->sites(); })
       .def("rank", [](const Self<Session>& s) { return s->rank(); })
       .def("size", [](const Self<Session>& s) { return s->size(); })
+      .def("job_rank", [](const Self<Session>& s) { return s->jobRank(); })
+      .def("job_size", [](const Self<Session>& s) { return s->jobSize(); })
       .def("leader", [](const Self<Session>& s) { return s->leader(); })
       .def("resuming", [](const Self<Session>& s) { return s->resuming(); })
       .def("log",

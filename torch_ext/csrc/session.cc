@@ -236,6 +236,7 @@ void Session::Impl::restoreResiduals(const transport::State& state, const std::s
 
 void Session::Impl::broadcast(at::Tensor& t) {
   if (size <= 1) return;
+  if (!group) fail<Error>("site '", opt.site, "': the session is closed");
   std::vector<at::Tensor> ts{t};
   c10d::BroadcastOptions o;
   o.rootRank = 0;
@@ -244,6 +245,7 @@ void Session::Impl::broadcast(at::Tensor& t) {
 
 void Session::Impl::allReduceSum(at::Tensor& t) {
   if (size <= 1) return;
+  if (!group) fail<Error>("site '", opt.site, "': the session is closed");
   std::vector<at::Tensor> ts{t};
   group->allreduce(ts)->wait();
 }
@@ -642,6 +644,16 @@ int64_t Session::siteIndex() const { return int64_t(impl_->site_index); }
 const std::vector<std::string>& Session::sites() const { return impl_->names; }
 int64_t Session::rank() const { return impl_->rank; }
 int64_t Session::size() const { return impl_->size; }
+int64_t Session::jobRank() const {
+  int64_t before = 0;
+  for (size_t i = 0; i < impl_->site_index; ++i) before += impl_->config.sites[i].workers;
+  return before + impl_->rank;
+}
+int64_t Session::jobSize() const {
+  int64_t all = 0;
+  for (const core::SiteConfig& s : impl_->config.sites) all += s.workers;
+  return all;
+}
 bool Session::leader() const { return impl_->leader; }
 bool Session::resuming() const { return impl_->opt.resume; }
 const std::string& Session::configPath() const { return impl_->opt.config; }
@@ -722,6 +734,9 @@ void Session::close() {
     s.gateway->stop(why);
   }
   s.gateway.reset();
+  // The process group is the caller's: let it go now, not at interpreter
+  // teardown (a gloo group destroyed there can abort the process).
+  s.group.reset();
 }
 
 }  // namespace strait::torch

@@ -7,7 +7,10 @@ same variables torchrun would set inside one site. Without --site every site
 of the config starts here (a local simulation); with --site only that site's
 workers start, for deployments where each site runs its own command in its
 own country. Inside a site, MASTER_ADDR / MASTER_PORT from the environment are
-kept when given (so it composes with a cluster scheduler).
+kept when given (so it composes with a cluster scheduler); with every site
+here, MASTER_PORT is the first site's port and each next site takes the
+next port. RANK and WORLD_SIZE are per site: a worker's place in the whole
+job is strait.init()'s session.job_rank of session.job_size.
 
 Each site's own policy file (--policy SITE=PATH, or --policy PATH with
 --site) reaches only that site's workers, as STRAIT_POLICY, together with
@@ -16,8 +19,9 @@ STRAIT_DATA: the dataset directories that policy lists, and no others.
 With --wan PROFILE (root only) the sites run in network namespaces joined by a
 simulated border: a rate-limited link with added latency (see strait/wan.py).
 
-Output lines are prefixed with [site/rank]. If any worker fails, the others
-are stopped and the launcher exits with that worker's status — unless
+Output lines are prefixed with [site/rank]. If any worker fails, its output
+to the last line is printed, the others are stopped (their output printed
+too) and the launcher exits with that worker's status — unless
 --restarts N allows that site to start again: then only its workers are
 stopped and started anew with STRAIT_RESUME=1 (they rejoin the running
 sites, docs/RELIABILITY.md) while the other sites go on.
@@ -137,9 +141,16 @@ def _run(args, command, sites, config, border, policies):
     started = sum(w for n, w in sites if not args.site or n == args.site)
     threads = str(max(1, (os.cpu_count() or 1) // max(1, started)))
 
+    names = [n for n, _ in sites]
+
     def start_site(name, workers, resume):
         addr = os.environ.get("MASTER_ADDR", "127.0.0.1") if args.site else "127.0.0.1"
-        port = os.environ.get("MASTER_PORT") if args.site else None
+        # Each site is its own torch.distributed world: with every site on
+        # this machine, MASTER_PORT (if set) is the first site's port and the
+        # next sites take the ports after it.
+        port = os.environ.get("MASTER_PORT")
+        if port and not args.site:
+            port = str(int(port) + names.index(name))
         port = port or str(free_port())
         for rank in range(workers):
             env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(workers), MASTER_ADDR=addr, MASTER_PORT=port,
@@ -214,6 +225,7 @@ def _run(args, command, sites, config, border, policies):
                     start_site(site, dict(sites)[site], True)
                     break
                 status = code if code > 0 else 128 - code
+                _drain(sel, p, procs)  # its last words (the error) before ours
                 print(f"strait launch: worker {tag} failed with status {code}; stopping the others",
                       file=sys.stderr)
                 break
@@ -223,6 +235,11 @@ def _run(args, command, sites, config, border, policies):
         status = 130
     finally:
         stop(procs, signal.SIGTERM if status else None, timeout=5 if status else 10)
+        # Everything the workers wrote, to the last line: the one naming the
+        # problem is often the last a failing worker writes.
+        for _, _, p in procs:
+            if p.stdout is not None and not p.stdout.closed:
+                _drain(sel, p, procs)
         if not status:
             for _, tag, p in procs:
                 if p.returncode:

@@ -56,7 +56,12 @@ class Session:
     - site: this process's site name; site_index: its position in the job's order
     - sites: every site's name, in the job's order
     - group: the torch.distributed group of this site's workers (WORLD by default)
-    - rank, size: this worker's rank in the site and the site's size
+    - rank, size: this worker's rank in its site and the site's number of
+      workers (RANK and WORLD_SIZE as torchrun or `strait launch` set them
+      are per site: data seeded or split by RANK alone is the same at every
+      site)
+    - job_rank, job_size: this worker's place among all workers of all sites
+      (sites in config order); seed or split data by these
     - leader: True on the site's rank 0, which alone talks to the other sites
     """
 
@@ -89,6 +94,8 @@ class Session:
         self.sites = list(self._s.sites())
         self.rank = self._s.rank()
         self.size = self._s.size()
+        self.job_rank = self._s.job_rank()
+        self.job_size = self._s.job_size()
         self.leader = self._s.leader()
         self.resume = resume
         self._every_step = None
@@ -117,14 +124,26 @@ class Session:
     def audit_head(self):
         return self._s.audit_head()
 
-    def log(self, step, loss=None, **fields):
-        """Reports the cross-site rounds since the previous call: one line per
-        site (on its leader, to stderr) with step, loss, bytes out and in and
-        the rounds' time, and one JSON object per line to the JSON log
+    def log(self, step, loss=None, every=1, site_mean=False, **fields):
+        """Reports the cross-site rounds since the previous report: one line
+        per site (on its leader, to stderr) with step, loss, bytes out and in
+        and the rounds' time, and one JSON object per line to the JSON log
         (strait.init(json_log=...) or $STRAIT_JSON_LOG) if set. Call it once
         per training step on every worker; steps without a round (DiLoCo's
-        inner steps) print nothing. `loss` is this worker's (the leader's).
-        Returns the record (a dict), or None."""
+        inner steps) print nothing. `every`: report only on steps that are a
+        multiple of it (the rounds between add up). `loss` is the leader's
+        own batch's, unless `site_mean`: then the mean of every worker's loss
+        in the site (a collective on reported steps: every worker must call).
+        Extra keyword arguments go into the JSON record. Returns the record
+        (a dict), or None."""
+        if every > 1 and int(step) % int(every):
+            return None
+        if site_mean and loss is not None and self.size > 1:
+            value = torch.tensor([float(loss)], dtype=torch.float64)
+            if dist.get_backend(self.group) == "nccl":
+                value = value.cuda()
+            dist.all_reduce(value, group=self.group)
+            loss = value.item() / self.size
         with translated():
             record = self._s.log(int(step), None if loss is None else float(loss), json.dumps(fields))
         return json.loads(record) if record else None
