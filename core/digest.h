@@ -15,22 +15,14 @@
 #include <string>
 
 #include "core/host_device.h"
+#include "core/random.h"
 
 namespace strait::core {
 
-// splitmix64's finalizer: a bijection of 64 bits.
-STRAIT_HOST_DEVICE uint64_t mix64(uint64_t x) {
-  x ^= x >> 30;
-  x *= 0xbf58476d1ce4e5b9ULL;
-  x ^= x >> 27;
-  x *= 0x94d049bb133111ebULL;
-  x ^= x >> 31;
-  return x;
-}
-
-// The term of the element at `index` whose float32 bits are `bits`.
+// The term of the element at `index` whose float32 bits are `bits`:
+// random::mix64 (a bijection of 64 bits) of bits + index * 0x9e3779b97f4a7c15.
 STRAIT_HOST_DEVICE uint64_t digestTerm(uint32_t bits, uint64_t index) {
-  return mix64(uint64_t(bits) + index * 0x9e3779b97f4a7c15ULL);
+  return random::mix64(uint64_t(bits) + index * 0x9e3779b97f4a7c15ULL);
 }
 
 // The sum of digestTerm over x[0..n), x[i] standing at position first + i.

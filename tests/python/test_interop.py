@@ -12,7 +12,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 
 import pytest
 
@@ -21,6 +20,9 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, os.path.join(ROOT, "torch_ext", "python"))
 from strait.ports import free_port  # noqa: E402
 from strait.tools import build_dir  # noqa: E402
+
+sys.path.insert(0, HERE)
+from jobs import communicate_all  # noqa: E402
 
 PROGRAM = os.path.join(build_dir() or os.path.join(ROOT, "build"), "examples", "cpp", "strait_example_cpp")
 TIMEOUT_S = 240
@@ -75,18 +77,7 @@ def run(mode, cpp_site_a, steps=30):
                                                         MASTER_PORT=str(port)),
                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
             outs.append(out)
-        deadline = time.monotonic() + TIMEOUT_S
-        errors = []
-        try:
-            for p in procs:
-                try:
-                    _, err = p.communicate(timeout=max(1, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    err = f"(did not finish within {TIMEOUT_S} s)"
-                errors.append(err)
-        finally:
-            for p in procs:
-                p.kill()
+        errors = communicate_all(procs, TIMEOUT_S)
         failed = [(i, p.returncode, errors[i][-2000:]) for i, p in enumerate(procs) if p.returncode != 0]
         assert not failed, "workers failed:\n" + "\n".join(f"#{i} rc={rc}: {e}" for i, rc, e in failed)
         return [json.load(open(o)) for o in outs]

@@ -8,12 +8,14 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "torch_ext", "python"))
 from strait.ports import free_port  # noqa: E402  (distinct ports within this process)
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from jobs import communicate_all  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 JOB_TIMEOUT_S = int(os.environ.get("STRAIT_TEST_JOB_TIMEOUT", "240"))
@@ -52,21 +54,7 @@ def run_job(mode, pipeline, steps, extra_args=(), site_args=None, expect_ok=True
                 procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                               text=True))
                 outs.append(out)
-        deadline = time.monotonic() + JOB_TIMEOUT_S
-        errors = []
-        try:
-            for p in procs:
-                try:
-                    _, err = p.communicate(timeout=max(1, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    err = f"(did not finish within {JOB_TIMEOUT_S} s)"
-                errors.append(err)
-        finally:
-            for p in procs:
-                p.kill()
-            for i, p in enumerate(procs):
-                if i >= len(errors):
-                    errors.append(p.communicate()[1])
+        errors = communicate_all(procs, JOB_TIMEOUT_S)
         if not expect_ok:
             return [(p.returncode, errors[i]) for i, p in enumerate(procs)]
         failed = [(i, p.returncode, errors[i][-1500:]) for i, p in enumerate(procs) if p.returncode != 0]

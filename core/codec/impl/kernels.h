@@ -9,7 +9,7 @@
 #include <cstdint>
 #include <cstring>
 
-#include "core/codec/impl/random.h"
+#include "core/random.h"
 #include "core/codec/impl/simd.h"
 
 namespace strait::core::kernels {

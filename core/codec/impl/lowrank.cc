@@ -15,7 +15,7 @@
 #include <cmath>
 
 #include "core/codec/impl/kernels.h"
-#include "core/codec/impl/random.h"
+#include "core/random.h"
 #include "core/codec/impl/stages.h"
 
 namespace strait::core::codec_impl {

@@ -7,7 +7,7 @@
 #include <cstdlib>
 #include <functional>
 
-#include "core/codec/impl/random.h"
+#include "core/random.h"
 #include "core/codec/impl/stages.h"
 
 namespace strait::core {
