@@ -382,7 +382,6 @@ void DiLoCo::Impl::sync(bool contribute) {
   const std::pair<at::Tensor, std::vector<Part>> gathered = gather(global - loc, f);
   const at::Tensor& pseudo = gathered.first;
   const std::vector<Part>& ps = gathered.second;
-  const uint64_t base = tensorDigest(global);
   at::Tensor outer_grad = at::empty({pseudo.numel()}, at::kFloat);
   try {
     s.fromLeader(
@@ -390,7 +389,7 @@ void DiLoCo::Impl::sync(bool contribute) {
           // Every site also says which global parameters its pseudo-gradient
           // is relative to: after a partition healed under `continue` the
           // two sides differ, and only one side may go on (keepOf).
-          Round b = startBase(base);
+          Round b = startBase(tensorDigest(global));
           const auto started_at = Clock::now();
           Round r = startParts(pseudo, ps, contribute);
           outer_grad.copy_(finishSync(b, r, pseudo.numel(), ps));

@@ -148,7 +148,9 @@ int64_t siteIndex(const std::string& path, const std::string& site) {
 std::string buildInfo() {
   std::string out = std::string("version=") + STRAIT_VERSION + "\ntorch=" + STRAIT_BUILT_WITH_TORCH;
 #if STRAIT_WITH_CUDA
-  out += std::string("\ncuda=1\ncuda_archs=") + STRAIT_CUDA_ARCHS;
+  // device_codecs: 0 while CUDA tensors are encoded and decoded through the
+  // CPU (the kernels of torch_ext/csrc/cuda/ are to come).
+  out += std::string("\ncuda=1\ndevice_codecs=0\ncuda_archs=") + STRAIT_CUDA_ARCHS;
   out += "\ncuda_runtime=" + std::to_string(cuda::runtimeVersion());
   out += "\ncuda_devices=" + std::to_string(cuda::deviceCount());
 #else

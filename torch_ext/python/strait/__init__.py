@@ -97,7 +97,7 @@ def build_info() -> dict:
     compiled against, whether its CUDA part is in (and for which GPU
     architectures), the CUDA runtime's version and the GPUs it sees."""
     info = dict(line.split("=", 1) for line in _lib.build_info().splitlines())
-    for key in ("cuda", "cuda_runtime", "cuda_devices"):
+    for key in ("cuda", "cuda_runtime", "cuda_devices", "device_codecs"):
         if key in info:
             info[key] = int(info[key])
     info["cuda"] = bool(info["cuda"])
