@@ -90,7 +90,10 @@ struct GatewayOptions {
 // Per round, per peer.
 struct PeerMetrics {
   std::string site;
-  uint64_t bytes_sent = 0;       // payload bytes, retransmissions included
+  // Payload bytes, retransmissions included. Rounds complete on receipt: to
+  // a peer still being sent to at completion, the whole payload is counted
+  // (with the retransmissions so far), not just what has left.
+  uint64_t bytes_sent = 0;
   uint64_t bytes_received = 0;
   uint64_t retransmissions = 0;  // chunks sent again
   double goodput_mbps = 0;       // payload received / time from round start to its arrival

@@ -416,6 +416,7 @@ class Gateway::Impl {
         apply(fx, nullptr);
       }
       awaitWelcomes();
+      linger();
     } catch (const std::exception& e) {
       setFatal(std::current_exception(), e.what());
     }
@@ -440,6 +441,35 @@ class Gateway::Impl {
     while (waiting() && Clock::now() < until && !fatal_) {
       poll();
       timers();
+    }
+  }
+
+  // Rounds complete on receipt (PROTOCOL.md), so this site's payload of its
+  // last rounds may still be on its way to a peer when the application
+  // closes: keep sending and answering until every live peer has
+  // acknowledged every delivered round's payload. Bounded: a payload is
+  // given up at its round's hard deadline, a peer that goes silent or says
+  // it stopped is not waited for. Not after a fatal error.
+  void linger() {
+    const auto started = Clock::now();
+    auto next_log = started + opt_.peer_timeout;
+    for (;;) {
+      const auto now = Clock::now();
+      const std::vector<size_t> waiting = rounds_.awaitingAcks(now, peers_);
+      if (waiting.empty() || fatal_) return;
+      if (now >= next_log) {
+        std::string names;
+        for (size_t i : waiting) names += (names.empty() ? "'" : ", '") + opt_.sites[i].name + "'";
+        log("closing: waiting " + std::to_string(std::chrono::duration_cast<std::chrono::seconds>(now - started).count()) +
+            " s so far for " + names + " to acknowledge this site's last payloads (not past the hard deadline)");
+        next_log = now + std::max(opt_.peer_timeout, std::chrono::milliseconds(5000));
+      }
+      poll();
+      sendChunks();
+      timers();
+      Effects fx;
+      rounds_.tick(Clock::now(), peers_, fx);
+      apply(fx, nullptr);
     }
   }
 
@@ -764,7 +794,8 @@ class Gateway::Impl {
         rounds_.nack(p.index, {env.nack().round(), env.nack().tag()}, env.nack().index());
         break;
       case wire::Envelope::kRefuse:
-        rounds_.refused(p.index, {env.refuse().round(), env.refuse().tag()}, env.refuse().reason(), fx);
+        rounds_.refused(p.index, peers_.at(p.index).incarnation, {env.refuse().round(), env.refuse().tag()},
+                        env.refuse().reason(), fx);
         break;
       case wire::Envelope::kClosed:
         // An answer to an earlier life of this gateway says nothing of this one.
@@ -775,6 +806,10 @@ class Gateway::Impl {
       default:
         log("unexpected message from " + p.name + " on its reply channel: ignored");
     }
+    // Our answers to answers (a Closed for a refusal that came after this
+    // site completed the round) go on this connection, to the peer's ROUTER.
+    for (const wire::Envelope& e : fx.replies) sendEnvelope(*p.dealer, e, nullptr);
+    fx.replies.clear();
     apply(fx, nullptr);
     return true;
   }
@@ -837,6 +872,16 @@ class Gateway::Impl {
         const std::string why = env.stopped().reason().substr(0, kMaxReasonBytes);
         peers_.stopped(site, env.stopped().incarnation(), why);
         log("site '" + p.name + "' stopped: " + why);
+      }
+      return true;
+    }
+    if (env.body_case() == wire::Envelope::kClosed) {
+      // A site that completed a round with our payload before our refusal
+      // of its own reached it (RoundTable::refused): we parted.
+      if (env.closed().incarnation() == incarnation_) {
+        Effects fx;
+        rounds_.closed(site, {env.closed().round(), env.closed().tag()}, fx);
+        apply(fx, &routing);
       }
       return true;
     }

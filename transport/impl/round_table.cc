@@ -282,11 +282,26 @@ void RoundTable::nack(size_t peer, const Key& key, uint32_t index) {
   }
 }
 
-void RoundTable::refused(size_t peer, const Key& key, const std::string& reason, Effects& fx) {
-  auto it = rounds_.find(key);
-  if (it == rounds_.end() || !it->second.local()) return;
-  Round& r = it->second;
+void RoundTable::refused(size_t peer, uint64_t life, const Key& key, const std::string& reason, Effects& fx) {
+  Round* found = local(key);
+  if (found == nullptr) return;
+  Round& r = *found;
   const std::string why = "site '" + rules_.sites[peer] + "' refused our payload: " + reason;
+  if (r.stage == Stage::kDelivered || r.stage == Stage::kFailed) {
+    // Rounds complete on receipt, so the refusal can come after this site
+    // completed the round. With the refuser's payload in our result and
+    // ours not in its, the two now differ: both must know.
+    Outgoing& o = r.out[peer];
+    if (o.state == SendState::kRefused || o.state == SendState::kClosed) return;
+    o.state = SendState::kRefused;
+    if (r.stage == Stage::kDelivered && r.used[peer]) {
+      fx.replies.push_back(closedEnvelope(key.first, key.second, life));
+      noteParted(peer, key, why + ", after this site had completed the round with its payload", fx);
+    } else {
+      fx.logs.push_back(where(key) + ": " + why);
+    }
+    return;
+  }
   if (rules_.on_site_loss == OnSiteLoss::kContinue) {
     // The peer goes on without our payload; this site goes on without the
     // peer in this round (it counts as missing).
@@ -335,6 +350,8 @@ void RoundTable::newLife(size_t peer, uint64_t life, bool restarted, Effects& fx
     for (auto& kv : rounds_) {
       if (!kv.second.local()) continue;
       Outgoing& o = kv.second.out[peer];
+      // Delivered rounds too (on receipt, its old life's payload was here):
+      // a new life that starts at that round needs ours again.
       if (o.state == SendState::kSending || o.state == SendState::kAcked) o = Outgoing{};
     }
   }
@@ -494,11 +511,12 @@ void RoundTable::tickOpen(Round& r, Clock::time_point now, const PeerTable& peer
     return;
   }
   const bool go_on = rules_.on_site_loss == OnSiteLoss::kContinue;
-  // Done when every peer's payload is here and every peer has acknowledged
-  // ours (so the metrics are whole and nobody depends on a payload we might
-  // drop). A peer whose payload is here but whose acknowledgement is not is
-  // waited for only while it is alive: a site that finished and left (or
-  // died) after sending cannot acknowledge any more.
+  // Done on receipt: when every peer's payload is here (PROTOCOL.md). Our
+  // own payload may still be on its way to them; the round goes on sending
+  // it after delivery until each peer acknowledges it, goes silent (parked)
+  // or the hard deadline passes, and a closing gateway lingers for exactly
+  // that (Gateway::Impl::linger). Waiting for the acknowledgements too cost
+  // every round a second one-way trip.
   std::vector<size_t> missing, waiting;
   for (size_t i : peers.peers()) {
     const bool refused = r.refusedEitherWay(i);
@@ -513,8 +531,7 @@ void RoundTable::tickOpen(Round& r, Clock::time_point now, const PeerTable& peer
     // its acknowledgement.
     const bool stopped = go_on && !peers.gone(i).empty();
     const bool gone = go_on && (peers.lost(i, now) || refused || closed || stopped);
-    const bool unacked = r.out[i].state == SendState::kSending && !peers.silent(i, now) && !stopped;
-    if ((!in && !gone) || unacked) waiting.push_back(i);
+    if (!in && !gone) waiting.push_back(i);
   }
   const double age = seconds(now - r.start);
   // Why missing sites are not taking part, when they said so (Stopped) or
@@ -606,15 +623,25 @@ void RoundTable::complete(Round& r, const std::vector<size_t>& missing, Clock::t
   } else {
     res.payloads[rules_.self] = *r.payload;
   }
+  r.used.assign(rules_.sites.size(), false);
+  r.used[rules_.self] = true;
   for (size_t i = 0; i < rules_.sites.size(); ++i) {
     if (i == rules_.self) continue;
     Incoming& in = r.in[i];
     PeerMetrics m = r.metrics[i];
+    // Still sending to it (on receipt, its acknowledgement may be a trip
+    // away): what the round sends it, the payload whole and the chunks
+    // asked for again so far, not however much of it has left yet.
+    const uint64_t first_pass = std::min<uint64_t>(uint64_t(r.out[i].next) * rules_.chunk_bytes, r.payload->size());
+    if (r.out[i].state == SendState::kSending && r.metrics[i].bytes_sent >= first_pass) {
+      m.bytes_sent = r.metrics[i].bytes_sent - first_pass + r.payload->size();
+    }
     if (in.state == ReceiveState::kComplete && !r.refusedEitherWay(i) && r.out[i].state != SendState::kClosed) {
       const double secs = std::max(1e-9, seconds(in.done_at - r.start));
       m.goodput_mbps = 8.0 * double(in.total) / secs / 1e6;
       d.kinds[i] = MessageKind(in.kind);  // checkChunk: a known kind
       res.payloads[i] = std::move(in.data);
+      r.used[i] = true;
     } else {
       m.missing = true;
     }
@@ -635,6 +662,20 @@ void RoundTable::failAll(std::exception_ptr e, bool forget, Effects& fx) {
     if (kv.second.stage == Stage::kOpen) fail(kv.second, e, fx);
   }
   if (forget) rounds_.clear();
+}
+
+std::vector<size_t> RoundTable::awaitingAcks(Clock::time_point now, const PeerTable& peers) const {
+  std::vector<size_t> out;
+  for (size_t i : peers.peers()) {
+    if (peers.silent(i, now) || !peers.gone(i).empty()) continue;
+    for (const auto& kv : rounds_) {
+      if (kv.second.stage == Stage::kDelivered && kv.second.out[i].state == SendState::kSending) {
+        out.push_back(i);
+        break;
+      }
+    }
+  }
+  return out;
 }
 
 std::vector<PeerRound> RoundTable::openedByPeers() const {

@@ -121,7 +121,11 @@ class RoundTable {
   // Answers from `peer` to our payload of `key`.
   void ack(size_t peer, const Key& key);
   void nack(size_t peer, const Key& key, uint32_t index);
-  void refused(size_t peer, const Key& key, const std::string& reason, Effects& fx);
+  // A Refuse of our payload; `life` is the refuser's current life. For a
+  // round this site already delivered with the refuser's payload in (it
+  // completed on receipt before the refusal came), the two sites now hold
+  // different results: a parting, and a Closed to tell the refuser.
+  void refused(size_t peer, uint64_t life, const Key& key, const std::string& reason, Effects& fx);
   void closed(size_t peer, const Key& key, Effects& fx);
 
   // Our Hello was welcomed on a new connection to `peer`: whatever was in
@@ -141,6 +145,11 @@ class RoundTable {
   // handshake); with `forget`, the whole table is cleared (shutdown).
   void failAll(std::exception_ptr e, bool forget, Effects& fx);
 
+  // The live peers that have not yet acknowledged a payload of a round this
+  // site has delivered (rounds complete on receipt, so ours may still be on
+  // its way): a closing gateway lingers for them. Not silent ones, nor ones
+  // that stopped; each payload is given up at its round's hard deadline.
+  std::vector<size_t> awaitingAcks(Clock::time_point now, const PeerTable& peers) const;
   // Rounds peers opened that this site has not (a join request, a peer
   // running ahead), one entry per peer.
   std::vector<PeerRound> openedByPeers() const;
@@ -176,6 +185,7 @@ class RoundTable {
     std::vector<Outgoing> out;     // per site (own index unused)
     std::vector<Incoming> in;      // per site
     std::vector<bool> in_refused;  // per site: this site refused its payload (continue: not waited for)
+    std::vector<bool> used;        // per site, once delivered: its payload is in the result
     std::vector<PeerMetrics> metrics;
     std::string failure;  // why it fails (wait: a refusal either way); once failed: stop sending
     Clock::time_point start;

@@ -250,7 +250,11 @@ class Net {
     Site& s = sites_[p.to];
     s.peers->heard(p.from, now_);
     Effects fx;
-    if (!p.reply) {
+    if (!p.reply && p.env.has_closed()) {  // on its DEALER: it completed a round we refused
+      if (p.env.closed().incarnation() == s.life) {
+        s.rounds->closed(p.from, {p.env.closed().round(), p.env.closed().tag()}, fx);
+      }
+    } else if (!p.reply) {
       s.rounds->chunk(p.from, s.peers->at(p.from).incarnation, p.env.chunk(), p.data.data(), p.data.size(), now_, fx);
       for (wire::Envelope& e : fx.replies) {
         Packet r;
@@ -271,7 +275,16 @@ class Net {
           s.rounds->nack(p.from, {e.nack().round(), e.nack().tag()}, e.nack().index());
           break;
         case wire::Envelope::kRefuse:
-          s.rounds->refused(p.from, {e.refuse().round(), e.refuse().tag()}, e.refuse().reason(), fx);
+          s.rounds->refused(p.from, s.peers->at(p.from).incarnation, {e.refuse().round(), e.refuse().tag()},
+                            e.refuse().reason(), fx);
+          for (wire::Envelope& c : fx.replies) {  // our answer, on our DEALER
+            Packet r;
+            r.from = p.to;
+            r.to = p.from;
+            r.env = std::move(c);
+            wire_.push_back(std::move(r));
+          }
+          fx.replies.clear();
           break;
         case wire::Envelope::kClosed:
           if (e.closed().incarnation() == s.life) s.rounds->closed(p.from, {e.closed().round(), e.closed().tag()}, fx);
@@ -510,6 +523,52 @@ TEST_P(Refusals, ATooLargePayloadIsRefusedAndBothSidesAgree) {
 INSTANTIATE_TEST_SUITE_P(Modes, Refusals,
                          ::testing::Combine(::testing::Values(OnSiteLoss::kContinue, OnSiteLoss::kWait),
                                             ::testing::Bool()));
+
+// Rounds complete on receipt: a holds b's payload when it opens the round,
+// so it completes at once, with b's payload in, before b has seen a's (lost
+// here until a reconnects). b then refuses a's payload: the two results
+// differ, and both sides must learn they parted (a answers the Refuse with
+// Closed on its DEALER).
+TEST(RoundTable, ARefusalAfterItsSenderCompletedTheRoundIsAPartingBothSidesLearn) {
+  Net net(2, OnSiteLoss::kContinue, 1000, 2000);
+  net.open(1, 0, "g", bytesFor(1, 0, 100));
+  net.step();  // b's payload is whole at a
+  net.lose(0, 1, true);
+  net.open(0, 0, "g", bytesFor(0, 0, 3000));  // over b's cap
+  net.step();
+  ASSERT_TRUE(settled(net[0], 0));
+  EXPECT_TRUE(resultOf(net[0], 0)->result.missing.empty());
+  EXPECT_EQ(*resultOf(net[0], 0)->result.payloads[1], bytesFor(1, 0, 100));
+  net.lose(0, 1, false);
+  net.reconnect();
+  ASSERT_TRUE(net.run([&] { return settled(net[1], 0) && !net[0].parted.empty() && !net[1].parted.empty(); }));
+  EXPECT_EQ(resultOf(net[1], 0)->result.missing, std::vector<std::string>{"a"});
+  EXPECT_EQ(net[0].parted, std::vector<size_t>{1});
+  EXPECT_EQ(net[1].parted, std::vector<size_t>{0});
+  EXPECT_TRUE(logged(net[0], "site 'b' refused our payload: payload of 3000 bytes exceeds max_message_bytes = 2000, "
+                             "after this site had completed the round with its payload"));
+}
+
+// On receipt: a's round is delivered as soon as b's payload is in, while
+// a's own payload is still on its way; a keeps sending it after delivery
+// until b acknowledges it.
+TEST(RoundTable, ARoundCompletesOnReceiptAndItsPayloadStillReachesThePeer) {
+  Net net(2, OnSiteLoss::kWait);
+  net.open(1, 0, "g", bytesFor(1, 0, 100));
+  net.step();  // b's payload is whole at a
+  net.lose(0, 1, true);
+  net.open(0, 0, "g", bytesFor(0, 0, 5000));
+  net.step();
+  ASSERT_TRUE(settled(net[0], 0));
+  EXPECT_EQ(net[0].done, 0u) << "delivered, but still sending: its slot is not free yet";
+  EXPECT_EQ(net[0].rounds->awaitingAcks(net.now(), *net[0].peers), std::vector<size_t>{1});
+  EXPECT_FALSE(settled(net[1], 0));
+  net.lose(0, 1, false);
+  net.reconnect();
+  ASSERT_TRUE(net.run([&] { return settled(net[1], 0) && net[0].done == 1; }));
+  EXPECT_EQ(*resultOf(net[1], 0)->result.payloads[0], bytesFor(0, 0, 5000));
+  EXPECT_TRUE(net[0].rounds->awaitingAcks(net.now(), *net[0].peers).empty());
+}
 
 TEST(RoundTable, APeerMayOpenOnlyAFewRoundsAheadAndTheyAreDroppedAfterTheHardDeadline) {
   Net net(2, OnSiteLoss::kWait);
