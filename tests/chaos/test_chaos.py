@@ -442,7 +442,7 @@ def test_a_partition_heals_and_the_replicas_agree_again(tmp_path, mode):
         # life, beta (the side without the lowest-index site) gives way: a
         # new gateway incarnation, then the join protocol, without a restart.
         assert "is back after a silence (same incarnation" in log, tail(tmp)
-        assert "this site gives way and fetches the state of the side with 'alpha'" in log, tail(tmp)
+        assert gave_way(log, "beta"), tail(tmp)
         joined = [s for s, _ in SITES if r[f"{s}-0"]["resumed"] == "running"]
         assert joined == ["beta"], (r, tail(tmp))
         assert "restarting site" not in log
@@ -460,6 +460,16 @@ def test_a_partition_heals_and_the_replicas_agree_again(tmp_path, mode):
 # for a multiple of peer_timeout (1 s), then SIGCONT. The other site goes on
 # (continue) or waits (wait); afterwards both must hold the same parameters
 # again, whatever the round counters did meanwhile (issue 16, defect 4).
+
+def gave_way(log, site):
+    """Whether `site` gave way to the side holding 'alpha' (the lowest
+    index), by either of the two signs that can come first: the gateway's
+    parting notice, or the next sync's base digests differing from
+    alpha's (seen first under load in CI)."""
+    return any(line.startswith(f"[{site}/0] ") and (
+        "this site gives way and fetches the state of the side with 'alpha'" in line or
+        "this site's global parameters differ from those of alpha" in line) for line in log.splitlines())
+
 
 def freeze(tmp, site, seconds, other):
     """SIGSTOP every worker of `site` for `seconds`, the other site running
@@ -533,7 +543,7 @@ def test_a_site_frozen_past_the_hard_deadline_rejoins_or_both_stop_with_a_named_
             os.remove(path)
         assert finish(job, tmp) == 0, tail(tmp)
         check_whole(tmp, ["alpha-0", "beta-0"])
-        assert "this site gives way and fetches the state of the side with 'alpha'" in open(log).read(), tail(tmp)
+        assert gave_way(open(log).read(), "beta"), tail(tmp)
     else:
         for path in slow:
             os.remove(path)
