@@ -1,7 +1,10 @@
 """Free TCP ports for local jobs, tests and benchmarks."""
 
+import os
 import random
 import socket
+import tempfile
+import time
 
 _given = set()
 _rng = random.SystemRandom()  # not the global generator, which programs seed
@@ -26,9 +29,35 @@ def _bindable(host, port):
     return True
 
 
+_CLAIMS = os.path.join(tempfile.gettempdir(), "strait-ports")
+_CLAIM_SECONDS = 600
+
+
+def _claim(port):
+    """Claims `port` for this process against other processes that pick
+    ports here (parallel test runs, the chaos suite beside the Python tests):
+    a file per port, taken with O_EXCL; claims older than ten minutes lapse
+    (by then the job that took the port has bound it, or is gone)."""
+    try:
+        os.makedirs(_CLAIMS, exist_ok=True)
+        path = os.path.join(_CLAIMS, str(port))
+        try:
+            if time.time() - os.stat(path).st_mtime > _CLAIM_SECONDS:
+                os.unlink(path)
+        except OSError:
+            pass
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        return True
+    except FileExistsError:
+        return False
+    except OSError:
+        return True  # no shared directory to claim in: bindable is all we know
+
+
 def free_port(host="127.0.0.1"):
-    """A port that was free a moment ago and that this process has not handed
-    out before (two sites of one job must never share an endpoint).
+    """A port that was free a moment ago, that this process has not handed
+    out before (two sites of one job must never share an endpoint) and that
+    no other process on this machine took from here in the last ten minutes.
 
     It is taken from just below the kernel's ephemeral range: a port from
     inside it (what binding port 0 returns) can be taken by an outgoing
@@ -37,7 +66,7 @@ def free_port(host="127.0.0.1"):
     unbound destination port connects to itself) — which made a gateway
     fail with "Address already in use" in CI."""
     for port in _candidates(host):
-        if port not in _given:
+        if port not in _given and _claim(port):
             _given.add(port)
             return port
 
