@@ -116,6 +116,10 @@ struct DiLoCoOptions {
   std::optional<int64_t> fragments;
   std::optional<bool> overlap;
   std::string pipeline;  // one pipeline for every parameter instead of the config's rules ("" = rules)
+  // SparseLoCo on or off, whatever the config says; on: the config's
+  // sync.diloco.sparseloco settings or their defaults, outer_lr 1 unless
+  // given here or in the config's sparseloco job.
+  std::optional<bool> sparseloco;
 };
 
 // DiLoCo (Douillard et al. 2023): every sync_every inner steps the
@@ -176,6 +180,8 @@ class DiLoCo : public ::torch::CustomClassHolder {
   double outerLr() const;
   double outerMomentum() const;
   bool nesterov() const;
+  // "" without SparseLoCo, else its pipeline and decay ("topk(...) -> int2(...), decay 0.95").
+  std::string sparseloco() const;
   bool overlap() const;
   const std::vector<std::vector<int64_t>>& fragments() const;  // parameter indices of each
   at::Tensor globalParams() const;  // flat float32, on the parameters' device

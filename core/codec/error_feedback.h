@@ -10,6 +10,9 @@
 // so decode(payload) + residual' == input + residual, to within one float
 // rounding per element (the subtraction), and exactly where the decoded value
 // equals c (values topk kept at fp32) or is zero (values it dropped).
+//
+// With a decay beta < 1 (SparseLoCo, Sarfi et al. 2025: the buffer takes
+// the place of DiLoCo's outer momentum), c = input + beta * residual.
 
 #include <cstdint>
 #include <vector>
@@ -21,7 +24,8 @@ namespace strait::core {
 // One tensor's residual and codec state. Not thread-safe; movable.
 class ErrorFeedback {
  public:
-  explicit ErrorFeedback(Pipeline pipeline, uint64_t seed = 0x5eed);
+  // decay in [0, 1] (InvalidArgument otherwise); 1: the plain residual.
+  explicit ErrorFeedback(Pipeline pipeline, uint64_t seed = 0x5eed, float decay = 1.0f);
 
   // Encodes input + residual into out and updates the residual. The first
   // call fixes n; a later call with another n throws InvalidArgument. On a
@@ -38,10 +42,12 @@ class ErrorFeedback {
   void reset() { residual_.clear(); }
 
   const Pipeline& pipeline() const { return pipeline_; }
+  float decay() const { return decay_; }
 
  private:
   Pipeline pipeline_;
   CodecState state_;
+  float decay_ = 1.0f;
   std::vector<float> residual_;
   std::vector<float> next_;  // input + residual while a step is in progress
 };

@@ -46,6 +46,19 @@ struct DiLoCoConfig {
   bool nesterov = true;
   int fragments = 1;            // streaming DiLoCo fragments, >= 1
   bool overlap = false;         // each sync's exchange runs during the next H inner steps
+
+  // SparseLoCo (Sarfi et al. 2025): each tensor's pseudo-gradient goes
+  // through "topk(density, chunk=chunk) -> int<bits>" with an error-feedback
+  // buffer decayed by `decay`, which takes the place of outer momentum
+  // (outer_momentum is 0, nesterov off). Present in the config: enabled.
+  struct SparseLoCo {
+    bool enabled = false;
+    double density = 0.03125;  // per chunk, in (0, 1]
+    uint64_t chunk = 4096;     // values per chunk
+    int bits = 2;              // 2, 4 or 8
+    double decay = 0.95;       // in [0, 1]
+    std::string pipeline() const;
+  } sparseloco;
 };
 
 // A per-tensor rule: tensors whose name matches the glob and whose size lies

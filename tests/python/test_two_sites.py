@@ -145,6 +145,33 @@ def test_a_streaming_diloco_that_is_not_flushed_is_warned_about_at_close():
     assert len(warned) == 2, results  # each site's leader
 
 
+def test_sparseloco_keeps_replicas_identical_learns_and_sends_fewer_bytes_than_sign_diloco():
+    # SparseLoCo from the config: chunk-wise top-k (5% of each 64 values)
+    # at 2 bits of an error-feedback buffer that replaces outer momentum.
+    sync = "sync: {mode: diloco, diloco: {sync_every: 10, sparseloco: {density: 0.05, chunk: 64, decay: 0.95}}}"
+    sparse = run_job("diloco", "int8", steps=40, extra_config={"sync": sync})
+    check(sparse)
+    assert {r["sparseloco"] for r in sparse} == {"topk(ratio=0.05, chunk=64) -> int2(block=256, rounding=nearest), decay 0.95"}, sparse
+    sign = run_job("diloco", "sign", steps=40,
+                   extra_config={"sync": "sync: {mode: diloco, diloco: {sync_every: 10, outer_momentum: 0}}"})
+    check(sign)
+    leaders = [r for r in sparse if r["rank"] == 0], [r for r in sign if r["rank"] == 0]
+    for s, g in zip(*leaders):
+        assert s["payload_bytes_sent"] < g["payload_bytes_sent"], (s, g)
+
+
+def test_sparseloco_from_the_constructor_and_its_contradictions_are_errors_everywhere():
+    # Turned on by strait.DiLoCo(..., sparseloco=True) under a plain DiLoCo config.
+    on = run_job("diloco", "int8", steps=40, extra_args=("--sparseloco", "--sync-every", "10"))
+    check(on)
+    assert {r["sparseloco"] for r in on} == {"topk(ratio=0.03125, chunk=4096) -> int2(block=256, rounding=nearest), decay 0.95"}
+    # ... and a constructor's outer momentum against the config's SparseLoCo.
+    sync = "sync: {mode: diloco, diloco: {sparseloco: {}}}"
+    results = run_job("diloco", "int8", steps=5, extra_args=("--sync-every", "5"), extra_config={"sync": sync},
+                      expect_ok=False)
+    assert all(rc != 0 and "SparseLoCo has no outer momentum" in err for rc, err in results), results
+
+
 def test_diloco_sites_that_start_from_different_weights_all_adopt_site_0s():
     check(run_job("diloco", "int8", steps=40, extra_args=("--sync-every", "10"), site_args={"singapore": ("--seed", "7")}))
 

@@ -56,6 +56,7 @@ def main():
     ap.add_argument("--hidden", type=int, default=32, help="hidden width (tests give sites different models)")
     ap.add_argument("--seed", type=int, default=0, help="initial weights (tests give sites different ones)")
     ap.add_argument("--no-flush", action="store_true", help="skip diloco.flush() (a test of the warning)")
+    ap.add_argument("--sparseloco", action="store_true", help="strait.DiLoCo(..., sparseloco=True)")
     ap.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                     help="train a torch.compile'd model (backend: inductor unless named)")
     ap.add_argument("--bucket-cap-mb", type=float, default=0.002,
@@ -102,6 +103,8 @@ def main():
         opt = torch.optim.SGD(ddp.parameters(), lr=0.2)
         extra = {} if args.sync_every is None else {"sync_every": args.sync_every, "outer_lr": 0.7,
                                                     "outer_momentum": 0.5}
+        if args.sparseloco:
+            extra = {"sparseloco": True, **({"sync_every": args.sync_every} if args.sync_every else {})}
         diloco = strait.DiLoCo(model, opt, session, **extra)
         for _ in range(args.steps):
             opt.zero_grad()
@@ -116,6 +119,7 @@ def main():
         json.dump({"site": args.site, "rank": session.rank, "hash": param_hash(model), "losses": losses,
                    "syncs": diloco.syncs if args.mode == "diloco" else None,
                    "payload_bytes_sent": session.bytes_sent, "buckets": len(buckets),
+                   "sparseloco": diloco.sparseloco if args.mode == "diloco" else "",
                    "compiled_graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"]}, f)
     # Tear down in order: both workers done, DDP (and its reducer) gone, then
     # the process group. Destroying them the other way round can hang gloo.

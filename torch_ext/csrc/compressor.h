@@ -21,9 +21,10 @@ namespace strait::torch {
 class Compressor : public ::torch::CustomClassHolder {
  public:
   // Throws ConfigError on a malformed pipeline.
-  Compressor(const std::string& pipeline, uint64_t seed, bool error_feedback)
+  // decay: the error-feedback buffer's (SparseLoCo; 1 = the plain residual).
+  Compressor(const std::string& pipeline, uint64_t seed, bool error_feedback, float decay = 1.0f)
       : pipeline_(core::Pipeline::parse(pipeline)), state_(seed) {
-    if (error_feedback) ef_.emplace(pipeline_, seed);
+    if (error_feedback) ef_.emplace(pipeline_, seed, decay);
   }
 
   // Encodes x (float32, contiguous, on the CPU; its shape guides lowrank)
@@ -75,6 +76,7 @@ class Compressor : public ::torch::CustomClassHolder {
 
   std::string pipeline() const { return pipeline_.toString(); }
   bool errorFeedback() const { return ef_.has_value(); }
+  float decay() const { return ef_ ? ef_->decay() : 1.0f; }
 
  private:
   core::Pipeline pipeline_;

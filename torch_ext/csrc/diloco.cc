@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cstring>
 #include <set>
+#include <sstream>
 
 #include "core/codec/codec.h"
 #include "core/codec/parts.h"
@@ -45,6 +46,7 @@ struct DiLoCo::Impl {
   at::Device device{at::kCPU};
   int64_t sync_every = 50, interval = 50;
   double outer_lr = 0.7, mu = 0.9;
+  std::optional<core::DiLoCoConfig::SparseLoCo> sparseloco;  // set: SparseLoCo
   bool nesterov = true, overlap = false;
   std::string pipeline;
   std::vector<std::vector<int64_t>> fragments;
@@ -110,6 +112,7 @@ struct DiLoCo::Impl {
 
   // -- the pieces of a sync ---------------------------------------------------
   std::string forcedPipeline() const {
+    if (sparseloco) return sparseloco->pipeline();
     if (!pipeline.empty()) return pipeline;
     return s.adaptive ? s.adaptive->pipeline() : "";
   }
@@ -154,6 +157,21 @@ DiLoCo::Impl::Impl(c10::intrusive_ptr<Session> sess, std::vector<std::string> n,
   nesterov = o.nesterov.value_or(c.nesterov);
   overlap = o.overlap.value_or(c.overlap);
   pipeline = o.pipeline;
+  if (o.sparseloco.value_or(c.sparseloco.enabled)) {
+    // The error-feedback buffer takes the place of outer momentum.
+    if (o.outer_momentum.value_or(0) != 0 || o.nesterov.value_or(false)) {
+      fail<InvalidArgument>("DiLoCo: SparseLoCo has no outer momentum (its error-feedback buffer takes its place): "
+                            "leave outer_momentum and nesterov out");
+    }
+    if (!pipeline.empty()) {
+      fail<InvalidArgument>("DiLoCo: SparseLoCo fixes every tensor's pipeline (", c.sparseloco.pipeline(),
+                            "); leave pipeline out");
+    }
+    sparseloco = c.sparseloco;
+    mu = 0;
+    nesterov = false;
+    if (!c.sparseloco.enabled) outer_lr = o.outer_lr.value_or(1.0);
+  }
   if (sync_every < 1) fail<InvalidArgument>("DiLoCo: sync_every = ", sync_every, ": must be >= 1");
   if (frags < 1 || sync_every % frags) {
     fail<InvalidArgument>("DiLoCo: fragments = ", frags, ": must be a divisor of sync_every (", sync_every, ")");
@@ -195,9 +213,13 @@ DiLoCo::Impl::Impl(c10::intrusive_ptr<Session> sess, std::vector<std::string> n,
   momentum = at::zeros_like(flat);
   if (!(s.opt.resume && recover(flat, false))) {
     // The schedule too: constructor arguments can override the config.
+    std::ostringstream outer;
+    outer.precision(17);
+    outer << "\nouter step: lr " << outer_lr << ", momentum " << mu << (nesterov ? " (Nesterov)" : "");
+    if (sparseloco) outer << ", SparseLoCo " << sparseloco->pipeline() << ", decay " << sparseloco->decay;
     s.checkSameEverywhere("diloco.model", description + "\nschedule: sync_every " + std::to_string(sync_every) +
                                               ", fragments " + std::to_string(frags) + ", overlap " +
-                                              (overlap ? "True" : "False"));
+                                              (overlap ? "True" : "False") + outer.str());
     global = agree(flat);
     load(global);
   }
@@ -229,7 +251,8 @@ Round DiLoCo::Impl::startParts(const at::Tensor& flat, const std::vector<Part>& 
     const std::string forced = forcedPipeline();
     for (size_t k = 0; k < ps.size(); ++k) {
       const Part& p = ps[k];
-      Compressor& c = s.compressor("diloco." + p.name, p.name, p.numel, forced);
+      Compressor& c = s.compressor("diloco." + p.name, p.name, p.numel, forced,
+                                   sparseloco ? std::optional<float>(float(sparseloco->decay)) : std::nullopt);
       // The parameter's own shape: lowrank factors its 2-D view.
       c.encode(values.narrow(0, p.offset, p.numel).view(p.shape), pieces[k]);
     }
@@ -365,8 +388,14 @@ void DiLoCo::Impl::adapt(Clock::time_point waiting) {
 // The same outer step, in the same float32 ops, on every worker, for
 // fragment f (outer_grad holds its values).
 void DiLoCo::Impl::outerStep(const at::Tensor& outer_grad, int64_t f) {
-  at::Tensor m = gather(momentum, f).first;
   at::Tensor g = gather(global, f).first;
+  if (mu == 0 && !nesterov) {  // plain outer SGD (SparseLoCo): no momentum to keep
+    g.sub_(outer_grad, outer_lr);
+    scatter(global, g, f);
+    ++syncs;
+    return;
+  }
+  at::Tensor m = gather(momentum, f).first;
   m.mul_(mu).add_(outer_grad);
   const at::Tensor update = nesterov ? outer_grad.add(m, mu) : m;
   g.sub_(update, outer_lr);
@@ -808,6 +837,12 @@ int64_t DiLoCo::syncEvery() const { return impl_->sync_every; }
 double DiLoCo::outerLr() const { return impl_->outer_lr; }
 double DiLoCo::outerMomentum() const { return impl_->mu; }
 bool DiLoCo::nesterov() const { return impl_->nesterov; }
+std::string DiLoCo::sparseloco() const {
+  if (!impl_->sparseloco) return "";
+  std::ostringstream o;
+  o << impl_->sparseloco->pipeline() << ", decay " << impl_->sparseloco->decay;
+  return o.str();
+}
 bool DiLoCo::overlap() const { return impl_->overlap; }
 const std::vector<std::vector<int64_t>>& DiLoCo::fragments() const { return impl_->fragments; }
 at::Tensor DiLoCo::globalParams() const { return impl_->global; }

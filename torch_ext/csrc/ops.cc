@@ -219,9 +219,10 @@ void registerEngine(::torch::Library& m) {
                             std::vector<at::Tensor> params, std::optional<int64_t> sync_every,
                             std::optional<double> outer_lr, std::optional<double> outer_momentum,
                             std::optional<bool> nesterov, std::optional<int64_t> fragments,
-                            std::optional<bool> overlap, const std::string& pipeline) {
+                            std::optional<bool> overlap, const std::string& pipeline,
+                            std::optional<bool> sparseloco) {
         return translate("strait.DiLoCo", [&] {
-          DiLoCoOptions o{sync_every, outer_lr, outer_momentum, nesterov, fragments, overlap, pipeline};
+          DiLoCoOptions o{sync_every, outer_lr, outer_momentum, nesterov, fragments, overlap, pipeline, sparseloco};
           return c10::make_intrusive<DiLoCo>(session, std::move(names), std::move(params), std::move(o));
         });
       }))
@@ -245,6 +246,7 @@ void registerEngine(::torch::Library& m) {
       .def("outer_lr", [](const Self<DiLoCo>& d) { return d->outerLr(); })
       .def("outer_momentum", [](const Self<DiLoCo>& d) { return d->outerMomentum(); })
       .def("nesterov", [](const Self<DiLoCo>& d) { return d->nesterov(); })
+      .def("sparseloco", [](const Self<DiLoCo>& d) { return d->sparseloco(); })
       .def("overlap", [](const Self<DiLoCo>& d) { return d->overlap(); })
       .def("fragments", [](const Self<DiLoCo>& d) { return d->fragments(); })
       .def("global_params", [](const Self<DiLoCo>& d) { return d->globalParams(); })

@@ -183,13 +183,14 @@ Session::Impl::Impl(SessionOptions options) : opt(std::move(options)) {
 Session::Impl::~Impl() = default;
 
 Compressor& Session::Impl::compressor(const std::string& key, const std::string& name, int64_t size,
-                                      const std::string& pipeline) {
+                                      const std::string& pipeline, std::optional<float> decay) {
   auto it = compressors.find(key);
   if (it != compressors.end()) {
     if (pipeline.empty() || it->second->pipeline() == core::Pipeline::parse(pipeline).toString()) return *it->second;
     // Another pipeline for the same tensor (adaptive compression): what the
     // old one had not sent yet carries over.
-    auto next = std::make_unique<Compressor>(pipeline, seedOf(compressors.size()), it->second->errorFeedback());
+    auto next = std::make_unique<Compressor>(pipeline, seedOf(compressors.size()), it->second->errorFeedback(),
+                                             it->second->decay());
     const at::Tensor r = it->second->residual();
     if (next->errorFeedback() && r.numel() > 0) next->setResidual(r.data_ptr<float>(), size_t(r.numel()));
     it->second = std::move(next);
@@ -202,7 +203,8 @@ Compressor& Session::Impl::compressor(const std::string& key, const std::string&
     p = rule.pipeline.toString();
     error_feedback = rule.error_feedback;
   }
-  auto made = std::make_unique<Compressor>(p, seedOf(compressors.size()), error_feedback);
+  if (decay) error_feedback = true;
+  auto made = std::make_unique<Compressor>(p, seedOf(compressors.size()), error_feedback, decay.value_or(1.0f));
   return *compressors.emplace(key, std::move(made)).first->second;
 }
 

@@ -100,8 +100,10 @@ struct Session::Impl {
   std::map<std::string, std::unique_ptr<Compressor>> compressors;
   uint64_t seedOf(size_t index) const { return config.compression.seed + 7919 * index; }
   // `pipeline` non-empty: that pipeline (a changed one carries the residual over).
+  // `decay` set: error feedback on whatever the config says, its buffer
+  // decayed so (SparseLoCo).
   Compressor& compressor(const std::string& key, const std::string& name, int64_t size,
-                         const std::string& pipeline = "");
+                         const std::string& pipeline = "", std::optional<float> decay = std::nullopt);
   // (key, pipeline, residual) of the error-feedback compressors whose key starts with prefix.
   std::vector<std::tuple<std::string, std::string, at::Tensor>> residuals(const std::string& prefix) const;
   // Restores residuals saved by residuals() (checkpoint sections "residual:KEY").

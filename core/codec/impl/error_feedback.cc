@@ -6,8 +6,12 @@
 
 namespace strait::core {
 
-ErrorFeedback::ErrorFeedback(Pipeline pipeline, uint64_t seed)
-    : pipeline_(std::move(pipeline)), state_(seed) {}
+ErrorFeedback::ErrorFeedback(Pipeline pipeline, uint64_t seed, float decay)
+    : pipeline_(std::move(pipeline)), state_(seed), decay_(decay) {
+  if (!(decay >= 0.0f && decay <= 1.0f)) {
+    fail<InvalidArgument>("error feedback: decay ", decay, " is not in [0, 1]");
+  }
+}
 
 void ErrorFeedback::encode(const float* input, size_t n, const TensorShape& shape,
                            std::vector<uint8_t>& out) {
@@ -22,7 +26,12 @@ void ErrorFeedback::encode(const float* input, size_t n, const TensorShape& shap
   // succeeded, so a throw leaves the residual as it was. Both buffers keep
   // their capacity: a steady-state step allocates nothing.
   next_.resize(n);
-  for (size_t i = 0; i < n; ++i) next_[i] = residual_[i] + input[i];
+  if (decay_ == 1.0f) {
+    for (size_t i = 0; i < n; ++i) next_[i] = residual_[i] + input[i];
+  } else {
+    // Two roundings, never fused (core builds with -ffp-contract=off).
+    for (size_t i = 0; i < n; ++i) next_[i] = decay_ * residual_[i] + input[i];
+  }
   pipeline_.encode(next_.data(), n, shape, state_, out);
   decodeAccumulate(out.data(), out.size(), next_.data(), n, -1.0f);
   residual_.swap(next_);

@@ -13,6 +13,12 @@
 // nth_element, everything above it, and ties at it in increasing index order.
 // So among equal magnitudes the lower index wins, whichever method ran.
 //
+// Chunk-wise (chunk=C, SparseLoCo: Sarfi et al. 2025): the tensor is cut
+// into flat chunks of C values (the last one shorter) and each keeps its own
+// k = kFor(chunk length) values, selected as above within the chunk. The
+// payload is an ordinary topk payload (all kept indices, in order), so every
+// decoder reads it as it reads any other.
+//
 // Index coding: deltas d0 = i0, dj = ij - i(j-1) - 1 in blocks of 128, each
 // block bit-packed at the width of its largest delta (one width byte per
 // block). At density p the deltas average ~1/p, so ~log2(1/p)+1 bits an index.
@@ -179,6 +185,30 @@ void selectSample(const float* x, size_t n, size_t k, CodecState& st, uint64_t s
   finishSelection(x, k, st);
 }
 
+// Exact selection of the k largest keys of x[0, n) (ties towards lower
+// indices), appended to out offset by `base`, for one chunk: nth_element
+// over the chunk's keys, then one pass.
+void selectChunk(const float* x, size_t n, size_t k, uint32_t base, std::vector<uint32_t>& keys,
+                 std::vector<uint32_t>& order, std::vector<uint32_t>& out) {
+  keys.resize(n);
+  for (size_t i = 0; i < n; ++i) keys[i] = keyOf(x[i]);
+  order.assign(keys.begin(), keys.end());  // nth_element reorders
+  std::nth_element(order.begin(), order.begin() + static_cast<ptrdiff_t>(k - 1), order.end(),
+                   std::greater<uint32_t>());
+  const uint32_t kth = order[k - 1];
+  if (order[0] >= kExpMask || kth >= kExpMask) failFirstNonFinite(x, n);
+  size_t above = 0;
+  for (size_t i = 0; i < k; ++i) above += order[i] > kth;
+  size_t ties = k - above;
+  for (size_t i = 0; i < n; ++i) {
+    if (keys[i] >= kExpMask) failFirstNonFinite(x, n);
+    if (keys[i] > kth || (keys[i] == kth && ties > 0)) {
+      if (keys[i] == kth) --ties;
+      out.push_back(base + static_cast<uint32_t>(i));
+    }
+  }
+}
+
 // ------------------------------------------------------------ index coding ---
 
 size_t maxIndexBytes(size_t k) {
@@ -290,16 +320,24 @@ struct IndexSection {
 
 class TopK final : public Structure {
  public:
-  TopK(SparseAmount amount, bool sample) : amount_(amount), sample_(sample) {}
+  TopK(SparseAmount amount, bool sample, uint64_t chunk) : amount_(amount), sample_(sample), chunk_(chunk) {}
 
   std::string text() const override {
+    if (chunk_ > 0) return "topk(" + amount_.text() + ", chunk=" + std::to_string(chunk_) + ")";
     return "topk(" + amount_.text() + (sample_ ? ", method=sample)" : ", method=radix)");
   }
   StructureKind kind() const override { return StructureKind::kTopK; }
 
   size_t maxBodyBytes(size_t n, const ValueCodec& values) const override {
-    const size_t k = amount_.kFor(n);
+    const size_t k = keptFor(n);
     return 8 + maxIndexBytes(k) + values.sectionBytes(k);
+  }
+
+  // How many values a tensor of n keeps: per chunk with chunk=.
+  size_t keptFor(size_t n) const {
+    if (chunk_ == 0 || n <= chunk_) return amount_.kFor(n);
+    const size_t full = n / chunk_, rest = n % chunk_;
+    return full * amount_.kFor(chunk_) + (rest > 0 ? amount_.kFor(rest) : 0);
   }
 
   void encode(const float* in, size_t n, const TensorShape&, CodecState& st,
@@ -308,10 +346,17 @@ class TopK final : public Structure {
       fail<InvalidArgument>("topk: tensor of ", n, " values exceeds the sparse limit of ",
                             kMaxSparseValues, "; split it into smaller tensors");
     }
-    const size_t k = amount_.kFor(n);
+    const size_t k = keptFor(n);
     const uint64_t seed = st.nextSeed();
     st.indices.clear();
-    if (k == n) {
+    if (chunk_ > 0 && k < n) {
+      st.indices.reserve(k);
+      for (size_t at = 0; at < n; at += chunk_) {
+        const size_t len = std::min<size_t>(chunk_, n - at);
+        selectChunk(in + at, len, amount_.kFor(len), static_cast<uint32_t>(at), st.keys, st.candidates,
+                    st.indices);
+      }
+    } else if (k == n) {
       // Everything is kept: still check the input, then take every index.
       if (absMaxBits(in, n) >= kExpMask) failFirstNonFinite(in, n);
       st.indices.resize(n);
@@ -331,6 +376,7 @@ class TopK final : public Structure {
  private:
   SparseAmount amount_;
   bool sample_;
+  uint64_t chunk_;  // 0: the whole tensor is one selection
 };
 
 }  // namespace
@@ -367,8 +413,12 @@ std::shared_ptr<const Structure> makeTopK(const StageArgs& args) {
   ArgReader a(args);
   const SparseAmount amount = SparseAmount::read(a);
   const bool sample = a.choice("method", "sample", {"sample", "radix"}) == "sample";
+  const uint64_t chunk = static_cast<uint64_t>(a.integer("chunk", 0, 0, int64_t{1} << 30));
+  if (chunk > 0 && a.has("method")) {
+    a.fail("method", *a.raw("method"), "no method with chunk= (each chunk's selection is exact)");
+  }
   a.finish();
-  return std::make_shared<TopK>(amount, sample);
+  return std::make_shared<TopK>(amount, sample, chunk);
 }
 
 }  // namespace strait::core::codec_impl

@@ -407,8 +407,30 @@ void parseSync(const Field& f, JobConfig& job) {
     d.error(std::string("is ignored unless mode: diloco (mode is ") + syncModeName(job.mode) +
             "); remove it or set sync.mode: diloco");
   }
-  d.expectMap({"sync_every", "outer_lr", "outer_momentum", "nesterov", "fragments", "overlap"});
+  d.expectMap({"sync_every", "outer_lr", "outer_momentum", "nesterov", "fragments", "overlap", "sparseloco"});
   DiLoCoConfig& c = job.diloco;
+  const Field sl = d.child("sparseloco");
+  if (sl.present()) {
+    sl.expectMap({"density", "chunk", "bits", "decay"});
+    auto& x = c.sparseloco;
+    x.enabled = true;
+    x.density = sl.child("density").number(x.density, Interval{0, 1, true, false});
+    x.chunk = sl.child("chunk").integer(x.chunk, 1, uint64_t{1} << 30);
+    x.bits = static_cast<int>(sl.child("bits").integer(uint64_t(x.bits), 2, 8));
+    if (x.bits != 2 && x.bits != 4 && x.bits != 8) sl.child("bits").reject("2, 4 or 8");
+    x.decay = sl.child("decay").number(x.decay, Interval{0, 1, false, false});
+    // The buffer is the only outer state: no momentum on top of it. The
+    // paper's outer learning rate is 1.
+    for (const char* key : {"outer_momentum", "nesterov"}) {
+      if (d.child(key).present()) {
+        d.child(key).error(std::string("cannot be set with sparseloco: its error-feedback buffer takes the place "
+                                       "of outer momentum (remove ") + key + ")");
+      }
+    }
+    c.outer_momentum = 0;
+    c.nesterov = false;
+    c.outer_lr = 1.0;
+  }
   c.sync_every = static_cast<int>(d.child("sync_every").integer(c.sync_every, 1, 1000000));
   c.outer_lr = d.child("outer_lr").number(c.outer_lr, Interval::above(0));
   c.outer_momentum = d.child("outer_momentum").number(c.outer_momentum, Interval::halfOpen(0, 1));
@@ -524,6 +546,8 @@ std::string JobConfig::sharedText() const {
   if (mode == SyncMode::kDiLoCo) {
     o << " " << diloco.sync_every << " " << diloco.outer_lr << " " << diloco.outer_momentum << " "
       << diloco.nesterov << " " << diloco.fragments << (diloco.overlap ? " overlap" : "");
+    const auto& x = diloco.sparseloco;
+    if (x.enabled) o << " sparseloco " << x.density << " " << x.chunk << " " << x.bits << " " << x.decay;
   }
   o << "\ncompression " << compression.fallback.pipeline.toString() << " "
     << compression.fallback.error_feedback << " " << compression.seed << "\n";
@@ -651,12 +675,23 @@ JobConfig JobConfig::parse(const std::string& yaml, const std::string& source) {
     parseCompression(top.child("compression"), job.compression);
     parseTransport(top.child("transport"), job.transport);
     parseCheckpoint(top.child("checkpoint"), job.checkpoint, source);
+    if (job.diloco.sparseloco.enabled && job.compression.adaptive.enabled) {
+      top.child("compression").child("adaptive").error(
+          "cannot be combined with sync.diloco.sparseloco, which fixes every tensor's pipeline");
+    }
   } catch (const YAML::Exception& e) {
     // Field reads nodes only in ways that do not throw; this is a safety net
     // so that nothing but ConfigError leaves the config loader.
     fail<ConfigError>(source, ":", e.mark.line + 1, ": ", e.msg);
   }
   return job;
+}
+
+std::string DiLoCoConfig::SparseLoCo::pipeline() const {
+  std::ostringstream o;
+  o.precision(17);
+  o << "topk(ratio=" << density << ", chunk=" << chunk << ") -> int" << bits;
+  return Pipeline::parse(o.str()).toString();  // the canonical text: shortest numbers, every argument
 }
 
 JobConfig JobConfig::load(const std::string& path) { return parse(readFile(path, "config file"), path); }

@@ -243,6 +243,37 @@ TEST_P(Streaming, SyncsOneFragmentAtATimeAndKeepsReplicasIdentical) {
 INSTANTIATE_TEST_SUITE_P(Modes, Streaming, ::testing::Values(false, true),
                          [](const auto& info) { return info.param ? "overlap" : "plain"; });
 
+// SparseLoCo from the libtorch API (DiLoCoOptions::sparseloco) under a plain
+// DiLoCo config: chunk-wise top-k at 2 bits with an error-feedback buffer in
+// place of outer momentum; outer momentum alongside it is an error.
+TEST(TorchApi, SparseLoCoKeepsReplicasIdenticalAndLearns) {
+  const std::string config = writeConfig("int8", 1, 1, "diloco");
+  auto train = [](SessionPtr& site, int which, std::vector<at::Tensor>& out) {
+    ::torch::manual_seed(300 + which);
+    ::torch::nn::Sequential model(::torch::nn::Linear(1, 8), ::torch::nn::Tanh(), ::torch::nn::Linear(8, 1));
+    ::torch::optim::SGD opt(model->parameters(), 0.05);
+    DiLoCoOptions bad = options(5);
+    bad.sparseloco = true;
+    EXPECT_THROW(DiLoCo(site, namesOf(4), model->parameters(), bad), InvalidArgument);  // outer_momentum 0.5
+    DiLoCoOptions o;
+    o.sync_every = 5;
+    o.sparseloco = true;
+    DiLoCo diloco(site, namesOf(4), model->parameters(), o);
+    EXPECT_EQ(diloco.sparseloco(), "topk(ratio=0.03125, chunk=4096) -> int2(block=256, rounding=nearest), decay 0.95");
+    EXPECT_EQ(diloco.outerMomentum(), 0.0);
+    EXPECT_EQ(diloco.outerLr(), 1.0);
+    const auto [first, last] = fitLine(model, opt, diloco, which, 200);
+    EXPECT_LT(last, 0.5f * first);
+    diloco.flush();
+    for (const at::Tensor& p : model->parameters()) out.push_back(p.detach().clone());
+  };
+  std::vector<at::Tensor> a, b;
+  bothSites(
+      config, [&](SessionPtr& s) { train(s, 0, a); }, [&](SessionPtr& s) { train(s, 1, b); });
+  ASSERT_EQ(a.size(), 4u);
+  for (size_t i = 0; i < a.size(); ++i) EXPECT_TRUE(at::equal(a[i], b[i])) << "tensor " << i;
+}
+
 TEST(TorchApi, BadOptionsAndConfigsThrow) {
   EXPECT_THROW(open("/nonexistent/job.yaml", "a"), ConfigError);
   const std::string config = writeConfig("fp32");

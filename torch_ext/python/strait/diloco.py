@@ -37,6 +37,12 @@ class DiLoCo:
     controller chooses that pipeline, `topk(density) -> int<bits>`, at each
     sync. The config's sync.mode must be diloco.
 
+    SparseLoCo (Sarfi et al. 2025; the config's sync.diloco.sparseloco, or
+    sparseloco=True here): every parameter's pseudo-gradient goes through
+    chunk-wise top-k with 2-bit (or 4, 8) values, `topk(density,
+    chunk=C) -> int2`, with an error-feedback buffer decayed by `decay`
+    that takes the place of outer momentum (outer SGD, lr 1 by default).
+
     Reliability (docs/RELIABILITY.md): with the config's checkpoint section
     the leader writes the site's state every `checkpoint.every` syncs (the
     inner optimizer's state and the model's buffers included). In a
@@ -58,7 +64,7 @@ class DiLoCo:
     """
 
     def __init__(self, model, inner_optimizer, session, sync_every=None, outer_lr=None, outer_momentum=None,
-                 nesterov=None, pipeline=None, overlap=None, fragments=None):
+                 nesterov=None, pipeline=None, overlap=None, fragments=None, sparseloco=None):
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.model = model
         self.inner = inner_optimizer
@@ -70,7 +76,8 @@ class DiLoCo:
                 None if sync_every is None else int(sync_every), None if outer_lr is None else float(outer_lr),
                 None if outer_momentum is None else float(outer_momentum),
                 None if nesterov is None else bool(nesterov), None if fragments is None else int(fragments),
-                None if overlap is None else bool(overlap), pipeline or "")
+                None if overlap is None else bool(overlap), pipeline or "",
+                None if sparseloco is None else bool(sparseloco))
         if self._d.resumed():
             self._restore(self._d.resumed_extra())
 
@@ -173,6 +180,11 @@ class DiLoCo:
     @property
     def nesterov(self):
         return self._d.nesterov()
+
+    @property
+    def sparseloco(self):
+        """SparseLoCo's pipeline and error-feedback decay, or "" (plain DiLoCo)."""
+        return self._d.sparseloco()
 
     @property
     def overlap(self):

@@ -33,6 +33,42 @@ TEST(ErrorFeedback, SentPlusResidualEqualsInputPlusOldResidual) {
   }
 }
 
+// SparseLoCo's buffer: c = g + beta * old; what was sent plus the new
+// buffer is exactly c, element by element. Exact, not to within a rounding:
+// a value the chunk's top-k dropped stays in the buffer as it was, and a
+// kept one is sent as int2's 0 (the buffer keeps it whole) or +-scale with
+// |c| >= scale / 2, where c - sent is exact (Sterbenz).
+TEST(ErrorFeedback, WithADecaySentPlusBufferIsExactlyWhatCameIn) {
+  for (float decay : {0.95f, 0.5f, 0.0f}) {
+    for (float magnitude : {1e-30f, 1e-3f, 1.0f, 1e20f}) {
+      ErrorFeedback ef(Pipeline::parse("topk(0.03125, chunk=64) -> int2"), 7, decay);
+      EXPECT_EQ(ef.decay(), decay);
+      const size_t n = 64 * 40 + 9;
+      std::vector<uint8_t> payload;
+      std::vector<float> sent(n);
+      for (int step = 0; step < 20; ++step) {
+        auto g = gaussian(n, 1000 + step);
+        for (float& v : g) v *= magnitude;
+        const std::vector<float> old = ef.residual().empty() ? std::vector<float>(n, 0.0f) : ef.residual();
+        ef.encode(g.data(), n, payload);
+        decode(payload.data(), payload.size(), sent.data(), n);
+        const auto& r = ef.residual();
+        size_t kept = 0;
+        for (size_t i = 0; i < n; ++i) {
+          const float kept_part = decay * old[i];
+          const float c = kept_part + g[i];
+          ASSERT_EQ(double(sent[i]) + double(r[i]), double(c))
+              << "decay " << decay << " magnitude " << magnitude << " step " << step << " i " << i;
+          kept += sent[i] != 0.0f;
+        }
+        EXPECT_LE(kept, size_t(41 * 2));  // two a chunk of 64, one in the last 9
+      }
+    }
+  }
+  EXPECT_THROW(ErrorFeedback(Pipeline::parse("int8"), 1, 1.5f), InvalidArgument);
+  EXPECT_THROW(ErrorFeedback(Pipeline::parse("int8"), 1, -0.1f), InvalidArgument);
+}
+
 TEST(ErrorFeedback, TopKAtFp32IsExact) {
   ErrorFeedback ef(Pipeline::parse("topk(0.1)"));
   const auto g = gaussian(500, 1);

@@ -127,6 +127,58 @@ TEST(TopK, QuantisedValuesLandOnTheTopKPositions) {
   }
 }
 
+// chunk=C: every flat chunk of C values (the last one shorter) keeps its
+// own ceil(ratio x length) largest magnitudes, ties to the lower index; the
+// payload is an ordinary topk payload.
+TEST(TopKChunks, EachChunkKeepsItsOwnLargestMagnitudes) {
+  for (size_t n : {size_t{1}, size_t{64}, size_t{1000}, size_t{4096 * 3 + 17}}) {
+    for (size_t chunk : {size_t{1}, size_t{7}, size_t{64}, size_t{4096}}) {
+      for (double ratio : {0.01, 0.03125, 0.5}) {
+        auto x = gaussian(n, n * 31 + chunk);
+        // Scale some chunks up: a global top-k would take only those.
+        for (size_t i = 0; i < n; ++i) x[i] *= (i / chunk) % 3 == 0 ? 1000.0f : 1.0f;
+        const Pipeline p = Pipeline::parse("topk(" + std::to_string(ratio) + ", chunk=" + std::to_string(chunk) + ")");
+        std::vector<size_t> keep;
+        for (size_t at = 0; at < n; at += chunk) {
+          const size_t len = std::min(chunk, n - at);
+          const std::vector<float> part(x.begin() + long(at), x.begin() + long(at + len));
+          const size_t k = std::min(len, std::max<size_t>(1, size_t(std::ceil(ratio * double(len) - 1e-9))));
+          for (size_t i : referenceTopK(part, k)) keep.push_back(at + i);
+        }
+        ASSERT_EQ(roundTrip(p, x), denseFrom(x, keep)) << "n=" << n << " chunk=" << chunk << " ratio=" << ratio;
+      }
+    }
+  }
+}
+
+TEST(TopKChunks, TiesGoToTheLowerIndexWithinAChunk) {
+  std::vector<float> x(200, 1.0f);
+  for (size_t i = 0; i < x.size(); i += 2) x[i] = -1.0f;
+  const auto y = roundTrip(Pipeline::parse("topk(0.1, chunk=100)"), x);  // 10 of each 100
+  for (size_t i = 0; i < y.size(); ++i) EXPECT_EQ(y[i], i % 100 < 10 ? x[i] : 0.0f) << i;
+}
+
+TEST(TopKChunks, TextRoundTripsAndMethodIsRefused) {
+  EXPECT_EQ(Pipeline::parse("topk(0.03, chunk=4096) -> int2").toString(), "topk(ratio=0.03, chunk=4096) -> int2(block=256, rounding=nearest)");
+  EXPECT_EQ(Pipeline::parse(Pipeline::parse("topk(0.03, chunk=4096)").toString()).toString(),
+            "topk(ratio=0.03, chunk=4096) -> fp32");
+  EXPECT_THROW(Pipeline::parse("topk(0.03, chunk=64, method=radix)"), ConfigError);
+  EXPECT_THROW(Pipeline::parse("topk(0.03, chunk=-1)"), ConfigError);
+}
+
+TEST(TopKChunks, NonFiniteInputIsRefusedNamingTheIndex) {
+  auto x = gaussian(1000, 5);
+  x[777] = std::numeric_limits<float>::quiet_NaN();
+  std::vector<uint8_t> out;
+  CodecState st(1);
+  try {
+    Pipeline::parse("topk(0.01, chunk=100)").encode(x.data(), x.size(), TensorShape{}, st, out);
+    FAIL() << "accepted a NaN";
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("77"), std::string::npos) << e.what();
+  }
+}
+
 TEST(RandomK, KeepsExactlyKDistinctValuesUnchanged) {
   for (size_t n : {size_t{1}, size_t{7}, size_t{1000}, size_t{100003}}) {
     for (double ratio : {0.01, 0.5, 1.0}) {

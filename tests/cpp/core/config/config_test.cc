@@ -256,7 +256,22 @@ INSTANTIATE_TEST_SUITE_P(Sync, Rejects, ::testing::Values(
     Bad{"FragmentsNotADivisor",
         withSection("sync:\n  mode: diloco\n  diloco:\n    sync_every: 50\n    fragments: 3\n"),
         {"job.yaml:17: sync.diloco.fragments = 3: must be a divisor of sync_every (50): one fragment syncs every "
-         "sync_every / fragments steps"}}),
+         "sync_every / fragments steps"}},
+    Bad{"SparseLoCoWithOuterMomentum",
+        withSection("sync:\n  mode: diloco\n  diloco:\n    outer_momentum: 0.9\n    sparseloco: {}\n"),
+        {"job.yaml:16: sync.diloco.outer_momentum", "cannot be set with sparseloco: its error-feedback buffer takes "
+         "the place of outer momentum"}},
+    Bad{"SparseLoCoBits", withSection("sync:\n  mode: diloco\n  diloco:\n    sparseloco: {bits: 3}\n"),
+        {"job.yaml:16: sync.diloco.sparseloco.bits = 3: must be 2, 4 or 8"}},
+    Bad{"SparseLoCoDensity", withSection("sync:\n  mode: diloco\n  diloco:\n    sparseloco: {density: 0}\n"),
+        {"job.yaml:16: sync.diloco.sparseloco.density = 0: must be a number in (0, 1]"}},
+    Bad{"SparseLoCoDecay", withSection("sync:\n  mode: diloco\n  diloco:\n    sparseloco: {decay: 1.5}\n"),
+        {"job.yaml:16: sync.diloco.sparseloco.decay = 1.5: must be a number in [0, 1]"}},
+    Bad{"SparseLoCoUnknownKey", withSection("sync:\n  mode: diloco\n  diloco:\n    sparseloco: {top_k: 3}\n"),
+        {"job.yaml:16: unknown key 'top_k' in sync.diloco.sparseloco; allowed: density, chunk, bits, decay"}},
+    Bad{"SparseLoCoWithAdaptive",
+        withSection("sync:\n  mode: diloco\n  diloco:\n    sparseloco: {}\ncompression:\n  adaptive: {}\n"),
+        {"compression.adaptive", "cannot be combined with sync.diloco.sparseloco"}}),
     instanceName);
 
 INSTANTIATE_TEST_SUITE_P(Compression, Rejects, ::testing::Values(
@@ -598,6 +613,23 @@ TEST(Config, DilocoModeWithoutItsBlockUsesTheDefaults) {
   EXPECT_EQ(c.diloco.sync_every, 50);
   EXPECT_EQ(c.diloco.fragments, 1);
   EXPECT_STREQ(syncModeName(SyncMode::kEveryStep), "every_step");
+}
+
+TEST(Config, SparseLoCoTakesThePlaceOfOuterMomentumAndIsShared) {
+  const JobConfig plain = JobConfig::parse(withSection("sync:\n  mode: diloco\n"));
+  const JobConfig c = JobConfig::parse(withSection("sync:\n  mode: diloco\n  diloco: {sparseloco: {}}\n"));
+  EXPECT_FALSE(plain.diloco.sparseloco.enabled);
+  ASSERT_TRUE(c.diloco.sparseloco.enabled);
+  EXPECT_EQ(c.diloco.outer_momentum, 0.0);
+  EXPECT_FALSE(c.diloco.nesterov);
+  EXPECT_EQ(c.diloco.outer_lr, 1.0);
+  EXPECT_EQ(c.diloco.sparseloco.pipeline(), "topk(ratio=0.03125, chunk=4096) -> int2(block=256, rounding=nearest)");
+  EXPECT_NE(c.sharedText(), plain.sharedText());
+  const JobConfig d = JobConfig::parse(withSection(
+      "sync:\n  mode: diloco\n  diloco: {outer_lr: 0.8, sparseloco: {density: 0.01, chunk: 64, bits: 4, decay: 0.9}}\n"));
+  EXPECT_EQ(d.diloco.outer_lr, 0.8);
+  EXPECT_EQ(d.diloco.sparseloco.pipeline(), "topk(ratio=0.01, chunk=64) -> int4(block=256, rounding=nearest)");
+  EXPECT_NE(d.sharedText(), c.sharedText());
 }
 
 TEST(Config, FragmentsMayEqualSyncEvery) {
