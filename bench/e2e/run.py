@@ -8,6 +8,8 @@ border (default 100 Mbit/s, 150 ms round trip), run five ways, side by side:
   (d) diloco    strait DiLoCo, low-bit pseudo-gradients every H steps
   (e) overlap   the same, each exchange overlapped with the next H inner steps
   (f) streaming the same in F fragments, one syncing every H/F steps, overlapped
+  (g) sparseloco strait SparseLoCo: chunk-wise top-k at 2 bits of an error-feedback
+                buffer that replaces outer momentum, every H steps
   (-) alone     each site's compute only, no communication (the time floor)
 
 The job: examples/charlm's byte-level transformer (471k parameters), each site
@@ -38,7 +40,7 @@ SITES = (("hangzhou", "CN"), ("singapore", "SG"))
 RUNS = [("ddp", "(a) torch DDP, fp32"), ("powersgd", "(b) DDP + PowerSGD hook"),
         ("strait", "(c) strait every-step"), ("diloco", "(d) strait DiLoCo"),
         ("overlap", "(e) strait DiLoCo, overlapped"), ("streaming", "(f) streaming DiLoCo, overlapped"),
-        ("alone", "compute alone")]
+        ("sparseloco", "(g) strait SparseLoCo"), ("alone", "compute alone")]
 
 
 def log(msg):
@@ -76,7 +78,15 @@ def write_config(out, args):
     for name, fragments in ((overlap, 1), (streaming, args.fragments)):
         with open(diloco) as f, open(name, "w") as g:
             g.write(f.read().replace("diloco: {", f"diloco: {{overlap: true, fragments: {fragments}, "))
-    return path, diloco, overlap, streaming
+    # SparseLoCo fixes every tensor's pipeline and has no outer momentum
+    # (and no adaptive compression): its own sync line, the same H.
+    sparseloco = os.path.join(out, "e2e-sparseloco.yaml")
+    with open(sparseloco, "w") as f:
+        f.write("\n".join(lines).replace(
+            "sync: {mode: every_step}",
+            f"sync: {{mode: diloco, diloco: {{sync_every: {args.sync_every}, sparseloco: {{{args.sparseloco}}}}}}}")
+            + "\n")
+    return path, diloco, overlap, streaming, sparseloco
 
 
 def run_mode(mode, args, out, configs):
@@ -209,7 +219,11 @@ def main():
                     help="DiLoCo's pipeline for biases, norms and the position table (default int8)")
     ap.add_argument("--adaptive", metavar="SETTINGS",
                     help='adaptive compression for (c)-(f), e.g. "min_density: 0.01, max_density: 0.2"')
-    ap.add_argument("--only", help="comma-separated subset of ddp,powersgd,strait,diloco,overlap,streaming,alone")
+    ap.add_argument("--sparseloco", default="density: 0.03125, chunk: 4096, bits: 2, decay: 0.95",
+                    help='run (g)\'s sync.diloco.sparseloco settings (default "density: 0.03125, chunk: 4096, '
+                         'bits: 2, decay: 0.95")')
+    ap.add_argument("--only",
+                    help="comma-separated subset of ddp,powersgd,strait,diloco,overlap,streaming,sparseloco,alone")
     ap.add_argument("--timeout", type=float, default=600, help="seconds per run")
     ap.add_argument("--out", default=os.path.join(ROOT, "build", "bench-e2e"))
     args = ap.parse_args()
@@ -228,8 +242,9 @@ def main():
                             os.path.join(out, "keys")], check=True, stdout=subprocess.DEVNULL)
     if args.fragments < 1 or args.sync_every % args.fragments:
         raise SystemExit(f"bench e2e: --fragments {args.fragments} must divide --sync-every {args.sync_every}")
-    every_step, diloco, overlap, streaming = write_config(out, args)
-    configs = {"strait": every_step, "diloco": diloco, "overlap": overlap, "streaming": streaming}
+    every_step, diloco, overlap, streaming, sparseloco = write_config(out, args)
+    configs = {"strait": every_step, "diloco": diloco, "overlap": overlap, "streaming": streaming,
+               "sparseloco": sparseloco}
     modes = [m for m, _ in RUNS if not args.only or m in args.only.split(",")]
 
     runs = []

@@ -9,6 +9,7 @@ text from examples/charlm; the same seed, batches and steps in every mode:
   diloco    strait DiLoCo: one world per site, strait.DiLoCo
   overlap   the same, overlapped (sync.diloco.overlap in the config)
   streaming the same, overlapped, in fragments (sync.diloco.fragments)
+  sparseloco strait DiLoCo with sync.diloco.sparseloco in the config
   alone     this site's compute only, no communication at all
 
 Writes a JSON result: wall time at each step's end, losses, and (site 0's
@@ -34,7 +35,7 @@ import train as charlm  # noqa: E402
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--mode", required=True, choices=["ddp", "powersgd", "strait", "diloco", "overlap", "streaming",
-                                                         "alone"])
+                                                         "sparseloco", "alone"])
     ap.add_argument("--site", required=True)
     ap.add_argument("--site-index", type=int, required=True)
     ap.add_argument("--config")
@@ -67,14 +68,14 @@ def main():
         state = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=4, start_powerSGD_iter=10,
                                             use_error_feedback=True, warm_start=True, random_seed=0)
         ddp.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
-    elif args.mode in ("strait", "diloco", "overlap", "streaming"):
+    elif args.mode in ("strait", "diloco", "overlap", "streaming", "sparseloco"):
         import strait
 
         session = strait.init(args.config, site=args.site, log=False)
         if args.mode == "strait":
             ddp.register_comm_hook(session, strait.ddp_hook)
     opt = torch.optim.AdamW(ddp.parameters(), lr=3e-3, weight_decay=0.01)
-    if args.mode in ("diloco", "overlap", "streaming"):
+    if args.mode in ("diloco", "overlap", "streaming", "sparseloco"):
         # overlap, streaming: sync.diloco.overlap and fragments in the config
         diloco = strait.DiLoCo(model, opt, session)
     g = torch.Generator().manual_seed(1000 + args.site_index)

@@ -22,7 +22,7 @@ def test_bench_e2e_runs_every_mode_and_reports_json(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout)
     assert [x["name"] for x in out["runs"]] == ["ddp", "powersgd", "strait", "diloco", "overlap", "streaming",
-                                                  "alone"]
+                                                  "sparseloco", "alone"]
     for x in out["runs"]:
         for key in ("step_s", "bytes_per_step", "final_loss", "held_out_bits_per_byte", "held_out_accuracy",
                     "time_ratio_vs_alone", "time_ratio_vs_ddp", "peak_mbit_s"):
