@@ -1,6 +1,12 @@
 #!/usr/bin/env python3
 """`./strait bench e2e [--json]`: the same training job across a simulated
-border (default 100 Mbit/s, 150 ms round trip), run five ways, side by side:
+border (default 100 Mbit/s, 150 ms round trip), run several ways, side by
+side. By default, *time to quality*: every method trains for the same
+wall-clock budget (what DDP needs for 200 steps; `--budget` sets it), and the
+table reports the held-out loss each reached and when each first reached
+DDP's final held-out loss; the plot is held-out loss against time and
+against bytes. `--steps N`: the older table, every method N steps.
+`--quick`: time to quality in seconds, a test of the output only.
 
   (a) ddp       torch DDP, one gloo world spanning both sites, uncompressed
   (b) powersgd  torch DDP with PyTorch's PowerSGD hook (rank 4, error feedback)
@@ -89,9 +95,10 @@ def write_config(out, args):
     return path, diloco, overlap, streaming, sparseloco
 
 
-def run_mode(mode, args, out, configs):
+def run_mode(mode, args, out, configs, steps=None, snapshot_every=0):
     from strait import wan
 
+    steps = steps or args.steps
     results = []
     samples = []  # (time, bytes crossed so far)
     if os.path.exists(os.path.join(out, f"{mode}-rounds.jsonl")):
@@ -112,7 +119,8 @@ def run_mode(mode, args, out, configs):
             res = os.path.join(out, f"{mode}-{site}.json")
             env["STRAIT_JSON_LOG"] = os.path.join(out, f"{mode}-rounds.jsonl")
             cmd = border.prefix(site) + [sys.executable, os.path.join(HERE, "worker.py"), "--mode", mode, "--site",
-                                         site, "--site-index", str(i), "--steps", str(args.steps), "--out", res]
+                                         site, "--site-index", str(i), "--steps", str(steps), "--out", res,
+                                         "--snapshot-every", str(snapshot_every)]
             if config:
                 cmd += ["--config", config]
             procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
@@ -152,7 +160,7 @@ def run_mode(mode, args, out, configs):
     return data, border.total_bytes(), samples
 
 
-def score(model_path):
+def score(model_path, batches=8):
     """Mean held-out bits per byte and next-byte accuracy over both sites' texts."""
     import torch
     import torch.nn as nn
@@ -166,13 +174,13 @@ def score(model_path):
             held = charlm.site_text(site)[1]
             g = torch.Generator().manual_seed(1234)
             loss = correct = total = 0.0
-            for _ in range(8):
+            for _ in range(batches):
                 x, y = charlm.batch(held, 32, m.context, g)
                 logits = m(x)
                 loss += nn.functional.cross_entropy(logits.reshape(-1, 256), y.reshape(-1)).item()
                 correct += (logits.argmax(-1) == y).sum().item()
                 total += y.numel()
-            bpb.append(loss / 8 / math.log(2))
+            bpb.append(loss / batches / math.log(2))
             acc.append(correct / total)
     return sum(bpb) / len(bpb), sum(acc) / len(acc)
 
@@ -201,12 +209,137 @@ def plot(path, runs, args):
     fig.savefig(path, dpi=120)
 
 
+def bytes_at(samples, t):
+    before = [b for when, b in samples if when <= t]
+    return before[-1] if before else 0
+
+
+def time_to_quality(args, out, configs, modes):
+    """Every method trains for the same wall-clock budget across the border.
+    A short pilot of each gives its step time; the budget run then takes as
+    many steps as fit (DiLoCo runs: whole sync periods), and site 0 keeps a
+    snapshot of its model about every budget/snapshots seconds (DiLoCo:
+    right after a sync). Each snapshot's held-out loss, against the time and
+    the bytes that had crossed by then, gives the curves, the loss at the
+    budget and the time each method first reached DDP's final held-out
+    loss."""
+    quick = args.quick
+    pilot_steps = 4 if quick else 12
+    snapshots = 3 if quick else 12
+    steps_s = {}
+    for mode, label in RUNS:
+        if mode not in modes:
+            continue
+        log(f"bench e2e: pilot of {label}, {pilot_steps} steps across {args.wan} ...")
+        data, _, _ = run_mode(mode, args, out, configs, steps=pilot_steps)
+        ends = data[0]["ends"]
+        steps_s[mode] = (ends[-1] - ends[0]) / max(1, len(ends) - 1)  # the first step pays for warm-up
+    if args.budget:
+        budget = args.budget
+    elif quick:
+        budget = 4 * max(steps_s.values())
+    elif "ddp" in steps_s:
+        budget = 200 * steps_s["ddp"]
+    else:
+        raise SystemExit("bench e2e: without the ddp run, say --budget SECONDS")
+    diloco_like = ("diloco", "overlap", "streaming", "sparseloco")
+    runs = []
+    for mode, label in RUNS:
+        if mode not in modes:
+            continue
+        period = args.sync_every if mode in diloco_like else 1
+        steps = max(period, int(budget / steps_s[mode]) // period * period)
+        every = max(period, steps // snapshots // period * period)
+        log(f"bench e2e: {label}: {budget:.0f} s at {steps_s[mode]:.3f} s a step = {steps} steps across {args.wan} ...")
+        data, total, samples = run_mode(mode, args, out, configs, steps=steps, snapshot_every=every)
+        site0 = data[0]
+        start = site0["start"]
+        points = []  # (seconds, bytes, held-out bpb, accuracy, step)
+        for step, when in site0["snapshots"]:
+            path = os.path.join(out, f"{mode}-{SITES[0][0]}.json.snap{step}.pt")
+            bpb, acc = score(path, batches=2 if quick else 8)
+            os.remove(path)
+            points.append((when - start, bytes_at(samples, when), bpb, acc, step))
+        bpb, acc = score(os.path.join(out, f"{mode}-{SITES[0][0]}.json.model.pt"), batches=2 if quick else 8)
+        end = site0["ends"][-1]
+        points.append((end - start, total, bpb, acc, steps))
+        runs.append({"name": mode, "label": label, "steps": steps, "step_s": (end - start) / steps,
+                     "seconds": end - start, "bytes_total": total, "held_out_bits_per_byte": bpb,
+                     "held_out_accuracy": acc, "final_loss": sum(site0["losses"][-10:]) / min(10, steps),
+                     "curve": [{"seconds": t, "bytes": b, "held_out_bits_per_byte": q, "held_out_accuracy": a,
+                                "step": k} for t, b, q, a, k in points]})
+    base = next((r for r in runs if r["name"] == "ddp"), None)
+    target = base["held_out_bits_per_byte"] if base else None
+    for r in runs:
+        reached = [p["seconds"] for p in r["curve"] if target is not None and p["held_out_bits_per_byte"] <= target]
+        r["seconds_to_ddp_final"] = reached[0] if reached else None  # None: never within the budget
+    for r in runs:
+        if base and r["seconds_to_ddp_final"]:
+            r["times_sooner_than_ddp"] = base["seconds_to_ddp_final"] / r["seconds_to_ddp_final"]
+        if base:
+            r["bytes_ratio_vs_ddp"] = base["bytes_total"] / r["bytes_total"] if r["bytes_total"] else None
+    png = os.path.join(out, "e2e-time-to-quality.png")
+    plot_quality(png, runs, args, budget)
+    result = {"wan": args.wan, "budget_s": budget, "pilot_step_s": steps_s, "sync_every": args.sync_every,
+              "ddp_final_held_out_bits_per_byte": target, "parameters": json.load(open(os.path.join(
+                  out, f"{runs[0]['name']}-{SITES[0][0]}.json")))["parameters"], "plot": png,
+              "runs": runs}
+    with open(os.path.join(out, "e2e-time-to-quality.json"), "w") as f:
+        json.dump(result, f)
+    if args.json:
+        print(json.dumps(result))
+        return
+    print(f"charlm ({result['parameters']} parameters), two sites of one worker, {budget:.0f} s each "
+          f"across {args.wan}; DDP's final held-out loss {target if target is None else f'{target:.3f}'} bits/byte")
+    print(f"{'run':<31}{'steps':>7}{'s/step':>8}{'MB crossed':>11}{'held bpb':>9}{'acc %':>7}"
+          f"{'to DDP final':>13}{'x sooner':>9}")
+    for r in runs:
+        to = r["seconds_to_ddp_final"]
+        print(f"{r['label']:<31}{r['steps']:7d}{r['step_s']:8.3f}{r['bytes_total'] / 1e6:11.2f}"
+              f"{r['held_out_bits_per_byte']:9.3f}{100 * r['held_out_accuracy']:7.1f}"
+              f"{'never' if to is None else f'{to:.1f} s':>13}"
+              f"{r.get('times_sooner_than_ddp', float('nan')):9.1f}")
+    print(f"plot: {png}; every figure: {os.path.join(out, 'e2e-time-to-quality.json')}")
+
+
+def plot_quality(path, runs, args, budget):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (by_time, by_bytes) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for r in runs:
+        t = [p["seconds"] for p in r["curve"]]
+        q = [p["held_out_bits_per_byte"] for p in r["curve"]]
+        by_time.plot(t, q, marker=".", label=r["label"])
+        if r["name"] != "alone":
+            by_bytes.plot([max(p["bytes"], 1) / 1e6 for p in r["curve"]], q, marker=".", label=r["label"])
+    base = next((r for r in runs if r["name"] == "ddp"), None)
+    for ax in (by_time, by_bytes):
+        if base:
+            ax.axhline(base["held_out_bits_per_byte"], color="grey", linestyle=":", linewidth=1)
+        ax.set_ylabel("held-out loss (bits per byte)")
+        ax.legend(fontsize=8)
+    by_time.set_xlabel("wall time (s)")
+    by_bytes.set_xscale("log")
+    by_bytes.set_xlabel("MB crossed the border (IP bytes, log scale)")
+    fig.suptitle(f"charlm across a simulated {args.wan} border, {budget:.0f} s a method")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--build", required=True)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--wan", default="100mbit-150ms", help="border profile (default 100mbit-150ms)")
-    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--steps", type=int, default=None,
+                    help="the equal-steps table: every method trains this many steps (default: time to quality)")
+    ap.add_argument("--budget", type=float, default=None,
+                    help="time to quality: seconds every method trains (default: what DDP needs for 200 steps)")
+    ap.add_argument("--quick", action="store_true",
+                    help="time to quality in a few seconds a method: a test of the output, not a measurement")
     ap.add_argument("--sync-every", type=int, default=50, help="DiLoCo inner steps between syncs")
     ap.add_argument("--outer-lr", type=float, default=1.0, help="DiLoCo outer learning rate (default 1.0)")
     ap.add_argument("--outer-momentum", type=float, default=0.0, help="DiLoCo outer momentum (default 0)")
@@ -246,6 +379,8 @@ def main():
     configs = {"strait": every_step, "diloco": diloco, "overlap": overlap, "streaming": streaming,
                "sparseloco": sparseloco}
     modes = [m for m, _ in RUNS if not args.only or m in args.only.split(",")]
+    if args.steps is None:
+        return time_to_quality(args, out, configs, modes)
 
     runs = []
     for mode, label in RUNS:

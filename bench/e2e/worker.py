@@ -42,6 +42,8 @@ def main():
     ap.add_argument("--steps", type=int, required=True)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--snapshot-every", type=int, default=0,
+                    help="site 0 saves its model every this many steps (OUT.snapSTEP.pt; 0: never)")
     args = ap.parse_args()
 
     torch.manual_seed(0)
@@ -81,7 +83,7 @@ def main():
     g = torch.Generator().manual_seed(1000 + args.site_index)
     dist.barrier()
     start = time.time()
-    ends, losses = [], []
+    ends, losses, snapshots = [], [], []
     for step in range(args.steps):
         x, y = charlm.batch(train, args.batch, model.context, g)
         opt.zero_grad()
@@ -96,6 +98,12 @@ def main():
             session.log(step, losses[-1])  # the round log (JSON lines, STRAIT_JSON_LOG) for the driver
         if args.site_index == 0 and step % 20 == 19:
             print(f"\r    {args.mode}: step {step + 1}/{args.steps}", end="", file=sys.stderr, flush=True)
+        if (args.snapshot_every and args.site_index == 0 and dist.get_rank() == 0 and
+                (step + 1) % args.snapshot_every == 0 and step + 1 < args.steps):
+            # For the driver's held-out score at this time (DiLoCo: taken
+            # right after a sync, when the local model is the global one).
+            torch.save(model.state_dict(), f"{args.out}.snap{step + 1}.pt")
+            snapshots.append([step + 1, time.time()])
     if diloco:
         diloco.flush()  # overlap: the last round, still in flight, counts in the last step
         ends[-1] = time.time()
@@ -105,6 +113,7 @@ def main():
         torch.save(model.state_dict(), args.out + ".model.pt")
     with open(args.out, "w") as f:
         json.dump({"mode": args.mode, "site": args.site, "start": start, "ends": ends, "losses": losses,
+                   "snapshots": snapshots,
                    "parameters": sum(p.numel() for p in model.parameters()),
                    "payload_bytes_sent": session.bytes_sent if session else None}, f)
     dist.barrier()
