@@ -27,7 +27,7 @@ def test_bench_e2e_quick_time_to_quality_runs_every_mode_and_reports_json(tmp_pa
     assert sorted(out["pilot_step_s"]) == sorted(names) and out["budget_s"] > 0
     for x in out["runs"]:
         for key in ("steps", "step_s", "seconds", "bytes_total", "held_out_bits_per_byte", "held_out_accuracy",
-                    "final_loss", "seconds_to_ddp_final", "curve"):
+                    "final_loss", "seconds_to_ddp_final", "curve", "at_budget"):
             assert key in x, (x["name"], key)
         assert x["curve"] and x["curve"][-1]["step"] == x["steps"], x
         assert all(a["seconds"] <= b["seconds"] and a["bytes"] <= b["bytes"]

@@ -5,6 +5,7 @@
 #include <torch/torch.h>
 
 #include <fstream>
+#include <functional>
 #include <future>
 #include <thread>
 #include <utility>
@@ -209,6 +210,17 @@ TEST(TorchApi, DiLoCoKeepsReplicasIdenticalAndLearns) {
   EXPECT_NEAR(ba.item<float>(), 1.0f, 0.3f);
 }
 
+// Runs train(site, which, tensors out) at both sites of the job in `config`:
+// each must end with `count` tensors, bitwise the same at both.
+using TrainSite = std::function<void(SessionPtr&, int, std::vector<at::Tensor>&)>;
+void expectIdenticalReplicas(const std::string& config, size_t count, const TrainSite& train) {
+  std::vector<at::Tensor> a, b;
+  bothSites(
+      config, [&](SessionPtr& s) { train(s, 0, a); }, [&](SessionPtr& s) { train(s, 1, b); });
+  ASSERT_EQ(a.size(), count);
+  for (size_t i = 0; i < a.size(); ++i) EXPECT_TRUE(at::equal(a[i], b[i])) << "tensor " << i;
+}
+
 // Streaming (and overlapped): a two-layer model (four tensors) in two
 // fragments, one synced every 5 steps in turn; after flush() both sites
 // hold the same bits.
@@ -233,11 +245,7 @@ TEST_P(Streaming, SyncsOneFragmentAtATimeAndKeepsReplicasIdentical) {
     EXPECT_EQ(diloco.syncs(), 40);
     for (const at::Tensor& p : model->parameters()) out.push_back(p.detach().clone());
   };
-  std::vector<at::Tensor> a, b;
-  bothSites(
-      config, [&](SessionPtr& s) { train(s, 0, a); }, [&](SessionPtr& s) { train(s, 1, b); });
-  ASSERT_EQ(a.size(), 4u);
-  for (size_t i = 0; i < a.size(); ++i) EXPECT_TRUE(at::equal(a[i], b[i])) << "tensor " << i;
+  expectIdenticalReplicas(config, 4, train);
 }
 
 INSTANTIATE_TEST_SUITE_P(Modes, Streaming, ::testing::Values(false, true),
@@ -267,11 +275,7 @@ TEST(TorchApi, SparseLoCoKeepsReplicasIdenticalAndLearns) {
     diloco.flush();
     for (const at::Tensor& p : model->parameters()) out.push_back(p.detach().clone());
   };
-  std::vector<at::Tensor> a, b;
-  bothSites(
-      config, [&](SessionPtr& s) { train(s, 0, a); }, [&](SessionPtr& s) { train(s, 1, b); });
-  ASSERT_EQ(a.size(), 4u);
-  for (size_t i = 0; i < a.size(); ++i) EXPECT_TRUE(at::equal(a[i], b[i])) << "tensor " << i;
+  expectIdenticalReplicas(config, 4, train);
 }
 
 TEST(TorchApi, BadOptionsAndConfigsThrow) {
