@@ -273,15 +273,18 @@ TEST(Gateway, OversizedPayloadsAreRefusedAtBothEnds) {
   job.sites[0].max_message_bytes = 1000;
   auto g = start(job);
   EXPECT_THROW(g[0]->exchange(0, "g", std::vector<uint8_t>(1001)), InvalidArgument);
-  // s1 allows more than s0 accepts: s0 refuses before allocating, s1 learns why.
+  // s1 allows more than s0 accepts: s0 refuses before allocating, s1 learns
+  // why (before s0 opens the round: rounds complete on receipt, so s0's
+  // payload arriving first would complete s1's round, and the refusal would
+  // then be a parting, Gateway.WithContinueARefusalAfter...).
   auto f1 = g[1]->exchange(0, "g", std::vector<uint8_t>(5000));
-  auto f0 = g[0]->exchange(0, "g", std::vector<uint8_t>(10));
   try {
     getWithin(f1);
     FAIL() << "accepted";
   } catch (const ProtocolError& e) {
     EXPECT_NE(std::string(e.what()).find("exceeds max_message_bytes = 1000"), std::string::npos) << e.what();
   }
+  auto f0 = g[0]->exchange(0, "g", std::vector<uint8_t>(10));
   EXPECT_THROW(getWithin(f0), ProtocolError);
 }
 

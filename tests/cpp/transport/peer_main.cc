@@ -2,7 +2,7 @@
 // multi-process transport tests and the transport benchmark.
 //
 //   strait_test_peer --site I --ports P0,P1,... [--keys DIR | --insecure]
-//                    [--rounds N] [--first-round R] [--bytes B] [--chunk C]
+//                    [--rounds N] [--first-round R|auto] [--bytes B] [--chunk C]
 //                    [--continue] [--round-deadline-ms MS] [--hard-deadline-ms MS]
 //                    [--hosts H0,H1,...]   (default: 127.0.0.1 for every site)
 //
@@ -15,6 +15,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <sstream>
+#include <stdexcept>
+#include <thread>
 
 #include "tests/cpp/transport/transport_test_util.h"
 
@@ -28,7 +30,7 @@ int main(int argc, char** argv) {
   bool insecure = false;
   uint64_t rounds = 3, first = 0;
   size_t bytes = 1 << 20, chunk = 1 << 20;
-  bool cont = false;
+  bool cont = false, join = false;
   int64_t round_ms = 20000, hard_ms = 60000;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
@@ -51,7 +53,11 @@ int main(int argc, char** argv) {
     } else if (a == "--keys") keys = next();
     else if (a == "--insecure") insecure = true;
     else if (a == "--rounds") rounds = std::stoull(next());
-    else if (a == "--first-round") first = std::stoull(next());
+    else if (a == "--first-round") {
+      const std::string v = next();
+      if (v == "auto") join = true;
+      else first = std::stoull(v);
+    }
     else if (a == "--bytes") bytes = std::stoull(next());
     else if (a == "--chunk") chunk = std::stoull(next());
     else if (a == "--continue") cont = true;
@@ -83,6 +89,22 @@ int main(int argc, char** argv) {
     o.hard_deadline = std::chrono::milliseconds(hard_ms);
     o.on_site_loss = cont ? OnSiteLoss::kContinue : OnSiteLoss::kWait;
     Gateway g(o);
+    if (join) {
+      // A restarted peer joins the round the others are in: the lowest
+      // 'grad' round a peer has opened (its payloads to our new life start
+      // again from the first chunk). Rounds complete on receipt, so that can
+      // be the round this site's previous life had already completed.
+      const auto until = std::chrono::steady_clock::now() + std::chrono::milliseconds(hard_ms);
+      std::vector<PeerRound> open;
+      while ((open = g.peerRounds("grad")).empty() && std::chrono::steady_clock::now() < until) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(20));
+      }
+      if (open.empty()) throw std::runtime_error("--first-round auto: no peer has a round open");
+      first = open[0].round;
+      for (const PeerRound& pr : open) first = std::min(first, pr.round);
+      std::printf("joining at round %llu\n", (unsigned long long)first);
+      std::fflush(stdout);
+    }
     std::vector<uint8_t> mine;
     for (uint64_t r = first; r < rounds; ++r) {
       testing::fillPayload(mine, site, r, bytes);
