@@ -406,15 +406,7 @@ class Gateway::Impl {
     }
     started.set_value();
     try {
-      while (!stop_.load()) {
-        poll();
-        takeCommands();
-        sendChunks();
-        timers();
-        Effects fx;
-        rounds_.tick(Clock::now(), peers_, fx);
-        apply(fx, nullptr);
-      }
+      while (!stop_.load()) turn(true);
       awaitWelcomes();
       linger();
     } catch (const std::exception& e) {
@@ -464,13 +456,20 @@ class Gateway::Impl {
             " s so far for " + names + " to acknowledge this site's last payloads (not past the hard deadline)");
         next_log = now + std::max(opt_.peer_timeout, std::chrono::milliseconds(5000));
       }
-      poll();
-      sendChunks();
-      timers();
-      Effects fx;
-      rounds_.tick(Clock::now(), peers_, fx);
-      apply(fx, nullptr);
+      turn(false);  // no new exchanges: the application has closed
     }
+  }
+
+  // One pass of the I/O loop: what arrived, new exchanges (unless closing),
+  // what can be sent, heartbeats and liveness, then the round table's clock.
+  void turn(bool take_commands) {
+    poll();
+    if (take_commands) takeCommands();
+    sendChunks();
+    timers();
+    Effects fx;
+    rounds_.tick(Clock::now(), peers_, fx);
+    apply(fx, nullptr);
   }
 
   // Best effort, on each connection a peer welcomed: why this gateway

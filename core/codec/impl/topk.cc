@@ -196,7 +196,6 @@ void selectChunk(const float* x, size_t n, size_t k, uint32_t base, std::vector<
   std::nth_element(order.begin(), order.begin() + static_cast<ptrdiff_t>(k - 1), order.end(),
                    std::greater<uint32_t>());
   const uint32_t kth = order[k - 1];
-  if (order[0] >= kExpMask || kth >= kExpMask) failFirstNonFinite(x, n);
   size_t above = 0;
   for (size_t i = 0; i < k; ++i) above += order[i] > kth;
   size_t ties = k - above;
