@@ -165,6 +165,27 @@ transport: {{insecure: true, heartbeat_ms: 100, peer_timeout_ms: 5000, round_dea
         return ok
 
 
+def gpu_tests(report):
+    """The GPU tests of the suite (tests/python/test_ops.py), where pytest exists."""
+    try:
+        import pytest  # noqa: F401
+    except ImportError:
+        log("GPU tests: pytest is not installed here; skipped (identity above covers the same ground)")
+        report["gpu_tests"] = "no pytest"
+        return True
+    t0 = time.monotonic()
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "cuda",
+                        os.path.join(ROOT, "tests", "python", "test_ops.py")],
+                       capture_output=True, text=True, timeout=300, env=dict(os.environ))
+    ok = p.returncode == 0
+    tail = (p.stdout + p.stderr).strip().splitlines()[-1:] or [""]
+    report["gpu_tests"] = {"ok": ok, "summary": tail[0], "output_tail": "" if ok else (p.stdout + p.stderr)[-3000:]}
+    log(f"GPU tests (pytest -k cuda): {tail[0]} ({time.monotonic() - t0:.1f} s)")
+    if not ok:
+        print((p.stdout + p.stderr)[-3000:])
+    return ok
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -179,6 +200,7 @@ def main():
     log(f"{report['info']['gpu']}, torch {torch.__version__}, strait {info.get('version')} "
         f"(CUDA part: {info.get('cuda')}, device codecs: {info.get('device_codecs', '0')})")
     ok = identity(report)
+    ok = gpu_tests(report) and ok
     throughput(report)
     for mode in ("every_step", "diloco"):
         ok = job(report, mode) and ok

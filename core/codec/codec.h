@@ -24,8 +24,11 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
+
+#include "core/codec/value_stage.h"
 
 namespace strait::core {
 
@@ -66,6 +69,55 @@ class CodecState {
   uint64_t count_ = 0;
 };
 
+// An encode a device runs (torch_ext/csrc/cuda/): the payload's first bytes
+// (its header and the value section's, exactly as encode() writes them), the
+// value stage, and the seed encode() would have drawn. The device writes the
+// rest: body_bytes of block scales then codes (or float values).
+struct DeviceEncodePlan {
+  std::vector<uint8_t> header;
+  ValueStageSpec values;
+  uint64_t seed = 0;
+  uint64_t n = 0;
+  uint64_t body_bytes = 0;
+};
+
+// A top-k encode whose selection and values a device computes: the
+// payload header, the value stage, the seed, and how n values are selected.
+// The device selects, in each chunk of `chunk` values (0: the whole tensor
+// is one chunk), the k_chunk largest magnitudes (k_rest in a last, shorter
+// chunk), ties at the k-th going to lower indices, as the CPU encoder does;
+// appendTopKHead then writes k and the indices, and the value section of
+// the k gathered values follows.
+struct DeviceTopKPlan {
+  std::vector<uint8_t> header;
+  ValueStageSpec values;
+  uint64_t seed = 0;
+  uint64_t n = 0;
+  uint64_t k = 0;
+  uint64_t chunk = 0;
+  uint64_t k_chunk = 0;
+  uint64_t k_rest = 0;
+};
+
+// A payload a device decodes, validated in full on the host (the same checks
+// as decode(); only compressed bytes are read): the value stage, the offset of
+// the value section's body (scales, then codes or values) in the payload, and
+// for a top-k payload the kept indices in increasing order.
+struct DeviceDecodePlan {
+  ValueStageSpec values;
+  uint64_t n = 0;         // values of the decoded tensor
+  uint64_t count = 0;     // values in the section (n when dense)
+  uint64_t body_offset = 0;
+  bool dense = true;
+  std::vector<uint32_t> indices;  // top-k only
+};
+
+// Validates data[0..size) as decode(..., n) would (ProtocolError on anything
+// malformed) and, for a dense or top-k payload, returns what a device needs
+// to decode it; nullopt for random-k and low-rank payloads (decoded on the
+// host).
+std::optional<DeviceDecodePlan> planDeviceDecode(const uint8_t* data, size_t size, size_t n);
+
 namespace codec_impl {
 class Structure;
 class ValueCodec;
@@ -100,6 +152,21 @@ class Pipeline {
   }
 
   bool sparse() const;  // true when a structure stage drops or factors values
+
+  // For a dense pipeline: the encode of n values a device runs, drawing the
+  // seed from state as encode() does (so the two stay interchangeable);
+  // nullopt for the structures the device does not run (state untouched).
+  std::optional<DeviceEncodePlan> planDeviceEncode(size_t n, CodecState& state) const;
+
+  // For a top-k pipeline: the encode a device runs (see DeviceTopKPlan),
+  // drawing the seed as encode() does; nullopt for other structures.
+  std::optional<DeviceTopKPlan> planDeviceTopK(size_t n, CodecState& state) const;
+
+  // Appends, after plan.header, what follows it up to the value section's
+  // body: k, the index section of `indices` (the plan's selection, k
+  // increasing indices) and the value section's header.
+  void appendTopKHead(const DeviceTopKPlan& plan, const std::vector<uint32_t>& indices,
+                      std::vector<uint8_t>& out) const;
 
  private:
   std::shared_ptr<const codec_impl::Structure> structure_;

@@ -43,6 +43,9 @@ class ErrorFeedback {
 
   const Pipeline& pipeline() const { return pipeline_; }
   float decay() const { return decay_; }
+  // The encoder state (its seeds): a device encoder that keeps the residual
+  // on a GPU draws from it, so the two paths stay interchangeable.
+  CodecState& state() { return state_; }
 
  private:
   Pipeline pipeline_;

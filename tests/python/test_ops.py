@@ -257,3 +257,54 @@ def test_seeds_cover_the_documented_range_0_to_2_64_minus_1():
 def test_the_hook_without_a_session_says_what_to_pass(state):
     with pytest.raises(strait.StraitError, match=r"register_comm_hook\(strait.init\(CONFIG\), strait.ddp_hook\)"):
         strait.ddp_hook(state, None)
+
+
+GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (none here); ./strait gpu-check runs it")
+
+
+@GPU
+@pytest.mark.parametrize("pipeline", ["fp32", "fp16", "bf16", "int8", "int4(block=8, rounding=stochastic)", "int2",
+                                      "qsgd", "sign(block=1000)", "topk(0.01) -> int8", "topk(0.3) -> sign"])
+@pytest.mark.parametrize("n", [1, 4099, 1000003])
+def test_cuda_tensors_give_the_cpu_bytes_and_bits(pipeline, n):
+    x = gaussian(n, seed=n)
+    x[::97] *= 40
+    payload = strait.encode(x, pipeline, seed=5)
+    assert torch.equal(strait.encode(x.cuda(), pipeline, seed=5), payload)
+    back = strait.decode(payload.cuda(), (n,))
+    assert back.is_cuda and torch.equal(back.cpu().view(torch.int32), strait.decode(payload, (n,)).view(torch.int32))
+    acc = gaussian(n, seed=1)
+    acc_gpu = acc.cuda()
+    strait.decode_accumulate(acc, payload, 0.37)
+    strait.decode_accumulate(acc_gpu, payload, 0.37)
+    assert torch.equal(acc_gpu.cpu().view(torch.int32), acc.view(torch.int32))
+
+
+@GPU
+def test_cuda_encode_refuses_what_the_cpu_refuses_naming_the_index():
+    x = gaussian(5000).cuda()
+    x[4321] = float("nan")
+    for pipeline in ["int8", "fp16", "sign"]:
+        with pytest.raises(RuntimeError, match="index 4321"):
+            strait.encode(x, pipeline)
+
+
+@GPU
+def test_error_feedback_on_the_gpu_matches_the_cpu():
+    cpu = torch.classes.strait.Compressor("int4", 3, True)
+    gpu = torch.classes.strait.Compressor("int4", 3, True)
+    for step in range(4):
+        g = gaussian(10007, seed=step)
+        assert torch.equal(gpu.encode(g.cuda()), cpu.encode(g))
+    assert torch.equal(gpu.residual().view(torch.int32), cpu.residual().view(torch.int32))
+
+
+def test_decode_accumulate_into_a_strided_view_gives_the_contiguous_bits():
+    x = gaussian(1000, seed=4)
+    for pipeline in ["int8", "topk(0.1) -> fp16", "randomk(0.1)"]:
+        payload = strait.encode(x, pipeline, seed=2)
+        base = gaussian(2000, seed=8)
+        expect = base[::2].contiguous()
+        strait.decode_accumulate(expect, payload, 0.3)
+        strait.decode_accumulate(base[::2], payload, 0.3)  # a strided view, written through
+        assert torch.equal(base[::2].view(torch.int32), expect.view(torch.int32)), pipeline

@@ -246,7 +246,7 @@ DiLoCo::Impl::Impl(c10::intrusive_ptr<Session> sess, std::vector<std::string> n,
 Round DiLoCo::Impl::startParts(const at::Tensor& flat, const std::vector<Part>& ps, bool contribute) {
   std::vector<uint8_t> message;
   if (contribute) {
-    const at::Tensor values = s.privatized(flat.detach().to(at::kCPU, at::kFloat).contiguous());
+    const at::Tensor values = s.encodable(flat);
     std::vector<std::vector<uint8_t>> pieces(ps.size());
     const std::string forced = forcedPipeline();
     for (size_t k = 0; k < ps.size(); ++k) {
@@ -269,8 +269,7 @@ at::Tensor DiLoCo::Impl::decodeParts(RoundOutcome& o, int64_t n, const std::vect
       if (!keep->count(i)) o.payloads[i].reset();
     }
   }
-  at::Tensor out = at::zeros({n}, at::kFloat);
-  float* acc = out.data_ptr<float>();
+  at::Tensor out = at::zeros({n}, at::TensorOptions(at::kFloat).device(s.decodeDevice(device)));
   for (const auto& [i, weight] : s.siteWeights(o)) {
     const std::vector<uint8_t>& blob = *o.payloads[i];
     std::vector<core::PartView> views;
@@ -280,7 +279,7 @@ at::Tensor DiLoCo::Impl::decodeParts(RoundOutcome& o, int64_t n, const std::vect
       fail<ProtocolError>("site '", s.names[i], "' sent a 'diloco' message: ", e.what());
     }
     for (size_t k = 0; k < ps.size(); ++k) {
-      core::decodeAccumulate(views[k].data, views[k].size, acc + ps[k].offset, size_t(ps[k].numel), weight);
+      s.accumulate(views[k].data, views[k].size, out.narrow(0, ps[k].offset, ps[k].numel), weight);
     }
   }
   for (auto& p : o.payloads) {
@@ -411,7 +410,7 @@ void DiLoCo::Impl::sync(bool contribute) {
   const std::pair<at::Tensor, std::vector<Part>> gathered = gather(global - loc, f);
   const at::Tensor& pseudo = gathered.first;
   const std::vector<Part>& ps = gathered.second;
-  at::Tensor outer_grad = at::empty({pseudo.numel()}, at::kFloat);
+  at::Tensor outer_grad = at::empty({pseudo.numel()}, at::TensorOptions(at::kFloat).device(s.decodeDevice(device)));
   try {
     s.fromLeader(
         [&] {
@@ -512,7 +511,7 @@ void DiLoCo::Impl::syncOverlapped() {
 // has not sent, and the round `pending` just started if it is g's too.
 void DiLoCo::Impl::applyInflight(Inflight in, at::Tensor loc, const Inflight* pending) {
   const int64_t g = in.fragment;
-  at::Tensor outer_grad = at::empty({fragmentNumel(g)}, at::kFloat);
+  at::Tensor outer_grad = at::empty({fragmentNumel(g)}, at::TensorOptions(at::kFloat).device(s.decodeDevice(device)));
   s.fromLeader(
       [&] {
         if (in.error) std::rethrow_exception(in.error);

@@ -140,7 +140,7 @@ struct EveryStep::Impl {
     try {
       // Config rules see a bucket as "ddp.bucket<INDEX>" of its size; with
       // adaptive compression the controller's pipeline of this step wins.
-      const at::Tensor flat = s.privatized(b.buffer.detach().reshape({-1}).to(at::kCPU, at::kFloat).contiguous());
+      const at::Tensor flat = s.encodable(b.buffer.reshape({-1}));
       b.numel = flat.numel();
       Compressor& c = s.compressor(layout, "ddp.bucket" + std::to_string(index), flat.numel(),
                                    s.adaptive ? s.adaptive->pipeline() : "");
@@ -160,8 +160,8 @@ struct EveryStep::Impl {
     s.fromLeader([&] {
       uint64_t digest = 0, first = 0;
       for (const at::Tensor& p : params) {
-        const at::Tensor flat = p.detach().reshape({-1}).to(at::kCPU, at::kFloat).contiguous();
-        digest += core::digestSum(flat.data_ptr<float>(), size_t(flat.numel()), first);
+        const at::Tensor flat = p.detach().reshape({-1});
+        digest += digestOf(flat, first);
         first += uint64_t(flat.numel());
       }
       std::vector<uint8_t> mine(8);
@@ -193,10 +193,9 @@ struct EveryStep::Impl {
         [&] {
           if (b.error) std::rethrow_exception(b.error);
           RoundOutcome o = s.finish(*b.round);
-          at::Tensor out = at::zeros({b.numel}, at::kFloat);
+          at::Tensor out = at::zeros({b.numel}, at::TensorOptions(at::kFloat).device(s.decodeDevice(b.buffer.device())));
           for (const auto& [i, weight] : s.siteWeights(o)) {  // fixed site order: identical bits everywhere
-            core::decodeAccumulate(o.payloads[i]->data(), o.payloads[i]->size(), out.data_ptr<float>(),
-                                   size_t(b.numel), weight);
+            s.accumulate(o.payloads[i]->data(), o.payloads[i]->size(), out, weight);
           }
           for (auto& p : o.payloads) {
             if (p) s.gateway->recycle(std::move(*p));

@@ -6,9 +6,11 @@
 // dispatch key (CPU, CUDA) below it, and the fake (meta) kernels that let the
 // operators trace under torch.compile live in Python (strait/_fake.py), with
 // torch.library.register_fake. Kernels only adapt: check arguments, view the
-// tensor as a flat float32 buffer, call core/. CUDA tensors are staged
-// through the CPU for now: the payload is bytes bound for the network anyway,
-// and decoded values are added on the device with a torch op.
+// tensor as a flat float32 buffer, call core/. CUDA tensors are encoded and
+// decoded on their GPU (device_codecs.h, implemented at the end of this
+// file) where the build has the CUDA part; only the compressed payload
+// crosses to host memory. Structures the device does not run (random-k,
+// low-rank; top-k's encode) are staged through the CPU.
 //
 // Functions that take or give no tensors (config checks, a payload's header,
 // how the library was built) are static methods of torch.classes.strait.Library,
@@ -18,6 +20,7 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 
+#include <climits>
 #include <map>
 #include <memory>
 #include <optional>
@@ -25,14 +28,23 @@
 #include <vector>
 
 #include "core/codec/codec.h"
+#include "core/codec/impl/lanes.h"
 #include "core/config/config.h"
+#include "core/digest.h"
 #include "core/error.h"
 #include "torch_ext/build_config.h"
 #include "torch_ext/csrc/compressor.h"
 #include "torch_ext/strait_torch.h"
 #include "transport/gateway.h"
 
+#include "torch_ext/csrc/device_codecs.h"
+
 #if STRAIT_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
+
+#include "torch_ext/csrc/cuda/codecs.h"
 #include "torch_ext/csrc/cuda/runtime.h"
 #endif
 
@@ -81,12 +93,18 @@ auto translate(const char* op, Fn&& fn) -> decltype(fn()) {
   }
 }
 
+// The payload, a uint8 CPU tensor, whatever x's device.
 at::Tensor encode(const at::Tensor& x, const std::string& pipeline, int64_t seed) {
   return translate("strait.encode", [&] {
-    const at::Tensor flat = floatCpu(x, "strait.encode");
     const core::Pipeline p = core::Pipeline::parse(pipeline);
     core::CodecState state(static_cast<uint64_t>(seed));
     std::vector<uint8_t> out;
+    if (x.is_cuda() && strait::torch::deviceCodecs()) {
+      TORCH_CHECK(x.scalar_type() == at::kFloat, "strait.encode: expected a float32 tensor, got ", x.scalar_type(),
+                  " (convert with .float())");
+      if (strait::torch::encodeOnDevice(x.contiguous(), p, state, out)) return toTensor(out);
+    }
+    const at::Tensor flat = floatCpu(x, "strait.encode");
     p.encode(flat.data_ptr<float>(), static_cast<size_t>(flat.numel()), shapeOf(x), state, out);
     return toTensor(out);
   });
@@ -96,6 +114,13 @@ at::Tensor encode(const at::Tensor& x, const std::string& pipeline, int64_t seed
 at::Tensor decode(const at::Tensor& payload, at::IntArrayRef shape) {
   return translate("strait.decode", [&] {
     const at::Tensor bytes = bytesCpu(payload, "strait.decode");
+    if (payload.is_cuda() && strait::torch::deviceCodecs()) {
+      at::Tensor out = at::empty(shape, payload.options().dtype(at::kFloat));
+      if (strait::torch::decodeOnDevice(bytes.data_ptr<uint8_t>(), static_cast<size_t>(bytes.numel()), out, 1.0f,
+                                        false)) {
+        return out;
+      }
+    }
     at::Tensor out = at::empty(shape, at::kFloat);
     core::decode(bytes.data_ptr<uint8_t>(), static_cast<size_t>(bytes.numel()), out.data_ptr<float>(),
                  static_cast<size_t>(out.numel()));
@@ -108,16 +133,12 @@ void decodeAccumulate(at::Tensor acc, const at::Tensor& payload, double weight) 
     TORCH_CHECK(acc.scalar_type() == at::kFloat, "strait.decode_accumulate: the accumulator must be float32, got ",
                 acc.scalar_type());
     const at::Tensor bytes = bytesCpu(payload, "strait.decode_accumulate");
-    if (acc.device().is_cpu() && acc.is_contiguous()) {
-      core::decodeAccumulate(bytes.data_ptr<uint8_t>(), static_cast<size_t>(bytes.numel()), acc.data_ptr<float>(),
-                             static_cast<size_t>(acc.numel()), static_cast<float>(weight));
-      return;
-    }
-    // Another device or layout: decode on the CPU, add with a torch op.
-    at::Tensor tmp = at::empty(acc.sizes(), at::kFloat);
-    core::decode(bytes.data_ptr<uint8_t>(), static_cast<size_t>(bytes.numel()), tmp.data_ptr<float>(),
-                 static_cast<size_t>(tmp.numel()));
-    acc.add_(tmp.to(acc.device()), weight);
+    // The CPU's bits on every device: on the GPU by the device codecs, or
+    // the CPU's arithmetic on a copy (a torch add would fuse w * v + acc).
+    at::Tensor target = acc.is_contiguous() ? acc : acc.contiguous();
+    strait::torch::accumulateExact(bytes.data_ptr<uint8_t>(), static_cast<size_t>(bytes.numel()), target,
+                                   static_cast<float>(weight));
+    if (!target.is_same(acc)) acc.copy_(target);
   });
 }
 
@@ -148,9 +169,8 @@ int64_t siteIndex(const std::string& path, const std::string& site) {
 std::string buildInfo() {
   std::string out = std::string("version=") + STRAIT_VERSION + "\ntorch=" + STRAIT_BUILT_WITH_TORCH;
 #if STRAIT_WITH_CUDA
-  // device_codecs: 0 while CUDA tensors are encoded and decoded through the
-  // CPU (the kernels of torch_ext/csrc/cuda/ are to come).
-  out += std::string("\ncuda=1\ndevice_codecs=0\ncuda_archs=") + STRAIT_CUDA_ARCHS;
+  // device_codecs: CUDA tensors are encoded and decoded on their GPU.
+  out += std::string("\ncuda=1\ndevice_codecs=1\ncuda_archs=") + STRAIT_CUDA_ARCHS;
   out += "\ncuda_runtime=" + std::to_string(cuda::runtimeVersion());
   out += "\ncuda_devices=" + std::to_string(cuda::deviceCount());
 #else
@@ -423,8 +443,8 @@ TORCH_LIBRARY(strait, m) {
       .def("peer_rounds", &SiteGateway::peerRounds);
 }
 
-// The same kernels serve both keys today (CUDA tensors are staged through the
-// CPU); CUDA kernels of their own replace them under the CUDA key.
+// The same functions serve both keys: each sends CUDA tensors to the device
+// codecs (device_codecs.h) and stages what the device does not run.
 TORCH_LIBRARY_IMPL(strait, CPU, m) {
   m.impl("encode", &encode);
   m.impl("decode", &decode);
@@ -436,3 +456,235 @@ TORCH_LIBRARY_IMPL(strait, CUDA, m) {
   m.impl("decode", &decode);
   m.impl("decode_accumulate", &decodeAccumulate);
 }
+
+// ------------------------------------------------------- device codecs ---
+
+namespace strait::torch {
+
+namespace {
+
+// The selection of one shape of chunks: keys (rows x len, int32 magnitudes)
+// -> a mask of the kk kept in each row.
+at::Tensor keepMask(const at::Tensor& keys, int64_t kk) {
+  const int64_t len = keys.size(1);
+  if (kk >= len) return at::ones_like(keys, at::kBool);
+  // The k-th largest key of each row (topk, not kthvalue: a GPU's topk
+  // splits one long row over many blocks).
+  const at::Tensor kth = std::get<0>(at::topk(keys, kk, 1, true, false)).amin(1, true);
+  const at::Tensor greater = keys.gt(kth);
+  const at::Tensor ties_wanted = greater.sum(1, true).neg_().add_(kk);
+  const at::Tensor tie = keys.eq(kth);
+  return greater.logical_or_(tie.logical_and(tie.cumsum(1).le(ties_wanted)));
+}
+
+}  // namespace
+
+at::Tensor selectTopK(const at::Tensor& x, const core::DeviceTopKPlan& plan) {
+  const int64_t n = static_cast<int64_t>(plan.n);
+  TORCH_INTERNAL_ASSERT(x.dim() == 1 && x.numel() == n && x.scalar_type() == at::kFloat && x.is_contiguous());
+  const at::Tensor keys = x.view(at::kInt).bitwise_and(0x7fffffff);
+  at::Tensor mask;
+  if (plan.chunk == 0) {
+    mask = keepMask(keys.view({1, n}), static_cast<int64_t>(plan.k)).view({-1});
+  } else {
+    const int64_t chunk = static_cast<int64_t>(plan.chunk), full = n / chunk, rest = n % chunk;
+    std::vector<at::Tensor> parts{
+        keepMask(keys.narrow(0, 0, full * chunk).view({full, chunk}), static_cast<int64_t>(plan.k_chunk)).view({-1})};
+    if (rest > 0) {
+      parts.push_back(keepMask(keys.narrow(0, full * chunk, rest).view({1, rest}), static_cast<int64_t>(plan.k_rest))
+                          .view({-1}));
+    }
+    mask = at::cat(parts);
+  }
+  return mask.nonzero().view({-1});
+}
+
+#if STRAIT_WITH_CUDA
+
+namespace {
+
+void cudaCheck(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) fail<Error>("CUDA ", what, ": ", cudaGetErrorString(e));
+}
+
+}  // namespace
+
+bool deviceCodecs() { return true; }
+
+bool encodeOnDevice(const at::Tensor& x, const core::Pipeline& p, core::CodecState& state, std::vector<uint8_t>& out,
+                    at::Tensor* residual, float decay) {
+  TORCH_INTERNAL_ASSERT(x.is_cuda() && x.scalar_type() == at::kFloat && x.is_contiguous());
+  const at::NoGradGuard no_grad;  // a parameter's tensor must not grow a graph here
+  const size_t n = static_cast<size_t>(x.numel());
+  std::optional<core::DeviceEncodePlan> dense = p.planDeviceEncode(n, state);
+  std::optional<core::DeviceTopKPlan> topk;
+  if (!dense) {
+    // Top-k's indices travel as int32 on the device.
+    if (n == 0 || n > static_cast<size_t>(INT32_MAX)) return false;
+    topk = p.planDeviceTopK(n, state);
+    if (!topk) return false;
+  }
+  const core::ValueStageSpec spec = dense ? dense->values : topk->values;
+  const uint64_t seed = dense ? dense->seed : topk->seed;
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.get_device()).stream();
+  at::Tensor input = x.reshape({-1});
+  if (residual != nullptr) {
+    TORCH_CHECK(residual->numel() == x.numel() && residual->device() == x.device() &&
+                    residual->scalar_type() == at::kFloat && residual->is_contiguous(),
+                "error feedback: the residual must be a contiguous float32 tensor of ", x.numel(), " values on ",
+                x.device());
+    // As core::ErrorFeedback: residual + x, or decay * residual + x (two
+    // roundings, two kernels: never fused).
+    input = decay == 1.0f ? at::add(residual->reshape({-1}), input)
+                          : at::mul(residual->reshape({-1}), decay).add_(input);
+  }
+  // The CPU encoder names a value the format refuses, with the message
+  // users know (the state's seed does not matter to it).
+  auto refuse = [&](uint64_t where) {
+    const at::Tensor host = input.cpu();
+    core::CodecState scratch(state.seed());
+    std::vector<uint8_t> ignored;
+    p.encode(host.data_ptr<float>(), n, core::TensorShape{}, scratch, ignored);
+    fail<Error>("the device encoder refused a value the CPU encoder accepts (position ", where,
+                "); please report this");
+  };
+  at::Tensor values = input;  // what the value section encodes
+  at::Tensor indices;         // top-k: int32, on the device
+  std::vector<uint32_t> host_indices;
+  if (topk) {
+    if (!at::isfinite(input).all().item<bool>()) refuse(0);
+    indices = selectTopK(input, *topk).to(at::kInt);
+    values = input.index_select(0, indices);
+    host_indices.resize(topk->k);
+    if (static_cast<uint64_t>(indices.numel()) != topk->k) {
+      fail<Error>("device top-k selected ", indices.numel(), " values where ", topk->k, " were due; please report this");
+    }
+  }
+  const uint64_t count = static_cast<uint64_t>(values.numel());
+  const cuda::EncodeLayout lay = cuda::encodeLayout(spec, count);
+  const at::Tensor buf = at::empty({static_cast<int64_t>(lay.total)}, x.options().dtype(at::kByte));
+  uint8_t* dev = buf.data_ptr<uint8_t>();
+  cuda::encodeValues(spec, values.data_ptr<float>(), count, seed, dev, stream);
+  std::vector<uint8_t> body(lay.scale_bytes + lay.code_bytes);
+  uint64_t status = 0;
+  cudaCheck(cudaMemcpyAsync(body.data(), dev, lay.scale_bytes, cudaMemcpyDeviceToHost, stream), "copy of the scales");
+  cudaCheck(cudaMemcpyAsync(body.data() + lay.scale_bytes, dev + lay.codes_offset, lay.code_bytes,
+                            cudaMemcpyDeviceToHost, stream),
+            "copy of the codes");
+  cudaCheck(cudaMemcpyAsync(&status, dev + lay.status_offset, sizeof status, cudaMemcpyDeviceToHost, stream),
+            "copy of the status");
+  if (topk) {
+    cudaCheck(cudaMemcpyAsync(host_indices.data(), indices.data_ptr<int32_t>(), host_indices.size() * 4,
+                              cudaMemcpyDeviceToHost, stream),
+              "copy of the indices");
+  }
+  if (residual != nullptr) {
+    // The new residual: input - decoded, added as the CPU does (weight -1),
+    // before the stream is waited on so nothing is left running. input is a
+    // fresh tensor: on a refusal below the residual stays as it was.
+    cuda::decodeValues(spec, dev, dev + lay.codes_offset, count,
+                       topk ? reinterpret_cast<const uint32_t*>(indices.data_ptr<int32_t>()) : nullptr,
+                       input.data_ptr<float>(), -1.0f, true, stream);
+  }
+  cudaCheck(cudaStreamSynchronize(stream), "encode");
+  if (status != UINT64_MAX) refuse(status);
+  if (dense) {
+    out = dense->header;
+  } else {
+    out = topk->header;
+    p.appendTopKHead(*topk, host_indices, out);
+  }
+  out.insert(out.end(), body.begin(), body.end());
+  if (residual != nullptr) *residual = input.view(residual->sizes());
+  return true;
+}
+
+bool decodeOnDevice(const uint8_t* payload, size_t size, at::Tensor& out, float weight, bool accumulate) {
+  TORCH_INTERNAL_ASSERT(out.is_cuda() && out.scalar_type() == at::kFloat && out.is_contiguous());
+  if (accumulate && !std::isfinite(weight)) {
+    fail<InvalidArgument>("decodeAccumulate: weight ", weight, " is not finite");
+  }
+  const at::NoGradGuard no_grad;
+  const std::optional<core::DeviceDecodePlan> plan =
+      core::planDeviceDecode(payload, size, static_cast<size_t>(out.numel()));
+  if (!plan) return false;
+  const c10::cuda::CUDAGuard guard(out.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(out.get_device()).stream();
+  // Only the compressed body (and top-k's indices) crosses to the device,
+  // staged through pinned memory: copy_ with non_blocking records the copy
+  // with torch's host allocator, so the staging block outlives the transfer.
+  const auto upload = [&](const void* src, size_t bytes) {
+    at::Tensor staged = at::empty({static_cast<int64_t>(bytes)}, at::TensorOptions(at::kByte).pinned_memory(true));
+    if (bytes > 0) std::memcpy(staged.data_ptr<uint8_t>(), src, bytes);
+    at::Tensor on_device = at::empty({static_cast<int64_t>(bytes)}, out.options().dtype(at::kByte));
+    on_device.copy_(staged, /*non_blocking=*/true);
+    return on_device;
+  };
+  const at::Tensor body = upload(payload + plan->body_offset, size - plan->body_offset);
+  at::Tensor indices;
+  if (!plan->dense) {
+    indices = upload(plan->indices.data(), plan->indices.size() * 4);
+    if (!accumulate) out.zero_();
+  }
+  const uint8_t* scales = body.data_ptr<uint8_t>();
+  cuda::decodeValues(plan->values, scales, scales + core::lanes::scaleBytes(plan->values, plan->count), plan->count,
+                     plan->dense ? nullptr : reinterpret_cast<const uint32_t*>(indices.data_ptr<uint8_t>()),
+                     out.data_ptr<float>(), weight, accumulate, stream);
+  return true;
+}
+
+void accumulateExact(const uint8_t* payload, size_t size, at::Tensor acc, float weight) {
+  if (acc.is_cuda() && decodeOnDevice(payload, size, acc, weight, true)) return;
+  if (acc.is_cpu()) {
+    core::decodeAccumulate(payload, size, acc.data_ptr<float>(), size_t(acc.numel()), weight);
+    return;
+  }
+  // A structure decoded on the host (random-k, low-rank), or another device:
+  // the CPU's arithmetic on a copy (a torch add would fuse w * v + acc).
+  at::Tensor host = acc.to(at::kCPU).contiguous();
+  core::decodeAccumulate(payload, size, host.data_ptr<float>(), size_t(host.numel()), weight);
+  acc.copy_(host);
+}
+
+uint64_t digestOf(const at::Tensor& flat, uint64_t first) {
+  if (flat.is_cuda()) {
+    const at::NoGradGuard no_grad;
+    const at::Tensor t = flat.to(at::kFloat).contiguous();
+    const c10::cuda::CUDAGuard guard(t.device());
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(t.get_device()).stream();
+    const at::Tensor sum = at::empty({1}, t.options().dtype(at::kLong));
+    cuda::digest(t.data_ptr<float>(), static_cast<uint64_t>(t.numel()), first, reinterpret_cast<uint64_t*>(sum.data_ptr<int64_t>()),
+                 stream);
+    uint64_t d = 0;
+    cudaCheck(cudaMemcpyAsync(&d, sum.data_ptr<int64_t>(), sizeof d, cudaMemcpyDeviceToHost, stream), "copy of the digest");
+    cudaCheck(cudaStreamSynchronize(stream), "digest");
+    return d;
+  }
+  const at::Tensor t = flat.detach().to(at::kCPU, at::kFloat).contiguous();
+  return core::digestSum(t.data_ptr<float>(), static_cast<size_t>(t.numel()), first);
+}
+
+#else
+
+bool deviceCodecs() { return false; }
+bool encodeOnDevice(const at::Tensor&, const core::Pipeline&, core::CodecState&, std::vector<uint8_t>&, at::Tensor*,
+                    float) {
+  return false;
+}
+bool decodeOnDevice(const uint8_t*, size_t, at::Tensor&, float, bool) { return false; }
+
+void accumulateExact(const uint8_t* payload, size_t size, at::Tensor acc, float weight) {
+  at::Tensor host = acc.is_cpu() ? acc : acc.to(at::kCPU).contiguous();
+  core::decodeAccumulate(payload, size, host.data_ptr<float>(), size_t(host.numel()), weight);
+  if (!host.is_same(acc)) acc.copy_(host);
+}
+
+uint64_t digestOf(const at::Tensor& flat, uint64_t first) {
+  const at::Tensor t = flat.detach().to(at::kCPU, at::kFloat).contiguous();
+  return core::digestSum(t.data_ptr<float>(), static_cast<size_t>(t.numel()), first);
+}
+
+#endif
+
+}  // namespace strait::torch

@@ -124,11 +124,7 @@ std::string absolute(const std::string& path) {
 
 std::string errorText(const std::exception& e) { return e.what(); }
 
-uint64_t tensorDigest(const at::Tensor& flat) {
-  // TODO(cuda): a device kernel; until then the values are digested on the CPU.
-  const at::Tensor t = flat.detach().to(at::kCPU, at::kFloat).contiguous();
-  return core::digestSum(t.data_ptr<float>(), static_cast<size_t>(t.numel()));
-}
+uint64_t tensorDigest(const at::Tensor& flat) { return digestOf(flat.detach().reshape({-1})); }
 
 // ------------------------------------------------------------ Session ---
 
@@ -617,6 +613,20 @@ at::Tensor Session::Impl::privatized(const at::Tensor& flat) {
   at::Tensor out = flat.clone();
   gateway->privatize(out.data_ptr<float>(), static_cast<size_t>(out.numel()));
   return out;
+}
+
+at::Tensor Session::Impl::encodable(const at::Tensor& flat) {
+  const bool private_release = policy && policy->privacy.enabled;
+  if (flat.is_cuda() && deviceCodecs() && !private_release) return flat.detach().to(at::kFloat).contiguous();
+  return privatized(flat.detach().to(at::kCPU, at::kFloat).contiguous());
+}
+
+at::Device Session::Impl::decodeDevice(const at::Device& d) const {
+  return d.is_cuda() && deviceCodecs() ? d : at::Device(at::kCPU);
+}
+
+void Session::Impl::accumulate(const uint8_t* data, size_t size, at::Tensor acc, float weight) {
+  accumulateExact(data, size, std::move(acc), weight);
 }
 
 // ---------------------------------------------------------------- log ---

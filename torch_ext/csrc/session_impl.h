@@ -151,6 +151,16 @@ struct Session::Impl {
   // With the policy's privacy section: a clipped, noised copy of `flat` (a
   // float32 CPU tensor; the gateway refuses a model update that skipped this).
   at::Tensor privatized(const at::Tensor& flat);
+  // What a site encodes of flat (float32, 1-D): flat itself, contiguous, on
+  // its GPU when the device codecs run there and no privacy step needs it on
+  // the host; otherwise a CPU copy, privatized (privatized()).
+  at::Tensor encodable(const at::Tensor& flat);
+  // Where decoded means are built for tensors on `d`: d itself if the device
+  // codecs run there, else the CPU.
+  at::Device decodeDevice(const at::Device& d) const;
+  // acc (float32, contiguous, on decodeDevice's answer) += weight * the
+  // payload, with the bits core::decodeAccumulate gives on the CPU.
+  void accumulate(const uint8_t* data, size_t size, at::Tensor acc, float weight);
   // Said on the leader when the session closes (DiLoCo: ended without flush()).
   std::function<std::string()> closing_warning;
 

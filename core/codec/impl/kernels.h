@@ -15,15 +15,23 @@
 namespace strait::core::kernels {
 
 STRAIT_INLINE uint32_t floatBits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
   uint32_t u;
   std::memcpy(&u, &f, sizeof u);
   return u;
+#endif
 }
 
 STRAIT_INLINE float bitsFloat(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
   float f;
   std::memcpy(&f, &u, sizeof f);
   return f;
+#endif
 }
 
 constexpr uint32_t kExpMask = 0x7f800000U;
@@ -38,30 +46,68 @@ STRAIT_INLINE uint32_t absMaxBits(const float* x, size_t n) {
   return m;
 }
 
-// Sum of squares / absolute values in double with four fixed partial sums
-// (a fixed order, so every build computes the same bits).
-STRAIT_INLINE double sumSquares(const float* x, size_t n) {
+// float -> fp16, round to nearest even (after Fabian Giesen's
+// float_to_half_fast3_rtne); the AVX2 path's F16C conversion gives the same
+// bits, and so does the device's.
+STRAIT_INLINE uint16_t floatToHalf(float f) {
+  uint32_t u = floatBits(f);
+  const uint32_t sign = u & 0x80000000U;
+  u ^= sign;
+  uint16_t o;
+  if (u >= (127U + 16U) << 23) {
+    o = u > kExpMask ? 0x7e00 : 0x7c00;
+  } else if (u < (113U << 23)) {
+    const float magic = bitsFloat(126U << 23);  // 0.5: aligns the subnormal bits
+    o = static_cast<uint16_t>(floatBits(bitsFloat(u) + magic) - (126U << 23));
+  } else {
+    const uint32_t mant_odd = (u >> 13) & 1U;
+    u += (static_cast<uint32_t>(15 - 127) << 23) + 0xfffU + mant_odd;
+    o = static_cast<uint16_t>(u >> 13);
+  }
+  return static_cast<uint16_t>(o | (sign >> 16));
+}
+
+STRAIT_INLINE float halfToFloat(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000U) << 16;
+  const uint32_t em = h & 0x7fffU;
+  if (em >= 0x7c00U) return bitsFloat(sign | kExpMask | ((em & 0x3ffU) << 13));
+  if (em >= 0x0400U) return bitsFloat(sign | ((em << 13) + (112U << 23)));
+  return bitsFloat(sign | floatBits(static_cast<float>(em) * (1.0f / 16777216.0f)));
+}
+
+// float -> bf16, round to nearest even (finite input).
+STRAIT_INLINE uint16_t floatToBf16(float f) {
+  const uint32_t u = floatBits(f);
+  return static_cast<uint16_t>((u + 0x7fffU + ((u >> 16) & 1U)) >> 16);
+}
+
+STRAIT_INLINE float bf16ToFloat(uint16_t h) { return bitsFloat(static_cast<uint32_t>(h) << 16); }
+
+// One term of a block's sum: x^2 (qsgd's l2 norm) or |x| (sign's mean).
+template <bool Square>
+STRAIT_INLINE double sumTerm(float x) {
+  const double v = x;
+  return Square ? v * v : fabs(v);
+}
+
+// Sum of squares / absolute values in double with four fixed partial sums:
+// partial l adds terms l, l+4, l+8, ... in order, partial 0 also the tail
+// past the last whole group of four, and the total is (p0 + p1) + (p2 + p3).
+// A fixed order, so every build computes the same bits; the device kernels
+// compute the partials on four lanes (partialSum, codec/impl/lanes.h).
+template <bool Square>
+STRAIT_INLINE double sumOf(const float* x, size_t n) {
   double p[4] = {0, 0, 0, 0};
   size_t i = 0;
   for (; i + 4 <= n; i += 4) {
-    for (int l = 0; l < 4; ++l) {
-      double v = x[i + l];
-      p[l] += v * v;
-    }
+    for (int l = 0; l < 4; ++l) p[l] += sumTerm<Square>(x[i + l]);
   }
-  for (; i < n; ++i) p[0] += static_cast<double>(x[i]) * x[i];
+  for (; i < n; ++i) p[0] += sumTerm<Square>(x[i]);
   return (p[0] + p[1]) + (p[2] + p[3]);
 }
 
-STRAIT_INLINE double sumAbs(const float* x, size_t n) {
-  double p[4] = {0, 0, 0, 0};
-  size_t i = 0;
-  for (; i + 4 <= n; i += 4) {
-    for (int l = 0; l < 4; ++l) p[l] += std::fabs(static_cast<double>(x[i + l]));
-  }
-  for (; i < n; ++i) p[0] += std::fabs(static_cast<double>(x[i]));
-  return (p[0] + p[1]) + (p[2] + p[3]);
-}
+STRAIT_INLINE double sumSquares(const float* x, size_t n) { return sumOf<true>(x, n); }
+STRAIT_INLINE double sumAbs(const float* x, size_t n) { return sumOf<false>(x, n); }
 
 // Round half to even for |y| < 2^22 without a libm call.
 STRAIT_INLINE float roundEven(float y) {

@@ -391,18 +391,37 @@ size_t Pipeline::maxEncodedBytes(size_t n) const {
   return kPayloadHeaderBytes + structure_->maxBodyBytes(n, *values_);
 }
 
-void Pipeline::encode(const float* in, size_t n, const TensorShape& shape, CodecState& state,
-                      std::vector<uint8_t>& out) const {
-  if (n > 0 && in == nullptr) fail<InvalidArgument>("encode: null input with n = ", n);
-  out.clear();
+namespace codec_impl {
+void writePayloadHeader(std::vector<uint8_t>& out, StructureKind structure, uint64_t n) {
   ByteWriter w(out);
   uint8_t* magic = w.extend(4);
   std::copy(std::begin(kMagic), std::end(kMagic), magic);
   w.put<uint8_t>(kFormatVersion);
-  w.put<uint8_t>(static_cast<uint8_t>(structure_->kind()));
+  w.put<uint8_t>(static_cast<uint8_t>(structure));
   w.put<uint16_t>(0);
   w.put<uint64_t>(n);
+}
+}  // namespace codec_impl
+
+void Pipeline::encode(const float* in, size_t n, const TensorShape& shape, CodecState& state,
+                      std::vector<uint8_t>& out) const {
+  if (n > 0 && in == nullptr) fail<InvalidArgument>("encode: null input with n = ", n);
+  out.clear();
+  writePayloadHeader(out, structure_->kind(), n);
   structure_->encode(in, n, shape, state, *values_, out);
+}
+
+std::optional<DeviceEncodePlan> Pipeline::planDeviceEncode(size_t n, CodecState& state) const {
+  if (structure_->kind() != StructureKind::kDense) return std::nullopt;
+  DeviceEncodePlan plan;
+  plan.values = values_->spec();
+  plan.n = n;
+  plan.body_bytes = values_->sectionBytes(n) - kValueHeaderBytes;
+  writePayloadHeader(plan.header, StructureKind::kDense, n);
+  plan.header.resize(kPayloadHeaderBytes + kValueHeaderBytes);
+  writeValueHeader(plan.header.data() + kPayloadHeaderBytes, plan.values);
+  plan.seed = state.nextSeed();  // as Dense::encode draws it
+  return plan;
 }
 
 namespace {
@@ -453,6 +472,52 @@ void decodeInto(const uint8_t* data, size_t size, float* target, size_t n, float
 }
 
 }  // namespace
+
+std::optional<DeviceTopKPlan> Pipeline::planDeviceTopK(size_t n, CodecState& state) const {
+  DeviceTopKPlan plan;
+  if (!structure_->topkShape(n, &plan.chunk, &plan.k_chunk, &plan.k_rest, &plan.k)) return std::nullopt;
+  plan.values = values_->spec();
+  plan.n = n;
+  writePayloadHeader(plan.header, StructureKind::kTopK, n);
+  plan.seed = state.nextSeed();  // as TopK::encode draws it
+  return plan;
+}
+
+void Pipeline::appendTopKHead(const DeviceTopKPlan& plan, const std::vector<uint32_t>& indices,
+                              std::vector<uint8_t>& out) const {
+  if (indices.size() != plan.k) fail<InvalidArgument>("topk: ", indices.size(), " indices for k = ", plan.k);
+  ByteWriter(out).put<uint64_t>(plan.k);
+  appendTopKIndices(indices, out);
+  uint8_t* at = ByteWriter(out).extend(kValueHeaderBytes);
+  writeValueHeader(at, plan.values);
+}
+
+std::optional<DeviceDecodePlan> planDeviceDecode(const uint8_t* data, size_t size, size_t n) {
+  if (data == nullptr && size > 0) fail<InvalidArgument>("decode: null payload with size ", size);
+  ByteReader r(data, size);
+  const Header h = readHeader(r);
+  if (h.n != n) fail<ProtocolError>("payload holds ", h.n, " values but the destination has ", n);
+  DeviceDecodePlan plan;
+  plan.n = h.n;
+  std::optional<ValueSection> values;
+  switch (h.structure) {
+    case StructureKind::kDense:
+      values = ValueSection::read(r, h.n);
+      r.expectEnd("dense payload");
+      values->validate();
+      break;
+    case StructureKind::kTopK:
+      plan.dense = false;
+      values = readTopKForDevice(r, h.n, plan.indices);
+      break;
+    default:
+      return std::nullopt;
+  }
+  plan.values = values->spec();
+  plan.count = values->count();
+  plan.body_offset = static_cast<uint64_t>(values->body() - data);
+  return plan;
+}
 
 PayloadInfo inspectPayload(const uint8_t* data, size_t size) {
   if (data == nullptr && size > 0) fail<InvalidArgument>("inspectPayload: null payload");

@@ -5,7 +5,12 @@
 // build therefore runs on any x86-64 and still uses AVX2 where it exists.
 // STRAIT_SIMD=generic in the environment forces the baseline path.
 
+// Under nvcc (torch_ext/csrc/cuda/) the same bodies are device code too.
+#if defined(__CUDACC__)
+#define STRAIT_INLINE __host__ __device__ __forceinline__
+#else
 #define STRAIT_INLINE inline __attribute__((always_inline))
+#endif
 
 #if defined(__x86_64__)
 #define STRAIT_HAVE_X86_DISPATCH 1

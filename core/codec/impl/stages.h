@@ -44,6 +44,8 @@ class ValueCodec {
   virtual std::string text() const = 0;
   virtual ValueKind kind() const = 0;
   virtual int bits() const = 0;
+  // The stage as plain numbers (the section header and the device kernels).
+  virtual ValueStageSpec spec() const = 0;
   // Exact byte length of the section for `count` values, header included.
   virtual size_t sectionBytes(size_t count) const = 0;
   // Writes exactly sectionBytes(count) bytes to out. Throws InvalidArgument
@@ -74,6 +76,9 @@ class ValueSection {
   ValueKind kind() const { return kind_; }
   int bits() const { return bits_; }
   uint64_t count() const { return count_; }
+  // The section's body: scales (blockwise kinds), then codes or values.
+  const uint8_t* body() const { return scales_ != nullptr ? scales_ : data_; }
+  ValueStageSpec spec() const;
 
  private:
   // Copies values [at, at + len) of a float kind into raw (4- or 2-byte
@@ -84,6 +89,7 @@ class ValueSection {
 
   ValueKind kind_ = ValueKind::kFp32;
   int bits_ = 32;
+  bool stochastic_ = false;
   uint32_t block_ = 0;
   uint64_t count_ = 0;
   const uint8_t* scales_ = nullptr;  // float32 per block (int, qsgd, sign)
@@ -101,10 +107,25 @@ class Structure {
   // Appends the body to out (the payload header is already there).
   virtual void encode(const float* in, size_t n, const TensorShape& shape, CodecState& state,
                       const ValueCodec& values, std::vector<uint8_t>& out) const = 0;
+  // Top-k only: how n values are selected (DeviceTopKPlan's chunk, k_chunk,
+  // k_rest, k). Throws InvalidArgument where encode() would on the size.
+  virtual bool topkShape(size_t n, uint64_t* chunk, uint64_t* k_chunk, uint64_t* k_rest, uint64_t* k) const {
+    (void)n, (void)chunk, (void)k_chunk, (void)k_rest, (void)k;
+    return false;
+  }
 };
+
+// Appends a top-k index section for increasing indices.
+void appendTopKIndices(const std::vector<uint32_t>& idx, std::vector<uint8_t>& out);
 
 // Throws ProtocolError unless a sparse payload's k and n are acceptable.
 void checkSparseCounts(uint64_t k, uint64_t n, const char* what);
+
+// The 8-byte value-section header of a stage.
+void writeValueHeader(uint8_t* out, const ValueStageSpec& spec);
+
+// The 16-byte payload header.
+void writePayloadHeader(std::vector<uint8_t>& out, StructureKind structure, uint64_t n);
 
 // Writes a value section for in[0..count) at the end of out.
 void appendValues(const ValueCodec& codec, const float* in, size_t count, uint64_t seed,
@@ -122,6 +143,10 @@ void decodeDenseBody(ByteReader& r, const DecodeTarget& t);
 void decodeTopKBody(ByteReader& r, const DecodeTarget& t);
 void decodeRandomKBody(ByteReader& r, const DecodeTarget& t);
 void decodeLowRankBody(ByteReader& r, const DecodeTarget& t);
+
+// A top-k body read for a device decoder: the kept indices (validated: in
+// range, increasing) into `indices`, and the value section, validated.
+ValueSection readTopKForDevice(ByteReader& r, uint64_t n, std::vector<uint32_t>& indices);
 
 // Stage arguments as parsed from pipeline text: positional then key=value.
 struct StageArgs {

@@ -339,12 +339,26 @@ class TopK final : public Structure {
     return full * amount_.kFor(chunk_) + (rest > 0 ? amount_.kFor(rest) : 0);
   }
 
-  void encode(const float* in, size_t n, const TensorShape&, CodecState& st,
-              const ValueCodec& values, std::vector<uint8_t>& out) const override {
+  bool topkShape(size_t n, uint64_t* chunk, uint64_t* k_chunk, uint64_t* k_rest, uint64_t* k) const override {
+    checkSize(n);
+    *k = keptFor(n);
+    // One selection over everything, as encode() does, unless chunks apply.
+    *chunk = chunk_ > 0 && *k < n && n > chunk_ ? chunk_ : 0;
+    *k_chunk = *chunk > 0 ? amount_.kFor(chunk_) : *k;
+    *k_rest = *chunk > 0 && n % chunk_ > 0 ? amount_.kFor(n % chunk_) : 0;
+    return true;
+  }
+
+  static void checkSize(size_t n) {
     if (n > kMaxSparseValues) {
       fail<InvalidArgument>("topk: tensor of ", n, " values exceeds the sparse limit of ",
                             kMaxSparseValues, "; split it into smaller tensors");
     }
+  }
+
+  void encode(const float* in, size_t n, const TensorShape&, CodecState& st,
+              const ValueCodec& values, std::vector<uint8_t>& out) const override {
+    checkSize(n);
     const size_t k = keptFor(n);
     const uint64_t seed = st.nextSeed();
     st.indices.clear();
@@ -406,6 +420,22 @@ void decodeTopKBody(ByteReader& r, const DecodeTarget& t) {
       for (size_t j = 0; j < len; ++j) t.data[ind[j]] = v[j];
     }
   });
+}
+
+void appendTopKIndices(const std::vector<uint32_t>& idx, std::vector<uint8_t>& out) { appendIndices(idx, out); }
+
+ValueSection readTopKForDevice(ByteReader& r, uint64_t n, std::vector<uint32_t>& indices) {
+  const uint64_t k = r.get<uint64_t>("topk k");
+  checkSparseCounts(k, n, "topk");
+  const IndexSection idx = IndexSection::read(r, static_cast<size_t>(k), n);
+  const ValueSection values = ValueSection::read(r, k);
+  r.expectEnd("topk payload");
+  indices.resize(static_cast<size_t>(k));
+  idx.forEachBlock([&](size_t first, const uint32_t* ind, size_t len) {
+    std::copy(ind, ind + len, indices.begin() + static_cast<std::ptrdiff_t>(first));
+  });
+  values.validate();
+  return values;
 }
 
 std::shared_ptr<const Structure> makeTopK(const StageArgs& args) {

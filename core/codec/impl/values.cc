@@ -11,6 +11,7 @@
 #endif
 
 #include "core/codec/impl/kernels.h"
+#include "core/codec/impl/lanes.h"
 #include "core/codec/impl/simd.h"
 #include "core/codec/impl/stages.h"
 
@@ -42,18 +43,18 @@ void failNonFinite(const float* in, size_t n, size_t offset) {
   fail<InvalidArgument>("non-finite input near index ", offset);
 }
 
+void writeValueHeader(uint8_t* out, const ValueStageSpec& spec) {
+  out[0] = spec.kind;
+  out[1] = spec.bits;
+  out[2] = spec.stochastic ? 1 : 0;
+  out[3] = 0;
+  std::memcpy(out + 4, &spec.block, sizeof spec.block);
+}
+
 namespace {
 
-constexpr size_t kChunk = 4096;
-constexpr double kMaxFloat = static_cast<double>(std::numeric_limits<float>::max());  // values per L1-sized step of the streaming loops
-
-void writeValueHeader(uint8_t* out, ValueKind kind, int bits, uint8_t rounding, uint32_t block) {
-  out[0] = static_cast<uint8_t>(kind);
-  out[1] = static_cast<uint8_t>(bits);
-  out[2] = rounding;
-  out[3] = 0;
-  std::memcpy(out + 4, &block, sizeof block);
-}
+constexpr size_t kChunk = 4096;  // values per L1-sized step of the streaming loops
+constexpr double kMaxFloat = static_cast<double>(std::numeric_limits<float>::max());
 
 size_t ceilDiv(size_t a, size_t b) { return (a + b - 1) / b; }
 
@@ -61,32 +62,9 @@ size_t ceilDiv(size_t a, size_t b) { return (a + b - 1) / b; }
 
 }  // namespace
 
-uint16_t floatToHalfScalar(float f) {
-  // Round-to-nearest-even conversion after Fabian Giesen's float_to_half_fast3_rtne.
-  uint32_t u = floatBits(f);
-  const uint32_t sign = u & 0x80000000U;
-  u ^= sign;
-  uint16_t o;
-  if (u >= (127U + 16U) << 23) {
-    o = u > kExpMask ? 0x7e00 : 0x7c00;
-  } else if (u < (113U << 23)) {
-    const float magic = bitsFloat(126U << 23);  // 0.5: aligns the subnormal bits
-    o = static_cast<uint16_t>(floatBits(bitsFloat(u) + magic) - (126U << 23));
-  } else {
-    const uint32_t mant_odd = (u >> 13) & 1U;
-    u += (static_cast<uint32_t>(15 - 127) << 23) + 0xfffU + mant_odd;
-    o = static_cast<uint16_t>(u >> 13);
-  }
-  return static_cast<uint16_t>(o | (sign >> 16));
-}
+uint16_t floatToHalfScalar(float f) { return kernels::floatToHalf(f); }
 
-float halfToFloatScalar(uint16_t h) {
-  const uint32_t sign = static_cast<uint32_t>(h & 0x8000U) << 16;
-  const uint32_t em = h & 0x7fffU;
-  if (em >= 0x7c00U) return bitsFloat(sign | kExpMask | ((em & 0x3ffU) << 13));
-  if (em >= 0x0400U) return bitsFloat(sign | ((em << 13) + (112U << 23)));
-  return bitsFloat(sign | floatBits(static_cast<float>(em) * (1.0f / 16777216.0f)));
-}
+float halfToFloatScalar(uint16_t h) { return kernels::halfToFloat(h); }
 
 namespace {
 
@@ -155,18 +133,15 @@ namespace {
 
 
 STRAIT_INLINE void bf16EncodeBody(const float* in, size_t n, uint16_t* out) {
-  for (size_t i = 0; i < n; ++i) {
-    const uint32_t u = floatBits(in[i]);
-    out[i] = static_cast<uint16_t>((u + 0x7fffU + ((u >> 16) & 1U)) >> 16);
-  }
+  for (size_t i = 0; i < n; ++i) out[i] = kernels::floatToBf16(in[i]);
 }
 STRAIT_DISPATCH(void, bf16Encode, (const float* in, size_t n, uint16_t* out), (in, n, out))
 
 STRAIT_INLINE void bf16DecodeBody(const uint16_t* in, size_t n, float* out, float w, bool acc) {
   if (acc) {
-    for (size_t i = 0; i < n; ++i) out[i] += w * bitsFloat(static_cast<uint32_t>(in[i]) << 16);
+    for (size_t i = 0; i < n; ++i) out[i] += w * kernels::bf16ToFloat(in[i]);
   } else {
-    for (size_t i = 0; i < n; ++i) out[i] = bitsFloat(static_cast<uint32_t>(in[i]) << 16);
+    for (size_t i = 0; i < n; ++i) out[i] = kernels::bf16ToFloat(in[i]);
   }
 }
 STRAIT_DISPATCH(void, bf16Decode, (const uint16_t* in, size_t n, float* out, float w, bool acc),
@@ -203,72 +178,47 @@ struct BlockStatus {
   bool overflow = false;
 };
 
-// A block so small that top / L is not a normal float (max|x| below about
-// 1.5e-36 for int8): there L / top overflows float, which would saturate
-// every code, and a subnormal scale keeps few significant bits. Here the
-// scale is the float at or above top / L, and the codes are quantised against
-// that stored scale in double precision, so |x - code * scale| <= scale / 2
-// (nearest rounding) holds as in every other block and no code exceeds L.
-// Rare (denormal inputs), so its scratch is allocated here.
+// A tiny block (lanes::intBlockScale): codes against the stored scale, in
+// double precision. Rare (denormal inputs), so its scratch is allocated here.
 template <int Bits, bool Stochastic>
-void quantizeTinyBlock(const float* x, size_t len, double top, uint32_t key, uint8_t* codes, float* scale_out) {
-  constexpr int L = (1 << (Bits - 1)) - 1;
-  float scale = static_cast<float>(top / L);
-  if (static_cast<double>(scale) * L < top) scale = std::nextafter(scale, std::numeric_limits<float>::infinity());
+void quantizeTinyBlock(const float* x, size_t len, float scale, uint32_t key, uint8_t* codes) {
   std::vector<float> y(len);
-  for (size_t j = 0; j < len; ++j) y[j] = static_cast<float>(static_cast<double>(x[j]) / scale);
+  for (size_t j = 0; j < len; ++j) y[j] = lanes::tinyInput(x[j], scale);
   kernels::quantizeBlock<Bits, Stochastic>(y.data(), len, 1.0f, key, codes);
-  *scale_out = scale;
 }
 
 template <int Bits, bool Stochastic, bool L2>
 STRAIT_INLINE BlockStatus encodeIntBlocks(const float* in, size_t count, uint32_t block,
                                           uint64_t seed, uint8_t* scales, uint8_t* codes) {
-  constexpr int L = (1 << (Bits - 1)) - 1;
   const size_t nblocks = ceilDiv(count, block);
   for (size_t b = 0; b < nblocks; ++b) {
     const float* x = in + b * block;
     const size_t len = std::min<size_t>(block, count - b * block);
     const uint32_t m = kernels::absMaxBits(x, len);
-    if (m >= kExpMask) {
-      BlockStatus s;
-      for (size_t j = 0; j < len; ++j) {
-        if (!std::isfinite(x[j])) {
-          s.bad = b * block + j;
-          break;
+    const lanes::BlockScale s =
+        lanes::intBlockScale<Bits, L2>(m, L2 && m < kExpMask ? kernels::sumSquares(x, len) : 0.0);
+    BlockStatus st;
+    switch (s.mode) {
+      case lanes::kScaleNonFinite:
+        for (size_t j = 0; j < len && st.bad == SIZE_MAX; ++j) {
+          if (!std::isfinite(x[j])) st.bad = b * block + j;
         }
-      }
-      return s;
+        return st;
+      case lanes::kScaleOverflow:
+        st.bad = b * block;
+        st.overflow = true;
+        return st;
+      default:
+        break;
     }
-    float scale = 0.0f;
-    float inv = 0.0f;
-    // What the top code stands for: the block's l2 norm (qsgd) or max|x|.
-    const double top = L2 ? std::sqrt(kernels::sumSquares(x, len)) : static_cast<double>(bitsFloat(m));
-    if (L2) {
-      scale = static_cast<float>(top / L);
-      inv = top > 0 ? static_cast<float>(L / top) : 0.0f;
-    } else {
-      const float amax = bitsFloat(m);
-      scale = amax / L;
-      inv = amax > 0 ? L / amax : 0.0f;
-    }
-    if (top > 0 && (scale < std::numeric_limits<float>::min() || !std::isfinite(inv))) {
-      quantizeTinyBlock<Bits, Stochastic>(x, len, top, Stochastic ? random::blockKey(seed, b) : 0,
-                                         codes + b * block * Bits / 8, &scale);
-      std::memcpy(scales + b * sizeof(float), &scale, sizeof scale);
-      continue;
-    }
-    // Decoders accept a scale only if L * scale is a finite float, so that
-    // every decoded value is finite; refuse to produce anything else.
-    if (!(static_cast<double>(scale) * L <= kMaxFloat)) {
-      BlockStatus st;
-      st.bad = b * block;
-      st.overflow = true;
-      return st;
-    }
-    std::memcpy(scales + b * sizeof(float), &scale, sizeof scale);
+    std::memcpy(scales + b * sizeof(float), &s.scale, sizeof s.scale);
     const uint32_t key = Stochastic ? random::blockKey(seed, b) : 0;
-    kernels::quantizeBlock<Bits, Stochastic>(x, len, inv, key, codes + b * block * Bits / 8);
+    uint8_t* out = codes + b * block * Bits / 8;
+    if (s.mode == lanes::kScaleTiny) {
+      quantizeTinyBlock<Bits, Stochastic>(x, len, s.scale, key, out);
+    } else {
+      kernels::quantizeBlock<Bits, Stochastic>(x, len, s.inv, key, out);
+    }
   }
   return {};
 }
@@ -308,7 +258,7 @@ STRAIT_INLINE BlockStatus encodeSignBody(const float* in, size_t count, uint32_t
       }
       return s;
     }
-    const float scale = static_cast<float>(kernels::sumAbs(x, len) / static_cast<double>(len));
+    const float scale = lanes::signScale(kernels::sumAbs(x, len), static_cast<uint32_t>(len));
     std::memcpy(scales + b * sizeof(float), &scale, sizeof scale);
     uint8_t* out = bits + b * block / 8;
     const size_t whole = len / 8;
@@ -429,10 +379,17 @@ class Fp32Codec final : public ValueCodec {
   std::string text() const override { return "fp32"; }
   ValueKind kind() const override { return ValueKind::kFp32; }
   int bits() const override { return 32; }
+  ValueStageSpec spec() const override {
+    ValueStageSpec s;
+    s.kind = static_cast<uint8_t>(ValueKind::kFp32);
+    s.bits = 32;
+    s.limit = kExpMask;
+    return s;
+  }
   size_t sectionBytes(size_t count) const override { return kValueHeaderBytes + count * 4; }
   void encode(const float* in, size_t count, uint64_t, uint8_t* out,
               size_t offset) const override {
-    writeValueHeader(out, kind(), 32, 0, 0);
+    writeValueHeader(out, spec());
     out += kValueHeaderBytes;
     for (size_t at = 0; at < count; at += kChunk) {
       const size_t len = std::min(kChunk, count - at);
@@ -454,10 +411,17 @@ class Float16Codec final : public ValueCodec {
   std::string text() const override { return valueKindName(kind_); }
   ValueKind kind() const override { return kind_; }
   int bits() const override { return 16; }
+  ValueStageSpec spec() const override {
+    ValueStageSpec s;
+    s.kind = static_cast<uint8_t>(kind_);
+    s.bits = 16;
+    s.limit = limit_;
+    return s;
+  }
   size_t sectionBytes(size_t count) const override { return kValueHeaderBytes + count * 2; }
   void encode(const float* in, size_t count, uint64_t, uint8_t* out,
               size_t offset) const override {
-    writeValueHeader(out, kind_, 16, 0, 0);
+    writeValueHeader(out, spec());
     out += kValueHeaderBytes;
     uint16_t tmp[kChunk];
     for (size_t at = 0; at < count; at += kChunk) {
@@ -497,12 +461,22 @@ class BlockCodec final : public ValueCodec {
   }
   ValueKind kind() const override { return kind_; }
   int bits() const override { return p_.bits; }
+  ValueStageSpec spec() const override {
+    ValueStageSpec s;
+    s.kind = static_cast<uint8_t>(kind_);
+    s.bits = static_cast<uint8_t>(p_.bits);
+    s.stochastic = p_.stochastic;
+    s.l2 = p_.l2;
+    s.block = p_.block;
+    s.limit = kExpMask;
+    return s;
+  }
   size_t sectionBytes(size_t count) const override {
     return kValueHeaderBytes + ceilDiv(count, p_.block) * 4 + ceilDiv(count * p_.bits, 8);
   }
   void encode(const float* in, size_t count, uint64_t seed, uint8_t* out,
               size_t offset) const override {
-    writeValueHeader(out, kind_, p_.bits, p_.stochastic ? 1 : 0, p_.block);
+    writeValueHeader(out, spec());
     uint8_t* scales = out + kValueHeaderBytes;
     uint8_t* codes = scales + ceilDiv(count, p_.block) * 4;
     BlockStatus st = kind_ == ValueKind::kSign ? encodeSign(in, count, p_.block, scales, codes)
@@ -544,6 +518,7 @@ ValueSection ValueSection::read(ByteReader& r, uint64_t count) {
   if (rounding > 1) fail<ProtocolError>("value section: rounding flag ", int(rounding), " is not 0 or 1");
   s.count_ = count;
   s.bits_ = bits;
+  s.stochastic_ = rounding == 1;
   s.block_ = block;
   auto expectBits = [&](int want) {
     if (bits != want) {
@@ -593,6 +568,17 @@ ValueSection ValueSection::read(ByteReader& r, uint64_t count) {
       fail<ProtocolError>("value section: unknown value codec id ", int(kind),
                           " (this build knows 1..6: fp32, fp16, bf16, int, qsgd, sign)");
   }
+  return s;
+}
+
+ValueStageSpec ValueSection::spec() const {
+  ValueStageSpec s;
+  s.kind = static_cast<uint8_t>(kind_);
+  s.bits = static_cast<uint8_t>(bits_);
+  s.block = block_;
+  s.l2 = kind_ == ValueKind::kQsgd;
+  s.stochastic = stochastic_;
+  s.limit = kExpMask;
   return s;
 }
 

@@ -12,6 +12,7 @@
 
 #include "core/error.h"
 #include "tests/cpp/transport/transport_test_util.h"
+#include "torch_ext/csrc/device_codecs.h"
 #include "torch_ext/strait_torch.h"
 
 namespace strait::torch {
@@ -58,6 +59,43 @@ void bothSites(const std::string& config, Fa fa, Fb fb) {
   a->close();
   ASSERT_EQ(other.wait_for(std::chrono::seconds(60)), std::future_status::ready);
   other.get();
+}
+
+// The GPU's top-k selection is ATen ops on the tensor's device; on CPU
+// tensors it must keep exactly the CPU encoder's indices, ties included.
+TEST(DeviceTopK, SelectsTheCpuEncodersIndicesTiesIncluded) {
+  ::torch::manual_seed(3);
+  for (const char* text : {"topk(0.01)", "topk(count=3)", "topk(0.03, chunk=512)", "topk(0.5, chunk=100)",
+                           "topk(0.2, chunk=5000)", "topk(1.0)", "topk(0.1, method=radix) -> int4"}) {
+    const strait::core::Pipeline p = strait::core::Pipeline::parse(text);
+    for (int64_t n : {1, 7, 1000, 4099, 70001}) {
+      for (bool ties : {false, true}) {
+        at::Tensor x = ::torch::randn({n});
+        if (ties) x = (x * 4).round() / 4;  // many equal magnitudes, zeros among them
+        strait::core::CodecState st(9);
+        std::vector<uint8_t> payload;
+        p.encode(x.data_ptr<float>(), size_t(n), st, payload);
+        const auto cpu = strait::core::planDeviceDecode(payload.data(), payload.size(), size_t(n));
+        ASSERT_TRUE(cpu.has_value());
+        strait::core::CodecState st2(9);
+        const auto plan = p.planDeviceTopK(size_t(n), st2);
+        ASSERT_TRUE(plan.has_value());
+        EXPECT_EQ(st2.encodeCount(), st.encodeCount()) << "the plan draws the encoder's seed";
+        const at::Tensor got = strait::torch::selectTopK(x, *plan);
+        ASSERT_EQ(got.numel(), int64_t(cpu->indices.size())) << text << " n=" << n;
+        const std::vector<uint32_t> want = cpu->indices;
+        const at::Tensor expect = ::torch::from_blob(const_cast<uint32_t*>(want.data()), {int64_t(want.size())},
+                                                   ::torch::kInt).to(::torch::kLong);
+        EXPECT_TRUE(::torch::equal(got, expect)) << text << " n=" << n << " ties=" << ties;
+        // The head the device path writes is the CPU payload's up to the values.
+        std::vector<uint8_t> head = plan->header;
+        p.appendTopKHead(*plan, want, head);
+        ASSERT_LE(head.size(), payload.size());
+        EXPECT_TRUE(std::equal(head.begin(), head.end(), payload.begin())) << text << " n=" << n;
+        EXPECT_EQ(cpu->body_offset, head.size());
+      }
+    }
+  }
 }
 
 TEST(TorchApi, AveragesAcrossSitesWithWeightsInSiteOrder) {
