@@ -440,14 +440,17 @@ class Gateway::Impl {
   // last rounds may still be on its way to a peer when the application
   // closes: keep sending and answering until every live peer has
   // acknowledged every delivered round's payload. Bounded: a payload is
-  // given up at its round's hard deadline, a peer that goes silent or says
-  // it stopped is not waited for. Not after a fatal error.
+  // given up at its round's hard deadline, a peer silent for twice the peer
+  // timeout or that says it stopped is not waited for. Not after a fatal error.
   void linger() {
     const auto started = Clock::now();
     auto next_log = started + opt_.peer_timeout;
     for (;;) {
       const auto now = Clock::now();
-      const std::vector<size_t> waiting = rounds_.awaitingAcks(now, peers_);
+      // A peer silent for twice the peer timeout is taken for gone; one that
+      // was only stalled (its machine busy, a 3 GiB buffer being filled)
+      // would otherwise lose the payload this site still owes it.
+      const std::vector<size_t> waiting = rounds_.awaitingAcks(now, peers_, 2 * opt_.peer_timeout);
       if (waiting.empty() || fatal_) return;
       if (now >= next_log) {
         std::string names;

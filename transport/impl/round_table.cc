@@ -200,15 +200,19 @@ void RoundTable::chunk(size_t peer, uint64_t life, const wire::Chunk& c, const u
     return;
   }
   // Memory follows the bytes that arrived, not the size the first chunk
-  // claims: a peer that announces 1 GiB and sends one chunk costs one
-  // chunk (twice at most, the buffer growing geometrically up to `total`).
+  // claims: the whole payload is reserved at the first chunk, which costs
+  // address space, not memory (an allocation this large is a fresh mapping
+  // whose pages become resident when written), and the buffer grows over
+  // what arrived. So a peer that announces 1 GiB and sends one chunk costs
+  // one chunk, and a payload of many GB is never copied to a larger buffer
+  // on the I/O thread (which stalled heartbeats for seconds and held the
+  // old and the new buffer at once). What a chunk far ahead of the others
+  // costs: the gap before it is zeroed, at most `total` (<= max_message_bytes).
   const uint64_t offset = uint64_t(c.index()) * rules_.chunk_bytes;
   const uint64_t end = offset + size;
   try {
     if (in.data.size() < end) {
-      if (in.data.capacity() < end) {
-        in.data.reserve(std::min<uint64_t>(total, std::max<uint64_t>(end, 2 * in.data.capacity())));
-      }
+      if (in.data.capacity() < total) in.data.reserve(total);
       in.data.resize(end);
     }
     if (in.have.size() <= c.index()) in.have.resize(c.index() + 1, false);
@@ -550,7 +554,22 @@ void RoundTable::tickOpen(Round& r, Clock::time_point now, const PeerTable& peer
       refused_here += (refused_here.empty() ? "" : "; ") + why;
     }
   }
-  if (waiting.empty()) {
+  // A large payload of ours completes the round only once every peer that
+  // sent its own has acknowledged ours too (or is lost, or the hard deadline
+  // came): delivering it earlier hands the application a copy of it (the
+  // round goes on sending the original), which for many GB costs more
+  // memory, and I/O-thread time, than the one-way trip saved.
+  bool owe_ack = false;
+  if (waiting.empty() && r.payload && r.payload->size() > kCompleteOnReceiptMaxBytes &&
+      now < r.start + rules_.hard_deadline) {
+    for (size_t i : peers.peers()) {
+      const bool in = std::find(missing.begin(), missing.end(), i) == missing.end();
+      owe_ack = owe_ack || (in && r.out[i].state == SendState::kSending && !peers.lost(i, now));
+    }
+  }
+  if (waiting.empty() && owe_ack) {
+    // Nothing to do but send and wait for the acknowledgements.
+  } else if (waiting.empty()) {
     if (!missing.empty()) {
       fx.logs.push_back(where(r.key) + ": continuing without " + names(missing) + " (" +
                         (gone.empty() ? "silent for " + fmt(rules_.peer_timeout.count() / 1000.0) + " s or more"
@@ -664,16 +683,24 @@ void RoundTable::failAll(std::exception_ptr e, bool forget, Effects& fx) {
   if (forget) rounds_.clear();
 }
 
-std::vector<size_t> RoundTable::awaitingAcks(Clock::time_point now, const PeerTable& peers) const {
+std::vector<size_t> RoundTable::awaitingAcks(Clock::time_point now, const PeerTable& peers,
+                                             Clock::duration silence_grace) const {
   std::vector<size_t> out;
   for (size_t i : peers.peers()) {
-    if (peers.silent(i, now) || !peers.gone(i).empty()) continue;
+    if (!peers.gone(i).empty()) continue;
+    // A silent peer may only be stalled (a busy machine, a link that
+    // flapped): it is waited for until it has been silent for the grace.
+    if (peers.silent(i, now) && now - peers.at(i).last_heard > silence_grace) continue;
+    bool owed = false;
     for (const auto& kv : rounds_) {
-      if (kv.second.stage == Stage::kDelivered && kv.second.out[i].state == SendState::kSending) {
-        out.push_back(i);
-        break;
-      }
+      owed = owed || (kv.second.stage == Stage::kDelivered && kv.second.out[i].state == SendState::kSending);
     }
+    // A round parked while the peer was silent is owed too: it resumes
+    // when the peer is heard again.
+    for (const auto& kv : parked_) {
+      owed = owed || kv.second.out[i].state == SendState::kSending || kv.second.out[i].state == SendState::kParked;
+    }
+    if (owed) out.push_back(i);
   }
   return out;
 }

@@ -100,6 +100,11 @@ struct ChunkToSend {
   bool retry = false;  // asked for again (Nack)
 };
 
+// Rounds complete on receipt (every peer's payload is here) only while
+// this site's own payload is at most this large; a larger one completes
+// when its acknowledgements are in too (RoundTable::tickOpen).
+constexpr uint64_t kCompleteOnReceiptMaxBytes = uint64_t(64) << 20;
+
 class RoundTable {
  public:
   // A receive buffer of `bytes` (recycled memory) or an empty one.
@@ -145,11 +150,13 @@ class RoundTable {
   // handshake); with `forget`, the whole table is cleared (shutdown).
   void failAll(std::exception_ptr e, bool forget, Effects& fx);
 
-  // The live peers that have not yet acknowledged a payload of a round this
-  // site has delivered (rounds complete on receipt, so ours may still be on
-  // its way): a closing gateway lingers for them. Not silent ones, nor ones
-  // that stopped; each payload is given up at its round's hard deadline.
-  std::vector<size_t> awaitingAcks(Clock::time_point now, const PeerTable& peers) const;
+  // The peers that have not yet acknowledged a payload of a round this site
+  // has delivered (rounds complete on receipt, so ours may still be on its
+  // way), parked ones included: a closing gateway lingers for them. Not ones
+  // that stopped, nor ones silent for longer than silence_grace; each
+  // payload is given up at its round's hard deadline.
+  std::vector<size_t> awaitingAcks(Clock::time_point now, const PeerTable& peers,
+                                   Clock::duration silence_grace = Clock::duration::zero()) const;
   // Rounds peers opened that this site has not (a join request, a peer
   // running ahead), one entry per peer.
   std::vector<PeerRound> openedByPeers() const;

@@ -9,7 +9,10 @@
 // Site I exchanges rounds R..N-1, sending payloadFor(I, round, B) and checking
 // that every other site's payload is payloadFor(site, round, B). Prints
 // "round R ok seconds S missing M" per round; exits 0 when all rounds passed,
-// 1 with a message on any error. Keys: DIR/sK.pub and DIR/sK.key.
+// 1 with a message on any error; last, "peak_rss_kib K" (the process's
+// peak resident memory). Keys: DIR/sK.pub and DIR/sK.key.
+
+#include <sys/resource.h>
 
 #include <cstdio>
 #include <cstdlib>
@@ -132,5 +135,8 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "s%zu: %s\n", site, e.what());
     return 1;
   }
+  struct rusage ru {};
+  getrusage(RUSAGE_SELF, &ru);
+  std::printf("peak_rss_kib %ld\n", ru.ru_maxrss);
   return 0;
 }

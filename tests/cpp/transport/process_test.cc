@@ -17,6 +17,8 @@
 #include <gtest/gtest.h>
 
 #include <chrono>
+#include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <sstream>
 #include <string>
@@ -170,6 +172,32 @@ TEST(Processes, PeerKilledMidTransferRestartsAndTheJobCompletes) {
   EXPECT_TRUE(b2.waitForLine("round 4 ok", std::chrono::seconds(90)));
   EXPECT_EQ(a.waitExit(std::chrono::seconds(30)), 0);
   EXPECT_EQ(b2.waitExit(std::chrono::seconds(30)), 0);
+}
+
+// Payloads of many GB (issue 14): one exchange of 3 GiB per site between
+// two gateway processes, CurveZMQ on, completes with the right bytes (the
+// peer checks every word) and no process's peak resident memory passes 2.5x
+// the payload: its own payload and the one it received, and what the
+// transport adds on top. STRAIT_BIG_EXCHANGE_MIB sets another size.
+TEST(Processes, AnExchangeOfThreeGiBStaysWithinTwoAndAHalfTimesThePayloadInMemory) {
+  uint64_t mib = 3072;
+  if (const char* v = std::getenv("STRAIT_BIG_EXCHANGE_MIB")) mib = std::strtoull(v, nullptr, 10);
+  const uint64_t bytes = mib << 20;
+  const std::string keys = keyDir(2), ports = portList(2);
+  const std::vector<std::string> common = {"--rounds", "1", "--bytes", std::to_string(bytes), "--chunk", "1048576",
+                                           "--round-deadline-ms", "600000", "--hard-deadline-ms", "900000"};
+  Child a(peerArgs(0, ports, keys, common));
+  Child b(peerArgs(1, ports, keys, common));
+  for (Child* c : {&a, &b}) {
+    ASSERT_TRUE(c->waitForLine("round 0 ok", std::chrono::seconds(900))) << "the exchange did not complete";
+    ASSERT_TRUE(c->waitForLine("peak_rss_kib", std::chrono::seconds(120)));
+    const uint64_t peak = std::strtoull(c->matched().c_str() + std::strlen("peak_rss_kib "), nullptr, 10) << 10;
+    EXPECT_LE(double(peak), 2.5 * double(bytes)) << "peak resident " << peak << " bytes for a payload of " << bytes;
+    std::printf("payload %llu MiB: peak resident %.2fx the payload\n", (unsigned long long)mib,
+                double(peak) / double(bytes));
+  }
+  EXPECT_EQ(a.waitExit(std::chrono::seconds(60)), 0);
+  EXPECT_EQ(b.waitExit(std::chrono::seconds(60)), 0);
 }
 
 TEST(Processes, KilledPeerWithContinueIsReportedMissing) {

@@ -570,6 +570,51 @@ TEST(RoundTable, ARoundCompletesOnReceiptAndItsPayloadStillReachesThePeer) {
   EXPECT_TRUE(net[0].rounds->awaitingAcks(net.now(), *net[0].peers).empty());
 }
 
+// Above kCompleteOnReceiptMaxBytes a round waits for the acknowledgement
+// of this site's payload too: delivering earlier would hand the
+// application a copy of many GB while the original is still being sent.
+TEST(RoundTable, ALargePayloadCompletesOnlyOnceThePeerAcknowledgedIt) {
+  Net net(2, OnSiteLoss::kWait, size_t{1} << 20, size_t{128} << 20);
+  const size_t big = size_t(kCompleteOnReceiptMaxBytes) + 1;
+  net.open(1, 0, "g", bytesFor(1, 0, 100));
+  net.step();  // b's payload is whole at a
+  net.lose(0, 1, true);
+  net.open(0, 0, "g", bytesFor(0, 0, big));
+  net.runFor(milliseconds(500));
+  EXPECT_FALSE(settled(net[0], 0)) << "a holds every payload, but b has not acknowledged a's large one";
+  net.lose(0, 1, false);
+  net.reconnect();
+  ASSERT_TRUE(net.run([&] { return settled(net[0], 0) && settled(net[1], 0); }));
+  EXPECT_EQ(*resultOf(net[1], 0)->result.payloads[0], bytesFor(0, 0, big));
+  EXPECT_EQ(*resultOf(net[0], 0)->result.payloads[0], bytesFor(0, 0, big));
+  EXPECT_TRUE(net[0].rounds->awaitingAcks(net.now(), *net[0].peers).empty());
+}
+
+// A closing gateway lingers for a peer that owes it an acknowledgement even
+// while the peer is silent, for the grace it is given, and for a round
+// parked while the peer was silent.
+TEST(RoundTable, ALingerWaitsForAStalledPeerWithinItsGraceAndForParkedRounds) {
+  Net net(2, OnSiteLoss::kWait);
+  net.open(1, 0, "g", bytesFor(1, 0, 100));
+  net.step();
+  net.lose(0, 1, true);
+  net.open(0, 0, "g", bytesFor(0, 0, 5000));
+  net.step();
+  ASSERT_TRUE(settled(net[0], 0));
+  net.freeze(1);  // b stalls: it is not heard from
+  net.runFor(milliseconds(1500));  // b is silent now (peer timeout 1 s); a's round may be parked
+  EXPECT_EQ(net[0].rounds->awaitingAcks(net.now(), *net[0].peers, milliseconds(2000)), std::vector<size_t>{1})
+      << "silent for 1.5 s, within a grace of 2 s: still owed";
+  EXPECT_TRUE(net[0].rounds->awaitingAcks(net.now(), *net[0].peers, milliseconds(1000)).empty())
+      << "silent beyond the grace: taken for gone";
+  net.thaw(1);
+  net.lose(0, 1, false);
+  net.reconnect();
+  ASSERT_TRUE(net.run([&] { return settled(net[1], 0); }));
+  EXPECT_EQ(*resultOf(net[1], 0)->result.payloads[0], bytesFor(0, 0, 5000));
+  ASSERT_TRUE(net.run([&] { return net[0].rounds->awaitingAcks(net.now(), *net[0].peers).empty(); }));
+}
+
 TEST(RoundTable, APeerMayOpenOnlyAFewRoundsAheadAndTheyAreDroppedAfterTheHardDeadline) {
   Net net(2, OnSiteLoss::kWait);
   for (uint64_t r = 0; r < 9; ++r) net.open(0, r, "g", bytesFor(0, r, 10));
