@@ -284,6 +284,10 @@ class Gateway::Impl {
     const std::string bad = siteIndexOf(opt_, &self);
     if (!bad.empty()) fail<InvalidArgument>(bad);
     if (opt_.chunk_bytes == 0) fail<InvalidArgument>("gateway: chunk_bytes must be > 0");
+    if (opt_.max_message_bytes / opt_.chunk_bytes > 0xffffffffULL) {
+      fail<InvalidArgument>("gateway: max_message_bytes = ", opt_.max_message_bytes, " is more than 2^32 - 1 chunks of ",
+                            opt_.chunk_bytes, " bytes (chunk indices are 32-bit): raise chunk_bytes");
+    }
     if (opt_.max_rounds_in_flight < 1) fail<InvalidArgument>("gateway: max_rounds_in_flight must be >= 1");
     if (opt_.insecure) {
       for (const SiteEndpoint& s : opt_.sites) {

@@ -511,8 +511,9 @@ void parseTransport(const Field& f, TransportConfig& t) {
                "peer_timeout_ms", "round_deadline_s", "hard_deadline_s", "on_site_loss", "insecure"});
   t.chunk_bytes = f.child("chunk_bytes").integer(t.chunk_bytes, 4096, 256 << 20);
   t.max_message_bytes = f.child("max_message_bytes")
-                            .integer(t.max_message_bytes, t.chunk_bytes, kU64Max,
-                                     "an integer >= chunk_bytes (" + std::to_string(t.chunk_bytes) + ")");
+                            .integer(t.max_message_bytes, t.chunk_bytes, uint64_t(t.chunk_bytes) * 0xffffffffULL,
+                                     "an integer >= chunk_bytes (" + std::to_string(t.chunk_bytes) +
+                                         ") and at most 2^32 - 1 chunks (chunk indices are 32-bit)");
   t.max_rounds_in_flight = static_cast<int>(f.child("max_rounds_in_flight").integer(t.max_rounds_in_flight, 1, 1024));
   t.high_water_mark = static_cast<int>(f.child("high_water_mark").integer(t.high_water_mark, 1, 1000000));
   t.heartbeat_ms = static_cast<int>(f.child("heartbeat_ms").integer(t.heartbeat_ms, 10, 60000));
