@@ -192,7 +192,19 @@ TEST(Processes, AnExchangeOfThreeGiBStaysWithinTwoAndAHalfTimesThePayloadInMemor
     ASSERT_TRUE(c->waitForLine("round 0 ok", std::chrono::seconds(900))) << "the exchange did not complete";
     ASSERT_TRUE(c->waitForLine("peak_rss_kib", std::chrono::seconds(120)));
     const uint64_t peak = std::strtoull(c->matched().c_str() + std::strlen("peak_rss_kib "), nullptr, 10) << 10;
+#if defined(__SANITIZE_ADDRESS__)
+#define STRAIT_UNDER_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define STRAIT_UNDER_ASAN 1
+#endif
+#endif
+#ifdef STRAIT_UNDER_ASAN
+    // Under ASan (shadow memory, quarantine) the figure says nothing of the
+    // gateway: only the bytes are checked (by the peers).
+#else
     EXPECT_LE(double(peak), 2.5 * double(bytes)) << "peak resident " << peak << " bytes for a payload of " << bytes;
+#endif
     std::printf("payload %llu MiB: peak resident %.2fx the payload\n", (unsigned long long)mib,
                 double(peak) / double(bytes));
   }
