@@ -279,7 +279,7 @@ at::Tensor DiLoCo::Impl::decodeParts(RoundOutcome& o, int64_t n, const std::vect
       fail<ProtocolError>("site '", s.names[i], "' sent a 'diloco' message: ", e.what());
     }
     for (size_t k = 0; k < ps.size(); ++k) {
-      s.accumulate(views[k].data, views[k].size, out.narrow(0, ps[k].offset, ps[k].numel), weight);
+      accumulateExact(views[k].data, views[k].size, out.narrow(0, ps[k].offset, ps[k].numel), weight);
     }
   }
   for (auto& p : o.payloads) {

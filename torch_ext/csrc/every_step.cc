@@ -195,7 +195,7 @@ struct EveryStep::Impl {
           RoundOutcome o = s.finish(*b.round);
           at::Tensor out = at::zeros({b.numel}, at::TensorOptions(at::kFloat).device(s.decodeDevice(b.buffer.device())));
           for (const auto& [i, weight] : s.siteWeights(o)) {  // fixed site order: identical bits everywhere
-            s.accumulate(o.payloads[i]->data(), o.payloads[i]->size(), out, weight);
+            accumulateExact(o.payloads[i]->data(), o.payloads[i]->size(), out, weight);
           }
           for (auto& p : o.payloads) {
             if (p) s.gateway->recycle(std::move(*p));

@@ -634,6 +634,19 @@ bool decodeOnDevice(const uint8_t* payload, size_t size, at::Tensor& out, float 
   return true;
 }
 
+#else
+
+bool deviceCodecs() { return false; }
+bool encodeOnDevice(const at::Tensor&, const core::Pipeline&, core::CodecState&, std::vector<uint8_t>&, at::Tensor*,
+                    float) {
+  return false;
+}
+bool decodeOnDevice(const uint8_t*, size_t, at::Tensor&, float, bool) { return false; }
+
+#endif
+
+// One definition for both builds: where the device codecs are not built,
+// decodeOnDevice declines and CUDA tensors take the host's arithmetic.
 void accumulateExact(const uint8_t* payload, size_t size, at::Tensor acc, float weight) {
   if (acc.is_cuda() && decodeOnDevice(payload, size, acc, weight, true)) return;
   if (acc.is_cpu()) {
@@ -648,43 +661,24 @@ void accumulateExact(const uint8_t* payload, size_t size, at::Tensor acc, float 
 }
 
 uint64_t digestOf(const at::Tensor& flat, uint64_t first) {
+#if STRAIT_WITH_CUDA
   if (flat.is_cuda()) {
     const at::NoGradGuard no_grad;
     const at::Tensor t = flat.to(at::kFloat).contiguous();
     const c10::cuda::CUDAGuard guard(t.device());
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(t.get_device()).stream();
     const at::Tensor sum = at::empty({1}, t.options().dtype(at::kLong));
-    cuda::digest(t.data_ptr<float>(), static_cast<uint64_t>(t.numel()), first, reinterpret_cast<uint64_t*>(sum.data_ptr<int64_t>()),
-                 stream);
+    cuda::digest(t.data_ptr<float>(), static_cast<uint64_t>(t.numel()), first,
+                 reinterpret_cast<uint64_t*>(sum.data_ptr<int64_t>()), stream);
     uint64_t d = 0;
-    cudaCheck(cudaMemcpyAsync(&d, sum.data_ptr<int64_t>(), sizeof d, cudaMemcpyDeviceToHost, stream), "copy of the digest");
+    cudaCheck(cudaMemcpyAsync(&d, sum.data_ptr<int64_t>(), sizeof d, cudaMemcpyDeviceToHost, stream),
+              "copy of the digest");
     cudaCheck(cudaStreamSynchronize(stream), "digest");
     return d;
   }
-  const at::Tensor t = flat.detach().to(at::kCPU, at::kFloat).contiguous();
-  return core::digestSum(t.data_ptr<float>(), static_cast<size_t>(t.numel()), first);
-}
-
-#else
-
-bool deviceCodecs() { return false; }
-bool encodeOnDevice(const at::Tensor&, const core::Pipeline&, core::CodecState&, std::vector<uint8_t>&, at::Tensor*,
-                    float) {
-  return false;
-}
-bool decodeOnDevice(const uint8_t*, size_t, at::Tensor&, float, bool) { return false; }
-
-void accumulateExact(const uint8_t* payload, size_t size, at::Tensor acc, float weight) {
-  at::Tensor host = acc.is_cpu() ? acc : acc.to(at::kCPU).contiguous();
-  core::decodeAccumulate(payload, size, host.data_ptr<float>(), size_t(host.numel()), weight);
-  if (!host.is_same(acc)) acc.copy_(host);
-}
-
-uint64_t digestOf(const at::Tensor& flat, uint64_t first) {
-  const at::Tensor t = flat.detach().to(at::kCPU, at::kFloat).contiguous();
-  return core::digestSum(t.data_ptr<float>(), static_cast<size_t>(t.numel()), first);
-}
-
 #endif
+  const at::Tensor t = flat.detach().to(at::kCPU, at::kFloat).contiguous();
+  return core::digestSum(t.data_ptr<float>(), static_cast<size_t>(t.numel()), first);
+}
 
 }  // namespace strait::torch

@@ -625,10 +625,6 @@ at::Device Session::Impl::decodeDevice(const at::Device& d) const {
   return d.is_cuda() && deviceCodecs() ? d : at::Device(at::kCPU);
 }
 
-void Session::Impl::accumulate(const uint8_t* data, size_t size, at::Tensor acc, float weight) {
-  accumulateExact(data, size, std::move(acc), weight);
-}
-
 // ---------------------------------------------------------------- log ---
 
 void Session::Impl::appendJson(const std::string& line) {

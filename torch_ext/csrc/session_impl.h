@@ -158,9 +158,8 @@ struct Session::Impl {
   // Where decoded means are built for tensors on `d`: d itself if the device
   // codecs run there, else the CPU.
   at::Device decodeDevice(const at::Device& d) const;
-  // acc (float32, contiguous, on decodeDevice's answer) += weight * the
-  // payload, with the bits core::decodeAccumulate gives on the CPU.
-  void accumulate(const uint8_t* data, size_t size, at::Tensor acc, float weight);
+  // Means are built with accumulateExact (device_codecs.h): the CPU's bits
+  // on either device.
   // Said on the leader when the session closes (DiLoCo: ended without flush()).
   std::function<std::string()> closing_warning;
 

@@ -82,6 +82,26 @@ STRAIT_INLINE BlockScale intBlockScale(uint32_t max_bits, double sum_squares) {
   return {scale, inv, kScaleNormal};
 }
 
+// The scale of one block of a blockwise kind, Bits == 1 being sign (mean
+// |x|, from the combined sumOf<false>; refused only for a NaN or Inf).
+// sum is qsgd's sum of squares or sign's sum of magnitudes, else unused.
+template <int Bits, bool L2>
+STRAIT_INLINE BlockScale blockScale(uint32_t max_bits, double sum, uint32_t len) {
+  if constexpr (Bits == 1) {
+    const float scale = static_cast<float>(sum / static_cast<double>(len));
+    return {scale, 0.0f, max_bits >= kernels::kExpMask ? kScaleNonFinite : kScaleNormal};
+  } else {
+    return intBlockScale<Bits, L2>(max_bits, sum);
+  }
+}
+
+// Bytes a lane writes for its group at j0 of a block of len values: Bits
+// for a full group, fewer for the block's last, partial one.
+template <int Bits>
+STRAIT_INLINE uint32_t groupBytes(uint32_t j0, uint32_t len) {
+  return j0 + kGroup <= len ? Bits : ((len - j0) * Bits + 7) / 8;
+}
+
 // The value a tiny block quantises (see intBlockScale).
 STRAIT_INLINE float tinyInput(float x, float scale) {
   return static_cast<float>(static_cast<double>(x) / scale);
@@ -124,11 +144,6 @@ STRAIT_INLINE double partialSum(const float* x, uint32_t len, uint32_t l) {
 }
 
 STRAIT_INLINE double combineSums(double p0, double p1, double p2, double p3) { return (p0 + p1) + (p2 + p3); }
-
-// The block's sign scale: mean |x|, from the combined sumOf<false>.
-STRAIT_INLINE float signScale(double sum_abs, uint32_t len) {
-  return static_cast<float>(sum_abs / static_cast<double>(len));
-}
 
 // Packs the codes of values j0..j0+7 (those < len) of a block into Bits
 // bytes, little-endian in the result: byte i holds values of bits

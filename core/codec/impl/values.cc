@@ -258,7 +258,7 @@ STRAIT_INLINE BlockStatus encodeSignBody(const float* in, size_t count, uint32_t
       }
       return s;
     }
-    const float scale = lanes::signScale(kernels::sumAbs(x, len), static_cast<uint32_t>(len));
+    const float scale = lanes::blockScale<1, false>(0, kernels::sumAbs(x, len), static_cast<uint32_t>(len)).scale;
     std::memcpy(scales + b * sizeof(float), &scale, sizeof scale);
     uint8_t* out = bits + b * block / 8;
     const size_t whole = len / 8;

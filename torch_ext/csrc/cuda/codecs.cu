@@ -64,12 +64,7 @@ __global__ void encodeBlocksKernel(const float* x, uint64_t n, uint32_t block, u
       sum = L::combineSums(__shfl_sync(kFull, p, 0), __shfl_sync(kFull, p, 1), __shfl_sync(kFull, p, 2),
                            __shfl_sync(kFull, p, 3));
     }
-    L::BlockScale s;
-    if constexpr (kSign) {
-      s = {L::signScale(sum, len), 0.0f, m >= core::kernels::kExpMask ? L::kScaleNonFinite : L::kScaleNormal};
-    } else {
-      s = L::intBlockScale<Bits, L2>(m, sum);
-    }
+    const L::BlockScale s = L::blockScale<Bits, L2>(m, sum, len);
     if (lane == 0) {
       scales[b] = s.scale;
       if (s.mode >= L::kScaleNonFinite) atomicMin(status, static_cast<unsigned long long>(b));
@@ -85,10 +80,10 @@ __global__ void encodeBlocksKernel(const float* x, uint64_t n, uint32_t block, u
         packed = L::intGroup<Bits, Stochastic>(xb, j0, len, s, key);
       }
       uint8_t* o = cb + j0 * Bits / 8;
-      if (j0 + L::kGroup <= len) {
+      const uint32_t bytes = L::groupBytes<Bits>(j0, len);
+      if (bytes == Bits) {
         storeBytes<Bits>(o, packed);
       } else {
-        const uint32_t bytes = ((len - j0) * Bits + 7) / 8;
         for (uint32_t k = 0; k < bytes; ++k) o[k] = static_cast<uint8_t>(packed >> (8 * k));
       }
     }

@@ -46,12 +46,7 @@ bool emulateBlocks(const ValueStageSpec& spec, const float* x, uint64_t n, uint6
       for (uint32_t lane = 0; lane < 4; ++lane) p[lane] = L::partialSum<!kSign>(xb, len, lane);
       sum = L::combineSums(p[0], p[1], p[2], p[3]);
     }
-    L::BlockScale s;
-    if constexpr (kSign) {
-      s = {L::signScale(sum, len), 0.0f, m >= kernels::kExpMask ? L::kScaleNonFinite : L::kScaleNormal};
-    } else {
-      s = L::intBlockScale<Bits, L2>(m, sum);
-    }
+    const L::BlockScale s = L::blockScale<Bits, L2>(m, sum, len);
     std::memcpy(scales + 4 * b, &s.scale, 4);
     if (s.mode >= L::kScaleNonFinite) {
       ok = false;
@@ -67,7 +62,7 @@ bool emulateBlocks(const ValueStageSpec& spec, const float* x, uint64_t n, uint6
         } else {
           packed = L::intGroup<Bits, Stochastic>(xb, j0, len, s, key);
         }
-        const uint32_t bytes = j0 + L::kGroup <= len ? Bits : ((len - j0) * Bits + 7) / 8;
+        const uint32_t bytes = L::groupBytes<Bits>(j0, len);
         for (uint32_t k = 0; k < bytes; ++k) cb[j0 * Bits / 8 + k] = static_cast<uint8_t>(packed >> (8 * k));
       }
     }
@@ -153,26 +148,19 @@ std::vector<uint32_t> bitsOf(const std::vector<float>& v) {
   return b;
 }
 
-const char* const kDense[] = {"fp32",
-                              "fp16",
-                              "bf16",
-                              "int8",
-                              "int8(block=64, rounding=stochastic)",
-                              "int8(block=8)",
-                              "int4",
-                              "int4(block=8, rounding=stochastic)",
-                              "int4(block=65536)",
-                              "int2",
-                              "int2(block=32, rounding=stochastic)",
-                              "qsgd",
-                              "qsgd(bits=8, block=64)",
-                              "qsgd(2)",
-                              "sign",
-                              "sign(block=8)",
-                              "sign(block=1000)"};
+// Every dense stage the suites sweep (test_util.h), and blocks at the
+// extremes (the smallest, the largest, one not a power of two).
+std::vector<std::string> denseStages() {
+  std::vector<std::string> out;
+  for (const std::string& text : testing::allPipelines()) {
+    if (!Pipeline::parse(text).sparse()) out.push_back(text);
+  }
+  for (const char* extra : {"int8(block=8)", "int4(block=65536)", "sign(block=1000)"}) out.push_back(extra);
+  return out;
+}
 
 // Inputs that reach every branch: partial groups and blocks, zero blocks,
-// denormal ("tiny") blocks, outliers, values beyond fp16's range for bf16.
+// denormal ("tiny") blocks, outliers.
 std::vector<std::vector<float>> inputs() {
   std::vector<std::vector<float>> out;
   for (size_t n : {size_t{1}, size_t{7}, size_t{8}, size_t{9}, size_t{255}, size_t{257}, size_t{4099}}) {
@@ -188,7 +176,7 @@ std::vector<std::vector<float>> inputs() {
 }
 
 TEST(DeviceLanes, EncodeGivesTheCpuEncodersBytesForEveryDenseStage) {
-  for (const char* text : kDense) {
+  for (const std::string& text : denseStages()) {
     const Pipeline p = Pipeline::parse(text);
     for (const auto& x : inputs()) {
       const auto cpu = encodeOnce(p, x, 41);
@@ -240,7 +228,7 @@ TEST(DeviceLanes, RefusesWhatTheCpuEncoderRefuses) {
 }
 
 TEST(DeviceLanes, DecodeAndAccumulateGiveTheCpuDecodersBits) {
-  std::vector<std::string> texts(std::begin(kDense), std::end(kDense));
+  std::vector<std::string> texts = denseStages();
   for (const char* sparse : {"topk(0.01)", "topk(0.1) -> int4", "topk(0.03, chunk=512) -> int2", "topk(0.5) -> sign",
                              "topk(count=3) -> fp16"}) {
     texts.push_back(sparse);
