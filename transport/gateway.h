@@ -55,6 +55,14 @@ struct GatewayOptions {
   size_t max_message_bytes = size_t{1} << 30;
   int max_rounds_in_flight = 4;
   int high_water_mark = 64;    // messages queued per socket and peer
+  // TCP connections (CurveZMQ each) to every peer, payload chunks striped
+  // over them; every peer must use the same number (it is in the config
+  // fingerprint). One stream's window caps its rate at about its buffer /
+  // the round trip, so a long fat link needs several.
+  int streams = core::kDefaultStreams;
+  // ZeroMQ I/O threads (encryption and TCP for the connections);
+  // 0: max(2, min(streams + 1, hardware threads)).
+  int io_threads = 0;
   std::chrono::milliseconds heartbeat{500};
   std::chrono::milliseconds peer_timeout{5000};     // silent this long = missing
   std::chrono::milliseconds round_deadline{60000};  // then on_site_loss decides
@@ -73,8 +81,11 @@ struct GatewayOptions {
   core::SitePolicy::Privacy privacy;  // enabled: model updates must go through privatize()
 
   // Test hooks: corrupt the bytes of chunk `index` of every first send to
-  // peers (retransmissions are clean); pretend to speak another version.
+  // peers (retransmissions are clean); shut down the TCP connection of
+  // stream 1 (once) right after a chunk with at least this index went on
+  // it; pretend to speak another version.
   int64_t test_corrupt_chunk = -1;
+  int64_t test_cut_stream = -1;
   uint32_t test_protocol_version = kProtocolVersion;
 
   // Builds options for `site` from a job config: endpoints, public keys read

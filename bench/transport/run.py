@@ -4,10 +4,15 @@
 Two processes exchange a payload (256 MiB each way by default, the pattern of
 a two-site all-gather): raw TCP sockets (bench/transport/raw_tcp.cc), then two
 strait gateways in plaintext and with CurveZMQ, all on loopback in one run.
-As root it repeats raw TCP and the gateway across two network namespaces
-joined by a veth pair limited to 100 Mbit/s with `tc tbf`. The gateway runs
-CurveZMQ there: strait refuses plaintext off loopback by design, so
-shaped_plain_mbps is null and shaped_curve_mbps carries the figure.
+CurveZMQ runs twice on loopback: one stream, and the default number of
+parallel streams (transport.streams). As root it repeats raw TCP and the
+gateway across two network namespaces joined by a veth pair limited to 100
+Mbit/s with `tc tbf`, then across long fat links of the simulated border
+(strait.wan: rate and round trip, e.g. 1gbit-150ms): raw TCP with one
+connection and with as many as strait's streams, strait with one stream and
+with its default. The gateway runs CurveZMQ there: strait refuses plaintext
+off loopback by design, so shaped_plain_mbps is null and shaped_curve_mbps
+carries the figure.
 
 Rates are in bits per second (Gbit/s, Mbit/s) of payload, one direction.
 Progress goes to stderr; --json prints one JSON object on stdout.
@@ -26,6 +31,9 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "torch_ext", "python"))
 from strait.ports import free_port  # noqa: E402  (distinct ports within this process)
+from strait import wan as strait_wan  # noqa: E402
+
+DEFAULT_STREAMS = 8  # core::kDefaultStreams (core/config/config.h)
 
 NS = ("strait-bench-a", "strait-bench-b")
 NS_ADDR = ("10.77.0.1", "10.77.0.2")
@@ -55,23 +63,23 @@ def run_pair(cmds, timeout):
     return outs
 
 
-def raw_tcp(binary, addrs, ports, nbytes, rounds, wrap=(None, None)):
+def raw_tcp(binary, addrs, ports, nbytes, rounds, wrap=(None, None), streams=1):
     cmds = []
     for i in range(2):
         c = [binary, "--listen", f"{addrs[i]}:{ports[i]}", "--peer", f"{addrs[1 - i]}:{ports[1 - i]}",
-             "--bytes", str(nbytes), "--rounds", str(rounds)]
+             "--bytes", str(nbytes), "--rounds", str(rounds), "--streams", str(streams)]
         cmds.append((wrap[i] or []) + c)
     outs = run_pair(cmds, timeout=600)
     secs = max(float(re.search(r"seconds ([0-9.]+)", o).group(1)) for o in outs)
     return nbytes * 8 / secs
 
 
-def gateway(binary, ports, nbytes, rounds, keys=None, chunk=1 << 20, wrap=(None, None), hosts=None):
+def gateway(binary, ports, nbytes, rounds, keys=None, chunk=1 << 20, wrap=(None, None), hosts=None, streams=1):
     cmds = []
     for i in range(2):
         c = [binary, "--site", str(i), "--ports", ",".join(map(str, ports)), "--rounds", str(rounds),
              "--bytes", str(nbytes), "--chunk", str(chunk), "--hard-deadline-ms", "600000",
-             "--round-deadline-ms", "600000"]
+             "--round-deadline-ms", "600000", "--streams", str(streams)]
         c += ["--keys", keys] if keys else ["--insecure"]
         if hosts:
             c += ["--hosts", ",".join(hosts)]
@@ -98,6 +106,62 @@ def setup_namespaces(rate_mbit):
         subprocess.run(c, check=True, capture_output=True)
 
 
+class CpuMeter:
+    """The machine's busy fraction (all cores) between start and stop, from /proc/stat."""
+
+    def __enter__(self):
+        self.t0 = self._read()
+        return self
+
+    def __exit__(self, *exc):
+        t1 = self._read()
+        d = [b - a for a, b in zip(self.t0, t1)]
+        self.busy = 1 - (d[3] + d[4]) / max(1, sum(d))  # idle + iowait
+
+    @staticmethod
+    def _read():
+        with open("/proc/stat") as f:
+            return [int(x) for x in f.readline().split()[1:]]
+
+
+def long_fat_link(profile, tcp_bin, peer_bin, keys_bin, nbytes, rounds, streams):
+    """Raw TCP and strait across the simulated border's `profile`."""
+    rate, rtt = strait_wan.parse_profile(profile)
+    out = {"link_mbps": rate / 1e6, "rtt_ms": rtt * 1000, "payload_bytes": nbytes, "streams": streams}
+    with strait_wan.Border(profile, ["s0", "s1"], log=log) as border:
+        addrs = (border.site_addr(0), border.site_addr(1))
+        wrap = (border.prefix("s0"), border.prefix("s1"))
+        # What caps one connection: its largest send buffer over the round trip.
+        wmem = subprocess.run(wrap[0] + ["sysctl", "-n", "net.ipv4.tcp_wmem"], capture_output=True,
+                              text=True).stdout.split()
+        if wmem:
+            out["tcp_wmem_max"] = int(wmem[-1])
+            out["one_stream_window_bound_mbps"] = int(wmem[-1]) * 8 / rtt / 1e6
+        for n in sorted({1, streams}):
+            log(f"{profile}: raw TCP, {n} connection(s) each way, {nbytes >> 20} MiB ...")
+            with CpuMeter() as cpu:
+                out[f"raw_tcp_{n}_mbps"] = raw_tcp(tcp_bin, addrs, (7301, 7301), nbytes, rounds, wrap, n) / 1e6
+            out[f"raw_tcp_{n}_cpu_busy"] = cpu.busy
+        keydir = tempfile.mkdtemp(prefix="strait-bench-keys-")
+        try:
+            for s in ("s0", "s1"):
+                subprocess.run([keys_bin, "generate", s, "--dir", keydir], check=True, capture_output=True)
+            for n in sorted({1, streams}):
+                log(f"{profile}: strait CurveZMQ, {n} stream(s) ...")
+                with CpuMeter() as cpu:
+                    out[f"strait_{n}_mbps"] = gateway(peer_bin, (7401, 7401), nbytes, rounds, keys=keydir, wrap=wrap,
+                                                      hosts=addrs, streams=n) / 1e6
+                out[f"strait_{n}_cpu_busy"] = cpu.busy
+        finally:
+            shutil.rmtree(keydir, ignore_errors=True)
+    link = rate / 1e6
+    out["strait_vs_link"] = out[f"strait_{streams}_mbps"] / link
+    out["strait_1_vs_link"] = out["strait_1_mbps"] / link
+    out["raw_tcp_1_vs_link"] = out["raw_tcp_1_mbps"] / link
+    out["streams_vs_one"] = out[f"strait_{streams}_mbps"] / out["strait_1_mbps"]
+    return out
+
+
 def teardown_namespaces():
     for ns in NS:
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
@@ -111,6 +175,11 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--no-shaped", action="store_true", help="skip the network-namespace run")
     ap.add_argument("--rate-mbit", type=int, default=100)
+    ap.add_argument("--wan", default="1gbit-150ms,10gbit-50ms",
+                    help="long fat links of the simulated border, comma-separated ('' skips them)")
+    ap.add_argument("--wan-bytes", type=int, default=512 << 20, help="payload each way on a long fat link")
+    ap.add_argument("--wan-rounds", type=int, default=2)
+    ap.add_argument("--streams", type=int, default=DEFAULT_STREAMS, help="strait's streams next to one")
     args = ap.parse_args()
 
     tcp_bin = os.path.join(args.build, "bench", "strait_bench_tcp")
@@ -128,8 +197,17 @@ def main():
     try:
         for s in ("s0", "s1"):
             subprocess.run([keys_bin, "generate", s, "--dir", keydir], check=True, capture_output=True)
-        log("strait gateway, CurveZMQ, loopback ...")
-        res["curve_gbps"] = gateway(peer_bin, (free_port(), free_port()), n, args.rounds, keys=keydir) / 1e9
+        log("strait gateway, CurveZMQ, loopback, one stream ...")
+        with CpuMeter() as cpu:
+            res["curve_gbps"] = gateway(peer_bin, (free_port(), free_port()), n, args.rounds, keys=keydir) / 1e9
+        res["curve_cpu_busy"] = cpu.busy
+        log(f"strait gateway, CurveZMQ, loopback, {args.streams} streams ...")
+        with CpuMeter() as cpu:
+            res["curve_streams_gbps"] = gateway(peer_bin, (free_port(), free_port()), n, args.rounds, keys=keydir,
+                                                streams=args.streams) / 1e9
+        res["curve_streams_cpu_busy"] = cpu.busy
+        res["curve_streams"] = args.streams
+        res["curve_streams_vs_one"] = res["curve_streams_gbps"] / res["curve_gbps"]
     finally:
         shutil.rmtree(keydir, ignore_errors=True)
     res["peer_max_rss_mib"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
@@ -153,7 +231,7 @@ def main():
             try:
                 for s in ("s0", "s1"):
                     subprocess.run([keys_bin, "generate", s, "--dir", keydir], check=True, capture_output=True)
-                res["shaped_curve_mbps"] = gateway(peer_bin, (7401, 7402), n, 1, keys=keydir, wrap=wrap,
+                res["shaped_curve_mbps"] = gateway(peer_bin, (7401, 7402), n, 1, keys=keydir, wrap=wrap, streams=args.streams,
                                                    hosts=NS_ADDR) / 1e6
             finally:
                 shutil.rmtree(keydir, ignore_errors=True)
@@ -161,6 +239,17 @@ def main():
             res["shaped_curve_vs_link"] = res["shaped_curve_mbps"] / args.rate_mbit
         finally:
             teardown_namespaces()
+    profiles = [p for p in args.wan.split(",") if p]
+    res["long_fat_links"] = {}
+    for profile in profiles:
+        try:
+            strait_wan.check_can_simulate()
+        except strait_wan.WanError as e:
+            res["long_fat_links"][profile] = f"skipped: {e}"
+            log(res["long_fat_links"][profile])
+            continue
+        res["long_fat_links"][profile] = long_fat_link(profile, tcp_bin, peer_bin, keys_bin, args.wan_bytes,
+                                                        args.wan_rounds, args.streams)
 
     if args.json:
         print(json.dumps(res))
@@ -168,13 +257,30 @@ def main():
     print(f"payload {n >> 20} MiB each way between two processes; rates are payload bits/s, one direction")
     print(f"  raw TCP, loopback           {res['raw_tcp_gbps']:8.2f} Gbit/s")
     print(f"  strait plaintext, loopback  {res['plain_gbps']:8.2f} Gbit/s  ({res['plain_vs_raw']:.2f}x raw TCP)")
-    print(f"  strait CurveZMQ, loopback   {res['curve_gbps']:8.2f} Gbit/s  ({res['curve_vs_raw']:.2f}x raw TCP)")
+    print(f"  strait CurveZMQ, loopback   {res['curve_gbps']:8.2f} Gbit/s  ({res['curve_vs_raw']:.2f}x raw TCP; "
+          f"machine {res['curve_cpu_busy']:.0%} busy)")
+    print(f"    with {res['curve_streams']} streams     {res['curve_streams_gbps']:8.2f} Gbit/s  "
+          f"({res['curve_streams_vs_one']:.2f}x one stream; machine {res['curve_streams_cpu_busy']:.0%} busy)")
     print(f"  peak RSS of a gateway process: {res['peer_max_rss_mib']:.0f} MiB")
     if "shaped_curve_mbps" in res:
         print(f"  {args.rate_mbit} Mbit/s link: raw TCP {res['shaped_raw_tcp_mbps']:.1f} Mbit/s, strait CurveZMQ "
               f"{res['shaped_curve_mbps']:.1f} Mbit/s ({res['shaped_curve_vs_link']:.2f}x the link)")
     else:
         print(f"  shaped link: {res['shaped']}")
+    for profile, r in res["long_fat_links"].items():
+        if isinstance(r, str):
+            print(f"  {profile}: {r}")
+            continue
+        n = r["streams"]
+        print(f"  {profile} (simulated border, {r['payload_bytes'] >> 20} MiB each way), Mbit/s:")
+        print(f"    raw TCP, 1 connection   {r['raw_tcp_1_mbps']:8.1f}  ({r['raw_tcp_1_vs_link']:.2f}x the link)")
+        print(f"    raw TCP, {n} connections {r[f'raw_tcp_{n}_mbps']:8.1f}  (machine {r[f'raw_tcp_{n}_cpu_busy']:.0%} busy)")
+        print(f"    strait, 1 stream        {r['strait_1_mbps']:8.1f}  ({r['strait_1_vs_link']:.2f}x the link)")
+        print(f"    strait, {n} streams      {r[f'strait_{n}_mbps']:8.1f}  ({r['strait_vs_link']:.2f}x the link, "
+              f"{r['streams_vs_one']:.2f}x one stream; machine {r[f'strait_{n}_cpu_busy']:.0%} busy)")
+        if "one_stream_window_bound_mbps" in r:
+            print(f"    one connection's bound: tcp_wmem max {r['tcp_wmem_max'] >> 20} MiB / {r['rtt_ms']:.0f} ms = "
+                  f"{r['one_stream_window_bound_mbps']:.0f} Mbit/s")
 
 
 if __name__ == "__main__":

@@ -95,6 +95,10 @@ struct CompressionConfig {
 };
 
 // The gateways' link settings (docs/CONFIG.md, "transport").
+// Connections per site pair by default: one TCP stream's window caps it at
+// about its buffer / the round trip (4 MiB / 150 ms ~ 220 Mbit/s), so a
+// long fat link needs several (docs/BENCHMARKS.md, "Parallel streams").
+constexpr int kDefaultStreams = 8;
 struct TransportConfig {
   uint64_t chunk_bytes = 1 << 20;               // [4 KiB, 256 MiB]
   uint64_t max_message_bytes = uint64_t{1} << 30;  // >= chunk_bytes
@@ -106,6 +110,8 @@ struct TransportConfig {
   double hard_deadline_s = 600;                 // >= round_deadline_s
   bool on_site_loss_continue = false;           // on_site_loss: wait (false) | continue
   bool insecure = false;                        // plaintext, loopback endpoints only
+  int streams = kDefaultStreams;                // TCP connections per site pair, [1, 64]
+  int io_threads = 0;                           // ZeroMQ I/O threads, [1, 64]; 0: chosen from streams
 };
 
 // Checkpoints (docs/RELIABILITY.md): each site's leader writes its state

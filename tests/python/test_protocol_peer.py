@@ -26,6 +26,7 @@ from strait.ports import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CHUNK = 4096  # transport.chunk_bytes below
+STREAMS = 2   # transport.streams below
 
 
 def wire_module(tmp):
@@ -50,12 +51,12 @@ def write_key(path, z85, mode):
 def canonical_text(job, sites, chunk_bytes):
     """PROTOCOL.md, "The canonical text of a job config", for this test's
     config: every-step mode, the default pipeline, default transport except
-    chunk_bytes, peer_timeout_ms and the deadlines."""
+    chunk_bytes, peer_timeout_ms, the deadlines and streams."""
     lines = [f"job {job}"]
     lines += [f"site {name} {jur} {endpoint} 1 1" for name, jur, endpoint in sites]
     lines.append("sync every_step")
     lines.append("compression fp32 1 0")
-    lines.append(f"transport {chunk_bytes} 1073741824 4 64 100 30000 60 120 0 0")
+    lines.append(f"transport {chunk_bytes} 1073741824 4 64 100 30000 60 120 0 0 {STREAMS}")
     return "".join(line + "\n" for line in lines)
 
 
@@ -129,7 +130,8 @@ def job(tmp_path):
 sites:
   - {{name: a, jurisdiction: CN, endpoint: "{ea}", public_key: a.pub, secret_key: a.key}}
   - {{name: b, jurisdiction: SG, endpoint: "{eb}", public_key: b.pub}}
-transport: {{chunk_bytes: {CHUNK}, heartbeat_ms: 100, peer_timeout_ms: 30000, round_deadline_s: 60, hard_deadline_s: 120}}
+transport: {{chunk_bytes: {CHUNK}, heartbeat_ms: 100, peer_timeout_ms: 30000, round_deadline_s: 60, hard_deadline_s: 120,
+            streams: {STREAMS}}}
 """)
     text = canonical_text("doc-peer", [("a", "CN", ea), ("b", "SG", eb)], CHUNK)
     ctx = zmq.Context()
@@ -142,35 +144,45 @@ transport: {{chunk_bytes: {CHUNK}, heartbeat_ms: 100, peer_timeout_ms: 30000, ro
     ctx.term()
 
 
+def welcome_hello(wire, peer, routing, env, fingerprint, streams_seen):
+    """Answers a's Hello on one of its streams (PROTOCOL.md: each stream of
+    a site sends its own)."""
+    assert env.hello.site == "a" and env.hello.jurisdiction == "CN"
+    assert env.hello.config_fingerprint == fingerprint, "the canonical text of PROTOCOL.md"
+    assert env.hello.stream < STREAMS
+    streams_seen.add(env.hello.stream)
+    w = wire.Welcome(accepted=True, site="b", incarnation=peer.incarnation)
+    peer.router.send_multipart([routing, peer.envelope(welcome=w)])
+
+
 def handshake(wire, peer, fingerprint, **override):
-    """Our Hello to a (answered by a Welcome on the DEALER) and a's Hello to
-    us (answered by ours on the ROUTER). Returns a's Welcome."""
+    """Our Hello to a (answered by a Welcome on the DEALER) and a's Hellos
+    to us, one per stream (answered by ours on the ROUTER). Returns a's
+    Welcome."""
     hello = dict(protocol_version=2, job_id="doc-peer", site="b", jurisdiction="SG",
                  config_fingerprint=fingerprint, incarnation=peer.incarnation)
     hello.update(override)
     peer.send(hello=wire.Hello(**hello))
-    welcome, greeted = None, False
+    welcome, streams = None, set()
     deadline = time.monotonic() + 60
-    while (welcome is None or not greeted) and time.monotonic() < deadline:
+    while (welcome is None or len(streams) < STREAMS) and time.monotonic() < deadline:
         for source, routing, env, _ in peer.poll(0.1):
             if source == "dealer" and env.HasField("welcome"):
                 welcome = env.welcome
             if source == "router" and env.HasField("hello"):
-                assert env.hello.site == "a" and env.hello.jurisdiction == "CN"
-                assert env.hello.config_fingerprint == fingerprint, "the canonical text of PROTOCOL.md"
-                w = wire.Welcome(accepted=True, site="b", incarnation=peer.incarnation)
-                peer.router.send_multipart([routing, peer.envelope(welcome=w)])
-                greeted = True
+                welcome_hello(wire, peer, routing, env, fingerprint, streams)
         if welcome is not None and not welcome.accepted:
             return welcome
-    assert welcome is not None and greeted, "no handshake within 60 s"
+    assert welcome is not None and len(streams) == STREAMS, f"no handshake within 60 s (streams {streams})"
     return welcome
 
 
-def exchange(wire, gateway, peer, round_, mine, theirs, before_ack=None):
-    """One round: a's payload reassembled, ours sent and acknowledged by a,
+def exchange(wire, gateway, peer, round_, mine, theirs, before_ack=None, connections=None):
+    """One round: a's payload reassembled from its chunks in whatever order
+    and on whichever stream they come, ours sent and acknowledged by a,
     then ours acknowledged to a (before that, `before_ack()` runs and must
-    be answered by one more Ack); returns what a's gateway reports."""
+    be answered by one more Ack); returns what a's gateway reports.
+    `connections` collects the connections a's chunks came on."""
     gateway.exchange(round_, "t", torch.frombuffer(bytearray(theirs), dtype=torch.uint8), "model_update")
     for i in range(max(1, -(-len(mine) // CHUNK))):
         peer.send_chunk(round_, "t", mine, i)
@@ -183,6 +195,8 @@ def exchange(wire, gateway, peer, round_, mine, theirs, before_ack=None):
                 assert xxhash.xxh3_64_intdigest(data) == env.chunk.xxh3
                 got[env.chunk.index] = data
                 reply_to = routing
+                if connections is not None:
+                    connections.add(routing)
             if source == "dealer" and env.HasField("ack") and env.ack.round == round_:
                 acks += 1
             if source == "dealer" and env.HasField("refuse"):
@@ -207,10 +221,13 @@ def exchange(wire, gateway, peer, round_, mine, theirs, before_ack=None):
 def test_a_peer_written_from_the_protocol_document_trains_with_a_real_gateway(job):
     wire, gateway, peer, fingerprint = job
     assert handshake(wire, peer, fingerprint).accepted
+    connections = set()
     for r, n in ((0, 10000), (1, 0), (2, 3 * CHUNK)):
         mine = secrets.token_bytes(n)
-        got, missing = exchange(wire, gateway, peer, r, mine, secrets.token_bytes(5000 + r))
+        got, missing = exchange(wire, gateway, peer, r, mine, secrets.token_bytes(5000 + r + r * 3 * CHUNK),
+                                connections=connections)
         assert got == mine and missing == []
+    assert len(connections) == STREAMS, "a's chunks are striped over its streams"
 
     # A chunk with a broken layout for a key whose payload is already in is
     # acknowledged again and changes nothing; the round still completes.

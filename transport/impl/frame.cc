@@ -62,6 +62,10 @@ std::string checkHello(const wire::Hello& h, const char* user, const HelloTerms&
            hex(terms.config_fingerprint) +
            "...: every site must run the same job config (only key file paths and bind may differ)";
   }
+  if (h.stream() >= terms.streams) {
+    return "stream " + std::to_string(h.stream()) + " is beyond this job's transport.streams = " +
+           std::to_string(terms.streams);
+  }
   return "";
 }
 
@@ -113,6 +117,7 @@ wire::Envelope helloEnvelope(const HelloFields& f) {
   h->set_jurisdiction(f.jurisdiction);
   h->set_config_fingerprint(f.config_fingerprint);
   h->set_incarnation(f.incarnation);
+  h->set_stream(f.stream);
   return env;
 }
 

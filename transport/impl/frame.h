@@ -48,6 +48,7 @@ struct HelloTerms {
   std::vector<std::string> jurisdictions;   // peers[i]'s jurisdiction in the job config
   std::string config_fingerprint;           // this site's, raw bytes
   bool curve = true;                        // CurveZMQ: the connection's User-Id must be the site
+  uint32_t streams = 1;                     // transport.streams: a Hello's stream is below it
 };
 
 // The handshake checks of docs/PROTOCOL.md in their order: "" if `h` is
@@ -90,6 +91,7 @@ struct HelloFields {
   std::string jurisdiction;
   std::string config_fingerprint;  // raw bytes
   uint64_t incarnation = 0;
+  uint32_t stream = 0;
 };
 wire::Envelope helloEnvelope(const HelloFields& f);
 // accepted iff `refusal` is empty.

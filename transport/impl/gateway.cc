@@ -13,10 +13,12 @@
 //   router_   bound at this site's endpoint; receives every peer's DEALER
 //             (Hello, Heartbeat, Chunk) and answers on it (Welcome, Ack,
 //             Nack, Refuse, Closed). CurveZMQ server.
-//   links_    one DEALER per peer, connected to the peer's ROUTER; we send our
-//             Hello, heartbeats and payload chunks there. CurveZMQ client.
+//   links_    per peer, `streams` DEALERs (a TCP connection each), connected
+//             to the peer's ROUTER; each sends its Hello and heartbeats, and
+//             payload chunks are striped over those welcomed. CurveZMQ client.
 //   zap_      the ZAP handler (RFC 27): admits only the job's public keys.
-//   monitors  one per DEALER: reconnects trigger a new Hello and a resend;
+//   monitors  one per DEALER: reconnects trigger a new Hello, and the chunks
+//             that went on a broken connection go again;
 //             one on the ROUTER: accepted connections that have not spoken
 //             yet are counted, and the oldest beyond a limit dropped.
 // exchange() talks to the thread through a mutex-guarded queue and an eventfd.
@@ -73,10 +75,8 @@ bool isLoopback(const std::string& endpoint) {
   return host == "localhost" || host == "[::1]" || host.rfind("127.", 0) == 0;
 }
 
-// Our side of the link to one peer: the DEALER we send on.
-struct Link {
-  size_t index = 0;  // the peer's site index
-  std::string name;
+// One connection of ours to a peer's ROUTER: a DEALER and its monitor.
+struct Stream {
   std::unique_ptr<zmq::socket_t> dealer;
   std::unique_ptr<zmq::socket_t> monitor;
   bool welcomed = false;  // our Hello accepted by its ROUTER
@@ -84,7 +84,37 @@ struct Link {
   int failed_handshakes = 0;  // connections in a row that closed before their handshake passed
   Clock::time_point hello_sent;
   Clock::time_point last_heartbeat{};
+  int fd = -1;  // its TCP socket (the monitor's CONNECTED event), for test_cut_stream
+  bool test_cut = false;  // test_cut_stream: cut, and never welcomed again
 };
+
+// Our side of the link to one peer: the streams we send on.
+struct Link {
+  size_t index = 0;  // the peer's site index
+  std::string name;
+  std::vector<Stream> streams;
+  size_t next_stream = 0;  // where striping goes on
+
+  bool welcomed() const {
+    return std::any_of(streams.begin(), streams.end(), [](const Stream& s) { return s.welcomed; });
+  }
+};
+
+// A ROUTER connection that speaks for a site: its welcomed Hello's stream
+// and life.
+struct Conn {
+  size_t site = 0;
+  uint32_t stream = 0;
+  uint64_t incarnation = 0;
+};
+
+// ZeroMQ I/O threads: each connection's encryption and TCP run on one, so
+// several streams use several cores.
+int ioThreads(const GatewayOptions& o) {
+  if (o.io_threads > 0) return o.io_threads;
+  const int cores = int(std::max(1u, std::thread::hardware_concurrency()));
+  return std::max(2, std::min(o.streams + 1, cores));
+}
 
 struct Command {
   uint64_t round;
@@ -128,6 +158,7 @@ class Gateway::Impl {
     }
     hello_terms_.config_fingerprint.assign(opt_.config_fingerprint.begin(), opt_.config_fingerprint.end());
     hello_terms_.curve = !opt_.insecure;
+    hello_terms_.streams = uint32_t(opt_.streams);
     wake_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     if (wake_fd_ < 0) fail<Error>("gateway: eventfd failed: ", std::strerror(errno));
     std::random_device rd;
@@ -289,6 +320,10 @@ class Gateway::Impl {
                             opt_.chunk_bytes, " bytes (chunk indices are 32-bit): raise chunk_bytes");
     }
     if (opt_.max_rounds_in_flight < 1) fail<InvalidArgument>("gateway: max_rounds_in_flight must be >= 1");
+    if (opt_.streams < 1 || opt_.streams > 64) fail<InvalidArgument>("gateway: streams must be 1 to 64, not ", opt_.streams);
+    if (opt_.io_threads < 0 || opt_.io_threads > 64) {
+      fail<InvalidArgument>("gateway: io_threads must be 0 (automatic) to 64, not ", opt_.io_threads);
+    }
     if (opt_.insecure) {
       for (const SiteEndpoint& s : opt_.sites) {
         for (const std::string& where : {s.endpoint, s.bind}) {
@@ -316,9 +351,21 @@ class Gateway::Impl {
     s.set(zmq::sockopt::linger, 0);
     s.set(zmq::sockopt::sndhwm, opt_.high_water_mark);
     s.set(zmq::sockopt::rcvhwm, opt_.high_water_mark);
-    // ZMTP heartbeats: a silent TCP connection is dropped and re-established.
+    // A dead connection is dropped and re-established: TCP gives up on data
+    // (ZMTP's heartbeats included) unacknowledged, or a zero window, for
+    // twice the peer timeout (a receiver busy for a moment under load is
+    // not a dead one).
+    // That is the dead-link detector, not ZMTP's own heartbeat timeout: a
+    // DEALER's PING waits behind the chunks queued on its connection, and
+    // a slow stream (a thin link shared by several) took longer than the
+    // peer timeout to get it through, so connections that were alive were
+    // dropped over and over (8 streams across 100 Mbit/s: 0.85x the rate of
+    // one). ZMTP's timeout stays as a backstop for a peer that acknowledges
+    // at the TCP level but no longer reads (its process frozen).
+    s.set(zmq::sockopt::tcp_maxrt, static_cast<int>(std::min<int64_t>(2 * opt_.peer_timeout.count(), 6553500)));
     s.set(zmq::sockopt::heartbeat_ivl, static_cast<int>(opt_.heartbeat.count()));
-    s.set(zmq::sockopt::heartbeat_timeout, static_cast<int>(opt_.peer_timeout.count()));
+    s.set(zmq::sockopt::heartbeat_timeout,
+          static_cast<int>(std::clamp<int64_t>(opt_.peer_timeout.count() * 6, 30000, 6553500)));
     s.set(zmq::sockopt::heartbeat_ttl, static_cast<int>(std::min<int64_t>(opt_.peer_timeout.count(), 6553500)));
     // A single frame never exceeds a chunk plus its envelope.
     s.set(zmq::sockopt::maxmsgsize, static_cast<int64_t>(opt_.chunk_bytes + 65536));
@@ -363,34 +410,45 @@ class Gateway::Impl {
       Link p;
       p.index = i;
       p.name = opt_.sites[i].name;
-      p.dealer = std::make_unique<zmq::socket_t>(ctx_, zmq::socket_type::dealer);
-      setCommon(*p.dealer);
-      p.dealer->set(zmq::sockopt::immediate, 1);  // queue only to a live connection
-      p.dealer->set(zmq::sockopt::reconnect_ivl, 100);
-      // Back off to at most half the peer timeout (and 2 s): a peer back from
-      // a partition or a restart is heard again soon after it can be.
-      p.dealer->set(zmq::sockopt::reconnect_ivl_max,
-                    static_cast<int>(std::clamp<int64_t>(opt_.peer_timeout.count() / 2, 100, 2000)));
-      // A connect attempt made while the link is down must not sit in TCP's
-      // SYN back-off (minutes) after it comes back: retry instead.
-      p.dealer->set(zmq::sockopt::connect_timeout, static_cast<int>(opt_.peer_timeout.count()));
-      if (!opt_.insecure) {
-        p.dealer->set(zmq::sockopt::curve_serverkey, opt_.sites[i].public_key);
-        p.dealer->set(zmq::sockopt::curve_publickey, opt_.sites[self_].public_key);
-        p.dealer->set(zmq::sockopt::curve_secretkey, opt_.secret_key);
-      }
-      const std::string mon = "inproc://monitor-" + std::to_string(i);
-      if (zmq_socket_monitor(p.dealer->handle(), mon.c_str(),
-                             ZMQ_EVENT_HANDSHAKE_SUCCEEDED | ZMQ_EVENT_DISCONNECTED |
-                                 ZMQ_EVENT_HANDSHAKE_FAILED_AUTH | ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL) != 0) {
-        fail<Error>("gateway: cannot monitor socket: ", zmq_strerror(zmq_errno()));
-      }
-      p.monitor = std::make_unique<zmq::socket_t>(ctx_, zmq::socket_type::pair);
-      p.monitor->set(zmq::sockopt::linger, 0);
-      p.monitor->connect(mon);
-      p.dealer->connect(opt_.sites[i].endpoint);
+      p.streams.resize(size_t(opt_.streams));
+      for (size_t k = 0; k < p.streams.size(); ++k) openStream(i, k, p.streams[k]);
       links_.push_back(std::move(p));
     }
+  }
+
+  void openStream(size_t peer, size_t k, Stream& s) {
+    s.dealer = std::make_unique<zmq::socket_t>(ctx_, zmq::socket_type::dealer);
+    setCommon(*s.dealer);
+    // The peer's queue (high_water_mark messages) is split over its streams:
+    // a chunk goes to a stream when the stream has room, so a slower
+    // connection takes fewer chunks instead of holding up the payload's end
+    // with a fixed share (16 streams with whole queues each: 0.6x the rate
+    // of 8 across 1 Gbit/s and 150 ms).
+    s.dealer->set(zmq::sockopt::sndhwm, std::max(2, (opt_.high_water_mark + opt_.streams - 1) / opt_.streams));
+    s.dealer->set(zmq::sockopt::immediate, 1);  // queue only to a live connection
+    s.dealer->set(zmq::sockopt::reconnect_ivl, 100);
+    // Back off to at most half the peer timeout (and 2 s): a peer back from
+    // a partition or a restart is heard again soon after it can be.
+    s.dealer->set(zmq::sockopt::reconnect_ivl_max,
+                  static_cast<int>(std::clamp<int64_t>(opt_.peer_timeout.count() / 2, 100, 2000)));
+    // A connect attempt made while the link is down must not sit in TCP's
+    // SYN back-off (minutes) after it comes back: retry instead.
+    s.dealer->set(zmq::sockopt::connect_timeout, static_cast<int>(opt_.peer_timeout.count()));
+    if (!opt_.insecure) {
+      s.dealer->set(zmq::sockopt::curve_serverkey, opt_.sites[peer].public_key);
+      s.dealer->set(zmq::sockopt::curve_publickey, opt_.sites[self_].public_key);
+      s.dealer->set(zmq::sockopt::curve_secretkey, opt_.secret_key);
+    }
+    const std::string mon = "inproc://monitor-" + std::to_string(peer) + "-" + std::to_string(k);
+    if (zmq_socket_monitor(s.dealer->handle(), mon.c_str(),
+                           ZMQ_EVENT_CONNECTED | ZMQ_EVENT_HANDSHAKE_SUCCEEDED | ZMQ_EVENT_DISCONNECTED |
+                               ZMQ_EVENT_HANDSHAKE_FAILED_AUTH | ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL) != 0) {
+      fail<Error>("gateway: cannot monitor socket: ", zmq_strerror(zmq_errno()));
+    }
+    s.monitor = std::make_unique<zmq::socket_t>(ctx_, zmq::socket_type::pair);
+    s.monitor->set(zmq::sockopt::linger, 0);
+    s.monitor->connect(mon);
+    s.dealer->connect(opt_.sites[peer].endpoint);
   }
 
   // ---------------------------------------------------------- the loop ---
@@ -432,7 +490,7 @@ class Gateway::Impl {
     }
     const auto until = Clock::now() + std::min<std::chrono::milliseconds>(opt_.peer_timeout, std::chrono::seconds(2));
     auto waiting = [&] {
-      return std::any_of(links_.begin(), links_.end(), [](const Link& p) { return !p.welcomed; });
+      return std::any_of(links_.begin(), links_.end(), [](const Link& p) { return !p.welcomed(); });
     };
     while (waiting() && Clock::now() < until && !fatal_) {
       poll();
@@ -489,10 +547,12 @@ class Gateway::Impl {
       reason = fatal_ ? "failed: " + fatal_what_ : stop_reason_.empty() ? "closed" : stop_reason_;
     }
     for (Link& p : links_) {
-      if (!p.welcomed || !p.dealer) continue;
-      try {
-        sendEnvelope(*p.dealer, stoppedEnvelope(incarnation_, reason), nullptr);
-      } catch (const zmq::error_t&) {
+      for (Stream& s : p.streams) {  // on each: any may be the one that gets through
+        if (!s.welcomed || !s.dealer) continue;
+        try {
+          sendEnvelope(*s.dealer, stoppedEnvelope(incarnation_, reason), nullptr);
+        } catch (const zmq::error_t&) {
+        }
       }
     }
   }
@@ -503,12 +563,16 @@ class Gateway::Impl {
     const int linger = static_cast<int>(std::min<int64_t>(opt_.peer_timeout.count(), 1000));
     if (router_) router_->set(zmq::sockopt::linger, linger);
     for (Link& p : links_) {
-      if (p.dealer) p.dealer->set(zmq::sockopt::linger, linger);
+      for (Stream& s : p.streams) {
+        if (s.dealer) s.dealer->set(zmq::sockopt::linger, linger);
+      }
     }
     for (Link& p : links_) {
-      if (p.dealer) zmq_socket_monitor(p.dealer->handle(), nullptr, 0);
-      p.monitor.reset();
-      p.dealer.reset();
+      for (Stream& s : p.streams) {
+        if (s.dealer) zmq_socket_monitor(s.dealer->handle(), nullptr, 0);
+        s.monitor.reset();
+        s.dealer.reset();
+      }
     }
     if (router_) zmq_socket_monitor(router_->handle(), nullptr, 0);
     router_monitor_.reset();
@@ -526,10 +590,11 @@ class Gateway::Impl {
     items.push_back({router_monitor_->handle(), 0, ZMQ_POLLIN, 0});
     const size_t first_peer = items.size();
     for (Link& p : links_) {
-      short events = ZMQ_POLLIN;
-      if (p.welcomed && rounds_.hasWork(p.index)) events |= ZMQ_POLLOUT;
-      items.push_back({p.dealer->handle(), 0, events, 0});
-      items.push_back({p.monitor->handle(), 0, ZMQ_POLLIN, 0});
+      const bool work = rounds_.hasWork(p.index);
+      for (Stream& s : p.streams) {
+        items.push_back({s.dealer->handle(), 0, short(ZMQ_POLLIN | (s.welcomed && work ? ZMQ_POLLOUT : 0)), 0});
+        items.push_back({s.monitor->handle(), 0, ZMQ_POLLIN, 0});
+      }
     }
     zmq::poll(items.data(), items.size(), std::chrono::milliseconds(pollTimeoutMs()));
     if (items[0].revents & ZMQ_POLLIN) {
@@ -543,12 +608,13 @@ class Gateway::Impl {
     for (int i = 0; i < 256 && (items[1].revents & ZMQ_POLLIN); ++i) {
       if (!receiveRouter()) break;
     }
-    for (size_t k = 0; k < links_.size(); ++k) {
-      const zmq::pollitem_t& d = items[first_peer + 2 * k];
-      const zmq::pollitem_t& m = items[first_peer + 2 * k + 1];
-      if (m.revents & ZMQ_POLLIN) handleMonitor(links_[k]);
-      for (int i = 0; i < 64 && (d.revents & ZMQ_POLLIN); ++i) {
-        if (!receiveDealer(links_[k])) break;
+    size_t at = first_peer;
+    for (Link& p : links_) {
+      for (size_t k = 0; k < p.streams.size(); ++k, at += 2) {
+        if (items[at + 1].revents & ZMQ_POLLIN) handleMonitor(p, k);
+        for (int i = 0; i < 64 && (items[at].revents & ZMQ_POLLIN); ++i) {
+          if (!receiveDealer(p, p.streams[k])) break;
+        }
       }
     }
   }
@@ -704,31 +770,44 @@ class Gateway::Impl {
 
   // ----------------------------------------------------- dealer events ---
 
-  void handleMonitor(Link& p) {
+  void handleMonitor(Link& p, size_t k) {
+    Stream& s = p.streams[k];
     while (true) {
       zmq::message_t event, addr;
-      if (!p.monitor->recv(event, zmq::recv_flags::dontwait)) return;
-      if (!p.monitor->recv(addr, zmq::recv_flags::dontwait)) return;
+      if (!s.monitor->recv(event, zmq::recv_flags::dontwait)) return;
+      if (!s.monitor->recv(addr, zmq::recv_flags::dontwait)) return;
       uint16_t id;
       std::memcpy(&id, event.data(), sizeof id);
       if (id == ZMQ_EVENT_HANDSHAKE_SUCCEEDED) {
         // A new connection, ready for messages (the TCP-level CONNECTED
         // event comes before the ZMTP/Curve handshake, when a send would be
         // dropped). Whatever was in flight on an old one may be lost: say
-        // hello again; once welcomed, resend what is unacknowledged.
-        p.handshaken = true;
-        p.failed_handshakes = 0;
-        sendHello(p);
+        // hello again; once welcomed, resend what went on the old one.
+        s.handshaken = true;
+        s.failed_handshakes = 0;
+        sendHello(p, k);
+      } else if (id == ZMQ_EVENT_CONNECTED) {
+        uint32_t fd;  // the event's value (HANDSHAKE_SUCCEEDED's is 0)
+        std::memcpy(&fd, static_cast<const uint8_t*>(event.data()) + sizeof id, sizeof fd);
+        s.fd = int(fd);
       } else if (id == ZMQ_EVENT_DISCONNECTED) {
-        p.welcomed = false;
+        // What went on it may be lost: the other streams carry it now.
+        if (s.welcomed) {
+          if (peers_.at(p.index).stopped.empty() && !stop_.load()) {
+            log("stream " + std::to_string(k) + " to '" + p.name + "' disconnected: its unacknowledged chunks go again");
+          }
+          rounds_.streamLost(p.index, int(k));
+        }
+        s.welcomed = false;
+        s.fd = -1;
         // The peer closing connection after connection before their
         // CurveZMQ handshake passed: its keys are not what this job's
         // config says (a server that cannot decrypt our hello just closes).
-        if (!p.handshaken && ++p.failed_handshakes == 3) {
+        if (!s.handshaken && ++s.failed_handshakes == 3) {
           peers_.trouble(p.index, "its endpoint closes every connection before the CurveZMQ handshake passes (does "
                                   "it run with the secret key of the public key this job's config lists for it?)");
         }
-        p.handshaken = false;
+        s.handshaken = false;
       } else if (id == ZMQ_EVENT_HANDSHAKE_FAILED_AUTH) {
         refusedBy("site '" + p.name + "' refused our CurveZMQ key: it does not list this site's "
                   "public key (check both sites' key files and configs)");
@@ -739,7 +818,8 @@ class Gateway::Impl {
     }
   }
 
-  void sendHello(Link& p) {
+  void sendHello(Link& p, size_t k) {
+    Stream& s = p.streams[k];
     HelloFields f;
     f.protocol_version = opt_.test_protocol_version;
     f.job_id = opt_.job_id;
@@ -747,15 +827,16 @@ class Gateway::Impl {
     f.jurisdiction = opt_.sites[self_].jurisdiction;
     f.config_fingerprint.assign(opt_.config_fingerprint.begin(), opt_.config_fingerprint.end());
     f.incarnation = incarnation_;
-    p.welcomed = false;
+    f.stream = uint32_t(k);
+    s.welcomed = false;
     // Not sent (no ready connection yet): the next timer tick tries again.
-    p.hello_sent = sendEnvelope(*p.dealer, helloEnvelope(f), nullptr) ? Clock::now() : Clock::time_point{};
+    s.hello_sent = sendEnvelope(*s.dealer, helloEnvelope(f), nullptr) ? Clock::now() : Clock::time_point{};
   }
 
-  bool receiveDealer(Link& p) {
+  bool receiveDealer(Link& p, Stream& s) {
     zmq::message_t frame;
-    if (!p.dealer->recv(frame, zmq::recv_flags::dontwait)) return false;
-    dropRest(*p.dealer, frame);
+    if (!s.dealer->recv(frame, zmq::recv_flags::dontwait)) return false;
+    dropRest(*s.dealer, frame);
     const FrameView view{frame.data(), frame.size()};
     Message m;
     const std::string malformed = parseMessage(&view, 1, &m);
@@ -786,10 +867,10 @@ class Gateway::Impl {
           const HelloLife l = life != 0 ? peers_.life(p.index, life) : HelloLife::kSame;
           if (l != HelloLife::kSame) rounds_.newLife(p.index, life, l == HelloLife::kRestarted, fx);
         }
-        if (!p.welcomed) {
-          p.welcomed = true;
+        if (!s.welcomed && !s.test_cut) {
+          s.welcomed = true;
           peers_.trouble(p.index, "");
-          rounds_.welcomed(p.index);
+          rounds_.welcomed(p.index, int(&s - p.streams.data()));
         }
         break;
       }
@@ -814,7 +895,7 @@ class Gateway::Impl {
     }
     // Our answers to answers (a Closed for a refusal that came after this
     // site completed the round) go on this connection, to the peer's ROUTER.
-    for (const wire::Envelope& e : fx.replies) sendEnvelope(*p.dealer, e, nullptr);
+    for (const wire::Envelope& e : fx.replies) sendEnvelope(*s.dealer, e, nullptr);
     fx.replies.clear();
     apply(fx, nullptr);
     return true;
@@ -861,7 +942,7 @@ class Gateway::Impl {
     if (conn == conns_.end()) {
       return true;  // no welcomed Hello on this connection (or a newer one of its site took over): ignore
     }
-    const size_t site = conn->second;
+    const size_t site = conn->second.site;
     const PeerState& p = peers_.at(site);
     if (!opt_.insecure) {
       // The binding was made under this connection's key; check it anyway.
@@ -919,12 +1000,15 @@ class Gateway::Impl {
       return;
     }
     const size_t site = size_t(peers_.find(h.site()));  // checkHello: one of the peers
-    // This connection speaks for the site from now on; an older one of the
-    // same site (half-open after a restart or a partition) no longer does.
+    // This connection speaks for the site's stream from now on; an older
+    // one of the same stream (half-open after a partition), or of any
+    // stream of another life of the site (a restart), no longer does.
     for (auto it = conns_.begin(); it != conns_.end();) {
-      it = it->second == site ? conns_.erase(it) : std::next(it);
+      const bool replaced = it->second.site == site &&
+                            (it->second.stream == h.stream() || it->second.incarnation != h.incarnation());
+      it = replaced ? conns_.erase(it) : std::next(it);
     }
-    conns_[routing] = site;
+    conns_[routing] = Conn{site, h.stream(), h.incarnation()};
     const HelloLife life = peers_.hello(site, h.incarnation(), Clock::now());
     if (life != HelloLife::kSame) {
       // What it lost is resent when our DEALER reconnects and is welcomed
@@ -982,12 +1066,14 @@ class Gateway::Impl {
   // Sends as many chunks as the sockets take, round-robin over rounds.
   void sendChunks() {
     for (Link& p : links_) {
-      if (!p.welcomed) continue;
+      if (!p.welcomed()) continue;
       rounds_.send(p.index, [&](const ChunkToSend& c) { return sendChunk(p, c); });
     }
   }
 
-  bool sendChunk(Link& p, const ChunkToSend& c) {
+  // Puts the chunk on the next welcomed stream of `p` that takes it
+  // (round-robin): the stream, or RoundTable::kFull.
+  int sendChunk(Link& p, const ChunkToSend& c) {
     const uint8_t* bytes = c.payload->data() + c.offset;
     ChunkHeader h;
     h.round = c.key.first;
@@ -1009,18 +1095,47 @@ class Gateway::Impl {
                    [](void*, void* hint) { delete static_cast<std::shared_ptr<std::vector<uint8_t>>*>(hint); },
                    hold);
     }
-    return sendEnvelope(*p.dealer, chunkEnvelope(h), &data);
+    const std::string head = chunkEnvelope(h).SerializeAsString();
+    const size_t n = p.streams.size();
+    for (size_t tried = 0; tried < n; ++tried) {
+      const size_t k = (p.next_stream + tried) % n;
+      Stream& s = p.streams[k];
+      if (!s.welcomed) continue;
+      zmq::message_t first(head.data(), head.size());
+      if (!s.dealer->send(first, zmq::send_flags::dontwait | zmq::send_flags::sndmore)) continue;  // full
+      s.dealer->send(data, zmq::send_flags::none);  // the second frame follows atomically
+      p.next_stream = (k + 1) % n;
+      cutForTest(p, k, c.index);
+      return int(k);
+    }
+    return RoundTable::kFull;
+  }
+
+  // Test hook (GatewayOptions::test_cut_stream): the TCP connection of
+  // stream 1 is shut down right after chunk `test_cut_stream` of a first
+  // pass went on it, so the chunks queued behind it are lost, and the
+  // stream is not used again: the others must carry them.
+  void cutForTest(Link& p, size_t k, uint32_t index) {
+    if (opt_.test_cut_stream < 0 || k != 1 || index < uint64_t(opt_.test_cut_stream) || cut_done_) return;
+    Stream& s = p.streams[k];
+    if (s.fd < 0) return;
+    cut_done_ = true;
+    s.test_cut = true;
+    log("test: cutting the connection of stream 1 to '" + p.name + "' after chunk " + std::to_string(index));
+    ::shutdown(s.fd, SHUT_RDWR);
   }
 
   void timers() {
     const auto now = Clock::now();
     for (Link& p : links_) {
-      if (now - p.last_heartbeat >= opt_.heartbeat) {
-        p.last_heartbeat = now;
-        if (p.welcomed) {
-          sendEnvelope(*p.dealer, heartbeatEnvelope(incarnation_), nullptr);
-        } else if (!fatal_ && now - p.hello_sent >= opt_.heartbeat * 2) {
-          sendHello(p);  // no Welcome yet (peer not up, or the Hello was lost)
+      for (size_t k = 0; k < p.streams.size(); ++k) {
+        Stream& s = p.streams[k];
+        if (now - s.last_heartbeat < opt_.heartbeat) continue;
+        s.last_heartbeat = now;
+        if (s.welcomed) {
+          sendEnvelope(*s.dealer, heartbeatEnvelope(incarnation_), nullptr);
+        } else if (!fatal_ && now - s.hello_sent >= opt_.heartbeat * 2) {
+          sendHello(p, k);  // no Welcome yet (peer not up, or the Hello was lost)
         }
       }
     }
@@ -1144,10 +1259,14 @@ class Gateway::Impl {
   PeerTable peers_;
   RoundTable rounds_;
   std::map<Key, std::promise<RoundResult>> promises_;  // this site's rounds not settled yet
-  // The ROUTER's connections that speak for a site (routing id -> site
-  // index): the one whose Hello was welcomed last, at most one per site.
-  std::map<std::string, size_t> conns_;
-  zmq::context_t ctx_{2};  // two I/O threads: sending and receiving proceed in parallel
+  // The ROUTER's connections that speak for a site (routing id -> site,
+  // stream, life): the one whose Hello was welcomed last, at most one per
+  // site and stream.
+  std::map<std::string, Conn> conns_;
+  // At least two I/O threads, so sending and receiving proceed in parallel;
+  // more with several streams (ioThreads).
+  zmq::context_t ctx_{ioThreads(opt_)};
+  bool cut_done_ = false;  // test_cut_stream: done once
   std::unique_ptr<zmq::socket_t> router_;
   std::unique_ptr<zmq::socket_t> zap_;
   std::unique_ptr<zmq::socket_t> router_monitor_;

@@ -123,6 +123,8 @@ GatewayOptions GatewayOptions::fromConfig(const core::JobConfig& config, const s
   o.max_message_bytes = t.max_message_bytes;
   o.max_rounds_in_flight = t.max_rounds_in_flight;
   o.high_water_mark = t.high_water_mark;
+  o.streams = t.streams;
+  o.io_threads = t.io_threads;
   o.heartbeat = std::chrono::milliseconds(t.heartbeat_ms);
   o.peer_timeout = std::chrono::milliseconds(t.peer_timeout_ms);
   o.round_deadline = std::chrono::milliseconds(int64_t(t.round_deadline_s * 1000));

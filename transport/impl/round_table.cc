@@ -278,12 +278,15 @@ void RoundTable::nack(size_t peer, const Key& key, uint32_t index) {
   Round& r = *found;
   Outgoing& o = r.out[peer];
   if (o.state != SendState::kSending) return;
-  if (o.queued.size() != r.chunk_count) o.queued.assign(r.chunk_count, false);
-  if (!o.queued[index]) {
-    o.queued[index] = true;
-    o.resend.push_back(index);
-    r.metrics[peer].retransmissions++;
-  }
+  if (o.requeue(index, r.chunk_count)) r.metrics[peer].retransmissions++;
+}
+
+bool RoundTable::Outgoing::requeue(uint32_t index, uint32_t count) {
+  if (queued.size() != count) queued.assign(count, false);
+  if (queued[index]) return false;
+  queued[index] = true;
+  resend.push_back(index);
+  return true;
 }
 
 void RoundTable::refused(size_t peer, uint64_t life, const Key& key, const std::string& reason, Effects& fx) {
@@ -331,18 +334,41 @@ void RoundTable::closed(size_t peer, const Key& key, Effects& fx) {
 
 // ------------------------------------------------------- peers' lives ---
 
-void RoundTable::welcomed(size_t peer) {
+void RoundTable::welcomed(size_t peer, int stream) {
   for (auto* table : {&rounds_, &parked_}) {
     for (auto& kv : *table) {
       Round& r = kv.second;
       if (!r.local()) continue;
       Outgoing& o = r.out[peer];
-      if (o.state == SendState::kParked) o.state = SendState::kSending;  // back in the same life
+      if (o.state == SendState::kParked) {
+        // Back in the same life after a silence: all of it again.
+        o = Outgoing{};
+        continue;
+      }
       if (o.state != SendState::kSending) continue;
-      o.next = 0;
-      o.resend.clear();
-      o.queued.clear();
+      requeueStream(r, peer, stream);
     }
+  }
+}
+
+void RoundTable::streamLost(size_t peer, int stream) {
+  for (auto* table : {&rounds_, &parked_}) {
+    for (auto& kv : *table) {
+      Round& r = kv.second;
+      if (r.local() && r.out[peer].state == SendState::kSending) requeueStream(r, peer, stream);
+    }
+  }
+}
+
+// Chunks that last went on `stream` go again: a broken connection may have
+// lost any of them (ZeroMQ does not resend what was in flight), and acks
+// are per payload, so which arrived is not known. Receivers ignore
+// duplicates.
+void RoundTable::requeueStream(Round& r, size_t peer, int stream) {
+  Outgoing& o = r.out[peer];
+  const uint32_t sent = std::min<uint32_t>(o.next, uint32_t(o.via.size()));
+  for (uint32_t i = 0; i < sent; ++i) {
+    if (o.via[i] == uint8_t(stream) && o.requeue(i, r.chunk_count)) r.metrics[peer].retransmissions++;
   }
 }
 
@@ -413,7 +439,10 @@ void RoundTable::send(size_t peer, const Send& send) {
       const uint64_t offset = uint64_t(index) * rules_.chunk_bytes;
       const size_t bytes = size_t(std::min<uint64_t>(rules_.chunk_bytes,
                                                      r.payload->size() - std::min<uint64_t>(offset, r.payload->size())));
-      if (!send(ChunkToSend{r.key, r.kind, r.payload, index, r.chunk_count, offset, bytes, retry})) return;  // full
+      const int stream = send(ChunkToSend{r.key, r.kind, r.payload, index, r.chunk_count, offset, bytes, retry});
+      if (stream == kFull) return;
+      if (o.via.size() != r.chunk_count) o.via.assign(r.chunk_count, 0);
+      o.via[index] = uint8_t(stream);
       r.metrics[peer].bytes_sent += bytes;
       if (retry) {
         o.resend.pop_front();
@@ -555,16 +584,22 @@ void RoundTable::tickOpen(Round& r, Clock::time_point now, const PeerTable& peer
     }
   }
   // A large payload of ours completes the round only once every peer that
-  // sent its own has acknowledged ours too (or is lost, or the hard deadline
-  // came): delivering it earlier hands the application a copy of it (the
-  // round goes on sending the original), which for many GB costs more
-  // memory, and I/O-thread time, than the one-way trip saved.
+  // sent its own has acknowledged ours too (or stopped, was refused, has
+  // been silent for twice the peer timeout, or the hard deadline came):
+  // delivering it earlier hands the application a copy of it (the round
+  // goes on sending the original), which for many GB costs more memory,
+  // and I/O-thread time, than the one-way trip saved. Twice, as a closing
+  // gateway's linger: a peer busy filling GBs under load looked lost for a
+  // moment and cost a 3 GiB copy (3.1x the payload in memory).
   bool owe_ack = false;
   if (waiting.empty() && r.payload && r.payload->size() > kCompleteOnReceiptMaxBytes &&
       now < r.start + rules_.hard_deadline) {
     for (size_t i : peers.peers()) {
       const bool in = std::find(missing.begin(), missing.end(), i) == missing.end();
-      owe_ack = owe_ack || (in && r.out[i].state == SendState::kSending && !peers.lost(i, now));
+      const PeerState& p = peers.at(i);
+      const bool given_up = !p.refused.empty() || !p.stopped.empty() ||
+                            (p.greeted && now - p.last_heard >= 2 * rules_.peer_timeout);
+      owe_ack = owe_ack || (in && r.out[i].state == SendState::kSending && !given_up);
     }
   }
   if (waiting.empty() && owe_ack) {

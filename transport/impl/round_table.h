@@ -109,8 +109,10 @@ class RoundTable {
  public:
   // A receive buffer of `bytes` (recycled memory) or an empty one.
   using Buffers = std::function<std::vector<uint8_t>(uint64_t bytes)>;
-  // Puts one chunk on the peer's socket: false if it is full (try later).
-  using Send = std::function<bool(const ChunkToSend&)>;
+  // Puts one chunk on one of the peer's streams (connections): the stream
+  // it went on, or kFull if none takes it now (try later).
+  using Send = std::function<int(const ChunkToSend&)>;
+  static constexpr int kFull = -1;
 
   explicit RoundTable(RoundRules rules, Buffers buffers = {});
 
@@ -133,9 +135,15 @@ class RoundTable {
   void refused(size_t peer, uint64_t life, const Key& key, const std::string& reason, Effects& fx);
   void closed(size_t peer, const Key& key, Effects& fx);
 
-  // Our Hello was welcomed on a new connection to `peer`: whatever was in
-  // flight on the old one may be lost, so unacked payloads start again.
-  void welcomed(size_t peer);
+  // Our Hello was welcomed on a new connection of `stream` to `peer`:
+  // whatever was in flight on the stream's old connection may be lost, so
+  // its chunks of unacked payloads go again (streamLost), and payloads
+  // parked while the peer was silent start again.
+  void welcomed(size_t peer, int stream);
+  // The connection of `stream` to `peer` broke: the chunks of unacked
+  // payloads that went on it may be lost; they go again, on whichever
+  // streams take them (a lost stream is survived by the others).
+  void streamLost(size_t peer, int stream);
   // `peer` said Hello in a new life (HelloLife::kFirst or kRestarted).
   void newLife(size_t peer, uint64_t life, bool restarted, Effects& fx);
 
@@ -169,8 +177,11 @@ class RoundTable {
   struct Outgoing {
     SendState state = SendState::kSending;
     uint32_t next = 0;            // next chunk of the first pass
-    std::deque<uint32_t> resend;  // chunks asked for again (Nack), each at most once
+    std::deque<uint32_t> resend;  // chunks asked for again (Nack, a lost stream), each at most once
     std::vector<bool> queued;     // which chunks are in `resend`: bounds it by the chunk count
+    std::vector<uint8_t> via;     // the stream each chunk last went on (chunks < next)
+
+    bool requeue(uint32_t index, uint32_t count);  // into `resend`; false if there already
   };
   struct Incoming {
     ReceiveState state = ReceiveState::kEmpty;
@@ -218,6 +229,7 @@ class RoundTable {
   };
 
   Round& newRound(const Key& key, Clock::time_point now);
+  void requeueStream(Round& r, size_t peer, int stream);
   Round* local(const Key& key);  // this site's round, open, finishing or parked; nullptr if none
   bool answeredLeftOut(size_t peer, const wire::Chunk& c, Effects& fx);
   void refuseChunk(size_t peer, const Key& key, std::map<Key, Round>::iterator it, const std::string& bad, bool flood,

@@ -12,6 +12,14 @@
 // bytes and packets per (source site -> destination site), where a site is the
 // third octet of A.B.<site>.x, plus packets dropped because the queue was full
 // — and exits. A full queue drops packets as a router would; TCP recovers.
+//
+// Segmentation offload: the device is opened with a virtio-net header and
+// TSO enabled, so the kernel hands over TCP super-packets of up to 64 KiB
+// (as the sites' stacks built them) and segments them after we write them
+// back. Per-packet costs (two system calls, a copy) then scale with
+// super-packets, not 1500-byte frames: one packet at a time, this router
+// took 0.75 of a core for 270 Mbit/s each way and could not pass 1 Gbit/s
+// on two cores. The tbf shaping sees the same bytes either way.
 
 #include <arpa/inet.h>
 #include <fcntl.h>
@@ -94,11 +102,25 @@ int main(int argc, char** argv) {
     return 1;
   }
   ifreq ifr{};
-  ifr.ifr_flags = IFF_TUN | IFF_NO_PI;
+  ifr.ifr_flags = IFF_TUN | IFF_NO_PI | IFF_VNET_HDR;
   std::strncpy(ifr.ifr_name, tun.c_str(), IFNAMSIZ - 1);
   if (::ioctl(fd, TUNSETIFF, &ifr) < 0) {
     std::fprintf(stderr, "strait_wan_delay: cannot attach to %s: %s\n", tun.c_str(), std::strerror(errno));
     return 1;
+  }
+  // struct virtio_net_hdr (linux/virtio_net.h, which C++ cannot include:
+  // it has a member named `class`): flags, gso_type, hdr_len, gso_size,
+  // csum_start, csum_offset. Passed back as it came.
+  const int vnet = 10;
+  if (::ioctl(fd, TUNSETVNETHDRSZ, &vnet) < 0) {
+    std::fprintf(stderr, "strait_wan_delay: cannot set the virtio-net header size: %s\n", std::strerror(errno));
+    return 1;
+  }
+  // Without offloads (an old kernel) packets still come, one frame each.
+  const unsigned offload = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6;
+  if (::ioctl(fd, TUNSETOFFLOAD, offload) < 0) {
+    std::fprintf(stderr, "strait_wan_delay: no segmentation offload on %s (%s): one frame per packet\n", tun.c_str(),
+                 std::strerror(errno));
   }
   ::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL) | O_NONBLOCK);
   struct sigaction sa {};
@@ -114,7 +136,7 @@ int main(int argc, char** argv) {
   size_t queued = 0;
   uint64_t dropped = 0;
   std::map<std::pair<int, int>, std::pair<uint64_t, uint64_t>> pairs;  // (src, dst) -> (bytes, packets)
-  std::vector<uint8_t> buf(65536);
+  std::vector<uint8_t> buf(size_t(vnet) + 256 * 1024);  // a super-packet is at most 64 KiB (256 KiB: BIG TCP)
   std::printf("ready\n");
   std::fflush(stdout);
 
@@ -139,7 +161,7 @@ int main(int argc, char** argv) {
     // Read everything that arrived.
     for (;;) {
       const ssize_t n = ::read(fd, buf.data(), buf.size());
-      if (n <= 0) break;
+      if (n <= vnet) break;
       const auto now = Clock::now();
       if (queued + size_t(n) > queue_limit) {
         ++dropped;
@@ -152,17 +174,19 @@ int main(int argc, char** argv) {
     const auto now = Clock::now();
     while (!queue.empty() && queue.front().due <= now) {
       Packet& pk = queue.front();
-      const std::vector<uint8_t>& b = pk.bytes;
-      if (b.size() >= 20 && (b[0] >> 4) == 4 && b[12] == subnet_a && b[13] == subnet_b && b[16] == subnet_a &&
+      const std::vector<uint8_t>& packet = pk.bytes;
+      const uint8_t* b = packet.data() + vnet;  // the IP header
+      const size_t ip_bytes = packet.size() - size_t(vnet);
+      if (ip_bytes >= 20 && (b[0] >> 4) == 4 && b[12] == subnet_a && b[13] == subnet_b && b[16] == subnet_a &&
           b[17] == subnet_b) {
         auto& c = pairs[{b[14], b[18]}];
-        c.first += b.size();
-        c.second += 1;
+        c.first += ip_bytes;
+        c.second += 1;  // super-packets: see above
       }
-      if (::write(fd, b.data(), b.size()) < 0 && errno != EAGAIN) {
+      if (::write(fd, packet.data(), packet.size()) < 0 && errno != EAGAIN) {
         ++dropped;  // e.g. no route: the kernel refused it
       }
-      queued -= b.size();
+      queued -= packet.size();
       queue.pop_front();
     }
   }

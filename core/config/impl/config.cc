@@ -508,7 +508,8 @@ void parseCheckpoint(const Field& f, CheckpointConfig& c, const std::string& sou
 void parseTransport(const Field& f, TransportConfig& t) {
   if (!f.present()) return;
   f.expectMap({"chunk_bytes", "max_message_bytes", "max_rounds_in_flight", "high_water_mark", "heartbeat_ms",
-               "peer_timeout_ms", "round_deadline_s", "hard_deadline_s", "on_site_loss", "insecure"});
+               "peer_timeout_ms", "round_deadline_s", "hard_deadline_s", "on_site_loss", "insecure", "streams",
+               "io_threads"});
   t.chunk_bytes = f.child("chunk_bytes").integer(t.chunk_bytes, 4096, 256 << 20);
   t.max_message_bytes = f.child("max_message_bytes")
                             .integer(t.max_message_bytes, t.chunk_bytes, uint64_t(t.chunk_bytes) * 0xffffffffULL,
@@ -531,6 +532,8 @@ void parseTransport(const Field& f, TransportConfig& t) {
   }
   t.on_site_loss_continue = f.child("on_site_loss").choice("wait", {"wait", "continue"}) == "continue";
   t.insecure = f.child("insecure").boolean(false);
+  t.streams = static_cast<int>(f.child("streams").integer(t.streams, 1, 64));
+  t.io_threads = static_cast<int>(f.child("io_threads").integer(t.io_threads, 0, 64));
 }
 
 }  // namespace
@@ -560,7 +563,7 @@ std::string JobConfig::sharedText() const {
   o << "transport " << t.chunk_bytes << " " << t.max_message_bytes << " " << t.max_rounds_in_flight
     << " " << t.high_water_mark << " " << t.heartbeat_ms << " " << t.peer_timeout_ms << " "
     << t.round_deadline_s << " " << t.hard_deadline_s << " " << t.on_site_loss_continue << " "
-    << t.insecure << "\n";
+    << t.insecure << " " << t.streams << "\n";  // io_threads: each gateway's own business
   // Sites must checkpoint the same rounds to find one they all hold; where
   // each keeps its checkpoints is its own business.
   if (!checkpoint.dir.empty()) o << "checkpoint " << checkpoint.every << "\n";

@@ -14,6 +14,7 @@
 #include <thread>
 
 #include "tests/cpp/transport/transport_test_util.h"
+#include "transport/impl/frame.h"
 
 namespace strait::transport {
 namespace {
@@ -127,6 +128,52 @@ TEST(Gateway, CorruptedChunkIsDetectedAndRetransmitted) {
   }
   const std::string log = ::testing::internal::GetCapturedStderr();
   EXPECT_NE(log.find("failed its checksum"), std::string::npos) << log;
+}
+
+// Parallel streams: a connection that breaks mid-payload loses what was
+// queued on it (ZeroMQ does not resend); the other streams carry those
+// chunks again. The payload is above kCompleteOnReceiptMaxBytes, so s0's
+// round completes only once s1 acknowledged the whole of it, with the
+// chunks that went again counted.
+TEST(Gateway, AStreamCutMidPayloadIsSurvivedByTheOthers) {
+  Job job = makeJob(2);
+  const size_t bytes = size_t(80) << 20;  // 1280 chunks of 64 KiB
+  for (GatewayOptions& o : job.sites) {
+    o.streams = 4;
+    o.max_message_bytes = bytes;
+  }
+  job.sites[0].test_cut_stream = 40;
+  ::testing::internal::CaptureStderr();
+  {
+    auto g = start(job);
+    auto f0 = g[0]->exchange(0, "g", payloadFor(0, 0, bytes));
+    auto f1 = g[1]->exchange(0, "g", payloadFor(1, 0, 1000));
+    RoundResult r1 = getWithin(f1);
+    EXPECT_TRUE(*r1.payloads[0] == payloadFor(0, 0, bytes)) << "s0's payload arrived incomplete or changed";
+    RoundResult r0 = getWithin(f0);
+    EXPECT_GT(r0.peers[0].retransmissions, 0u) << "the chunks queued on the cut stream went again";
+    EXPECT_LT(r0.peers[0].retransmissions, 1280u / 2) << "only those of the cut stream go again";
+  }
+  const std::string log = ::testing::internal::GetCapturedStderr();
+  EXPECT_NE(log.find("cutting the connection of stream 1"), std::string::npos) << log;
+
+}
+
+TEST(Gateway, AHelloOnAStreamBeyondTheJobsStreamsIsRefused) {
+  HelloTerms terms;
+  terms.job_id = "j";
+  terms.self = "a";
+  terms.peers = {"b"};
+  terms.curve = false;
+  terms.streams = 4;
+  wire::Hello h;
+  h.set_protocol_version(kProtocolVersion);
+  h.set_job_id("j");
+  h.set_site("b");
+  h.set_stream(3);
+  EXPECT_EQ(checkHello(h, nullptr, terms), "");
+  h.set_stream(4);
+  EXPECT_EQ(checkHello(h, nullptr, terms), "stream 4 is beyond this job's transport.streams = 4");
 }
 
 // Runs a job whose site s1 is refused: returns the error s1's exchange()

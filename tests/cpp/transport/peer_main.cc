@@ -5,6 +5,8 @@
 //                    [--rounds N] [--first-round R|auto] [--bytes B] [--chunk C]
 //                    [--continue] [--round-deadline-ms MS] [--hard-deadline-ms MS]
 //                    [--hosts H0,H1,...]   (default: 127.0.0.1 for every site)
+//                    [--streams N] [--io-threads T]   (GatewayOptions' defaults)
+//                    [--peer-timeout-ms MS]           (1500)
 //
 // Site I exchanges rounds R..N-1, sending payloadFor(I, round, B) and checking
 // that every other site's payload is payloadFor(site, round, B). Prints
@@ -34,7 +36,8 @@ int main(int argc, char** argv) {
   uint64_t rounds = 3, first = 0;
   size_t bytes = 1 << 20, chunk = 1 << 20;
   bool cont = false, join = false;
-  int64_t round_ms = 20000, hard_ms = 60000;
+  int64_t round_ms = 20000, hard_ms = 60000, peer_timeout_ms = 1500;
+  int streams = GatewayOptions{}.streams, io_threads = 0;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     auto next = [&]() -> std::string {
@@ -66,6 +69,9 @@ int main(int argc, char** argv) {
     else if (a == "--continue") cont = true;
     else if (a == "--round-deadline-ms") round_ms = std::stoll(next());
     else if (a == "--hard-deadline-ms") hard_ms = std::stoll(next());
+    else if (a == "--streams") streams = std::stoi(next());
+    else if (a == "--peer-timeout-ms") peer_timeout_ms = std::stoll(next());
+    else if (a == "--io-threads") io_threads = std::stoi(next());
     else {
       std::fprintf(stderr, "unknown argument %s\n", a.c_str());
       return 2;
@@ -87,10 +93,12 @@ int main(int argc, char** argv) {
     o.chunk_bytes = chunk;
     o.max_message_bytes = std::max<size_t>(bytes, chunk);
     o.heartbeat = std::chrono::milliseconds(100);
-    o.peer_timeout = std::chrono::milliseconds(1500);
+    o.peer_timeout = std::chrono::milliseconds(peer_timeout_ms);
     o.round_deadline = std::chrono::milliseconds(round_ms);
     o.hard_deadline = std::chrono::milliseconds(hard_ms);
     o.on_site_loss = cont ? OnSiteLoss::kContinue : OnSiteLoss::kWait;
+    o.streams = streams;
+    o.io_threads = io_threads;
     Gateway g(o);
     if (join) {
       // A restarted peer joins the round the others are in: the lowest

@@ -184,8 +184,12 @@ TEST(Processes, AnExchangeOfThreeGiBStaysWithinTwoAndAHalfTimesThePayloadInMemor
   if (const char* v = std::getenv("STRAIT_BIG_EXCHANGE_MIB")) mib = std::strtoull(v, nullptr, 10);
   const uint64_t bytes = mib << 20;
   const std::string keys = keyDir(2), ports = portList(2);
+  // The production peer timeout (5 s), not the tests' short one: this is
+  // a test of memory, and a peer busy filling GBs on a loaded machine can
+  // be silent for a moment without being gone.
   const std::vector<std::string> common = {"--rounds", "1", "--bytes", std::to_string(bytes), "--chunk", "1048576",
-                                           "--round-deadline-ms", "600000", "--hard-deadline-ms", "900000"};
+                                           "--round-deadline-ms", "600000", "--hard-deadline-ms", "900000",
+                                           "--peer-timeout-ms", "5000"};
   Child a(peerArgs(0, ports, keys, common));
   Child b(peerArgs(1, ports, keys, common));
   for (Child* c : {&a, &b}) {

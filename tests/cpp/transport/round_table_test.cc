@@ -8,11 +8,14 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <deque>
 #include <map>
 #include <memory>
 #include <optional>
+#include <set>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "core/error.h"
@@ -51,6 +54,7 @@ struct Packet {
   wire::Envelope env;
   std::vector<uint8_t> data;
   bool reply = false;  // to a chunk (back on the sender's DEALER)
+  int stream = 0;      // which connection of the pair a chunk went on
 };
 
 class Net {
@@ -95,10 +99,19 @@ class Net {
       for (size_t t : sites_[s].peers->peers()) {
         if (unconnected_.count({s, t})) continue;  // not taken: its DEALER queues nothing
         sites_[s].rounds->send(t, [&](const ChunkToSend& c) {
-          if (cut_) return true;  // taken by a connection that is dead: lost
+          // Striped round-robin over the streams that are up, as the gateway does.
+          int k = -1;
+          for (int tried = 0; tried < streams_ && k < 0; ++tried) {
+            const int next = (next_stream_[{s, t}] + tried) % streams_;
+            if (!stream_down_.count({s, t, next})) k = next;
+          }
+          if (k < 0) return RoundTable::kFull;
+          next_stream_[{s, t}] = (k + 1) % streams_;
+          if (cut_) return k;  // taken by a connection that is dead: lost
           Packet p;
           p.from = s;
           p.to = t;
+          p.stream = k;
           const uint8_t* bytes = c.payload->data() + c.offset;
           p.data.assign(bytes, bytes + c.bytes);
           ChunkHeader h{c.key.first, c.key.second, sites_[s].life, c.index, c.count, c.payload->size(),
@@ -106,10 +119,11 @@ class Net {
           p.env = chunkEnvelope(h);
           if (!c.retry && corrupt_ == int64_t(c.index) && !p.data.empty()) p.data[p.data.size() / 2] ^= 0x5a;
           wire_.push_back(std::move(p));
-          return true;
+          return k;
         });
       }
     }
+    if (reverse_) std::reverse(wire_.begin(), wire_.end());  // streams overtake each other
     std::deque<Packet> held;
     while (!wire_.empty()) {
       Packet p = std::move(wire_.front());
@@ -119,6 +133,7 @@ class Net {
         continue;
       }
       if (cut_ || lost_[{p.from, p.to}]) continue;
+      if (!p.reply && stream_lost_.count({p.from, p.to, p.stream})) continue;
       receive(p);
     }
     wire_ = std::move(held);
@@ -169,10 +184,29 @@ class Net {
   // Every DEALER reconnected: each site's Hello welcomed again on a new connection.
   void reconnect() {
     for (size_t s = 0; s < sites_.size(); ++s) {
-      for (size_t t : sites_[s].peers->peers()) sites_[s].rounds->welcomed(t);
+      for (size_t t : sites_[s].peers->peers()) sites_[s].rounds->welcomed(t, 0);
     }
   }
   void corruptChunk(int64_t index) { corrupt_ = index; }
+  // Each pair of sites talks over `n` streams (connections), chunks striped.
+  void streams(int n) { streams_ = n; }
+  // Chunks each step are delivered in the reverse of the order they were sent.
+  void reverse(bool on) { reverse_ = on; }
+  // What `from` sends to `to` on `stream` is lost on the wire (the connection
+  // broke without either end knowing yet).
+  void loseStream(size_t from, size_t to, int stream) { stream_lost_.insert({from, to, stream}); }
+  // The sender learns that the stream broke (its monitor's DISCONNECTED):
+  // the table hears it and the stream is no longer used.
+  void breakStream(size_t from, size_t to, int stream) {
+    stream_down_.insert({from, to, stream});
+    sites_[from].rounds->streamLost(to, stream);
+  }
+  // The stream connected again and its Hello was welcomed.
+  void mendStream(size_t from, size_t to, int stream) {
+    stream_down_.erase({from, to, stream});
+    stream_lost_.erase({from, to, stream});
+    sites_[from].rounds->welcomed(to, stream);
+  }
   // The site's process is gone: nothing from it is heard.
   void kill(size_t s) {
     down_[s] = true;
@@ -231,7 +265,7 @@ class Net {
   // there, and the Welcome sets its chunks going from the first one.
   void connect(size_t from, size_t to) {
     hello(from, to);
-    sites_[from].rounds->welcomed(to);
+    sites_[from].rounds->welcomed(to, 0);
   }
 
   // `to` reads the Welcome of `from` on its DEALER, which names the life of
@@ -321,6 +355,10 @@ class Net {
   bool cut_ = false;
   std::map<std::pair<size_t, size_t>, bool> lost_;
   int64_t corrupt_ = -1;
+  int streams_ = 1;
+  bool reverse_ = false;
+  std::map<std::pair<size_t, size_t>, int> next_stream_;
+  std::set<std::tuple<size_t, size_t, int>> stream_lost_, stream_down_;
   uint64_t lives_ = 0;
   std::map<std::pair<size_t, size_t>, Clock::time_point> unconnected_;  // DEALER from -> ROUTER to, until
 };
@@ -663,10 +701,76 @@ TEST(RoundTable, ANewConnectionSendsEveryUnacknowledgedPayloadFromItsFirstChunk)
   net.open(0, 0, "g", bytesFor(0, 0, 2500));
   net.runFor(milliseconds(50));
   net.cut(false);
-  net[0].rounds->welcomed(1);
+  net[0].rounds->welcomed(1, 0);
   net.open(1, 0, "g", bytesFor(1, 0, 10));
   ASSERT_TRUE(net.run([&] { return settled(net[0], 0) && settled(net[1], 0); }));
   EXPECT_EQ(*resultOf(net[1], 0)->result.payloads[0], bytesFor(0, 0, 2500));
+}
+
+// ------------------------------------------------------------- streams ---
+
+TEST(RoundTable, ChunksStripedOverStreamsAndArrivingInAnyOrderMakeTheSamePayloads) {
+  Net net(3, OnSiteLoss::kWait);
+  net.streams(4);
+  net.reverse(true);
+  const std::vector<size_t> sizes = {0, 999, 1000, 10500};
+  for (uint64_t r = 0; r < sizes.size(); ++r) {
+    everyoneExchanges(net, 3, r, sizes[r]);
+    for (size_t s = 0; s < 3; ++s) {
+      const Delivery* d = resultOf(net[s], r);
+      ASSERT_NE(d, nullptr);
+      for (size_t from = 0; from < 3; ++from) {
+        ASSERT_TRUE(d->result.payloads[from].has_value());
+        EXPECT_EQ(*d->result.payloads[from], bytesFor(from, r, sizes[r])) << s << " from " << from << " round " << r;
+      }
+      for (const PeerMetrics& m : d->result.peers) EXPECT_EQ(m.retransmissions, 0u);
+    }
+  }
+}
+
+// A connection that breaks loses what was queued on it (ZeroMQ does not
+// resend); the chunks that went on it go again on the streams still up,
+// and only those: one stream of three, every third chunk.
+TEST(RoundTable, TheChunksOfABrokenStreamGoAgainOnTheOthers) {
+  Net net(2, OnSiteLoss::kWait);
+  net.streams(3);
+  net.loseStream(0, 1, 1);
+  net.open(0, 0, "g", bytesFor(0, 0, 30000));  // 30 chunks of 1000: 10 on each stream
+  net.open(1, 0, "g", bytesFor(1, 0, 10));
+  net.runFor(milliseconds(100));
+  EXPECT_FALSE(settled(net[1], 0)) << "a third of the chunks were lost: it cannot be complete";
+  net.breakStream(0, 1, 1);
+  ASSERT_TRUE(net.run([&] { return settled(net[0], 0) && settled(net[1], 0); }));
+  ASSERT_NE(resultOf(net[1], 0), nullptr);
+  EXPECT_EQ(*resultOf(net[1], 0)->result.payloads[0], bytesFor(0, 0, 30000));
+  ASSERT_TRUE(net.run([&] { return net[0].done == 1; }));
+  // Stream 1 is mended later: nothing more goes again (its chunks went on the others).
+  net.mendStream(0, 1, 1);
+  EXPECT_FALSE(net[0].rounds->hasWork(1));
+}
+
+TEST(RoundTable, AStreamWelcomedAgainResendsOnlyWhatWentOnIt) {
+  Net net(2, OnSiteLoss::kWait);
+  net.streams(4);
+  net.lose(1, 0, true);                         // b's Acks do not come back yet
+  net.open(0, 0, "g", bytesFor(0, 0, 40000));  // 40 chunks, 10 a stream
+  net.runFor(milliseconds(10));
+  ASSERT_FALSE(net[0].rounds->hasWork(1));      // all sent
+  // Stream 2 reconnected (a new connection, its Hello welcomed): what went
+  // on its old connection may be lost; the rest is not sent again.
+  net[0].rounds->welcomed(1, 2);
+  size_t resent = 0;
+  net[0].rounds->send(1, [&](const ChunkToSend& c) {
+    EXPECT_EQ(c.index % 4, 2u) << "chunk " << c.index << " went on stream " << c.index % 4;
+    ++resent;
+    return 0;
+  });
+  EXPECT_EQ(resent, 10u);
+  net.lose(1, 0, false);
+  net.open(1, 0, "g", bytesFor(1, 0, 10));
+  ASSERT_TRUE(net.run([&] { return settled(net[0], 0) && settled(net[1], 0); }));
+  EXPECT_EQ(*resultOf(net[1], 0)->result.payloads[0], bytesFor(0, 0, 40000));
+  EXPECT_EQ(resultOf(net[0], 0)->result.peers[0].retransmissions, 10u);
 }
 
 // ------------------------------------------------------------- parting ---

@@ -352,6 +352,10 @@ INSTANTIATE_TEST_SUITE_P(Transport, Rejects, ::testing::Values(
         {"job.yaml:14: transport.max_rounds_in_flight = 0: must be an integer in [1, 1024]"}},
     Bad{"HighWaterMarkZero", withSection("transport:\n  high_water_mark: 0\n"),
         {"job.yaml:14: transport.high_water_mark = 0: must be an integer in [1, 1000000]"}},
+    Bad{"NoStreams", withSection("transport:\n  streams: 0\n"),
+        {"job.yaml:14: transport.streams = 0: must be an integer in [1, 64]"}},
+    Bad{"TooManyIoThreads", withSection("transport:\n  io_threads: 65\n"),
+        {"job.yaml:14: transport.io_threads = 65: must be an integer in [0, 64]"}},
     Bad{"HeartbeatTooFast", withSection("transport:\n  heartbeat_ms: 5\n"),
         {"job.yaml:14: transport.heartbeat_ms = 5: must be an integer in [10, 60000]"}},
     Bad{"PeerTimeoutNotAboveHeartbeat", withSection("transport:\n  heartbeat_ms: 500\n  peer_timeout_ms: 500\n"),
@@ -477,6 +481,8 @@ transport:
   hard_deadline_s: 2.5
   on_site_loss: continue
   insecure: true
+  streams: 3
+  io_threads: 5
 )yaml";
 
 TEST(Config, FullConfigSetsEveryField) {
@@ -535,6 +541,8 @@ TEST(Config, FullConfigSetsEveryField) {
   EXPECT_EQ(t.hard_deadline_s, 2.5);
   EXPECT_TRUE(t.on_site_loss_continue);
   EXPECT_TRUE(t.insecure);
+  EXPECT_EQ(t.streams, 3);
+  EXPECT_EQ(t.io_threads, 5);
 }
 
 TEST(Config, LayoutKeyOrderAndKeyPathsDoNotChangeTheSharedText) {
@@ -544,7 +552,7 @@ TEST(Config, LayoutKeyOrderAndKeyPathsDoNotChangeTheSharedText) {
   const JobConfig b = JobConfig::parse(R"yaml(
 transport: {insecure: true, on_site_loss: continue, hard_deadline_s: 2.5, round_deadline_s: 2.5,
             peer_timeout_ms: 101, heartbeat_ms: 100, high_water_mark: 16, max_rounds_in_flight: 8,
-            chunk_bytes: 65536, max_message_bytes: 65536}
+            chunk_bytes: 65536, max_message_bytes: 65536, streams: 3, io_threads: 1}
 compression:
   rules:
     - {pipeline: fp32, match: "*.bias"}
@@ -567,6 +575,10 @@ job: {id: Full.Job_1}
   const JobConfig c = JobConfig::parse(std::string(kFull).replace(std::string(kFull).find("outer_lr: 0.5"), 13,
                                                                   "outer_lr: 0.6"));
   EXPECT_NE(a.sharedText(), c.sharedText()) << "a setting every site must agree on";
+  // Streams are too (a receiver admits only the job's); I/O threads are each site's own.
+  const JobConfig d = JobConfig::parse(std::string(kFull).replace(std::string(kFull).find("streams: 3"), 10,
+                                                                  "streams: 4"));
+  EXPECT_NE(a.sharedText(), d.sharedText());
 }
 
 // docs/PROTOCOL.md's example of the canonical text (what the handshake's
@@ -587,7 +599,7 @@ compression: {pipeline: "topk(0.01) -> int8", adaptive: {min_bits: 8}}
             "site singapore SG tcp://10.0.0.2:5555 1 1\n"
             "sync diloco 50 0.69999999999999996 0.90000000000000002 1 1\n"
             "compression topk(ratio=0.01, method=sample) -> int8(block=256, rounding=nearest) 1 0\n"
-            "transport 1048576 1073741824 4 64 500 5000 60 600 0 0\n");
+            "transport 1048576 1073741824 4 64 500 5000 60 600 0 0 8\n");
 }
 
 TEST(Config, AdaptiveCompressionIsOffByDefaultAndParses) {
