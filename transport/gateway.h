@@ -27,10 +27,11 @@
 
 namespace strait::transport {
 
-// 2: the sync layer of the C++ engine (docs/PROTOCOL.md, "Sync rounds"):
-// join messages as state documents, the sum digest. Version 1 peers (strait
-// before the engine) are refused in the handshake.
-constexpr uint32_t kProtocolVersion = 2;
+// 3: parallel streams (docs/PROTOCOL.md, "Streams"): several connections
+// per site, each with its own Hello. 2: the sync layer of the C++ engine
+// ("Sync rounds"): join messages as state documents, the sum digest. Peers
+// of other versions are refused in the handshake.
+constexpr uint32_t kProtocolVersion = 3;
 
 enum class OnSiteLoss { kWait, kContinue };
 

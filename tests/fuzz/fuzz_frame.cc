@@ -97,7 +97,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
           const bool welcome = h.protocol_version() == kProtocolVersion && h.job_id() == terms.job_id &&
                                at != terms.peers.end() &&
                                h.jurisdiction() == terms.jurisdictions[size_t(at - terms.peers.begin())] &&
-                               h.config_fingerprint() == terms.config_fingerprint &&
+                               h.config_fingerprint() == terms.config_fingerprint && h.stream() < terms.streams &&
                                (!curve || (user != nullptr && h.site() == std::string(user)));
           check(welcome == reason.empty());
         }

@@ -59,6 +59,8 @@ void hello(const Hello& h, const char* user, bool curve) {
     check(startsWith(reason, site + " says its jurisdiction is '"));
   } else if (h.config_fingerprint() != terms.config_fingerprint) {
     check(startsWith(reason, "config fingerprint "));
+  } else if (h.stream() >= terms.streams) {
+    check(startsWith(reason, "stream " + std::to_string(h.stream()) + " is beyond"));
   } else {
     check(reason.empty());
   }

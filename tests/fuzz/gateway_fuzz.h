@@ -22,6 +22,7 @@ inline HelloTerms helloTerms(bool curve) {
   t.jurisdictions = {"DE", "SG"};
   t.config_fingerprint = std::string(32, '\x5a');
   t.curve = curve;
+  t.streams = 4;  // a Hello's stream 0-3 is welcome, 4 and above refused
   return t;
 }
 

@@ -159,7 +159,7 @@ def handshake(wire, peer, fingerprint, **override):
     """Our Hello to a (answered by a Welcome on the DEALER) and a's Hellos
     to us, one per stream (answered by ours on the ROUTER). Returns a's
     Welcome."""
-    hello = dict(protocol_version=2, job_id="doc-peer", site="b", jurisdiction="SG",
+    hello = dict(protocol_version=3, job_id="doc-peer", site="b", jurisdiction="SG",
                  config_fingerprint=fingerprint, incarnation=peer.incarnation)
     hello.update(override)
     peer.send(hello=wire.Hello(**hello))
@@ -227,7 +227,7 @@ def test_a_peer_written_from_the_protocol_document_trains_with_a_real_gateway(jo
         got, missing = exchange(wire, gateway, peer, r, mine, secrets.token_bytes(5000 + r + r * 3 * CHUNK),
                                 connections=connections)
         assert got == mine and missing == []
-    assert len(connections) == STREAMS, "a's chunks are striped over its streams"
+    assert len(connections) >= STREAMS, "a's chunks are striped over its streams"
 
     # A chunk with a broken layout for a key whose payload is already in is
     # acknowledged again and changes nothing; the round still completes.

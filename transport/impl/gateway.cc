@@ -29,6 +29,7 @@
 #include <pthread.h>
 #include <signal.h>
 #include <sys/eventfd.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -347,31 +348,62 @@ class Gateway::Impl {
     return self;
   }
 
+  int perStreamHwm() const { return std::max(2, (opt_.high_water_mark + opt_.streams - 1) / opt_.streams); }
+
   void setCommon(zmq::socket_t& s) {
     s.set(zmq::sockopt::linger, 0);
+    // Chunks queue per connection, so a peer's high_water_mark is split
+    // over its streams (a DEALER's sends: openStream; what the ROUTER
+    // receives, a connection per peer stream). Replies are few and keep it whole.
     s.set(zmq::sockopt::sndhwm, opt_.high_water_mark);
-    s.set(zmq::sockopt::rcvhwm, opt_.high_water_mark);
+    s.set(zmq::sockopt::rcvhwm, perStreamHwm());
     // A dead connection is dropped and re-established: TCP gives up on data
-    // (ZMTP's heartbeats included) unacknowledged, or a zero window, for
-    // twice the peer timeout (a receiver busy for a moment under load is
-    // not a dead one).
-    // That is the dead-link detector, not ZMTP's own heartbeat timeout: a
-    // DEALER's PING waits behind the chunks queued on its connection, and
-    // a slow stream (a thin link shared by several) took longer than the
-    // peer timeout to get it through, so connections that were alive were
-    // dropped over and over (8 streams across 100 Mbit/s: 0.85x the rate of
-    // one). ZMTP's timeout stays as a backstop for a peer that acknowledges
-    // at the TCP level but no longer reads (its process frozen).
-    s.set(zmq::sockopt::tcp_maxrt, static_cast<int>(std::min<int64_t>(2 * opt_.peer_timeout.count(), 6553500)));
-    s.set(zmq::sockopt::heartbeat_ivl, static_cast<int>(opt_.heartbeat.count()));
-    s.set(zmq::sockopt::heartbeat_timeout,
-          static_cast<int>(std::clamp<int64_t>(opt_.peer_timeout.count() * 6, 30000, 6553500)));
-    s.set(zmq::sockopt::heartbeat_ttl, static_cast<int>(std::min<int64_t>(opt_.peer_timeout.count(), 6553500)));
+    // (the gateway's Heartbeats included: every welcomed stream sends one
+    // each heartbeat_ms) unacknowledged, or a zero window, for twice the
+    // peer timeout (a receiver busy for a moment under load is not a dead
+    // one), and keepalive probes find a dead peer of an idle connection
+    // (a ROUTER's, which only answers). That is the dead-link detector.
+    // ZMTP's heartbeats are off. With them libzmq 4.3.4 (Debian 12's)
+    // aborts the process ("Assertion failed: !_io_error
+    // (src/stream_engine_base.cpp:331)", libzmq issue 4364): a connection
+    // whose input is stopped (its receive queue full: a loaded or frozen
+    // gateway) and which the peer then resets is marked failed without
+    // being closed, and the heartbeat timer's next PING writes on it. The
+    // chaos suite's frozen-site test hit it once a stream's receive queue
+    // was an eighth of the high-water mark. And a DEALER's PING waits
+    // behind the chunks queued on its connection: on a slow stream ZMTP's
+    // timeout dropped live connections over and over (8 streams across
+    // 100 Mbit/s: 0.85x the rate of one).
+    const int maxrt = static_cast<int>(std::min<int64_t>(2 * opt_.peer_timeout.count(), 6553500));
+    s.set(zmq::sockopt::tcp_maxrt, maxrt);
+    const int idle_s = std::max(1, int((opt_.peer_timeout.count() + 999) / 1000));
+    s.set(zmq::sockopt::tcp_keepalive, 1);
+    s.set(zmq::sockopt::tcp_keepalive_idle, idle_s);
+    s.set(zmq::sockopt::tcp_keepalive_intvl, idle_s);
+    s.set(zmq::sockopt::tcp_keepalive_cnt, 2);
     // A single frame never exceeds a chunk plus its envelope.
     s.set(zmq::sockopt::maxmsgsize, static_cast<int64_t>(opt_.chunk_bytes + 65536));
   }
 
+  // Each stream costs three ZeroMQ sockets (its DEALER, the monitor's two
+  // ends) and about five descriptors (their mailboxes, the connection, the
+  // peer's connection to our ROUTER): a job of many sites with many streams
+  // passes ZeroMQ's default of 1023 sockets and the usual 1024 descriptors.
+  void reserveSockets() {
+    const size_t streams = size_t(opt_.streams) * (opt_.sites.size() - 1);
+    ctx_.set(zmq::ctxopt::max_sockets, static_cast<int>(std::max<size_t>(1023, 3 * streams + 16)));
+    const rlim_t need = rlim_t(5 * streams + 64);
+    rlimit fds{};
+    if (::getrlimit(RLIMIT_NOFILE, &fds) != 0 || fds.rlim_cur == RLIM_INFINITY || fds.rlim_cur >= need) return;
+    const rlimit raised{fds.rlim_max == RLIM_INFINITY ? need : std::min(need, fds.rlim_max), fds.rlim_max};
+    if (raised.rlim_cur >= need && ::setrlimit(RLIMIT_NOFILE, &raised) == 0) return;
+    fail<Error>("gateway '", opt_.site, "': ", opt_.streams, " streams to each of ", opt_.sites.size() - 1,
+                " peers need about ", need, " file descriptors, and this process may open only ", fds.rlim_max,
+                " (ulimit -n): lower transport.streams or raise the limit");
+  }
+
   void openSockets() {
+    reserveSockets();
     if (!opt_.insecure) {
       zap_ = std::make_unique<zmq::socket_t>(ctx_, zmq::socket_type::rep);
       zap_->set(zmq::sockopt::linger, 0);
@@ -419,12 +451,11 @@ class Gateway::Impl {
   void openStream(size_t peer, size_t k, Stream& s) {
     s.dealer = std::make_unique<zmq::socket_t>(ctx_, zmq::socket_type::dealer);
     setCommon(*s.dealer);
-    // The peer's queue (high_water_mark messages) is split over its streams:
-    // a chunk goes to a stream when the stream has room, so a slower
+    // Its queue is the peer's high_water_mark split over the streams: a
+    // chunk goes to a stream when the stream has room, so a slower
     // connection takes fewer chunks instead of holding up the payload's end
-    // with a fixed share (16 streams with whole queues each: 0.6x the rate
-    // of 8 across 1 Gbit/s and 150 ms).
-    s.dealer->set(zmq::sockopt::sndhwm, std::max(2, (opt_.high_water_mark + opt_.streams - 1) / opt_.streams));
+    // with a fixed share.
+    s.dealer->set(zmq::sockopt::sndhwm, perStreamHwm());
     s.dealer->set(zmq::sockopt::immediate, 1);  // queue only to a live connection
     s.dealer->set(zmq::sockopt::reconnect_ivl, 100);
     // Back off to at most half the peer timeout (and 2 s): a peer back from
@@ -791,13 +822,13 @@ class Gateway::Impl {
         std::memcpy(&fd, static_cast<const uint8_t*>(event.data()) + sizeof id, sizeof fd);
         s.fd = int(fd);
       } else if (id == ZMQ_EVENT_DISCONNECTED) {
-        // What went on it may be lost: the other streams carry it now.
-        if (s.welcomed) {
-          if (peers_.at(p.index).stopped.empty() && !stop_.load()) {
-            log("stream " + std::to_string(k) + " to '" + p.name + "' disconnected: its unacknowledged chunks go again");
-          }
-          rounds_.streamLost(p.index, int(k));
+        // What went on it may be lost: the other streams carry it now
+        // (always: a chunk may have gone on it while a stale Welcome said
+        // it was welcomed; requeueing costs nothing if none did).
+        if (s.welcomed && peers_.at(p.index).stopped.empty() && !stop_.load()) {
+          log("stream " + std::to_string(k) + " to '" + p.name + "' disconnected: its unacknowledged chunks go again");
         }
+        rounds_.streamLost(p.index, int(k));
         s.welcomed = false;
         s.fd = -1;
         // The peer closing connection after connection before their
@@ -828,6 +859,9 @@ class Gateway::Impl {
     f.config_fingerprint.assign(opt_.config_fingerprint.begin(), opt_.config_fingerprint.end());
     f.incarnation = incarnation_;
     f.stream = uint32_t(k);
+    // A new Hello on this stream: what went on it before may be lost (its
+    // connection is new), and the others carry it until it is welcomed.
+    if (s.welcomed) rounds_.streamLost(p.index, int(k));
     s.welcomed = false;
     // Not sent (no ready connection yet): the next timer tick tries again.
     s.hello_sent = sendEnvelope(*s.dealer, helloEnvelope(f), nullptr) ? Clock::now() : Clock::time_point{};
@@ -1271,7 +1305,10 @@ class Gateway::Impl {
   std::unique_ptr<zmq::socket_t> zap_;
   std::unique_ptr<zmq::socket_t> router_monitor_;
   int bound_port_ = -1;
-  PendingHandshakes handshakes_{kMaxPendingHandshakes};
+  // Every peer's streams connect at once at the start and after a
+  // partition: room for all of them twice over, and never below the floor.
+  PendingHandshakes handshakes_{std::max(kMaxPendingHandshakes,
+                                         2 * size_t(opt_.streams) * (opt_.sites.size() - 1))};
   size_t dropped_ = 0;  // since the last log line about it
   Clock::time_point next_drop_log_{};
   std::vector<Link> links_;

@@ -25,7 +25,10 @@ HelloLife PeerTable::hello(size_t site, uint64_t incarnation, Clock::time_point 
   PeerState& p = state_[site];
   p.greeted = true;
   p.last_heard = now;
-  p.stopped.clear();
+  // A Stopped is about its life: a Hello of the same life read after it
+  // (each stream says Hello on its own connection, so their order against
+  // the Stopped is lost) does not take it back; a new life does.
+  if (p.incarnation != incarnation) p.stopped.clear();
   p.refused.clear();
   return life(site, incarnation);
 }

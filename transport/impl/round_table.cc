@@ -571,12 +571,11 @@ void RoundTable::tickOpen(Round& r, Clock::time_point now, const PeerTable& peer
   // this site refused their handshake; only the refused ones fail a round
   // under `wait` at once: they cannot take part in this life, while a site
   // that stopped may restart.
-  std::string gone, refused_here;
+  std::string refused_here;
   for (size_t i : go_on ? missing : waiting) {
     const bool in = r.in[i].state == ReceiveState::kComplete;
     if (in || peers.gone(i).empty()) continue;
     const std::string why = "site '" + rules_.sites[i] + "' " + peers.gone(i);
-    gone += (gone.empty() ? "" : "; ") + why;
     // A grace of peer_timeout: when both sites refuse each other, the
     // refusal of this site's own Hello (fatal here) says it first.
     if (!peers.at(i).refused.empty() && now - peers.at(i).refused_at >= rules_.peer_timeout) {
@@ -606,10 +605,22 @@ void RoundTable::tickOpen(Round& r, Clock::time_point now, const PeerTable& peer
     // Nothing to do but send and wait for the acknowledgements.
   } else if (waiting.empty()) {
     if (!missing.empty()) {
-      fx.logs.push_back(where(r.key) + ": continuing without " + names(missing) + " (" +
-                        (gone.empty() ? "silent for " + fmt(rules_.peer_timeout.count() / 1000.0) + " s or more"
-                                      : gone) +
-                        ")");
+      // Each missing site with its own reason: a site that refused this
+      // round is not silent, and saying so sent a reader the wrong way.
+      std::string why;
+      for (size_t i : missing) {
+        const std::string site = "site '" + rules_.sites[i] + "'";
+        const std::string reason =
+            !peers.gone(i).empty()                     ? peers.gone(i)
+            : r.out[i].state == SendState::kRefused    ? "refused our payload"
+            : r.in_refused[i]                          ? "had its payload refused here"
+            : r.out[i].state == SendState::kClosed     ? "went on without us"
+            : peers.lost(i, now)                       ? "silent for " + fmt(rules_.peer_timeout.count() / 1000.0) +
+                                                             " s or more"
+                                                       : "not heard from yet";
+        why += (why.empty() ? "" : "; ") + site + " " + reason;
+      }
+      fx.logs.push_back(where(r.key) + ": continuing without " + names(missing) + " (" + why + ")");
     }
     complete(r, missing, now, peers, fx);
   } else if (!go_on && !refused_here.empty()) {

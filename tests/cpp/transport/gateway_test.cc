@@ -142,7 +142,7 @@ TEST(Gateway, AStreamCutMidPayloadIsSurvivedByTheOthers) {
     o.streams = 4;
     o.max_message_bytes = bytes;
   }
-  job.sites[0].test_cut_stream = 40;
+  job.sites[0].test_cut_stream = 800;  // ~200 chunks have gone on stream 1 by then, ~800 on all
   ::testing::internal::CaptureStderr();
   {
     auto g = start(job);
@@ -152,7 +152,7 @@ TEST(Gateway, AStreamCutMidPayloadIsSurvivedByTheOthers) {
     EXPECT_TRUE(*r1.payloads[0] == payloadFor(0, 0, bytes)) << "s0's payload arrived incomplete or changed";
     RoundResult r0 = getWithin(f0);
     EXPECT_GT(r0.peers[0].retransmissions, 0u) << "the chunks queued on the cut stream went again";
-    EXPECT_LT(r0.peers[0].retransmissions, 1280u / 2) << "only those of the cut stream go again";
+    EXPECT_LT(r0.peers[0].retransmissions, 600u) << "only those of the cut stream go again, not all sent so far";
   }
   const std::string log = ::testing::internal::GetCapturedStderr();
   EXPECT_NE(log.find("cutting the connection of stream 1"), std::string::npos) << log;
@@ -306,7 +306,7 @@ TEST(Gateway, WrongJobIdIsRefusedSayingWhich) {
 TEST(Gateway, WrongProtocolVersionIsRefused) {
   Job job = makeJob(2);
   job.sites[1].test_protocol_version = 1;
-  EXPECT_NE(refusal(job).find("protocol version 1 is not supported (this gateway speaks 2)"), std::string::npos);
+  EXPECT_NE(refusal(job).find("protocol version 1 is not supported (this gateway speaks 3)"), std::string::npos);
 }
 
 TEST(Gateway, DifferentConfigIsRefused) {
