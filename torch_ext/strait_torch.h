@@ -239,4 +239,41 @@ class EveryStep : public ::torch::CustomClassHolder {
   std::unique_ptr<Impl> impl_;
 };
 
+// The pieces of an FSDP2-sharded model inside one site (core/shards.h,
+// docs/PROTOCOL.md "Sharded exchange"): each rank holds its Shard(0) of
+// every parameter; gather() brings every piece this rank owns together
+// (parts from the ranks after it, one all-to-all through the site's
+// group), and scatter() hands every rank its parts of the owners' results.
+// The building block of the sharded engine (issue 14; not yet wired to a
+// gateway). Every rank of the site must call each method together.
+class ShardedPieces : public ::torch::CustomClassHolder {
+ public:
+  // `shapes`: every parameter's full (unsharded) sizes, in model order;
+  // `piece`: elements per piece; `group`: the site's workers, or null for a
+  // site of one. Throws InvalidArgument on sizes that cannot be a model.
+  ShardedPieces(std::vector<std::vector<int64_t>> shapes, int64_t piece, c10::intrusive_ptr<c10d::ProcessGroup> group);
+
+  int64_t world() const { return world_; }
+  int64_t rank() const { return rank_; }
+  // Every piece (tensor, begin, end), and the indices of those this rank owns.
+  std::vector<std::vector<int64_t>> pieces() const;
+  const std::vector<int64_t>& owned() const { return owned_; }
+
+  // `locals`: this rank's shard of each parameter (DTensor.to_local(), any
+  // float dtype, one device). Returns each owned piece whole, float32, flat,
+  // on that device.
+  std::vector<at::Tensor> gather(const std::vector<at::Tensor>& locals) const;
+  // `values`: a float32 value per element of each owned piece (as gather
+  // returned them). Writes into `out` (one tensor per parameter, shaped as
+  // this rank's shard) the values of every element this rank holds.
+  void scatter(const std::vector<at::Tensor>& values, std::vector<at::Tensor>& out) const;
+
+ private:
+  struct Layout;
+  std::shared_ptr<const Layout> layout_;
+  c10::intrusive_ptr<c10d::ProcessGroup> group_;
+  int64_t world_ = 1, rank_ = 0;
+  std::vector<int64_t> owned_;
+};
+
 }  // namespace strait::torch

@@ -292,6 +292,26 @@ void registerEngine(::torch::Library& m) {
              return translate("strait.Checkpoints.resume", [&] { return e->resume(params); });
            })
       .def("resumed_extra", [](const Self<EveryStep>& e) { return toTensor(e->resumedExtra()); });
+
+  using strait::torch::ShardedPieces;
+  m.class_<ShardedPieces>("ShardedPieces")
+      .def(::torch::init([](std::vector<std::vector<int64_t>> shapes, int64_t piece,
+                            std::optional<c10::intrusive_ptr<c10d::ProcessGroup>> group) {
+        return translate("strait.ShardedPieces", [&] {
+          return c10::make_intrusive<ShardedPieces>(std::move(shapes), piece, group.value_or(nullptr));
+        });
+      }))
+      .def("world", [](const Self<ShardedPieces>& p) { return p->world(); })
+      .def("rank", [](const Self<ShardedPieces>& p) { return p->rank(); })
+      .def("pieces", [](const Self<ShardedPieces>& p) { return p->pieces(); })
+      .def("owned", [](const Self<ShardedPieces>& p) { return p->owned(); })
+      .def("gather",
+           [](const Self<ShardedPieces>& p, std::vector<at::Tensor> locals) {
+             return translate("strait.ShardedPieces.gather", [&] { return p->gather(locals); });
+           })
+      .def("scatter", [](const Self<ShardedPieces>& p, std::vector<at::Tensor> values, std::vector<at::Tensor> out) {
+        translate("strait.ShardedPieces.scatter", [&] { p->scatter(values, out); });
+      });
 }
 
 }  // namespace
