@@ -28,7 +28,7 @@ namespace strait::core {
 
 // A parameter tensor: its size along dim 0 (1 for a 0-dim tensor) and its
 // number of elements (a multiple of rows; 0 for an empty tensor).
-struct TensorShape {
+struct ParamSize {
   int64_t rows = 1;
   int64_t numel = 0;
 };
@@ -43,7 +43,7 @@ struct Range {
 
 // The elements rank `rank` of `world` holds under FSDP2's Shard(0) (empty
 // for a rank past the last row).
-Range shardRange(const TensorShape& t, int64_t world, int64_t rank);
+Range shardRange(const ParamSize& t, int64_t world, int64_t rank);
 
 struct Piece {
   int64_t tensor = 0;  // index into the shapes, model order
@@ -52,7 +52,7 @@ struct Piece {
 
 // Every piece of every tensor, in model order, then by offset. Empty
 // tensors have none.
-std::vector<Piece> canonicalPieces(const std::vector<TensorShape>& shapes, int64_t piece);
+std::vector<Piece> canonicalPieces(const std::vector<ParamSize>& shapes, int64_t piece);
 
 // Where one piece lives at a site of `world` ranks.
 struct PieceHolding {
@@ -64,7 +64,7 @@ struct PieceHolding {
 
 // The holding of each of `pieces` (canonicalPieces(shapes, ...)) at a site
 // of `world` ranks.
-std::vector<PieceHolding> holdings(const std::vector<TensorShape>& shapes, const std::vector<Piece>& pieces,
+std::vector<PieceHolding> holdings(const std::vector<ParamSize>& shapes, const std::vector<Piece>& pieces,
                                    int64_t world);
 
 // What moves inside a site around an exchange: before it, each rank sends
@@ -94,7 +94,7 @@ struct ExchangeGroup {
 // The groups of a job whose sites have `worlds[s]` ranks, in the order of
 // their first piece. Every rank of every site computes the same list from
 // the same arguments, so a group's index names it on the wire.
-std::vector<ExchangeGroup> exchangeGroups(const std::vector<TensorShape>& shapes, int64_t piece,
+std::vector<ExchangeGroup> exchangeGroups(const std::vector<ParamSize>& shapes, int64_t piece,
                                           const std::vector<int64_t>& worlds);
 
 }  // namespace strait::core

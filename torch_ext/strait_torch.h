@@ -276,4 +276,43 @@ class ShardedPieces : public ::torch::CustomClassHolder {
   std::vector<int64_t> owned_;
 };
 
+// DiLoCo over a model sharded with FSDP2 inside each site (issue 14; docs/
+// PROTOCOL.md "Sharded exchange"): every rank compresses and exchanges only
+// the pieces it owns, with the ranks owning the same pieces at the other
+// sites, through a gateway of its own per group (listening at its site's
+// endpoint port + 1 + the group's number); no rank gathers the model, and
+// the global parameters and outer momentum are kept per owned piece. Sites
+// may have different numbers of ranks. After each sync every rank of every
+// site holds the same bits for the same elements.
+//
+// This first version does plain DiLoCo under on_site_loss: wait, without
+// fragments, overlap, SparseLoCo, adaptive compression, differential
+// privacy, checkpoints or joins; each of those is refused with an
+// InvalidArgument naming it.
+class ShardedDiLoCo : public ::torch::CustomClassHolder {
+ public:
+  // locals: each parameter's shard on this rank (DTensor.to_local(),
+  // Shard(0)), updated in place at each sync; shapes: each parameter's full
+  // sizes; names: theirs (config rules match them). Every rank of the site
+  // calls it together; it agrees on the model and on every site's number of
+  // ranks with the other sites and starts every site from site 0's values.
+  ShardedDiLoCo(c10::intrusive_ptr<Session> session, std::vector<std::string> names, std::vector<at::Tensor> locals,
+                std::vector<std::vector<int64_t>> shapes, DiLoCoOptions options = {});
+  ~ShardedDiLoCo() override;
+
+  // After each inner optimizer step: syncs every sync_every calls. A failed
+  // exchange on any rank of the site raises on every rank of it.
+  void step();
+  // After training: every rank's shard takes the global parameters.
+  void flush();
+  int64_t syncs() const;
+  int64_t localSteps() const;
+  int64_t groups() const;  // exchange groups this rank takes part in
+
+  struct Impl;
+
+ private:
+  std::unique_ptr<Impl> impl_;
+};
+
 }  // namespace strait::torch

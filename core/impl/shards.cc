@@ -9,7 +9,7 @@
 namespace strait::core {
 namespace {
 
-void checkShape(const TensorShape& t, const std::string& what) {
+void checkShape(const ParamSize& t, const std::string& what) {
   if (t.rows < 1 || t.numel < 0 || t.numel % t.rows != 0) {
     fail<InvalidArgument>("sharded exchange: ", what, " has ", t.rows, " rows and ", t.numel,
                           " elements: rows must be >= 1 and divide the elements");
@@ -22,7 +22,7 @@ void checkWorld(int64_t world) {
 
 }  // namespace
 
-Range shardRange(const TensorShape& t, int64_t world, int64_t rank) {
+Range shardRange(const ParamSize& t, int64_t world, int64_t rank) {
   checkWorld(world);
   checkShape(t, "a tensor");
   if (rank < 0 || rank >= world) fail<InvalidArgument>("sharded exchange: rank ", rank, " of ", world);
@@ -35,7 +35,7 @@ Range shardRange(const TensorShape& t, int64_t world, int64_t rank) {
   return {first * cols, last * cols};
 }
 
-std::vector<Piece> canonicalPieces(const std::vector<TensorShape>& shapes, int64_t piece) {
+std::vector<Piece> canonicalPieces(const std::vector<ParamSize>& shapes, int64_t piece) {
   if (piece < 1) fail<InvalidArgument>("sharded exchange: piece = ", piece, " elements: must be >= 1");
   std::vector<Piece> out;
   for (size_t i = 0; i < shapes.size(); ++i) {
@@ -47,7 +47,7 @@ std::vector<Piece> canonicalPieces(const std::vector<TensorShape>& shapes, int64
   return out;
 }
 
-std::vector<PieceHolding> holdings(const std::vector<TensorShape>& shapes, const std::vector<Piece>& pieces,
+std::vector<PieceHolding> holdings(const std::vector<ParamSize>& shapes, const std::vector<Piece>& pieces,
                                    int64_t world) {
   checkWorld(world);
   std::vector<PieceHolding> out;
@@ -56,7 +56,7 @@ std::vector<PieceHolding> holdings(const std::vector<TensorShape>& shapes, const
     if (p.tensor < 0 || size_t(p.tensor) >= shapes.size()) {
       fail<InvalidArgument>("sharded exchange: a piece of tensor ", p.tensor, " of ", shapes.size());
     }
-    const TensorShape& t = shapes[size_t(p.tensor)];
+    const ParamSize& t = shapes[size_t(p.tensor)];
     PieceHolding h;
     // Ranks hold consecutive ranges in rank order, so the piece's holders
     // are consecutive ranks from the one holding its first element.
@@ -93,7 +93,7 @@ SiteTransfers siteTransfers(const std::vector<Piece>& pieces, const std::vector<
   return t;
 }
 
-std::vector<ExchangeGroup> exchangeGroups(const std::vector<TensorShape>& shapes, int64_t piece,
+std::vector<ExchangeGroup> exchangeGroups(const std::vector<ParamSize>& shapes, int64_t piece,
                                           const std::vector<int64_t>& worlds) {
   if (worlds.empty()) fail<InvalidArgument>("sharded exchange: no sites");
   const std::vector<Piece> pieces = canonicalPieces(shapes, piece);

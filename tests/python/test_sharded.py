@@ -16,6 +16,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, os.path.join(ROOT, "torch_ext", "python"))
 
+from strait.ports import free_port  # noqa: E402
+
+sys.path.insert(0, HERE)
+from jobs import communicate_all  # noqa: E402
+
 torch = pytest.importorskip("torch")
 pytest.importorskip("torch.distributed.fsdp")
 import strait  # noqa: E402,F401
@@ -70,3 +75,91 @@ def test_a_shard_that_is_not_fsdp2s_is_a_clear_error():
     a, b = torch.randn(6, 4), torch.randn(3)
     got = pieces.gather([a, b])
     assert torch.equal(torch.cat(got), torch.cat([a.reshape(-1), b]))
+
+
+def ports_in_a_row(n):
+    """A port with the n after it free too: a sharded job's groups listen at
+    the site's port + 1 + the group's number."""
+    import socket
+    for _ in range(200):
+        base = free_port()
+        socks = []
+        try:
+            for k in range(1, n + 1):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", base + k))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no run of free ports")
+
+
+def test_sites_of_one_and_two_ranks_train_a_sharded_model_to_identical_replicas():
+    """Site a: 1 rank; site b: 2 ranks, FSDP2 over gloo, CurveZMQ and each
+    site's policy with a signed audit log. Each site starts from its own
+    values and data; after 3 syncs every rank of both sites holds the same
+    full parameters (gathered and hashed), and every gateway's audit log,
+    one per rank and group besides the leader's, verifies."""
+    build = os.environ.get("STRAIT_BUILD_DIR", os.path.join(ROOT, "build"))
+    with tempfile.TemporaryDirectory(prefix="strait-sharded-") as tmp:
+        policies = {}
+        for site, jur in (("a", "CN"), ("b", "SG")):
+            subprocess.run([os.path.join(build, "transport", "strait_keys"), "generate", site, "--dir",
+                            os.path.join(tmp, "keys")], check=True, stdout=subprocess.DEVNULL)
+            policies[site] = os.path.join(tmp, f"{site}-policy.yaml")
+            with open(policies[site], "w") as f:
+                f.write(f"site: {site}\njurisdiction: {jur}\n"
+                        f"audit: {{log: audit/{site}.jsonl, signing_key: keys/{site}.sign}}\n")
+        config = os.path.join(tmp, "job.yaml")
+        with open(config, "w") as f:
+            f.write(f"""job: {{id: sharded}}
+sites:
+  - {{name: a, jurisdiction: CN, endpoint: "tcp://127.0.0.1:{ports_in_a_row(4)}", workers: 1,
+     public_key: keys/a.pub, secret_key: keys/a.key}}
+  - {{name: b, jurisdiction: SG, endpoint: "tcp://127.0.0.1:{ports_in_a_row(4)}", workers: 2,
+     public_key: keys/b.pub, secret_key: keys/b.key}}
+sync: {{mode: diloco, diloco: {{sync_every: 4, outer_lr: 0.7, outer_momentum: 0.5}}}}
+compression: {{pipeline: "topk(0.3) -> int8", error_feedback: true}}
+transport: {{chunk_bytes: 4096, heartbeat_ms: 100, peer_timeout_ms: 3000, round_deadline_s: 60, hard_deadline_s: 120}}
+""")
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.path.join(ROOT, "torch_ext", "python"))
+        procs, outs = [], []
+        for site, world in (("a", 1), ("b", 2)):
+            port = free_port()
+            for rank in range(world):
+                out = os.path.join(tmp, f"{site}-{rank}.json")
+                cmd = [sys.executable, os.path.join(HERE, "sharded_diloco_worker.py"), "--config", config, "--site",
+                       site, "--policy", policies[site], "--steps", "12", "--out", out]
+                procs.append(subprocess.Popen(cmd, env=dict(env, RANK=str(rank), WORLD_SIZE=str(world),
+                                                            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)),
+                                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+                outs.append(out)
+        errors = communicate_all(procs, TIMEOUT_S)
+        failed = [(i, p.returncode, errors[i][-3000:]) for i, p in enumerate(procs) if p.returncode != 0]
+        assert not failed, "workers failed:\n" + "\n".join(f"#{i} rc={rc}: {e}" for i, rc, e in failed)
+        r = [json.load(open(o)) for o in outs]
+        logs = sorted(os.listdir(os.path.join(tmp, "audit")))
+        assert logs == ["a.jsonl", "a.jsonl.rank0.group0", "a.jsonl.rank0.group1", "b.jsonl", "b.jsonl.rank0.group0",
+                        "b.jsonl.rank1.group1"], logs
+        for log in logs:
+            v = subprocess.run([os.path.join(build, "transport", "strait_audit"), "verify",
+                                os.path.join(tmp, "audit", log), "--key",
+                                os.path.join(tmp, "keys", f"{log[0]}.sign.pub")], capture_output=True, text=True)
+            assert v.returncode == 0, (log, v.stdout, v.stderr)
+            with open(os.path.join(tmp, "audit", log)) as f:
+                kinds = [json.loads(line).get("kind") for line in f]
+            if ".group" in log:  # the init rounds and 3 syncs, each out and in
+                assert kinds.count("model_update") >= 6, (log, kinds)
+    assert all(x["sharded"] and x["syncs"] == 3 for x in r), r
+    # The sites started apart and end identical, on every rank.
+    assert r[0]["start"] != r[1]["start"] == r[2]["start"], r
+    assert len({x["end"] for x in r}) == 1, r
+    assert r[0]["end"] != r[0]["start"]
+    # Rank to rank: a's one rank is in both groups, each of b's ranks in one,
+    # and every rank sent something.
+    assert [x["groups"] for x in r] == [2, 1, 1], r
+    assert all(x["bytes_sent"] > 0 for x in r), r

@@ -293,6 +293,26 @@ void registerEngine(::torch::Library& m) {
            })
       .def("resumed_extra", [](const Self<EveryStep>& e) { return toTensor(e->resumedExtra()); });
 
+  using strait::torch::ShardedDiLoCo;
+  m.class_<ShardedDiLoCo>("ShardedDiLoCo")
+      .def(::torch::init([](const Self<Session>& session, std::vector<std::string> names,
+                            std::vector<at::Tensor> locals, std::vector<std::vector<int64_t>> shapes,
+                            std::optional<int64_t> sync_every, std::optional<double> outer_lr,
+                            std::optional<double> outer_momentum, std::optional<bool> nesterov,
+                            std::optional<int64_t> fragments, std::optional<bool> overlap, const std::string& pipeline,
+                            std::optional<bool> sparseloco) {
+        return translate("strait.DiLoCo", [&] {
+          DiLoCoOptions o{sync_every, outer_lr, outer_momentum, nesterov, fragments, overlap, pipeline, sparseloco};
+          return c10::make_intrusive<ShardedDiLoCo>(session, std::move(names), std::move(locals), std::move(shapes),
+                                                    std::move(o));
+        });
+      }))
+      .def("step", [](const Self<ShardedDiLoCo>& d) { translate("strait.DiLoCo.step", [&] { d->step(); }); })
+      .def("flush", [](const Self<ShardedDiLoCo>& d) { translate("strait.DiLoCo.flush", [&] { d->flush(); }); })
+      .def("syncs", [](const Self<ShardedDiLoCo>& d) { return d->syncs(); })
+      .def("local_steps", [](const Self<ShardedDiLoCo>& d) { return d->localSteps(); })
+      .def("groups", [](const Self<ShardedDiLoCo>& d) { return d->groups(); });
+
   using strait::torch::ShardedPieces;
   m.class_<ShardedPieces>("ShardedPieces")
       .def(::torch::init([](std::vector<std::vector<int64_t>> shapes, int64_t piece,

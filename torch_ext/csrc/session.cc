@@ -179,7 +179,7 @@ Session::Impl::Impl(SessionOptions options) : opt(std::move(options)) {
 Session::Impl::~Impl() = default;
 
 Compressor& Session::Impl::compressor(const std::string& key, const std::string& name, int64_t size,
-                                      const std::string& pipeline, std::optional<float> decay) {
+                                      const std::string& pipeline, std::optional<float> decay, int64_t rule_size) {
   auto it = compressors.find(key);
   if (it != compressors.end()) {
     if (pipeline.empty() || it->second->pipeline() == core::Pipeline::parse(pipeline).toString()) return *it->second;
@@ -195,7 +195,8 @@ Compressor& Session::Impl::compressor(const std::string& key, const std::string&
   std::string p = pipeline;
   bool error_feedback = config.compression.fallback.error_feedback;
   if (p.empty()) {
-    const core::CompressionRule& rule = config.compression.ruleFor(name, static_cast<uint64_t>(size));
+    const core::CompressionRule& rule =
+        config.compression.ruleFor(name, static_cast<uint64_t>(rule_size >= 0 ? rule_size : size));
     p = rule.pipeline.toString();
     error_feedback = rule.error_feedback;
   }

@@ -102,8 +102,11 @@ struct Session::Impl {
   // `pipeline` non-empty: that pipeline (a changed one carries the residual over).
   // `decay` set: error feedback on whatever the config says, its buffer
   // decayed so (SparseLoCo).
+  // `rule_size`: the size the config's rules judge (a sharded job's piece
+  // is judged by its whole tensor's size); -1: `size`.
   Compressor& compressor(const std::string& key, const std::string& name, int64_t size,
-                         const std::string& pipeline = "", std::optional<float> decay = std::nullopt);
+                         const std::string& pipeline = "", std::optional<float> decay = std::nullopt,
+                         int64_t rule_size = -1);
   // (key, pipeline, residual) of the error-feedback compressors whose key starts with prefix.
   std::vector<std::tuple<std::string, std::string, at::Tensor>> residuals(const std::string& prefix) const;
   // Restores residuals saved by residuals() (checkpoint sections "residual:KEY").

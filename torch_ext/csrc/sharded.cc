@@ -3,16 +3,25 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
+#include <cstring>
+#include <future>
 #include <map>
+#include <sstream>
 
+#include "core/codec/parts.h"
+#include "core/digest.h"
 #include "core/error.h"
 #include "core/shards.h"
+#include "torch_ext/csrc/device_codecs.h"
+#include "torch_ext/csrc/session_impl.h"
 #include "torch_ext/strait_torch.h"
+#include "transport/gateway.h"
 
 namespace strait::torch {
 
 struct ShardedPieces::Layout {
-  std::vector<core::TensorShape> shapes;
+  std::vector<core::ParamSize> shapes;
   std::vector<core::Piece> pieces;
   std::vector<core::PieceHolding> held;
   core::SiteTransfers transfers;
@@ -188,5 +197,357 @@ void ShardedPieces::scatter(const std::vector<at::Tensor>& values, std::vector<a
     }
   }
 }
+
+}  // namespace strait::torch
+
+// ---------------------------------------------------------------------------
+// ShardedDiLoCo
+
+namespace strait::torch {
+namespace {
+
+// "tcp://HOST:PORT" with PORT + delta.
+std::string shiftPort(const std::string& endpoint, int64_t delta, const std::string& site) {
+  const size_t colon = endpoint.rfind(':');
+  const int64_t port = colon == std::string::npos ? -1 : std::atoll(endpoint.c_str() + colon + 1);
+  if (port <= 0 || port + delta > 65535) {
+    fail<InvalidArgument>("sharded DiLoCo: site '", site, "': endpoint ", endpoint, " leaves no port for group ",
+                          delta - 1, " (a sharded job uses the endpoint's port + 1 + each group's number)");
+  }
+  return endpoint.substr(0, colon + 1) + std::to_string(port + delta);
+}
+
+}  // namespace
+
+struct ShardedDiLoCo::Impl {
+  c10::intrusive_ptr<Session> session;
+  Session::Impl& s;
+  std::vector<std::string> names;
+  std::vector<at::Tensor> locals;
+  std::vector<std::vector<int64_t>> shapes;
+  std::unique_ptr<ShardedPieces> pieces;
+  std::vector<core::ExchangeGroup> groups;  // every group of the job
+  std::vector<size_t> mine;                 // the groups this rank owns its site's pieces of
+  std::map<size_t, std::unique_ptr<transport::Gateway>> gateways;
+  std::map<int64_t, size_t> position;       // owned piece -> index into global / momentum
+  std::vector<at::Tensor> global, momentum;  // per owned piece, float32
+  int64_t sync_every = 50, local_steps = 0, syncs = 0;
+  double outer_lr = 0.7, mu = 0.9;
+  bool nesterov = true;
+  std::string pipeline;
+
+  Impl(c10::intrusive_ptr<Session> sess, std::vector<std::string> n, std::vector<at::Tensor> l,
+       std::vector<std::vector<int64_t>> sh, DiLoCoOptions o);
+
+  // The pieces of group g (in piece order) of a per-owned-piece list.
+  std::vector<at::Tensor> ofGroup(const std::vector<at::Tensor>& perPiece, size_t g) const {
+    std::vector<at::Tensor> out;
+    for (int64_t k : groups[g].pieces) out.push_back(perPiece[position.at(k)]);
+    return out;
+  }
+  // Raises on every rank of the site when fn raised on any (the same
+  // message on the ranks where it did; a pointer to them elsewhere).
+  void together(const std::string& what, const std::function<void()>& fn);
+  // Every group of this rank exchanges (round, tag) at once; returns each
+  // group's result in mine's order.
+  std::vector<transport::RoundResult> exchange(uint64_t round, const std::string& tag,
+                                               const std::function<std::vector<uint8_t>(size_t)>& payload,
+                                               core::MessageKind kind);
+  void start();
+  void sync();
+  void writeLocals();
+};
+
+ShardedDiLoCo::Impl::Impl(c10::intrusive_ptr<Session> sess, std::vector<std::string> n, std::vector<at::Tensor> l,
+                          std::vector<std::vector<int64_t>> sh, DiLoCoOptions o)
+    : session(std::move(sess)), s(session->impl()), names(std::move(n)), locals(std::move(l)), shapes(std::move(sh)) {
+  const core::DiLoCoConfig& c = s.config.diloco;
+  auto refuse = [](const std::string& what) {
+    fail<InvalidArgument>("sharded DiLoCo (a model sharded with FSDP2): ", what,
+                          " is not supported yet; see docs/ARCHITECTURE.md \"Sharded models\"");
+  };
+  if (s.config.mode != core::SyncMode::kDiLoCo) {
+    fail<InvalidArgument>("strait.DiLoCo: the job config ", s.config.source, " says sync.mode: ",
+                          core::syncModeName(s.config.mode), "; DiLoCo runs only under sync.mode: diloco");
+  }
+  if (o.fragments.value_or(c.fragments) != 1) refuse("sync.diloco.fragments other than 1");
+  if (o.overlap.value_or(c.overlap)) refuse("sync.diloco.overlap");
+  if (o.sparseloco.value_or(c.sparseloco.enabled)) refuse("SparseLoCo");
+  if (s.adaptive) refuse("compression.adaptive");
+  if (s.config.transport.on_site_loss_continue) refuse("on_site_loss: continue");
+  if (s.policy && s.policy->privacy.enabled) refuse("differential privacy (the policy's privacy section)");
+  if (s.checkpoints) refuse("the checkpoint section (checkpoints and rejoin of sharded jobs)");
+  if (s.opt.resume) refuse("resume");
+  sync_every = o.sync_every.value_or(c.sync_every);
+  outer_lr = o.outer_lr.value_or(c.outer_lr);
+  mu = o.outer_momentum.value_or(c.outer_momentum);
+  nesterov = o.nesterov.value_or(c.nesterov);
+  if (sync_every < 1) fail<InvalidArgument>("DiLoCo: sync_every = ", sync_every, ": must be >= 1");
+  if (!(outer_lr > 0)) fail<InvalidArgument>("DiLoCo: outer_lr = ", outer_lr, ": must be > 0");
+  if (!(mu >= 0 && mu < 1)) fail<InvalidArgument>("DiLoCo: outer_momentum = ", mu, ": must be in [0, 1)");
+  if (!o.pipeline.empty()) pipeline = core::Pipeline::parse(o.pipeline).toString();
+  if (names.size() != locals.size() || shapes.size() != locals.size()) {
+    fail<InvalidArgument>("sharded DiLoCo: ", names.size(), " names and ", shapes.size(), " shapes for ",
+                          locals.size(), " parameters");
+  }
+  if (locals.empty()) fail<InvalidArgument>("DiLoCo: no parameters to train");
+  for (size_t i = 0; i < locals.size(); ++i) {
+    if (!at::isFloatingType(locals[i].scalar_type())) {
+      fail<InvalidArgument>("DiLoCo: parameter '", names[i], "' is ", locals[i].scalar_type(),
+                            ": DiLoCo trains floating-point parameters");
+    }
+  }
+  start();
+}
+
+void ShardedDiLoCo::Impl::together(const std::string& what, const std::function<void()>& fn) {
+  std::exception_ptr error;
+  try {
+    fn();
+  } catch (const std::exception&) {
+    error = std::current_exception();
+  }
+  at::Tensor flag = at::full({1}, error ? 1 : 0, at::TensorOptions(at::kLong).device(s.control_device));
+  s.allReduceSum(flag);
+  if (error) std::rethrow_exception(error);
+  const int64_t failed = flag.cpu().item<int64_t>();
+  if (failed > 0) {
+    fail<Error>("sharded DiLoCo: ", what, " failed on ", failed, " rank(s) of site '", s.opt.site,
+                "' (their own error says why)");
+  }
+}
+
+std::vector<transport::RoundResult> ShardedDiLoCo::Impl::exchange(
+    uint64_t round, const std::string& tag, const std::function<std::vector<uint8_t>(size_t)>& payload,
+    core::MessageKind kind) {
+  std::vector<std::future<transport::RoundResult>> futures;
+  for (size_t g : mine) {
+    std::vector<uint8_t> bytes = payload(g);
+    s.bytes_sent += bytes.size();
+    futures.push_back(gateways.at(g)->exchange(round, tag, std::move(bytes), kind));
+  }
+  std::vector<transport::RoundResult> out;
+  const auto deadline = Clock::now() + s.timeout;
+  for (size_t j = 0; j < futures.size(); ++j) {
+    if (futures[j].wait_until(deadline) != std::future_status::ready) {
+      fail<TimeoutError>("sharded DiLoCo: group ", mine[j], "'s round ", round, " '", tag, "' did not complete within ",
+                         std::chrono::duration_cast<std::chrono::seconds>(s.timeout).count(), " s");
+    }
+    out.push_back(futures[j].get());
+  }
+  return out;
+}
+
+void ShardedDiLoCo::Impl::start() {
+  const int64_t piece = int64_t(s.config.transport.chunk_bytes / sizeof(float));
+  // The same model everywhere (full shapes, names) and every site's number of ranks.
+  std::ostringstream d;
+  d << "sharded DiLoCo, pieces of " << piece << " elements\n";
+  for (size_t i = 0; i < names.size(); ++i) {
+    d << names[i] << " (";
+    for (size_t k = 0; k < shapes[i].size(); ++k) d << (k ? ", " : "") << shapes[i][k];
+    d << ")\n";
+  }
+  s.checkSameEverywhere("diloco.model", d.str());
+  at::Tensor worlds_t = at::zeros({int64_t(s.names.size())}, at::TensorOptions(at::kLong).device(s.control_device));
+  s.fromLeader(
+      [&] {
+        std::vector<uint8_t> bytes(8);
+        const uint64_t w = uint64_t(s.size);
+        std::memcpy(bytes.data(), &w, 8);
+        Round r = s.start("diloco.shards", std::move(bytes), core::MessageKind::kControl);
+        const RoundOutcome o = s.finish(r);
+        at::Tensor cpu = at::zeros({int64_t(s.names.size())}, at::kLong);
+        for (size_t i = 0; i < o.payloads.size(); ++i) {
+          if (!o.payloads[i] || o.payloads[i]->size() != 8) {
+            fail<ProtocolError>("site '", s.names[i], "' did not say how many ranks it has ('diloco.shards')");
+          }
+          uint64_t w = 0;
+          std::memcpy(&w, o.payloads[i]->data(), 8);
+          if (w < 1 || w > (uint64_t{1} << 20)) fail<ProtocolError>("site '", s.names[i], "' says it has ", w, " ranks");
+          cpu[int64_t(i)] = int64_t(w);
+        }
+        worlds_t.copy_(cpu);
+      },
+      {worlds_t});
+  std::vector<int64_t> worlds;
+  const at::Tensor wc = worlds_t.cpu();
+  for (int64_t i = 0; i < wc.numel(); ++i) worlds.push_back(wc[i].item<int64_t>());
+
+  pieces = std::make_unique<ShardedPieces>(shapes, piece, s.group);
+  std::vector<core::ParamSize> ts;
+  for (const auto& sizes : shapes) {
+    int64_t numel = 1;
+    for (int64_t x : sizes) numel *= x;
+    ts.push_back({sizes.empty() ? 1 : sizes[0], numel});
+  }
+  groups = core::exchangeGroups(ts, piece, worlds);
+  for (size_t g = 0; g < groups.size(); ++g) {
+    if (groups[g].owners[s.site_index] == s.rank) mine.push_back(g);
+  }
+  for (size_t j = 0; j < pieces->owned().size(); ++j) position[pieces->owned()[j]] = j;
+
+  // A gateway per group, between exactly its owners: the site's keys,
+  // policy and audit (a file per rank and group) at port + 1 + group.
+  together("starting its groups' gateways", [&] {
+    for (size_t g : mine) {
+      transport::GatewayOptions go =
+          transport::GatewayOptions::fromConfig(s.config, s.opt.site, s.policy ? &*s.policy : nullptr);
+      go.job_id += "/group" + std::to_string(g);
+      for (auto& site : go.sites) {
+        site.endpoint = shiftPort(site.endpoint, int64_t(g) + 1, site.name);
+        if (!site.bind.empty()) site.bind = shiftPort(site.bind, int64_t(g) + 1, site.name);
+      }
+      const std::string suffix = ".rank" + std::to_string(s.rank) + ".group" + std::to_string(g);
+      if (!go.audit_log.empty()) go.audit_log += suffix;
+      if (!go.metrics_path.empty()) go.metrics_path += suffix;
+      gateways.emplace(g, std::make_unique<transport::Gateway>(std::move(go)));
+    }
+  });
+
+  // Start from site 0's values, compared by digest first.
+  global = pieces->gather(locals);
+  for (const at::Tensor& p : global) momentum.push_back(at::zeros_like(p));
+  std::vector<size_t> differ;
+  together("agreeing on the initial parameters", [&] {
+    const auto digests = exchange(0, "diloco.init.digest", [&](size_t g) {
+      uint64_t sum = 0, offset = 0;
+      for (const at::Tensor& p : ofGroup(global, g)) {
+        const at::Tensor c = p.to(at::kCPU).contiguous();
+        sum += core::digestSum(c.data_ptr<float>(), size_t(c.numel()), offset);
+        offset += uint64_t(c.numel());
+      }
+      std::vector<uint8_t> b(8);
+      std::memcpy(b.data(), &sum, 8);
+      return b;
+    }, core::MessageKind::kControl);
+    for (size_t j = 0; j < mine.size(); ++j) {
+      const auto& ps = digests[j].payloads;
+      for (size_t i = 1; i < ps.size(); ++i) {
+        if (!ps[i] || *ps[i] != *ps[0]) {
+          differ.push_back(j);
+          break;
+        }
+      }
+    }
+  });
+  // Every group exchanges the init round (site 0's values where digests differed, nothing otherwise), so
+  // the round numbers stay the same on every site whatever each group found.
+  together("taking site 0's initial parameters", [&] {
+    const auto init = exchange(0, "diloco.init", [&](size_t g) {
+      const size_t j = size_t(std::find(mine.begin(), mine.end(), g) - mine.begin());
+      if (s.site_index != 0 || std::find(differ.begin(), differ.end(), j) == differ.end()) return std::vector<uint8_t>{};
+      std::vector<uint8_t> b;
+      for (const at::Tensor& p : ofGroup(global, g)) {
+        const at::Tensor c = p.to(at::kCPU).contiguous();
+        const auto* bytes = reinterpret_cast<const uint8_t*>(c.data_ptr<float>());
+        b.insert(b.end(), bytes, bytes + c.numel() * sizeof(float));
+      }
+      return b;
+    }, core::MessageKind::kModelState);
+    for (size_t j = 0; j < mine.size(); ++j) {
+      const auto& from0 = init[j].payloads[0];
+      if (!from0 || from0->empty()) continue;
+      int64_t n = 0;
+      for (int64_t k : groups[mine[j]].pieces) n += global[position.at(k)].numel();
+      if (int64_t(from0->size()) != n * int64_t(sizeof(float))) {
+        fail<ProtocolError>("site '", s.names[0], "' sent ", from0->size(), " bytes of initial parameters for group ",
+                            mine[j], ", which holds ", n, " elements");
+      }
+      size_t off = 0;
+      for (int64_t k : groups[mine[j]].pieces) {
+        at::Tensor& p = global[position.at(k)];
+        at::Tensor src = at::from_blob(const_cast<uint8_t*>(from0->data()) + off, {p.numel()}, at::kFloat);
+        p.copy_(src);
+        off += size_t(p.numel()) * sizeof(float);
+      }
+    }
+  });
+  writeLocals();
+}
+
+void ShardedDiLoCo::Impl::writeLocals() {
+  std::vector<at::Tensor> out;
+  for (const at::Tensor& l : locals) out.push_back(at::empty(l.sizes(), l.options().dtype(at::kFloat)).contiguous());
+  pieces->scatter(global, out);
+  at::NoGradGuard no_grad;
+  for (size_t i = 0; i < locals.size(); ++i) locals[i].detach().copy_(out[i]);
+}
+
+void ShardedDiLoCo::Impl::sync() {
+  const std::vector<at::Tensor> current = pieces->gather(locals);
+  std::vector<at::Tensor> mean(global.size());
+  together("the sync", [&] {
+    const auto results = exchange(uint64_t(syncs), "diloco", [&](size_t g) {
+      std::vector<std::vector<uint8_t>> parts;
+      for (int64_t k : groups[g].pieces) {
+        const size_t j = position.at(k);
+        const int64_t t = pieces->pieces()[size_t(k)][0];
+        const at::Tensor pseudo = global[j] - current[j];
+        int64_t full = 1;
+        for (int64_t x : shapes[size_t(t)]) full *= x;
+        Compressor& c = s.compressor("diloco.piece" + std::to_string(k), names[size_t(t)], pseudo.numel(), pipeline,
+                                     std::nullopt, full);
+        parts.emplace_back();
+        c.encode(s.encodable(pseudo), parts.back());
+      }
+      return core::frameParts(parts);
+    }, core::MessageKind::kModelUpdate);
+    for (size_t j = 0; j < mine.size(); ++j) {
+      const size_t g = mine[j];
+      const auto& r = results[j];
+      RoundOutcome o;
+      o.payloads = r.payloads;
+      o.missing = r.missing;
+      std::vector<at::Tensor> acc;
+      for (int64_t k : groups[g].pieces) {
+        acc.push_back(at::zeros({global[position.at(k)].numel()},
+                                at::TensorOptions(at::kFloat).device(s.decodeDevice(global[position.at(k)].device()))));
+      }
+      for (const auto& [i, weight] : s.siteWeights(o)) {
+        const std::vector<uint8_t>& blob = *o.payloads[i];
+        std::vector<core::PartView> views;
+        try {
+          views = core::splitParts(blob.data(), blob.size(), acc.size());
+        } catch (const ProtocolError& e) {
+          fail<ProtocolError>("site '", s.names[i], "' sent a 'diloco' message for group ", g, ": ", e.what());
+        }
+        for (size_t q = 0; q < acc.size(); ++q) accumulateExact(views[q].data, views[q].size, acc[q], weight);
+      }
+      for (size_t q = 0; q < acc.size(); ++q) mean[position.at(groups[g].pieces[q])] = acc[q];
+    }
+  });
+  // The outer step, elementwise on each owned piece, in DiLoCo's order of
+  // float32 operations (diloco.cc): m = m mu + g; u = nesterov ? g + mu m : m; p -= lr u.
+  for (size_t j = 0; j < global.size(); ++j) {
+    const at::Tensor g = mean[j].to(global[j].device());
+    if (mu == 0 && !nesterov) {
+      global[j].sub_(g, outer_lr);
+      continue;
+    }
+    momentum[j].mul_(mu).add_(g);
+    const at::Tensor update = nesterov ? g.add(momentum[j], mu) : momentum[j];
+    global[j].sub_(update, outer_lr);
+  }
+  ++syncs;
+  writeLocals();
+}
+
+ShardedDiLoCo::ShardedDiLoCo(c10::intrusive_ptr<Session> session, std::vector<std::string> names,
+                             std::vector<at::Tensor> locals, std::vector<std::vector<int64_t>> shapes,
+                             DiLoCoOptions options)
+    : impl_(std::make_unique<Impl>(std::move(session), std::move(names), std::move(locals), std::move(shapes),
+                                   std::move(options))) {}
+
+ShardedDiLoCo::~ShardedDiLoCo() = default;
+
+void ShardedDiLoCo::step() {
+  if (++impl_->local_steps % impl_->sync_every == 0) impl_->sync();
+}
+
+void ShardedDiLoCo::flush() { impl_->writeLocals(); }
+int64_t ShardedDiLoCo::syncs() const { return impl_->syncs; }
+int64_t ShardedDiLoCo::localSteps() const { return impl_->local_steps; }
+int64_t ShardedDiLoCo::groups() const { return int64_t(impl_->mine.size()); }
 
 }  // namespace strait::torch

@@ -25,14 +25,14 @@ std::vector<int64_t> rowHolders(int64_t rows, int64_t world) {
 
 // Shapes with 0 and 1, rows that do not divide by the world sizes, a
 // scalar, an empty tensor, and tensors smaller and larger than a piece.
-const std::vector<TensorShape> kModel = {
+const std::vector<ParamSize> kModel = {
     {7, 7 * 5}, {1, 1}, {3, 3}, {1, 0}, {10, 10 * 13}, {2, 2 * 40}, {33, 33}, {5, 5 * 64},
 };
 
 TEST(Shards, ShardRangeIsTorchChunkAlongDimZero) {
   for (int64_t rows : {1, 2, 3, 7, 10, 33}) {
     for (int64_t world : {1, 2, 3, 4, 5, 8, 16}) {
-      const TensorShape t{rows, rows * 6};
+      const ParamSize t{rows, rows * 6};
       const std::vector<int64_t> holder = rowHolders(rows, world);
       int64_t next = 0;
       for (int64_t r = 0; r < world; ++r) {

@@ -70,6 +70,20 @@ class DiLoCo:
         self.inner = inner_optimizer
         self.session = session
         self.params = [p for _, p in named]
+        self.sharded = _sharded(self.params, session)
+        if self.sharded:
+            # FSDP2: each rank exchanges the pieces it owns (docs/PROTOCOL.md,
+            # "Sharded exchange"); the engine updates the local shards in place.
+            with translated():
+                self._d = torch.classes.strait.ShardedDiLoCo(
+                    session._s, [n for n, _ in named], [p.to_local() for p in self.params],
+                    [list(p.shape) for p in self.params],
+                    None if sync_every is None else int(sync_every), None if outer_lr is None else float(outer_lr),
+                    None if outer_momentum is None else float(outer_momentum),
+                    None if nesterov is None else bool(nesterov), None if fragments is None else int(fragments),
+                    None if overlap is None else bool(overlap), pipeline or "",
+                    None if sparseloco is None else bool(sparseloco))
+            return
         with translated():
             self._d = torch.classes.strait.DiLoCo(
                 session._s, [n for n, _ in named], self.params,
@@ -116,6 +130,10 @@ class DiLoCo:
     def step(self):
         """After each inner optimizer step: syncs every sync_every /
         fragments calls."""
+        if self.sharded:
+            with translated():
+                self._d.step()
+            return
         try:
             with translated():
                 due = self._d.step()
@@ -135,6 +153,10 @@ class DiLoCo:
         round still in flight and applies it. Then every worker takes the
         global parameters (progress not synced yet is dropped), so replicas
         end identical whatever the step count."""
+        if self.sharded:
+            with translated():
+                self._d.flush()
+            return
         try:
             with translated():
                 self._d.flush()
@@ -189,3 +211,24 @@ class DiLoCo:
     @property
     def overlap(self):
         return self._d.overlap()
+
+
+def _sharded(params, session):
+    """Whether the parameters are FSDP2's (DTensors sharded along dim 0 over
+    the site's workers); a mix, or another placement, is an error."""
+    try:
+        from torch.distributed.tensor import DTensor, Shard
+    except ImportError:  # torch without DTensor: nothing can be sharded
+        return False
+    kinds = {isinstance(p, DTensor) for p in params}
+    if kinds != {True}:
+        if True in kinds:
+            raise StraitError("strait.DiLoCo: some parameters are DTensors (FSDP2) and some are not: shard the "
+                              "whole model with fully_shard, or none of it")
+        return False
+    for p in params:
+        if tuple(p.placements) != (Shard(0),) or p.device_mesh.size() != session.size:
+            raise StraitError(f"strait.DiLoCo: a parameter of shape {tuple(p.shape)} is placed {p.placements} over "
+                              f"{p.device_mesh.size()} ranks; sharded DiLoCo takes FSDP2's Shard(0) over all "
+                              f"{session.size} workers of the site")
+    return True
