@@ -285,9 +285,11 @@ class ShardedPieces : public ::torch::CustomClassHolder {
 // may have different numbers of ranks. After each sync every rank of every
 // site holds the same bits for the same elements.
 //
-// This first version does plain DiLoCo under on_site_loss: wait, without
-// fragments, overlap, SparseLoCo, adaptive compression, differential
-// privacy, checkpoints or joins; each of those is refused with an
+// Differential privacy clips the whole site's update (its squared norm
+// summed across the ranks) and each group's gateway noises its share and
+// counts the site's release. This first version does plain DiLoCo under
+// on_site_loss: wait, without fragments, overlap, SparseLoCo, adaptive
+// compression, checkpoints or joins; each of those is refused with an
 // InvalidArgument naming it.
 class ShardedDiLoCo : public ::torch::CustomClassHolder {
  public:
@@ -308,6 +310,9 @@ class ShardedDiLoCo : public ::torch::CustomClassHolder {
   int64_t syncs() const;
   int64_t localSteps() const;
   int64_t groups() const;  // exchange groups this rank takes part in
+  // Epsilon spent by each of this rank's groups' gateways (the same on all
+  // of a site's: one release of the site per sync); empty without privacy.
+  std::vector<double> privacySpent() const;
 
   struct Impl;
 

@@ -171,7 +171,10 @@ class Gateway {
   // checking that one more release stays within the epsilon budget (else
   // PolicyViolation, and x is untouched). Returns the epsilon spent so far,
   // this release included. InvalidArgument without a privacy section.
-  double privatize(float* x, size_t n);
+  // `norm` >= 0: x is this gateway's share of a site's update of that L2
+  // norm (a sharded site: the ranks' squared norms summed inside the site),
+  // and the whole update is what is clipped; the release is the site's.
+  double privatize(float* x, size_t n, double norm = -1);
   // Epsilon spent so far (0 without privacy) and the number of releases.
   double privacySpent() const;
   uint64_t privacyReleases() const;

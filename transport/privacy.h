@@ -22,7 +22,9 @@ double gaussianEpsilon(double sigma, uint64_t releases, double delta);
 
 // Clips x to L2 norm `clip` (scaling it down, never up) and adds independent
 // Gaussian noise of standard deviation sigma * clip, drawn from libsodium's
-// CSPRNG. Returns the norm before clipping.
-double clipAndNoise(float* x, size_t n, double clip, double sigma);
+// CSPRNG. Returns the norm before clipping. `norm` >= 0: x is a share of a
+// larger update of that norm (a sharded site's, summed across its ranks),
+// which is what is clipped: x is scaled by min(1, clip / norm).
+double clipAndNoise(float* x, size_t n, double clip, double sigma, double norm = -1);
 
 }  // namespace strait::transport

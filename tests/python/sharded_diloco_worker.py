@@ -66,6 +66,7 @@ def main():
     diloco.flush()
     result = {"site": session.site, "rank": session.rank, "sharded": diloco.sharded, "syncs": diloco.syncs,
               "groups": diloco._d.groups(), "start": start, "end": full_digest(params),
+              "privacy_spent": list(diloco._d.privacy_spent()),
               "bytes_sent": session._s.bytes_sent(), "first_loss": losses[0], "last_loss": losses[-1]}
     with open(args.out, "w") as f:
         json.dump(result, f)

@@ -98,12 +98,11 @@ def ports_in_a_row(n):
     raise RuntimeError("no run of free ports")
 
 
-def test_sites_of_one_and_two_ranks_train_a_sharded_model_to_identical_replicas():
+def run_sharded_job(policy_extra="", transport_extra=""):
     """Site a: 1 rank; site b: 2 ranks, FSDP2 over gloo, CurveZMQ and each
-    site's policy with a signed audit log. Each site starts from its own
-    values and data; after 3 syncs every rank of both sites holds the same
-    full parameters (gathered and hashed), and every gateway's audit log,
-    one per rank and group besides the leader's, verifies."""
+    site's policy with a signed audit log; each site starts from its own
+    values and data. Returns every worker's result and checks every audit
+    log (one per rank and group besides the leader's) verifies."""
     build = os.environ.get("STRAIT_BUILD_DIR", os.path.join(ROOT, "build"))
     with tempfile.TemporaryDirectory(prefix="strait-sharded-") as tmp:
         policies = {}
@@ -113,7 +112,7 @@ def test_sites_of_one_and_two_ranks_train_a_sharded_model_to_identical_replicas(
             policies[site] = os.path.join(tmp, f"{site}-policy.yaml")
             with open(policies[site], "w") as f:
                 f.write(f"site: {site}\njurisdiction: {jur}\n"
-                        f"audit: {{log: audit/{site}.jsonl, signing_key: keys/{site}.sign}}\n")
+                        f"audit: {{log: audit/{site}.jsonl, signing_key: keys/{site}.sign}}\n{policy_extra}")
         config = os.path.join(tmp, "job.yaml")
         with open(config, "w") as f:
             f.write(f"""job: {{id: sharded}}
@@ -124,7 +123,8 @@ sites:
      public_key: keys/b.pub, secret_key: keys/b.key}}
 sync: {{mode: diloco, diloco: {{sync_every: 4, outer_lr: 0.7, outer_momentum: 0.5}}}}
 compression: {{pipeline: "topk(0.3) -> int8", error_feedback: true}}
-transport: {{chunk_bytes: 4096, heartbeat_ms: 100, peer_timeout_ms: 3000, round_deadline_s: 60, hard_deadline_s: 120}}
+transport: {{chunk_bytes: 4096, heartbeat_ms: 100, peer_timeout_ms: 3000, round_deadline_s: 60, hard_deadline_s: 120
+             {transport_extra}}}
 """)
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.path.join(ROOT, "torch_ext", "python"))
         procs, outs = [], []
@@ -140,7 +140,8 @@ transport: {{chunk_bytes: 4096, heartbeat_ms: 100, peer_timeout_ms: 3000, round_
                 outs.append(out)
         errors = communicate_all(procs, TIMEOUT_S)
         failed = [(i, p.returncode, errors[i][-3000:]) for i, p in enumerate(procs) if p.returncode != 0]
-        assert not failed, "workers failed:\n" + "\n".join(f"#{i} rc={rc}: {e}" for i, rc, e in failed)
+        if failed:
+            return None, failed
         r = [json.load(open(o)) for o in outs]
         logs = sorted(os.listdir(os.path.join(tmp, "audit")))
         assert logs == ["a.jsonl", "a.jsonl.rank0.group0", "a.jsonl.rank0.group1", "b.jsonl", "b.jsonl.rank0.group0",
@@ -154,6 +155,12 @@ transport: {{chunk_bytes: 4096, heartbeat_ms: 100, peer_timeout_ms: 3000, round_
                 kinds = [json.loads(line).get("kind") for line in f]
             if ".group" in log:  # the init rounds and 3 syncs, each out and in
                 assert kinds.count("model_update") >= 6, (log, kinds)
+        return r, []
+
+
+def test_sites_of_one_and_two_ranks_train_a_sharded_model_to_identical_replicas():
+    r, failed = run_sharded_job()
+    assert not failed, "workers failed:\n" + "\n".join(f"#{i} rc={rc}: {e}" for i, rc, e in failed)
     assert all(x["sharded"] and x["syncs"] == 3 for x in r), r
     # The sites started apart and end identical, on every rank.
     assert r[0]["start"] != r[1]["start"] == r[2]["start"], r
@@ -163,3 +170,25 @@ transport: {{chunk_bytes: 4096, heartbeat_ms: 100, peer_timeout_ms: 3000, round_
     # and every rank sent something.
     assert [x["groups"] for x in r] == [2, 1, 1], r
     assert all(x["bytes_sent"] > 0 for x in r), r
+
+
+def test_differential_privacy_of_a_sharded_site_releases_once_per_sync_on_every_group():
+    """Each site's policy has a privacy section: every rank's model updates
+    leave only clipped (by the whole site's norm, summed inside the site)
+    and noised, which the egress guard of each group's gateway enforces; the
+    replicas stay identical, and every group's gateway of a site has spent
+    the same epsilon: one release per sync."""
+    r, failed = run_sharded_job(policy_extra="privacy: {clip_norm: 0.5, noise_multiplier: 1.0, epsilon_budget: 50}\n")
+    assert not failed, "workers failed:\n" + "\n".join(f"#{i} rc={rc}: {e}" for i, rc, e in failed)
+    assert len({x["end"] for x in r}) == 1, r
+    spent = [x["privacy_spent"] for x in r]
+    assert all(len(s) == x["groups"] for s, x in zip(spent, r)), r
+    every = [e for s in spent for e in s]
+    assert every and all(e == every[0] > 0 for e in every), spent
+
+
+def test_what_sharded_diloco_does_not_do_yet_is_refused_by_name():
+    r, failed = run_sharded_job(transport_extra=", on_site_loss: continue")
+    assert r is None and len(failed) == 3, (r, failed)
+    for _, _, err in failed:
+        assert "sharded DiLoCo (a model sharded with FSDP2): on_site_loss: continue is not supported yet" in err, err

@@ -311,7 +311,8 @@ void registerEngine(::torch::Library& m) {
       .def("flush", [](const Self<ShardedDiLoCo>& d) { translate("strait.DiLoCo.flush", [&] { d->flush(); }); })
       .def("syncs", [](const Self<ShardedDiLoCo>& d) { return d->syncs(); })
       .def("local_steps", [](const Self<ShardedDiLoCo>& d) { return d->localSteps(); })
-      .def("groups", [](const Self<ShardedDiLoCo>& d) { return d->groups(); });
+      .def("groups", [](const Self<ShardedDiLoCo>& d) { return d->groups(); })
+      .def("privacy_spent", [](const Self<ShardedDiLoCo>& d) { return d->privacySpent(); });
 
   using strait::torch::ShardedPieces;
   m.class_<ShardedPieces>("ShardedPieces")

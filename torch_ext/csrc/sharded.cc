@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <future>
 #include <map>
@@ -226,6 +227,7 @@ struct ShardedDiLoCo::Impl {
   std::vector<at::Tensor> locals;
   std::vector<std::vector<int64_t>> shapes;
   std::unique_ptr<ShardedPieces> pieces;
+  std::vector<std::vector<int64_t>> table;  // every piece: tensor, begin, end
   std::vector<core::ExchangeGroup> groups;  // every group of the job
   std::vector<size_t> mine;                 // the groups this rank owns its site's pieces of
   std::map<size_t, std::unique_ptr<transport::Gateway>> gateways;
@@ -275,7 +277,6 @@ ShardedDiLoCo::Impl::Impl(c10::intrusive_ptr<Session> sess, std::vector<std::str
   if (o.sparseloco.value_or(c.sparseloco.enabled)) refuse("SparseLoCo");
   if (s.adaptive) refuse("compression.adaptive");
   if (s.config.transport.on_site_loss_continue) refuse("on_site_loss: continue");
-  if (s.policy && s.policy->privacy.enabled) refuse("differential privacy (the policy's privacy section)");
   if (s.checkpoints) refuse("the checkpoint section (checkpoints and rejoin of sharded jobs)");
   if (s.opt.resume) refuse("resume");
   sync_every = o.sync_every.value_or(c.sync_every);
@@ -375,6 +376,7 @@ void ShardedDiLoCo::Impl::start() {
   for (int64_t i = 0; i < wc.numel(); ++i) worlds.push_back(wc[i].item<int64_t>());
 
   pieces = std::make_unique<ShardedPieces>(shapes, piece, s.group);
+  table = pieces->pieces();
   std::vector<core::ParamSize> ts;
   for (const auto& sizes : shapes) {
     int64_t numel = 1;
@@ -476,20 +478,45 @@ void ShardedDiLoCo::Impl::writeLocals() {
 
 void ShardedDiLoCo::Impl::sync() {
   const std::vector<at::Tensor> current = pieces->gather(locals);
+  std::vector<at::Tensor> pseudo;
+  for (size_t j = 0; j < global.size(); ++j) pseudo.push_back(global[j] - current[j]);
+  // Differential privacy clips the *site's* update: its norm is summed
+  // across the ranks (each holds its pieces' squares), then each group's
+  // gateway clips its share by that norm and noises it (one release of the
+  // site per sync, on every group's gateway alike).
+  const bool private_release = s.policy && s.policy->privacy.enabled;
+  double site_norm = 0;
+  if (private_release) {
+    double sq = 0;
+    for (const at::Tensor& p : pseudo) sq += p.to(at::kDouble).square().sum().item<double>();
+    at::Tensor t = at::full({1}, sq, at::TensorOptions(at::kDouble).device(s.control_device));
+    s.allReduceSum(t);
+    site_norm = std::sqrt(t.cpu().item<double>());
+  }
   std::vector<at::Tensor> mean(global.size());
   together("the sync", [&] {
     const auto results = exchange(uint64_t(syncs), "diloco", [&](size_t g) {
+      std::vector<at::Tensor> values;
+      for (int64_t k : groups[g].pieces) values.push_back(pseudo[position.at(k)].to(at::kCPU).contiguous());
+      if (private_release) {
+        at::Tensor share = at::cat(values);
+        gateways.at(g)->privatize(share.data_ptr<float>(), size_t(share.numel()), site_norm);
+        int64_t offset = 0;
+        for (at::Tensor& v : values) {
+          v = share.narrow(0, offset, v.numel());
+          offset += v.numel();
+        }
+      }
       std::vector<std::vector<uint8_t>> parts;
-      for (int64_t k : groups[g].pieces) {
-        const size_t j = position.at(k);
-        const int64_t t = pieces->pieces()[size_t(k)][0];
-        const at::Tensor pseudo = global[j] - current[j];
+      for (size_t q = 0; q < values.size(); ++q) {
+        const int64_t k = groups[g].pieces[q];
+        const int64_t t = table[size_t(k)][0];
         int64_t full = 1;
         for (int64_t x : shapes[size_t(t)]) full *= x;
-        Compressor& c = s.compressor("diloco.piece" + std::to_string(k), names[size_t(t)], pseudo.numel(), pipeline,
+        Compressor& c = s.compressor("diloco.piece" + std::to_string(k), names[size_t(t)], values[q].numel(), pipeline,
                                      std::nullopt, full);
         parts.emplace_back();
-        c.encode(s.encodable(pseudo), parts.back());
+        c.encode(values[q], parts.back());
       }
       return core::frameParts(parts);
     }, core::MessageKind::kModelUpdate);
@@ -549,5 +576,12 @@ void ShardedDiLoCo::flush() { impl_->writeLocals(); }
 int64_t ShardedDiLoCo::syncs() const { return impl_->syncs; }
 int64_t ShardedDiLoCo::localSteps() const { return impl_->local_steps; }
 int64_t ShardedDiLoCo::groups() const { return int64_t(impl_->mine.size()); }
+
+std::vector<double> ShardedDiLoCo::privacySpent() const {
+  std::vector<double> out;
+  if (!impl_->s.policy || !impl_->s.policy->privacy.enabled) return out;
+  for (size_t g : impl_->mine) out.push_back(impl_->gateways.at(g)->privacySpent());
+  return out;
+}
 
 }  // namespace strait::torch

@@ -122,7 +122,7 @@ void EgressGuard::record(const char* event, uint64_t round, const std::string& t
   }
 }
 
-double EgressGuard::privatize(float* x, size_t n) {
+double EgressGuard::privatize(float* x, size_t n, double norm) {
   if (!opt_.privacy.enabled) {
     fail<InvalidArgument>("privatize: site '", opt_.site, "' has no privacy section in its policy");
   }
@@ -138,7 +138,7 @@ double EgressGuard::privatize(float* x, size_t n) {
     log_(why);
     fail<PolicyViolation>(why);
   }
-  clipAndNoise(x, n, pr.clip_norm, pr.noise_multiplier);
+  clipAndNoise(x, n, pr.clip_norm, pr.noise_multiplier, norm);
   ++releases_;
   ++privatized_;
   spent_ = next;

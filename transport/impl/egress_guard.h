@@ -49,7 +49,8 @@ class EgressGuard {
   // Clips and noises x[0, n) (the site's privacy policy) and spends one
   // release of the budget: the new epsilon. Throws PolicyViolation when the
   // budget would be exceeded, InvalidArgument without a privacy policy.
-  double privatize(float* x, size_t n);
+  // `norm` >= 0: the L2 norm of the whole update x is a share of (Gateway::privatize).
+  double privatize(float* x, size_t n, double norm = -1);
   double spent() const;
   uint64_t releases() const;
 

@@ -244,7 +244,7 @@ class Gateway::Impl {
     return future;
   }
 
-  double privatize(float* x, size_t n) { return egress_.privatize(x, n); }
+  double privatize(float* x, size_t n, double norm) { return egress_.privatize(x, n, norm); }
   double privacySpent() const { return egress_.spent(); }
   uint64_t privacyReleases() const { return egress_.releases(); }
   std::string auditHead() const { return egress_.auditHead(); }
@@ -1324,7 +1324,7 @@ std::future<RoundResult> Gateway::exchange(uint64_t round, const std::string& ta
                                            core::MessageKind kind) {
   return impl_->exchange(round, tag, std::move(payload), kind);
 }
-double Gateway::privatize(float* x, size_t n) { return impl_->privatize(x, n); }
+double Gateway::privatize(float* x, size_t n, double norm) { return impl_->privatize(x, n, norm); }
 double Gateway::privacySpent() const { return impl_->privacySpent(); }
 uint64_t Gateway::privacyReleases() const { return impl_->privacyReleases(); }
 std::string Gateway::auditHead() const { return impl_->auditHead(); }

@@ -29,11 +29,13 @@ double gaussianEpsilon(double sigma, uint64_t releases, double delta) {
   return std::max(0.0, best);
 }
 
-double clipAndNoise(float* x, size_t n, double clip, double sigma) {
+double clipAndNoise(float* x, size_t n, double clip, double sigma, double whole) {
   if (sodium_init() < 0) fail<Error>("libsodium failed to initialise");
   double sq = 0;
-  for (size_t i = 0; i < n; ++i) sq += double(x[i]) * x[i];
-  const double norm = std::sqrt(sq);
+  if (whole < 0) {
+    for (size_t i = 0; i < n; ++i) sq += double(x[i]) * x[i];
+  }
+  const double norm = whole < 0 ? std::sqrt(sq) : whole;
   const double scale = norm > clip ? clip / norm : 1.0;
   const double sd = sigma * clip;
   // Box-Muller on 53-bit uniforms from the CSPRNG, two normals per pair.

@@ -399,6 +399,23 @@ TEST(Privacy, UpdatesAreClippedToTheNormButNeverScaledUp) {
   for (float v : small) EXPECT_NEAR(v, 0.5f, 1e-6);
 }
 
+// A sharded site's update is clipped whole: each rank's share is scaled by
+// the same factor, from the norm summed across them, so the shares together
+// are what one clip of the whole update gives.
+TEST(Privacy, SharesOfAnUpdateAreClippedByTheWholeUpdatesNorm) {
+  std::vector<float> whole(1000, 1.0f), a(600, 1.0f), b(400, 1.0f);
+  clipAndNoise(whole.data(), whole.size(), 3.0, 1e-9);
+  const double norm = std::sqrt(1000.0);
+  EXPECT_NEAR(clipAndNoise(a.data(), a.size(), 3.0, 1e-9, norm), norm, 1e-9);
+  clipAndNoise(b.data(), b.size(), 3.0, 1e-9, norm);
+  for (size_t i = 0; i < a.size(); ++i) EXPECT_NEAR(a[i], whole[i], 1e-6);
+  for (size_t i = 0; i < b.size(); ++i) EXPECT_NEAR(b[i], whole[600 + i], 1e-6);
+  // A share of a small update is not scaled up, whatever its own norm.
+  std::vector<float> c(4, 0.5f);
+  clipAndNoise(c.data(), c.size(), 3.0, 1e-9, 2.0);
+  for (float v : c) EXPECT_NEAR(v, 0.5f, 1e-6);
+}
+
 // The exact privacy curve of T Gaussian mechanisms of noise multiplier
 // sigma (sensitivity 1): a Gaussian mechanism with mu = sqrt(T)/sigma,
 // delta(eps) = Phi(-eps/mu + mu/2) - e^eps Phi(-eps/mu - mu/2)
