@@ -345,11 +345,53 @@ def plot_quality(path, runs, args, budget):
     fig.savefig(path, dpi=120)
 
 
+def sharded(args, out):
+    """examples/gpt across the border with 1 stream and with the default:
+    each sync from the last rank reaching it to the last one done (what the
+    exchange adds to the slowest site's compute), bytes, memory per rank.
+    --quick: a model of width 64 and 2 blocks (the schema, in seconds)."""
+    rows = []
+    for streams in (1, None):
+        tag = f"gpt-{streams or 'default'}-streams"
+        log(f"bench e2e: examples/gpt sharded, {streams or 'the default number of'} stream(s) across {args.wan} ...")
+        cmd = [sys.executable, os.path.join(ROOT, "examples", "gpt", "run.py"), "--wan", args.wan, "--out",
+               os.path.join(out, tag), "--build", args.build]
+        if streams:
+            cmd += ["--streams", str(streams)]
+        if args.quick:
+            cmd += ["--width", "64", "--layers", "2"]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+        if r.returncode != 0:
+            raise SystemExit(f"bench e2e: examples/gpt failed:\n{r.stdout[-3000:]}{r.stderr[-3000:]}")
+        summary = json.load(open(os.path.join(out, tag, "summary.json")))
+        ranks = summary["ranks"]
+        rows.append({"streams": streams or "default", "identical": summary["identical"],
+                     "parameters": ranks[0]["parameters"], "syncs": len(summary["sync_critical_seconds"]),
+                     "sync_critical_s": summary["sync_critical_seconds"],
+                     "bytes_per_sync": {f"{x['site']}/{x['rank']}": x["bytes_sent"] / max(1, len(x["sync_seconds"]))
+                                        for x in ranks},
+                     "rss_after_last_sync_mb": {f"{x['site']}/{x['rank']}": x["rss_after_sync_mb"][-1] for x in ranks}})
+    result = {"wan": args.wan, "sharded": rows}
+    if written(os.path.join(out, "e2e-sharded.json"), result, result, args.json):
+        return
+    print(f"examples/gpt ({rows[0]['parameters'] / 1e6:.1f}M parameters, FSDP2: 1 rank + 2 ranks), "
+          f"{rows[0]['syncs']} syncs across {args.wan}")
+    print(f"{'streams':<10}{'each sync (critical path), s':>32}{'MB per sync, per rank':>36}{'identical':>11}")
+    for row in rows:
+        crit = ", ".join(f"{c:.2f}" for c in row["sync_critical_s"])
+        sent = ", ".join(f"{v / 1e6:.1f}" for v in row["bytes_per_sync"].values())
+        print(f"{str(row['streams']):<10}{crit:>32}{sent:>36}{'yes' if row['identical'] else 'NO':>11}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--build", required=True)
     ap.add_argument("--json", action="store_true")
-    ap.add_argument("--wan", default="100mbit-150ms", help="border profile (default 100mbit-150ms)")
+    ap.add_argument("--wan", default=None,
+                    help="border profile (default 100mbit-150ms; with --sharded 1gbit-150ms)")
+    ap.add_argument("--sharded", action="store_true",
+                    help="instead: examples/gpt's 100M-parameter model sharded with FSDP2 (a site of 1 rank, one "
+                         "of 2), each sync's time with 1 stream and with the default")
     ap.add_argument("--steps", type=int, default=None,
                     help="the equal-steps table: every method trains this many steps (default: time to quality)")
     ap.add_argument("--budget", type=float, default=None,
@@ -376,6 +418,7 @@ def main():
     ap.add_argument("--timeout", type=float, default=600, help="seconds per run")
     ap.add_argument("--out", default=os.path.join(ROOT, "build", "bench-e2e"))
     args = ap.parse_args()
+    args.wan = args.wan or ("1gbit-150ms" if args.sharded else "100mbit-150ms")
     os.environ["STRAIT_BUILD_DIR"] = args.build
     from strait import wan
 
@@ -391,6 +434,8 @@ def main():
                             os.path.join(out, "keys")], check=True, stdout=subprocess.DEVNULL)
     if args.fragments < 1 or args.sync_every % args.fragments:
         raise SystemExit(f"bench e2e: --fragments {args.fragments} must divide --sync-every {args.sync_every}")
+    if args.sharded:
+        return sharded(args, out)
     every_step, diloco, overlap, streaming, sparseloco = write_config(out, args)
     configs = {"strait": every_step, "diloco": diloco, "overlap": overlap, "streaming": streaming,
                "sparseloco": sparseloco}

@@ -41,3 +41,20 @@ def test_bench_e2e_quick_time_to_quality_runs_every_mode_and_reports_json(tmp_pa
     assert 0 < by["ddp"]["seconds_to_ddp_final"] <= by["ddp"]["curve"][-1]["seconds"]
     assert out["ddp_final_held_out_bits_per_byte"] == by["ddp"]["held_out_bits_per_byte"]
     assert os.path.getsize(out["plot"]) > 10000
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces and tc need root")
+def test_bench_e2e_sharded_quick_compares_one_stream_with_the_default_and_reports_json(tmp_path):
+    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "torch_ext", "python"), STRAIT_BUILD_DIR=BUILD)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "e2e", "run.py"), "--build", BUILD, "--json",
+                        "--sharded", "--quick", "--wan", "1gbit-20ms", "--out", str(tmp_path)],
+                       env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout)
+    assert out["wan"] == "1gbit-20ms"
+    assert [x["streams"] for x in out["sharded"]] == [1, "default"]
+    for x in out["sharded"]:
+        assert x["identical"] is True, x
+        assert x["syncs"] == 2 and len(x["sync_critical_s"]) == 2 and all(s >= 0 for s in x["sync_critical_s"]), x
+        assert sorted(x["bytes_per_sync"]) == ["hangzhou/0", "singapore/0", "singapore/1"], x
+        assert x["bytes_per_sync"]["hangzhou/0"] > 0, x
