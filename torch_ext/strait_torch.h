@@ -309,6 +309,10 @@ class ShardedDiLoCo : public ::torch::CustomClassHolder {
   void flush();
   int64_t syncs() const;
   int64_t localSteps() const;
+  int64_t syncEvery() const;
+  double outerLr() const;
+  double outerMomentum() const;
+  bool nesterov() const;
   int64_t groups() const;  // exchange groups this rank takes part in
   // Epsilon spent by each of this rank's groups' gateways (the same on all
   // of a site's: one release of the site per sync); empty without privacy.

@@ -67,6 +67,9 @@ def main():
     result = {"site": session.site, "rank": session.rank, "sharded": diloco.sharded, "syncs": diloco.syncs,
               "groups": diloco._d.groups(), "start": start, "end": full_digest(params),
               "privacy_spent": list(diloco._d.privacy_spent()),
+              "settings": [diloco.sync_every, diloco.outer_lr, diloco.outer_momentum, diloco.nesterov,
+                           diloco.fragments == [list(range(len(params)))], diloco.overlap, diloco.sparseloco,
+                           diloco.resumed],
               "bytes_sent": session._s.bytes_sent(), "first_loss": losses[0], "last_loss": losses[-1]}
     with open(args.out, "w") as f:
         json.dump(result, f)

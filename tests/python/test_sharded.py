@@ -170,6 +170,8 @@ def test_sites_of_one_and_two_ranks_train_a_sharded_model_to_identical_replicas(
     # and every rank sent something.
     assert [x["groups"] for x in r] == [2, 1, 1], r
     assert all(x["bytes_sent"] > 0 for x in r), r
+    # The wrapper's settings, from the config (nesterov by default).
+    assert all(x["settings"] == [4, 0.7, 0.5, True, True, False, "", None] for x in r), r
 
 
 def test_differential_privacy_of_a_sharded_site_releases_once_per_sync_on_every_group():

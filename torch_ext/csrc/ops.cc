@@ -312,6 +312,10 @@ void registerEngine(::torch::Library& m) {
       .def("syncs", [](const Self<ShardedDiLoCo>& d) { return d->syncs(); })
       .def("local_steps", [](const Self<ShardedDiLoCo>& d) { return d->localSteps(); })
       .def("groups", [](const Self<ShardedDiLoCo>& d) { return d->groups(); })
+      .def("sync_every", [](const Self<ShardedDiLoCo>& d) { return d->syncEvery(); })
+      .def("outer_lr", [](const Self<ShardedDiLoCo>& d) { return d->outerLr(); })
+      .def("outer_momentum", [](const Self<ShardedDiLoCo>& d) { return d->outerMomentum(); })
+      .def("nesterov", [](const Self<ShardedDiLoCo>& d) { return d->nesterov(); })
       .def("privacy_spent", [](const Self<ShardedDiLoCo>& d) { return d->privacySpent(); });
 
   using strait::torch::ShardedPieces;

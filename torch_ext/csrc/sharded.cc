@@ -576,6 +576,10 @@ void ShardedDiLoCo::flush() { impl_->writeLocals(); }
 int64_t ShardedDiLoCo::syncs() const { return impl_->syncs; }
 int64_t ShardedDiLoCo::localSteps() const { return impl_->local_steps; }
 int64_t ShardedDiLoCo::groups() const { return int64_t(impl_->mine.size()); }
+int64_t ShardedDiLoCo::syncEvery() const { return impl_->sync_every; }
+double ShardedDiLoCo::outerLr() const { return impl_->outer_lr; }
+double ShardedDiLoCo::outerMomentum() const { return impl_->mu; }
+bool ShardedDiLoCo::nesterov() const { return impl_->nesterov; }
 
 std::vector<double> ShardedDiLoCo::privacySpent() const {
   std::vector<double> out;

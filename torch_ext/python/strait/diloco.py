@@ -177,14 +177,21 @@ class DiLoCo:
     @property
     def resumed(self):
         """How this instance started: None, "checkpoint" or "running" (a peer's state)."""
+        if self.sharded:
+            return None  # a sharded job neither resumes nor joins yet
         return self._d.resumed() or None
 
     @property
     def global_params(self):
+        if self.sharded:
+            raise StraitError("strait.DiLoCo.global_params: a sharded model's global parameters are kept per piece "
+                              "on the ranks that own them; no rank holds them all (use flush() and full_tensor())")
         return self._d.global_params()
 
     @property
     def fragments(self):
+        if self.sharded:
+            return [list(range(len(self.params)))]
         return [list(f) for f in self._d.fragments()]
 
     @property
@@ -206,11 +213,11 @@ class DiLoCo:
     @property
     def sparseloco(self):
         """SparseLoCo's pipeline and error-feedback decay, or "" (plain DiLoCo)."""
-        return self._d.sparseloco()
+        return "" if self.sharded else self._d.sparseloco()
 
     @property
     def overlap(self):
-        return self._d.overlap()
+        return False if self.sharded else self._d.overlap()
 
 
 def _sharded(params, session):
