@@ -42,7 +42,7 @@ ShardedPieces::ShardedPieces(std::vector<std::vector<int64_t>> shapes, int64_t p
   for (const auto& sizes : shapes) {
     int64_t numel = 1;
     for (int64_t d : sizes) numel *= d;
-    l->shapes.push_back({sizes.empty() ? 1 : sizes[0], numel});
+    l->shapes.push_back({sizes.empty() || numel == 0 ? 1 : sizes[0], numel});  // (0, d): an empty tensor
   }
   l->pieces = core::canonicalPieces(l->shapes, piece);
   l->held = core::holdings(l->shapes, l->pieces, world_);
@@ -277,7 +277,8 @@ ShardedDiLoCo::Impl::Impl(c10::intrusive_ptr<Session> sess, std::vector<std::str
   if (o.sparseloco.value_or(c.sparseloco.enabled)) refuse("SparseLoCo");
   if (s.adaptive) refuse("compression.adaptive");
   if (s.config.transport.on_site_loss_continue) refuse("on_site_loss: continue");
-  if (s.checkpoints) refuse("the checkpoint section (checkpoints and rejoin of sharded jobs)");
+  // From the config, not s.checkpoints (the leader's alone): every rank must refuse alike.
+  if (!s.config.checkpoint.dir.empty()) refuse("the checkpoint section (checkpoints and rejoin of sharded jobs)");
   if (s.opt.resume) refuse("resume");
   sync_every = o.sync_every.value_or(c.sync_every);
   outer_lr = o.outer_lr.value_or(c.outer_lr);
@@ -349,6 +350,12 @@ void ShardedDiLoCo::Impl::start() {
     for (size_t k = 0; k < shapes[i].size(); ++k) d << (k ? ", " : "") << shapes[i][k];
     d << ")\n";
   }
+  // The schedule too, as unsharded DiLoCo checks it: constructor arguments
+  // can override the config, and owners applying different outer steps to
+  // the same pieces would drift apart silently.
+  d.precision(17);
+  d << "schedule: sync_every " << sync_every << "\nouter step: lr " << outer_lr << ", momentum " << mu
+    << (nesterov ? " (Nesterov)" : "") << "\n";
   s.checkSameEverywhere("diloco.model", d.str());
   at::Tensor worlds_t = at::zeros({int64_t(s.names.size())}, at::TensorOptions(at::kLong).device(s.control_device));
   s.fromLeader(
@@ -381,7 +388,7 @@ void ShardedDiLoCo::Impl::start() {
   for (const auto& sizes : shapes) {
     int64_t numel = 1;
     for (int64_t x : sizes) numel *= x;
-    ts.push_back({sizes.empty() ? 1 : sizes[0], numel});
+    ts.push_back({sizes.empty() || numel == 0 ? 1 : sizes[0], numel});  // (0, d): an empty tensor
   }
   groups = core::exchangeGroups(ts, piece, worlds);
   for (size_t g = 0; g < groups.size(); ++g) {

@@ -234,6 +234,10 @@ def _sharded(params, session):
                               "whole model with fully_shard, or none of it")
         return False
     for p in params:
+        if p.device_mesh.get_local_rank() != session.rank:
+            raise StraitError(f"strait.DiLoCo: this worker is rank {session.rank} of its site but rank "
+                              f"{p.device_mesh.get_local_rank()} of the parameters' device mesh; shard over the "
+                              "site's process group in its own rank order")
         if tuple(p.placements) != (Shard(0),) or p.device_mesh.size() != session.size:
             raise StraitError(f"strait.DiLoCo: a parameter of shape {tuple(p.shape)} is placed {p.placements} over "
                               f"{p.device_mesh.size()} ranks; sharded DiLoCo takes FSDP2's Shard(0) over all "
