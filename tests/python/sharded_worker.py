@@ -38,6 +38,7 @@ def main():
     ap.add_argument("--world", type=int, required=True)
     ap.add_argument("--piece", type=int, required=True)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--bad-rank", type=int, default=-1, help="this rank passes a shard of the wrong size")
     args = ap.parse_args()
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{args.store}", rank=args.rank, world_size=args.world)
@@ -48,6 +49,18 @@ def main():
                                                 dist.group.WORLD.boxed())
     table = pieces.pieces()
     owned = list(pieces.owned())
+    if args.rank == args.bad_rank:
+        local[0] = local[0].reshape(-1)[:-1]
+    if args.bad_rank >= 0:
+        # Every rank raises (none waits in the all-to-all for the one that failed).
+        try:
+            pieces.gather(local)
+            error = None
+        except Exception as e:  # noqa: BLE001 - the message is what is checked
+            error = str(e)
+        with open(args.out, "w") as f:
+            json.dump({"rank": args.rank, "error": error}, f)
+        return
     got = pieces.gather(local)
     gathered_right = all(torch.equal(g, full[table[k][0]][table[k][1]:table[k][2]]) for k, g in zip(owned, got))
     out = [torch.full(t.shape, float("nan")) for t in local]

@@ -28,14 +28,14 @@ import strait  # noqa: E402,F401
 TIMEOUT_S = 180
 
 
-def run_site(world, piece):
+def run_site(world, piece, extra=()):
     with tempfile.TemporaryDirectory() as tmp:
         procs = []
         for rank in range(world):
             out = os.path.join(tmp, f"rank{rank}.json")
             procs.append((out, subprocess.Popen(
                 [sys.executable, os.path.join(HERE, "sharded_worker.py"), "--store", os.path.join(tmp, "store"),
-                 "--rank", str(rank), "--world", str(world), "--piece", str(piece), "--out", out],
+                 "--rank", str(rank), "--world", str(world), "--piece", str(piece), "--out", out, *extra],
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)))
         results = []
         for out, p in procs:
@@ -63,6 +63,12 @@ def test_owned_pieces_come_together_whole_and_results_reach_every_shard(world):
     owned = sorted(k for r in results for k in r["owned"])
     assert owned == list(range(results[0]["pieces"]))
     assert all(r["local_elements"] > 0 for r in results)
+
+
+def test_a_rank_that_fails_before_the_all_to_all_makes_every_rank_raise_instead_of_waiting():
+    results = run_site(2, piece=4, extra=("--bad-rank", "1"))
+    assert "parameter 0 has" in results[1]["error"] and "is the model sharded with fully_shard" in results[1]["error"]
+    assert "ShardedPieces.gather: failed on 1 other rank(s) of the site" in results[0]["error"], results
 
 
 def test_a_shard_that_is_not_fsdp2s_is_a_clear_error():

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <future>
 #include <map>
 #include <sstream>
@@ -72,72 +73,112 @@ int64_t total(const std::vector<core::Transfer>& ts) {
   return n;
 }
 
-// One all-to-all of float32 runs: `send[q]` to rank q; returns what came
-// from every rank, in rank order, with `from[q]` elements from rank q.
-at::Tensor allToAll(c10d::ProcessGroup& group, const std::vector<std::vector<at::Tensor>>& send,
-                    const std::vector<int64_t>& from, const at::TensorOptions& options) {
+// One all-to-all of float32 runs: `send[q]` to rank q; `from[q]` elements
+// come from rank q, into `output` in rank order. Prepared apart from the
+// collective so that a failure before it (a bad argument, memory) is agreed
+// on by the site first (agreed()).
+struct AllToAll {
+  at::Tensor input, output;
+  std::vector<int64_t> in_splits, out_splits;
+};
+
+AllToAll prepareAllToAll(const std::vector<std::vector<at::Tensor>>& send, const std::vector<int64_t>& from,
+                         const at::TensorOptions& options) {
+  AllToAll a;
   std::vector<at::Tensor> runs;
-  std::vector<int64_t> in_splits, out_splits(from);
+  a.out_splits = from;
   for (const auto& to_q : send) {
     int64_t n = 0;
     for (const at::Tensor& t : to_q) {
       runs.push_back(t);
       n += t.numel();
     }
-    in_splits.push_back(n);
+    a.in_splits.push_back(n);
   }
-  at::Tensor input = runs.empty() ? at::empty({0}, options) : at::cat(runs);
+  a.input = runs.empty() ? at::empty({0}, options) : at::cat(runs);
   int64_t incoming = 0;
   for (int64_t n : from) incoming += n;
-  at::Tensor output = at::empty({incoming}, options);
-  group.alltoall_base(output, input, out_splits, in_splits)->wait();
-  return output;
+  a.output = at::empty({incoming}, options);
+  return a;
+}
+
+// Runs `prepare`; when a collective follows (`collective`), every rank of
+// the group first learns whether it failed on any rank, so that none waits
+// in the collective for a rank that raised: each raises, its own error or
+// one naming how many others failed.
+void agreed(c10d::ProcessGroup* group, bool collective, const at::Device& device, const char* what,
+            const std::function<void()>& prepare) {
+  std::exception_ptr error;
+  try {
+    prepare();
+  } catch (const std::exception&) {
+    error = std::current_exception();
+  }
+  if (collective) {
+    std::vector<at::Tensor> flag{at::full({1}, error ? 1 : 0, at::TensorOptions(at::kLong).device(device))};
+    group->allreduce(flag)->wait();
+    const int64_t failed = flag[0].cpu().item<int64_t>();
+    if (!error && failed > 0) {
+      fail<Error>("ShardedPieces.", what, ": failed on ", failed, " other rank(s) of the site (their error says why)");
+    }
+  }
+  if (error) std::rethrow_exception(error);
 }
 
 }  // namespace
 
 std::vector<at::Tensor> ShardedPieces::gather(const std::vector<at::Tensor>& locals) const {
   const Layout& l = *layout_;
-  if (locals.size() != l.shapes.size()) {
-    fail<InvalidArgument>("ShardedPieces.gather: ", locals.size(), " local shards for a model of ", l.shapes.size(),
-                          " parameters");
-  }
-  at::TensorOptions options = at::TensorOptions(at::kFloat);
-  if (!locals.empty()) options = options.device(locals[0].device());
-  std::vector<at::Tensor> flat;
-  for (size_t i = 0; i < locals.size(); ++i) {
-    if (locals[i].numel() != l.shards[i].size()) {
-      fail<InvalidArgument>("ShardedPieces: parameter ", i, " has ", locals[i].numel(), " elements on rank ", rank_,
-                            ", but FSDP2's Shard(0) of its ", l.shapes[i].numel, " elements (", l.shapes[i].rows,
-                            " rows) over ", world_, " ranks gives it ", l.shards[i].size(),
-                            ": is the model sharded with fully_shard along dim 0?");
-    }
-    flat.push_back(locals[i].detach().reshape({-1}).to(options));
-  }
-  auto ofShard = [&](int64_t tensor, const core::Range& r) {
-    return flat[size_t(tensor)].narrow(0, r.begin - l.shards[size_t(tensor)].begin, r.size());
-  };
+  const at::Device device = locals.empty() ? at::Device(at::kCPU) : locals[0].device();
+  const at::TensorOptions options = at::TensorOptions(at::kFloat).device(device);
+  const bool collective = l.any_transfer && world_ > 1;
   std::vector<at::Tensor> out;
-  for (int64_t k : owned_) {
-    const core::Piece& p = l.pieces[size_t(k)];
-    at::Tensor whole = at::empty({p.range.size()}, options);
-    const core::Range own = l.held[size_t(k)].parts.front().second;
-    whole.narrow(0, 0, own.size()).copy_(ofShard(p.tensor, own));
-    out.push_back(whole);
-  }
-  if (!l.any_transfer || world_ == 1) return out;
-  std::vector<std::vector<at::Tensor>> send(static_cast<size_t>(world_));
-  std::vector<int64_t> from;
-  for (int64_t q = 0; q < world_; ++q) {
-    for (const auto& t : l.transfers.to[size_t(q)]) send[size_t(q)].push_back(ofShard(l.pieces[size_t(t.piece)].tensor, t.range));
-    from.push_back(total(l.transfers.from[size_t(q)]));
-  }
-  const at::Tensor got = allToAll(*group_, send, from, options);
+  AllToAll batch;
+  agreed(group_.get(), collective, device, "gather", [&] {
+    if (locals.size() != l.shapes.size()) {
+      fail<InvalidArgument>("ShardedPieces.gather: ", locals.size(), " local shards for a model of ",
+                            l.shapes.size(), " parameters");
+    }
+    std::vector<at::Tensor> flat;
+    for (size_t i = 0; i < locals.size(); ++i) {
+      if (locals[i].numel() != l.shards[i].size()) {
+        fail<InvalidArgument>("ShardedPieces: parameter ", i, " has ", locals[i].numel(), " elements on rank ", rank_,
+                              ", but FSDP2's Shard(0) of its ", l.shapes[i].numel, " elements (", l.shapes[i].rows,
+                              " rows) over ", world_, " ranks gives it ", l.shards[i].size(),
+                              ": is the model sharded with fully_shard along dim 0?");
+      }
+      flat.push_back(locals[i].detach().reshape({-1}).to(options));
+    }
+    auto ofShard = [&](int64_t tensor, const core::Range& r) {
+      return flat[size_t(tensor)].narrow(0, r.begin - l.shards[size_t(tensor)].begin, r.size());
+    };
+    for (int64_t k : owned_) {
+      const core::Piece& p = l.pieces[size_t(k)];
+      at::Tensor whole = at::empty({p.range.size()}, options);
+      const core::Range own = l.held[size_t(k)].parts.front().second;
+      whole.narrow(0, 0, own.size()).copy_(ofShard(p.tensor, own));
+      out.push_back(whole);
+    }
+    if (!collective) return;
+    std::vector<std::vector<at::Tensor>> send(static_cast<size_t>(world_));
+    std::vector<int64_t> from;
+    for (int64_t q = 0; q < world_; ++q) {
+      for (const auto& t : l.transfers.to[size_t(q)]) {
+        send[size_t(q)].push_back(ofShard(l.pieces[size_t(t.piece)].tensor, t.range));
+      }
+      from.push_back(total(l.transfers.from[size_t(q)]));
+    }
+    batch = prepareAllToAll(send, from, options);
+  });
+  if (!collective) return out;
+  group_->alltoall_base(batch.output, batch.input, batch.out_splits, batch.in_splits)->wait();
   int64_t cursor = 0;
   for (int64_t q = 0; q < world_; ++q) {
     for (const auto& t : l.transfers.from[size_t(q)]) {
       const core::Piece& p = l.pieces[size_t(t.piece)];
-      out[l.owned.at(t.piece)].narrow(0, t.range.begin - p.range.begin, t.range.size()).copy_(got.narrow(0, cursor, t.range.size()));
+      out[l.owned.at(t.piece)]
+          .narrow(0, t.range.begin - p.range.begin, t.range.size())
+          .copy_(batch.output.narrow(0, cursor, t.range.size()));
       cursor += t.range.size();
     }
   }
@@ -146,54 +187,64 @@ std::vector<at::Tensor> ShardedPieces::gather(const std::vector<at::Tensor>& loc
 
 void ShardedPieces::scatter(const std::vector<at::Tensor>& values, std::vector<at::Tensor>& out) const {
   const Layout& l = *layout_;
-  if (values.size() != owned_.size()) {
-    fail<InvalidArgument>("ShardedPieces.scatter: ", values.size(), " values for the ", owned_.size(),
-                          " pieces rank ", rank_, " owns");
-  }
-  if (out.size() != l.shapes.size()) {
-    fail<InvalidArgument>("ShardedPieces.scatter: ", out.size(), " outputs for a model of ", l.shapes.size(),
-                          " parameters");
-  }
-  for (size_t j = 0; j < owned_.size(); ++j) {
-    const int64_t n = l.pieces[size_t(owned_[j])].range.size();
-    if (values[j].numel() != n || values[j].scalar_type() != at::kFloat || !values[j].is_contiguous()) {
-      fail<InvalidArgument>("ShardedPieces.scatter: the value of owned piece ", j, " must be ", n,
-                            " contiguous float32 elements (as gather returned it)");
-    }
-  }
+  // The transfer device: the outputs' (every rank has them, owner or not).
+  const at::Device device = out.empty() ? at::Device(at::kCPU) : out[0].device();
+  const at::TensorOptions options = at::TensorOptions(at::kFloat).device(device);
+  const bool collective = l.any_transfer && world_ > 1;
   std::vector<at::Tensor> flat;
-  for (size_t i = 0; i < out.size(); ++i) {
-    if (out[i].numel() != l.shards[i].size() || !out[i].is_contiguous()) {
-      fail<InvalidArgument>("ShardedPieces.scatter: output ", i, " must be contiguous with ", l.shards[i].size(),
-                            " elements (this rank's shard), not ", out[i].numel());
+  AllToAll batch;
+  agreed(group_.get(), collective, device, "scatter", [&] {
+    if (values.size() != owned_.size()) {
+      fail<InvalidArgument>("ShardedPieces.scatter: ", values.size(), " values for the ", owned_.size(),
+                            " pieces rank ", rank_, " owns");
     }
-    flat.push_back(out[i].view({-1}));
-  }
-  auto intoShard = [&](int64_t tensor, const core::Range& r) {
-    return flat[size_t(tensor)].narrow(0, r.begin - l.shards[size_t(tensor)].begin, r.size());
-  };
-  for (size_t j = 0; j < owned_.size(); ++j) {
-    const core::Piece& p = l.pieces[size_t(owned_[j])];
-    const core::Range own = l.held[size_t(owned_[j])].parts.front().second;
-    intoShard(p.tensor, own).copy_(values[j].narrow(0, 0, own.size()));
-  }
-  if (!l.any_transfer || world_ == 1) return;
-  const at::TensorOptions options = values.empty() ? at::TensorOptions(at::kFloat).device(out.empty() ? at::kCPU : out[0].device())
-                                                   : values[0].options();
-  std::vector<std::vector<at::Tensor>> send(static_cast<size_t>(world_));
-  std::vector<int64_t> from;
-  for (int64_t q = 0; q < world_; ++q) {
-    for (const auto& t : l.transfers.from[size_t(q)]) {
-      const core::Piece& p = l.pieces[size_t(t.piece)];
-      send[size_t(q)].push_back(values[l.owned.at(t.piece)].narrow(0, t.range.begin - p.range.begin, t.range.size()));
+    if (out.size() != l.shapes.size()) {
+      fail<InvalidArgument>("ShardedPieces.scatter: ", out.size(), " outputs for a model of ", l.shapes.size(),
+                            " parameters");
     }
-    from.push_back(total(l.transfers.to[size_t(q)]));
-  }
-  const at::Tensor got = allToAll(*group_, send, from, options);
+    for (size_t j = 0; j < owned_.size(); ++j) {
+      const int64_t n = l.pieces[size_t(owned_[j])].range.size();
+      if (values[j].numel() != n || values[j].scalar_type() != at::kFloat || !values[j].is_contiguous()) {
+        fail<InvalidArgument>("ShardedPieces.scatter: the value of owned piece ", j, " must be ", n,
+                              " contiguous float32 elements (as gather returned it)");
+      }
+    }
+    for (size_t i = 0; i < out.size(); ++i) {
+      if (out[i].numel() != l.shards[i].size() || !out[i].is_contiguous() || out[i].device() != device) {
+        fail<InvalidArgument>("ShardedPieces.scatter: output ", i, " must be contiguous with ", l.shards[i].size(),
+                              " elements (this rank's shard) on ", device, ", not ", out[i].numel(), " on ",
+                              out[i].device());
+      }
+      flat.push_back(out[i].view({-1}));
+    }
+    for (size_t j = 0; j < owned_.size(); ++j) {
+      const core::Piece& p = l.pieces[size_t(owned_[j])];
+      const core::Range own = l.held[size_t(owned_[j])].parts.front().second;
+      const int64_t tensor = p.tensor;
+      flat[size_t(tensor)].narrow(0, own.begin - l.shards[size_t(tensor)].begin, own.size())
+          .copy_(values[j].narrow(0, 0, own.size()));
+    }
+    if (!collective) return;
+    std::vector<std::vector<at::Tensor>> send(static_cast<size_t>(world_));
+    std::vector<int64_t> from;
+    for (int64_t q = 0; q < world_; ++q) {
+      for (const auto& t : l.transfers.from[size_t(q)]) {
+        const core::Piece& p = l.pieces[size_t(t.piece)];
+        send[size_t(q)].push_back(
+            values[l.owned.at(t.piece)].narrow(0, t.range.begin - p.range.begin, t.range.size()).to(options));
+      }
+      from.push_back(total(l.transfers.to[size_t(q)]));
+    }
+    batch = prepareAllToAll(send, from, options);
+  });
+  if (!collective) return;
+  group_->alltoall_base(batch.output, batch.input, batch.out_splits, batch.in_splits)->wait();
   int64_t cursor = 0;
   for (int64_t q = 0; q < world_; ++q) {
     for (const auto& t : l.transfers.to[size_t(q)]) {
-      intoShard(l.pieces[size_t(t.piece)].tensor, t.range).copy_(got.narrow(0, cursor, t.range.size()));
+      const int64_t tensor = l.pieces[size_t(t.piece)].tensor;
+      flat[size_t(tensor)].narrow(0, t.range.begin - l.shards[size_t(tensor)].begin, t.range.size())
+          .copy_(batch.output.narrow(0, cursor, t.range.size()));
       cursor += t.range.size();
     }
   }
