@@ -21,6 +21,21 @@
 #include "transport/gateway.h"
 
 namespace strait::torch {
+namespace {
+
+// Each parameter's rows and elements, from its full sizes: a 0-dim tensor
+// has one row, a (0, d) one is empty.
+std::vector<core::ParamSize> paramSizes(const std::vector<std::vector<int64_t>>& shapes) {
+  std::vector<core::ParamSize> out;
+  for (const auto& sizes : shapes) {
+    int64_t numel = 1;
+    for (int64_t d : sizes) numel *= d;
+    out.push_back({sizes.empty() || numel == 0 ? 1 : sizes[0], numel});
+  }
+  return out;
+}
+
+}  // namespace
 
 struct ShardedPieces::Layout {
   std::vector<core::ParamSize> shapes;
@@ -40,11 +55,7 @@ ShardedPieces::ShardedPieces(std::vector<std::vector<int64_t>> shapes, int64_t p
     rank_ = group_->getRank();
   }
   auto l = std::make_shared<Layout>();
-  for (const auto& sizes : shapes) {
-    int64_t numel = 1;
-    for (int64_t d : sizes) numel *= d;
-    l->shapes.push_back({sizes.empty() || numel == 0 ? 1 : sizes[0], numel});  // (0, d): an empty tensor
-  }
+  l->shapes = paramSizes(shapes);
   l->pieces = core::canonicalPieces(l->shapes, piece);
   l->held = core::holdings(l->shapes, l->pieces, world_);
   l->transfers = core::siteTransfers(l->pieces, l->held, world_, rank_);
@@ -279,6 +290,7 @@ struct ShardedDiLoCo::Impl {
   std::vector<std::vector<int64_t>> shapes;
   std::unique_ptr<ShardedPieces> pieces;
   std::vector<std::vector<int64_t>> table;  // every piece: tensor, begin, end
+  std::vector<core::ParamSize> sizes;       // each parameter's rows and elements
   std::vector<core::ExchangeGroup> groups;  // every group of the job
   std::vector<size_t> mine;                 // the groups this rank owns its site's pieces of
   std::map<size_t, std::unique_ptr<transport::Gateway>> gateways;
@@ -435,13 +447,8 @@ void ShardedDiLoCo::Impl::start() {
 
   pieces = std::make_unique<ShardedPieces>(shapes, piece, s.group);
   table = pieces->pieces();
-  std::vector<core::ParamSize> ts;
-  for (const auto& sizes : shapes) {
-    int64_t numel = 1;
-    for (int64_t x : sizes) numel *= x;
-    ts.push_back({sizes.empty() || numel == 0 ? 1 : sizes[0], numel});  // (0, d): an empty tensor
-  }
-  groups = core::exchangeGroups(ts, piece, worlds);
+  sizes = paramSizes(shapes);
+  groups = core::exchangeGroups(sizes, piece, worlds);
   for (size_t g = 0; g < groups.size(); ++g) {
     if (groups[g].owners[s.site_index] == s.rank) mine.push_back(g);
   }
@@ -569,10 +576,8 @@ void ShardedDiLoCo::Impl::sync() {
       for (size_t q = 0; q < values.size(); ++q) {
         const int64_t k = groups[g].pieces[q];
         const int64_t t = table[size_t(k)][0];
-        int64_t full = 1;
-        for (int64_t x : shapes[size_t(t)]) full *= x;
         Compressor& c = s.compressor("diloco.piece" + std::to_string(k), names[size_t(t)], values[q].numel(), pipeline,
-                                     std::nullopt, full);
+                                     std::nullopt, sizes[size_t(t)].numel);
         parts.emplace_back();
         c.encode(values[q], parts.back());
       }
