@@ -56,26 +56,38 @@ def write_job(tmp, insecure=False):
 
 
 def launch(args):
+    """Runs the launcher; the result carries its pid, which names its namespaces."""
     env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "torch_ext", "python"))
-    return subprocess.run([sys.executable, "-m", "strait.launch", *args], env=env, capture_output=True, text=True,
-                          timeout=300)
+    with subprocess.Popen([sys.executable, "-m", "strait.launch", *args], env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True) as p:
+        try:
+            out, err = p.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            raise
+    r = subprocess.CompletedProcess(p.args, p.returncode, out, err)
+    r.pid = p.pid
+    return r
 
 
-def our_namespaces():
+def namespaces_of(r):
+    """The network namespaces the launcher `r` made that are still there. Only
+    its own: other tests (the chaos suite runs beside these) make theirs."""
     out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    return [l for l in out.splitlines() if l.startswith("strait")]
+    prefix = f"strait{r.pid % 100000}-"
+    return [l.split()[0] for l in out.splitlines() if l.startswith(prefix)]
 
 
 @pytest.mark.skipif(not IS_ROOT, reason="network namespaces and tc need root")
 def test_a_job_across_the_simulated_border_logs_its_rounds_and_cleans_up(tmp_path):
     tmp = str(tmp_path)
-    before = our_namespaces()
     config = write_job(tmp)
     log = os.path.join(tmp, "rounds.jsonl")
     r = launch([config, "--wan", "100mbit-150ms", "--json-log", log, "--", sys.executable, TRAIN, "--steps", "4",
                 "--out", os.path.join(tmp, "wan-{site}-{rank}.json")])
     assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-2000:]
-    assert our_namespaces() == before, "the namespaces were not removed"
+    assert f"strait{r.pid % 100000}-s0" in r.stderr, r.stderr[-2000:]  # namespaces_of looks for the right names
+    assert namespaces_of(r) == [], "the namespaces were not removed"
 
     records = [json.loads(l) for l in open(log)]
     assert sorted({(x["site"], x["step"]) for x in records}) == [(s, k) for s in ("hangzhou", "singapore")
@@ -109,11 +121,10 @@ def test_a_job_across_the_simulated_border_logs_its_rounds_and_cleans_up(tmp_pat
 @pytest.mark.skipif(not IS_ROOT, reason="network namespaces and tc need root")
 def test_plaintext_configs_are_refused_across_the_border(tmp_path):
     tmp = str(tmp_path)
-    before = our_namespaces()
     r = launch([write_job(tmp, insecure=True), "--wan", "10mbit-20ms", "--", sys.executable, TRAIN])
     assert r.returncode != 0
     assert "insecure" in r.stderr and "keys generate" in r.stderr, r.stderr[-2000:]
-    assert our_namespaces() == before
+    assert namespaces_of(r) == []
 
 
 def test_wan_with_one_site_is_refused(tmp_path):
