@@ -287,10 +287,12 @@ class ShardedPieces : public ::torch::CustomClassHolder {
 //
 // Differential privacy clips the whole site's update (its squared norm
 // summed across the ranks) and each group's gateway noises its share and
-// counts the site's release. This first version does plain DiLoCo under
-// on_site_loss: wait, without fragments, overlap, SparseLoCo, adaptive
-// compression, checkpoints or joins; each of those is refused with an
-// InvalidArgument naming it.
+// counts the site's release. A site restarted with --resume (and the same
+// number of ranks) joins a running job: each rank takes its groups' state
+// from the running owners, which answer while they wait in a sync. This
+// version does plain DiLoCo under on_site_loss: wait, without fragments,
+// overlap, SparseLoCo, adaptive compression or checkpoints on disk; each
+// of those is refused with an InvalidArgument naming it.
 class ShardedDiLoCo : public ::torch::CustomClassHolder {
  public:
   // locals: each parameter's shard on this rank (DTensor.to_local(),
@@ -314,6 +316,8 @@ class ShardedDiLoCo : public ::torch::CustomClassHolder {
   double outerMomentum() const;
   bool nesterov() const;
   int64_t groups() const;  // exchange groups this rank takes part in
+  // "running" when it joined a running job (--resume), "" otherwise.
+  std::string resumed() const;
   // Epsilon spent by each of this rank's groups' gateways (the same on all
   // of a site's: one release of the site per sync); empty without privacy.
   std::vector<double> privacySpent() const;

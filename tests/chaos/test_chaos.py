@@ -23,7 +23,7 @@ AUDIT = os.path.join(BUILD, "transport", "strait_audit")
 PY = sys.executable  # the interpreter running the tests: the project environment
 sys.path.insert(0, os.path.join(ROOT, "torch_ext", "python"))
 
-from strait.ports import free_port  # noqa: E402
+from strait.ports import free_port, free_ports  # noqa: E402
 
 SITES = (("alpha", "CN"), ("beta", "SG"))
 # A worker of this job peaks near 720 MB on torch 2.11's CUDA build (importing
@@ -32,7 +32,7 @@ MAX_RSS_KB = 1_200_000
 
 
 def make_job(tmp, on_site_loss="continue", workers=1, hard_deadline=60, every=2, sync_every=5, mode="diloco",
-             fragments=1, overlap=False, round_deadline=None):
+             fragments=1, overlap=False, round_deadline=None, sharded=False):
     """Two sites with CurveZMQ keys (plaintext is refused off loopback, so
     always), a policy with a signed audit log each, checkpoints every
     `every` syncs (a sync every sync_every steps: with fragments, each
@@ -44,15 +44,21 @@ def make_job(tmp, on_site_loss="continue", workers=1, hard_deadline=60, every=2,
             subprocess.run([KEYS, "generate", site, "--dir", keys], check=True, stdout=subprocess.DEVNULL)
     lines = ["job: {id: chaos}", "sites:"]
     for site, country in SITES:
-        lines.append(f"  - {{name: {site}, jurisdiction: {country}, endpoint: \"tcp://127.0.0.1:{free_port()}\", "
-                     f"workers: {workers}, public_key: keys/{site}.pub, secret_key: keys/{site}.key}}")
+        # sharded: a site's groups listen at its port + 1 + the group's number.
+        port = free_ports(4) if sharded else free_port()
+        n = workers[site] if isinstance(workers, dict) else workers
+        lines.append(f"  - {{name: {site}, jurisdiction: {country}, endpoint: \"tcp://127.0.0.1:{port}\", "
+                     f"workers: {n}, public_key: keys/{site}.pub, secret_key: keys/{site}.key}}")
     lines += ["sync:", f"  mode: {mode}"] + \
         ([f"  diloco: {{sync_every: {sync_every * fragments}, fragments: {fragments}, outer_lr: 0.7, "
           f"outer_momentum: 0.5, overlap: {str(overlap).lower()}}}"] if mode == "diloco" else [])
     lines += ["compression:", "  pipeline: \"topk(0.1) -> int8\"",
               f"transport: {{heartbeat_ms: 100, peer_timeout_ms: 1000, round_deadline_s: {round_deadline or min(20, hard_deadline)}, "
-              f"hard_deadline_s: {hard_deadline}, on_site_loss: {on_site_loss}}}",
-              f"checkpoint: {{dir: ckpt, every: {every}, keep: 3}}"]
+              f"hard_deadline_s: {hard_deadline}, on_site_loss: {on_site_loss}"
+              # sharded: pieces of 1024 elements, so that each rank of a site owns some.
+              + (", chunk_bytes: 4096}" if sharded else "}")]
+    if not sharded:  # a sharded job keeps no checkpoints on disk (yet): it rejoins from a running site
+        lines.append(f"checkpoint: {{dir: ckpt, every: {every}, keep: 3}}")
     config = os.path.join(tmp, "job.yaml")
     with open(config, "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -88,14 +94,14 @@ def _stop_leftover_jobs():
 
 
 def launch(tmp, config, policies, steps, extra=(), site=None, step_sleep=0.02, log_name="launch.log",
-           mode="diloco"):
+           mode="diloco", worker_args=()):
     args = [os.path.join(ROOT, "strait"), "launch", config, "--json-log", os.path.join(tmp, "events.jsonl")]
     if site:
         args += ["--site", site, "--policy", f"{site}={policies[site]}"]
     else:
         args += [a for s in policies for a in ("--policy", f"{s}={policies[s]}")]
     args += list(extra) + ["--", PY, WORKER, "--steps", str(steps), "--out", tmp, "--step-sleep", str(step_sleep),
-                           "--mode", mode]
+                           "--mode", mode, *worker_args]
     log = open(os.path.join(tmp, log_name), "ab")
     env = dict(os.environ, STRAIT_BUILD_DIR=BUILD, STRAIT_WORKER_TIMEOUT="240")
     job = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -365,6 +371,51 @@ def test_a_site_killed_mid_run_rejoins_by_state_transfer_without_restarting_the_
     # No round applied twice: alpha's sync numbers are 1, 2, 3, ... once each.
     assert [s["sync"] for s in alpha_syncs] == list(range(1, len(alpha_syncs) + 1))
     print(f"\n[{mode}] beta rejoined {said(recovery_seconds(tmp, killed_at, 'beta'))} after kill -9, "
+          f"2.5 s down and the start of its processes included")
+
+
+def test_a_sharded_site_of_two_ranks_killed_mid_run_rejoins_the_running_job(tmp_path):
+    # FSDP2 inside each site (alpha 1 rank, beta 2): beta is killed -9 and
+    # started again with --resume while alpha waits for it (on_site_loss:
+    # wait). Each of beta's ranks takes its groups' pieces from alpha's owner.
+    tmp = str(tmp_path)
+    config, policies = make_job(tmp, on_site_loss="wait", workers={"alpha": 1, "beta": 2}, sharded=True)
+    sharded = ["--sharded"]
+    alpha = launch(tmp, config, policies, steps=250, site="alpha", log_name="alpha.log", worker_args=sharded)
+    beta = launch(tmp, config, policies, steps=250, site="beta", log_name="beta.log", worker_args=sharded)
+    wait_for("sync 6", lambda: len(syncs(tmp, "beta")) >= 6)
+    slow = hold_back(tmp, "alpha")
+    kill_launch(tmp, beta, ["beta"])
+    killed_at = time.time()
+    time.sleep(2.5)
+    beta = launch(tmp, config, policies, steps=250, site="beta", extra=["--resume"], log_name="beta-again.log",
+                  worker_args=sharded)
+    wait_for("beta's state transfer", lambda: "digests verified" in open(os.path.join(tmp, "beta-again.log"),
+                                                                        errors="replace").read(), timeout=180)
+    os.remove(slow)
+    assert finish(alpha, tmp) == 0, tail(tmp)
+    assert finish(beta, tmp) == 0, tail(tmp)
+    # Every rank of both sites ends with the same full parameters; audit logs verify.
+    r = check_whole(tmp, ["alpha-0", "beta-0", "beta-1"])
+    assert r["beta-0"]["resumed"] == r["beta-1"]["resumed"] == "running" and r["alpha-0"]["resumed"] is None, r
+    # The groups' own audit logs (a file per rank and group, both of beta's lives appended) verify too.
+    groups = glob.glob(os.path.join(tmp, "audit", "*.group*"))
+    assert {os.path.basename(g).split(".")[0] for g in groups} == {"alpha", "beta"}, groups
+    for log in groups:
+        site = os.path.basename(log).split(".")[0]
+        v = subprocess.run([AUDIT, "verify", log, "--key", os.path.join(tmp, "keys", f"{site}.sign.pub")],
+                           capture_output=True, text=True)
+        assert v.returncode == 0, (log, v.stdout, v.stderr)
+    alpha_log = open(os.path.join(tmp, "alpha.log"), errors="replace").read()
+    assert "site 'beta' asked to join" in alpha_log and "waiting for beta" in alpha_log
+    # Every round beta applied, before its death and after its return, left
+    # it with alpha's parameters; alpha applied each round once, none without beta.
+    alpha_syncs = syncs(tmp, "alpha")
+    mine = {s["sync"]: s["hash"] for s in syncs(tmp, "beta")}
+    theirs = {s["sync"]: s["hash"] for s in alpha_syncs}
+    assert all(mine[k] == theirs[k] for k in mine), (mine, theirs)
+    assert [s["sync"] for s in alpha_syncs] == list(range(1, len(alpha_syncs) + 1))
+    print(f"\n[sharded] beta (2 ranks) rejoined {said(recovery_seconds(tmp, killed_at, 'beta'))} after kill -9, "
           f"2.5 s down and the start of its processes included")
 
 

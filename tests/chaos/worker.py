@@ -48,6 +48,7 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--mode", choices=["diloco", "every_step"], default="diloco",
                     help="every_step: the DDP hook, with strait.Checkpoints (the config's sync.mode must match)")
+    ap.add_argument("--sharded", action="store_true", help="DiLoCo over the model sharded with FSDP2 in the site")
     args = ap.parse_args()
 
     torch.manual_seed(0)
@@ -56,6 +57,8 @@ def main():
     session = strait.init()
     x, y = site_data(session.site_index, session.rank, session.size)
     model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    if args.sharded:
+        return sharded(args, session, model, x, y)
     ddp = nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.2, momentum=0.5)
     loss_fn = nn.CrossEntropyLoss()
@@ -84,6 +87,48 @@ def main():
         pace(args, session)
     diloco.flush()  # with fragments: every worker takes the global parameters
     finish(args, session, ddp, flat_hash(diloco), diloco.syncs, diloco.resumed, loss)
+
+
+def sharded(args, session, model, x, y):
+    """DiLoCo over the model sharded with FSDP2 (fully_shard) in the site.
+    After each sync every rank gathers the full parameters (a collective)
+    and the leader logs their hash, as for an unsharded model."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in (model[0], model[2]):
+        fully_shard(layer)
+    fully_shard(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.5)
+    loss_fn = nn.CrossEntropyLoss()
+    diloco = strait.DiLoCo(model, opt, session)
+    assert diloco.sharded
+
+    def full_hash():
+        h = hashlib.sha256()
+        for p in model.parameters():
+            h.update(p.full_tensor().detach().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    syncs_log = os.path.join(args.out, f"{session.site}-syncs.jsonl")
+    last = diloco.syncs
+    loss = None
+    while diloco.local_steps < args.steps:
+        opt.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        opt.step()
+        diloco.step()
+        session.log(diloco.local_steps, loss.item())
+        if diloco.syncs != last:
+            last = diloco.syncs
+            digest = full_hash()
+            if session.leader:
+                with open(syncs_log, "a") as f:
+                    f.write(json.dumps({"sync": diloco.syncs, "hash": digest, "time": time.time(), "missing": []})
+                            + "\n")
+        pace(args, session)
+    diloco.flush()
+    finish(args, session, model, full_hash(), diloco.syncs, diloco.resumed, loss)
 
 
 def pace(args, session):

@@ -16,7 +16,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, os.path.join(ROOT, "torch_ext", "python"))
 
-from strait.ports import free_port  # noqa: E402
+from strait.ports import free_port, free_ports  # noqa: E402
 
 sys.path.insert(0, HERE)
 from jobs import communicate_all  # noqa: E402
@@ -83,27 +83,6 @@ def test_a_shard_that_is_not_fsdp2s_is_a_clear_error():
     assert torch.equal(torch.cat(got), torch.cat([a.reshape(-1), b]))
 
 
-def ports_in_a_row(n):
-    """A port with the n after it free too: a sharded job's groups listen at
-    the site's port + 1 + the group's number."""
-    import socket
-    for _ in range(200):
-        base = free_port()
-        socks = []
-        try:
-            for k in range(1, n + 1):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", base + k))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no run of free ports")
-
-
 def run_sharded_job(policy_extra="", transport_extra="", config_extra=""):
     """Site a: 1 rank; site b: 2 ranks, FSDP2 over gloo, CurveZMQ and each
     site's policy with a signed audit log; each site starts from its own
@@ -123,9 +102,9 @@ def run_sharded_job(policy_extra="", transport_extra="", config_extra=""):
         with open(config, "w") as f:
             f.write(f"""job: {{id: sharded}}
 sites:
-  - {{name: a, jurisdiction: CN, endpoint: "tcp://127.0.0.1:{ports_in_a_row(4)}", workers: 1,
+  - {{name: a, jurisdiction: CN, endpoint: "tcp://127.0.0.1:{free_ports(4)}", workers: 1,
      public_key: keys/a.pub, secret_key: keys/a.key}}
-  - {{name: b, jurisdiction: SG, endpoint: "tcp://127.0.0.1:{ports_in_a_row(4)}", workers: 2,
+  - {{name: b, jurisdiction: SG, endpoint: "tcp://127.0.0.1:{free_ports(4)}", workers: 2,
      public_key: keys/b.pub, secret_key: keys/b.key}}
 sync: {{mode: diloco, diloco: {{sync_every: 4, outer_lr: 0.7, outer_momentum: 0.5}}}}
 compression: {{pipeline: "topk(0.3) -> int8", error_feedback: true}}
@@ -204,7 +183,7 @@ def test_what_sharded_diloco_does_not_do_yet_is_refused_by_name_on_every_rank(wh
         message = "on_site_loss: continue is not supported yet"
     else:
         r, failed = run_sharded_job(config_extra="checkpoint: {dir: ckpt}")
-        message = "the checkpoint section (checkpoints and rejoin of sharded jobs) is not supported yet"
+        message = "the checkpoint section (checkpoints on disk of sharded jobs; a restarted sharded site rejoins"
     assert r is None and len(failed) == 3, (r, failed)
     for _, _, err in failed:
         assert "sharded DiLoCo (a model sharded with FSDP2): " + message in err, err

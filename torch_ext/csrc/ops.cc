@@ -312,6 +312,7 @@ void registerEngine(::torch::Library& m) {
       .def("syncs", [](const Self<ShardedDiLoCo>& d) { return d->syncs(); })
       .def("local_steps", [](const Self<ShardedDiLoCo>& d) { return d->localSteps(); })
       .def("groups", [](const Self<ShardedDiLoCo>& d) { return d->groups(); })
+      .def("resumed", [](const Self<ShardedDiLoCo>& d) { return d->resumed(); })
       .def("sync_every", [](const Self<ShardedDiLoCo>& d) { return d->syncEvery(); })
       .def("outer_lr", [](const Self<ShardedDiLoCo>& d) { return d->outerLr(); })
       .def("outer_momentum", [](const Self<ShardedDiLoCo>& d) { return d->outerMomentum(); })

@@ -242,12 +242,21 @@ void Session::Impl::broadcast(at::Tensor& t) {
   group->broadcast(ts, o)->wait();
 }
 
-void Session::Impl::allReduceSum(at::Tensor& t) {
-  if (size <= 1) return;
-  if (!group) fail<Error>("site '", opt.site, "': the session is closed");
+namespace {
+
+void allReduce(Session::Impl& s, at::Tensor& t, c10d::ReduceOp op) {
+  if (s.size <= 1) return;
+  if (!s.group) fail<Error>("site '", s.opt.site, "': the session is closed");
   std::vector<at::Tensor> ts{t};
-  group->allreduce(ts)->wait();
+  c10d::AllreduceOptions o;
+  o.reduceOp = op;
+  s.group->allreduce(ts, o)->wait();
 }
+
+}  // namespace
+
+void Session::Impl::allReduceSum(at::Tensor& t) { allReduce(*this, t, c10d::ReduceOp::SUM); }
+void Session::Impl::allReduceMax(at::Tensor& t) { allReduce(*this, t, c10d::ReduceOp::MAX); }
 
 void Session::Impl::fromLeader(const std::function<void()>& fn, std::vector<at::Tensor> outs) {
   std::exception_ptr error;
@@ -397,14 +406,13 @@ void Session::Impl::checkSameEverywhere(const std::string& tag, const std::strin
 
 // -------------------------------------------------------------- joins ---
 
-namespace {
-
-// The digest a running site's state is verified by: of its sections' bytes.
 std::string stateDigest(const transport::State& s) {
   std::vector<uint8_t> all;
   for (const transport::StateSection& sec : s.sections) all.insert(all.end(), sec.data, sec.data + sec.size);
   return transport::digestHex(all.data(), all.size());
 }
+
+namespace {
 
 std::vector<uint8_t> heldBytes(const std::vector<std::pair<uint64_t, uint64_t>>& held) {
   std::vector<uint8_t> out(held.size() * 16);

@@ -115,6 +115,7 @@ struct Session::Impl {
   // -- inside the site -----------------------------------------------------
   void broadcast(at::Tensor& t);      // the leader's values to every worker
   void allReduceSum(at::Tensor& t);
+  void allReduceMax(at::Tensor& t);
   // Runs fn on the leader; then every worker holds in `outs` what fn left
   // there (pass tensors of the right shape everywhere), or raises the error
   // fn threw (same class and message on every worker).
@@ -191,6 +192,8 @@ struct Session::Impl {
 
 // The digest of a float32 tensor's values on any device (core/digest.h).
 uint64_t tensorDigest(const at::Tensor& flat);
+// The digest a running site's state document is verified by: of its sections' bytes.
+std::string stateDigest(const transport::State& s);
 // The message raised on every worker for a strait::Error.
 std::string errorText(const std::exception& e);
 

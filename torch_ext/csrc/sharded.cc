@@ -8,8 +8,13 @@
 #include <cstring>
 #include <functional>
 #include <future>
+#include <limits>
 #include <map>
+#include <optional>
+#include <random>
+#include <set>
 #include <sstream>
+#include <thread>
 
 #include "core/codec/parts.h"
 #include "core/digest.h"
@@ -18,6 +23,7 @@
 #include "torch_ext/csrc/device_codecs.h"
 #include "torch_ext/csrc/session_impl.h"
 #include "torch_ext/strait_torch.h"
+#include "transport/audit.h"
 #include "transport/gateway.h"
 
 namespace strait::torch {
@@ -280,6 +286,16 @@ std::string shiftPort(const std::string& endpoint, int64_t delta, const std::str
   return endpoint.substr(0, colon + 1) + std::to_string(port + delta);
 }
 
+// The tag of a group's join round: a (re)starting rank's request, the
+// running owners' answers (docs/RELIABILITY.md, "Sharded jobs").
+const char* const kGroupJoin = "diloco.join";
+
+std::vector<uint8_t> u64Bytes(uint64_t v) {
+  std::vector<uint8_t> b(8);
+  std::memcpy(b.data(), &v, 8);
+  return b;
+}
+
 }  // namespace
 
 struct ShardedDiLoCo::Impl {
@@ -291,6 +307,7 @@ struct ShardedDiLoCo::Impl {
   std::unique_ptr<ShardedPieces> pieces;
   std::vector<std::vector<int64_t>> table;  // every piece: tensor, begin, end
   std::vector<core::ParamSize> sizes;       // each parameter's rows and elements
+  std::vector<int64_t> worlds;              // every site's number of ranks
   std::vector<core::ExchangeGroup> groups;  // every group of the job
   std::vector<size_t> mine;                 // the groups this rank owns its site's pieces of
   std::map<size_t, std::unique_ptr<transport::Gateway>> gateways;
@@ -300,6 +317,14 @@ struct ShardedDiLoCo::Impl {
   double outer_lr = 0.7, mu = 0.9;
   bool nesterov = true;
   std::string pipeline;
+  std::string model_digest;  // of the model's description (start())
+  std::string resumed;       // "running" after joining a running job
+  // During a sync: which of mine's groups have applied it already (the
+  // state a joining rank is sent is after it for those).
+  std::vector<bool> stepped;
+  // Group join requests answered (group, round) and the answers in flight.
+  std::set<std::pair<size_t, uint64_t>> group_answered;
+  std::vector<std::future<transport::RoundResult>> group_answers;
 
   Impl(c10::intrusive_ptr<Session> sess, std::vector<std::string> n, std::vector<at::Tensor> l,
        std::vector<std::vector<int64_t>> sh, DiLoCoOptions o);
@@ -310,16 +335,33 @@ struct ShardedDiLoCo::Impl {
     for (int64_t k : groups[g].pieces) out.push_back(perPiece[position.at(k)]);
     return out;
   }
+  int64_t groupElements(size_t g) const {
+    int64_t n = 0;
+    for (int64_t k : groups[g].pieces) n += table[size_t(k)][2] - table[size_t(k)][1];
+    return n;
+  }
   // Raises on every rank of the site when fn raised on any (the same
   // message on the ranks where it did; a pointer to them elsewhere).
   void together(const std::string& what, const std::function<void()>& fn);
-  // Every group of this rank exchanges (round, tag) at once; returns each
-  // group's result in mine's order.
-  std::vector<transport::RoundResult> exchange(uint64_t round, const std::string& tag,
-                                               const std::function<std::vector<uint8_t>(size_t)>& payload,
-                                               core::MessageKind kind);
-  void start();
-  void sync();
+  // Every group of this rank (but those in `skip`) exchanges (round, tag)
+  // at once; `done(j, result)` runs as mine[j]'s round completes. The ranks
+  // of the site wait together, agreeing every 20 ms on whether all are done
+  // or any failed (so that none sits in a collective while another could
+  // still answer a join); with `serve`, join requests are answered meanwhile.
+  // Returns each group's result in mine's order (empty for skipped ones).
+  std::vector<transport::RoundResult> exchange(
+      uint64_t round, const std::string& tag, const std::function<std::vector<uint8_t>(size_t)>& payload,
+      core::MessageKind kind, const std::function<void(size_t, const transport::RoundResult&)>& done = {},
+      bool serve = false, const std::set<size_t>& skip = {});
+  std::string describe() const;
+  void setup();          // pieces, groups and this rank's gateways, from worlds
+  void agreeWorlds();    // every site's number of ranks
+  void agreeInitial();   // every site starts from site 0's values
+  bool join();           // --resume: takes a running site's state; false: start afresh
+  void serveJoins(const std::function<void(size_t)>& settle);
+  transport::State groupState(size_t j, std::vector<at::Tensor>& keep) const;
+  void applyGroup(size_t j, const transport::RoundResult& r);
+  void sync(bool contribute = true, const std::set<size_t>& skip = {});
   void writeLocals();
 };
 
@@ -341,8 +383,10 @@ ShardedDiLoCo::Impl::Impl(c10::intrusive_ptr<Session> sess, std::vector<std::str
   if (s.adaptive) refuse("compression.adaptive");
   if (s.config.transport.on_site_loss_continue) refuse("on_site_loss: continue");
   // From the config, not s.checkpoints (the leader's alone): every rank must refuse alike.
-  if (!s.config.checkpoint.dir.empty()) refuse("the checkpoint section (checkpoints and rejoin of sharded jobs)");
-  if (s.opt.resume) refuse("resume");
+  if (!s.config.checkpoint.dir.empty()) {
+    refuse("the checkpoint section (checkpoints on disk of sharded jobs; a restarted sharded site rejoins a running "
+           "job with --resume)");
+  }
   sync_every = o.sync_every.value_or(c.sync_every);
   outer_lr = o.outer_lr.value_or(c.outer_lr);
   mu = o.outer_momentum.value_or(c.outer_momentum);
@@ -362,7 +406,13 @@ ShardedDiLoCo::Impl::Impl(c10::intrusive_ptr<Session> sess, std::vector<std::str
                             ": DiLoCo trains floating-point parameters");
     }
   }
-  start();
+  const std::string description = describe();
+  model_digest = transport::digestHex(reinterpret_cast<const uint8_t*>(description.data()), description.size());
+  if (s.opt.resume && join()) return;
+  s.checkSameEverywhere("diloco.model", description);
+  agreeWorlds();
+  setup();
+  agreeInitial();
 }
 
 void ShardedDiLoCo::Impl::together(const std::string& what, const std::function<void()>& fn) {
@@ -384,26 +434,74 @@ void ShardedDiLoCo::Impl::together(const std::string& what, const std::function<
 
 std::vector<transport::RoundResult> ShardedDiLoCo::Impl::exchange(
     uint64_t round, const std::string& tag, const std::function<std::vector<uint8_t>(size_t)>& payload,
-    core::MessageKind kind) {
-  std::vector<std::future<transport::RoundResult>> futures;
-  for (size_t g : mine) {
-    std::vector<uint8_t> bytes = payload(g);
-    s.bytes_sent += bytes.size();
-    futures.push_back(gateways.at(g)->exchange(round, tag, std::move(bytes), kind));
-  }
-  std::vector<transport::RoundResult> out;
-  const auto deadline = Clock::now() + s.timeout;
-  for (size_t j = 0; j < futures.size(); ++j) {
-    if (futures[j].wait_until(deadline) != std::future_status::ready) {
-      fail<TimeoutError>("sharded DiLoCo: group ", mine[j], "'s round ", round, " '", tag, "' did not complete within ",
-                         std::chrono::duration_cast<std::chrono::seconds>(s.timeout).count(), " s");
+    core::MessageKind kind, const std::function<void(size_t, const transport::RoundResult&)>& done, bool serve,
+    const std::set<size_t>& skip) {
+  std::vector<std::optional<std::future<transport::RoundResult>>> futures(mine.size());
+  std::vector<transport::RoundResult> out(mine.size());
+  std::vector<bool> have(mine.size(), false);
+  std::exception_ptr error;
+  try {
+    for (size_t j = 0; j < mine.size(); ++j) {
+      if (skip.count(mine[j])) {
+        have[j] = true;
+        continue;
+      }
+      std::vector<uint8_t> bytes = payload(mine[j]);
+      s.bytes_sent += bytes.size();
+      futures[j] = gateways.at(mine[j])->exchange(round, tag, std::move(bytes), kind);
     }
-    out.push_back(futures[j].get());
+  } catch (const std::exception&) {
+    error = std::current_exception();
   }
-  return out;
+  // A completed round is taken (and applied) as soon as it is in.
+  auto settle = [&](size_t j) {
+    if (have[j] || !futures[j] || futures[j]->wait_for(std::chrono::seconds(0)) != std::future_status::ready) return;
+    out[j] = futures[j]->get();
+    have[j] = true;
+    if (done) done(j, out[j]);
+  };
+  const auto deadline = Clock::now() + s.timeout;
+  for (;;) {
+    int64_t waiting = 0;
+    if (!error) {
+      try {
+        for (size_t j = 0; j < mine.size(); ++j) settle(j);
+        if (serve) serveJoins(settle);
+        for (size_t j = 0; j < mine.size(); ++j) waiting += have[j] ? 0 : 1;
+        if (waiting > 0 && Clock::now() >= deadline) {
+          fail<TimeoutError>("sharded DiLoCo: round ", round, " '", tag, "' of ", waiting,
+                             " group(s) of this rank did not complete within ",
+                             std::chrono::duration_cast<std::chrono::seconds>(s.timeout).count(), " s");
+        }
+      } catch (const std::exception&) {
+        error = std::current_exception();
+      }
+    }
+    at::Tensor flags = at::tensor({int64_t(error ? 1 : 0), int64_t(waiting > 0 ? 1 : 0)}, at::kLong);
+    if (s.size > 1) {
+      at::Tensor d = flags.to(s.control_device);
+      s.allReduceSum(d);
+      flags = d.cpu();
+    }
+    if (error) std::rethrow_exception(error);
+    const int64_t failed = flags[0].item<int64_t>(), busy = flags[1].item<int64_t>();
+    if (failed > 0) {
+      fail<Error>("sharded DiLoCo: round ", round, " '", tag, "' failed on ", failed, " rank(s) of site '", s.opt.site,
+                  "' (their own error says why)");
+    }
+    if (busy == 0) return out;
+    bool waited = false;
+    for (size_t j = 0; j < mine.size() && !waited; ++j) {
+      if (!have[j]) {
+        futures[j]->wait_for(std::chrono::milliseconds(20));
+        waited = true;
+      }
+    }
+    if (!waited) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
 }
 
-void ShardedDiLoCo::Impl::start() {
+std::string ShardedDiLoCo::Impl::describe() const {
   const int64_t piece = int64_t(s.config.transport.chunk_bytes / sizeof(float));
   // The same model everywhere (full shapes, names) and every site's number of ranks.
   std::ostringstream d;
@@ -419,14 +517,14 @@ void ShardedDiLoCo::Impl::start() {
   d.precision(17);
   d << "schedule: sync_every " << sync_every << "\nouter step: lr " << outer_lr << ", momentum " << mu
     << (nesterov ? " (Nesterov)" : "") << "\n";
-  s.checkSameEverywhere("diloco.model", d.str());
+  return d.str();
+}
+
+void ShardedDiLoCo::Impl::agreeWorlds() {
   at::Tensor worlds_t = at::zeros({int64_t(s.names.size())}, at::TensorOptions(at::kLong).device(s.control_device));
   s.fromLeader(
       [&] {
-        std::vector<uint8_t> bytes(8);
-        const uint64_t w = uint64_t(s.size);
-        std::memcpy(bytes.data(), &w, 8);
-        Round r = s.start("diloco.shards", std::move(bytes), core::MessageKind::kControl);
+        Round r = s.start("diloco.shards", u64Bytes(uint64_t(s.size)), core::MessageKind::kControl);
         const RoundOutcome o = s.finish(r);
         at::Tensor cpu = at::zeros({int64_t(s.names.size())}, at::kLong);
         for (size_t i = 0; i < o.payloads.size(); ++i) {
@@ -441,10 +539,13 @@ void ShardedDiLoCo::Impl::start() {
         worlds_t.copy_(cpu);
       },
       {worlds_t});
-  std::vector<int64_t> worlds;
+  worlds.clear();
   const at::Tensor wc = worlds_t.cpu();
   for (int64_t i = 0; i < wc.numel(); ++i) worlds.push_back(wc[i].item<int64_t>());
+}
 
+void ShardedDiLoCo::Impl::setup() {
+  const int64_t piece = int64_t(s.config.transport.chunk_bytes / sizeof(float));
   pieces = std::make_unique<ShardedPieces>(shapes, piece, s.group);
   table = pieces->pieces();
   sizes = paramSizes(shapes);
@@ -471,66 +572,245 @@ void ShardedDiLoCo::Impl::start() {
       gateways.emplace(g, std::make_unique<transport::Gateway>(std::move(go)));
     }
   });
-
-  // Start from site 0's values, compared by digest first.
   global = pieces->gather(locals);
+  momentum.clear();
   for (const at::Tensor& p : global) momentum.push_back(at::zeros_like(p));
+}
+
+// Start from site 0's values, compared by digest first.
+void ShardedDiLoCo::Impl::agreeInitial() {
   std::vector<size_t> differ;
-  together("agreeing on the initial parameters", [&] {
-    const auto digests = exchange(0, "diloco.init.digest", [&](size_t g) {
-      uint64_t sum = 0, offset = 0;
-      for (const at::Tensor& p : ofGroup(global, g)) {
-        const at::Tensor c = p.to(at::kCPU).contiguous();
-        sum += core::digestSum(c.data_ptr<float>(), size_t(c.numel()), offset);
-        offset += uint64_t(c.numel());
-      }
-      std::vector<uint8_t> b(8);
-      std::memcpy(b.data(), &sum, 8);
-      return b;
-    }, core::MessageKind::kControl);
-    for (size_t j = 0; j < mine.size(); ++j) {
-      const auto& ps = digests[j].payloads;
-      for (size_t i = 1; i < ps.size(); ++i) {
-        if (!ps[i] || *ps[i] != *ps[0]) {
-          differ.push_back(j);
-          break;
-        }
+  const auto digests = exchange(0, "diloco.init.digest", [&](size_t g) {
+    uint64_t sum = 0, offset = 0;
+    for (const at::Tensor& p : ofGroup(global, g)) {
+      const at::Tensor c = p.to(at::kCPU).contiguous();
+      sum += core::digestSum(c.data_ptr<float>(), size_t(c.numel()), offset);
+      offset += uint64_t(c.numel());
+    }
+    return u64Bytes(sum);
+  }, core::MessageKind::kControl);
+  for (size_t j = 0; j < mine.size(); ++j) {
+    const auto& ps = digests[j].payloads;
+    for (size_t i = 1; i < ps.size(); ++i) {
+      if (!ps[i] || *ps[i] != *ps[0]) {
+        differ.push_back(j);
+        break;
       }
     }
-  });
+  }
   // Every group exchanges the init round (site 0's values where digests differed, nothing otherwise), so
   // the round numbers stay the same on every site whatever each group found.
-  together("taking site 0's initial parameters", [&] {
-    const auto init = exchange(0, "diloco.init", [&](size_t g) {
-      const size_t j = size_t(std::find(mine.begin(), mine.end(), g) - mine.begin());
-      if (s.site_index != 0 || std::find(differ.begin(), differ.end(), j) == differ.end()) return std::vector<uint8_t>{};
-      std::vector<uint8_t> b;
-      for (const at::Tensor& p : ofGroup(global, g)) {
-        const at::Tensor c = p.to(at::kCPU).contiguous();
-        const auto* bytes = reinterpret_cast<const uint8_t*>(c.data_ptr<float>());
-        b.insert(b.end(), bytes, bytes + c.numel() * sizeof(float));
-      }
-      return b;
-    }, core::MessageKind::kModelState);
-    for (size_t j = 0; j < mine.size(); ++j) {
-      const auto& from0 = init[j].payloads[0];
-      if (!from0 || from0->empty()) continue;
-      int64_t n = 0;
-      for (int64_t k : groups[mine[j]].pieces) n += global[position.at(k)].numel();
-      if (int64_t(from0->size()) != n * int64_t(sizeof(float))) {
-        fail<ProtocolError>("site '", s.names[0], "' sent ", from0->size(), " bytes of initial parameters for group ",
-                            mine[j], ", which holds ", n, " elements");
-      }
-      size_t off = 0;
-      for (int64_t k : groups[mine[j]].pieces) {
-        at::Tensor& p = global[position.at(k)];
-        at::Tensor src = at::from_blob(const_cast<uint8_t*>(from0->data()) + off, {p.numel()}, at::kFloat);
-        p.copy_(src);
-        off += size_t(p.numel()) * sizeof(float);
-      }
+  exchange(0, "diloco.init", [&](size_t g) {
+    const size_t j = size_t(std::find(mine.begin(), mine.end(), g) - mine.begin());
+    if (s.site_index != 0 || std::find(differ.begin(), differ.end(), j) == differ.end()) return std::vector<uint8_t>{};
+    std::vector<uint8_t> b;
+    for (const at::Tensor& p : ofGroup(global, g)) {
+      const at::Tensor c = p.to(at::kCPU).contiguous();
+      const auto* bytes = reinterpret_cast<const uint8_t*>(c.data_ptr<float>());
+      b.insert(b.end(), bytes, bytes + c.numel() * sizeof(float));
+    }
+    return b;
+  }, core::MessageKind::kModelState, [&](size_t j, const transport::RoundResult& r) {
+    const auto& from0 = r.payloads[0];
+    if (!from0 || from0->empty()) return;
+    const int64_t n = groupElements(mine[j]);
+    if (int64_t(from0->size()) != n * int64_t(sizeof(float))) {
+      fail<ProtocolError>("site '", s.names[0], "' sent ", from0->size(), " bytes of initial parameters for group ",
+                          mine[j], ", which holds ", n, " elements");
+    }
+    size_t off = 0;
+    for (int64_t k : groups[mine[j]].pieces) {
+      at::Tensor& p = global[position.at(k)];
+      p.copy_(at::from_blob(const_cast<uint8_t*>(from0->data()) + off, {p.numel()}, at::kFloat));
+      off += size_t(p.numel()) * sizeof(float);
     }
   });
   writeLocals();
+}
+
+// What a rank joining group mine[j] needs: its pieces' global parameters
+// and outer momentum, and how many rounds they have had (host copies kept
+// alive in `keep`).
+transport::State ShardedDiLoCo::Impl::groupState(size_t j, std::vector<at::Tensor>& keep) const {
+  const size_t g = mine[j];
+  keep = {at::cat(ofGroup(global, g)).to(at::kCPU).contiguous(), at::cat(ofGroup(momentum, g)).to(at::kCPU).contiguous()};
+  transport::State st;
+  st.strings = {{"status", "running"}, {"model", model_digest}};
+  st.counters = {{"rounds", uint64_t(syncs) + (stepped.size() > j && stepped[j] ? 1 : 0)}, {"group", g}};
+  for (size_t k = 0; k < 2; ++k) {
+    st.sections.push_back({k == 0 ? "global" : "momentum", transport::SectionType::kFloat32,
+                           reinterpret_cast<const uint8_t*>(keep[k].data_ptr<float>()),
+                           size_t(keep[k].numel()) * sizeof(float)});
+  }
+  st.strings["state_digest"] = stateDigest(st);
+  return st;
+}
+
+// While this site waits in a sync: every rank answers the join requests of
+// its groups (settling a round that completed first, so that the state it
+// sends is after it); the leader answers the site's join request with what
+// the joining site must agree on (the model and every site's ranks).
+void ShardedDiLoCo::Impl::serveJoins(const std::function<void(size_t)>& settle) {
+  for (size_t j = 0; j < mine.size(); ++j) {
+    const size_t g = mine[j];
+    for (const transport::PeerRound& p : gateways.at(g)->peerRounds(kGroupJoin)) {
+      if (p.tag != kGroupJoin || !group_answered.emplace(g, p.round).second) continue;
+      settle(j);
+      std::vector<at::Tensor> keep;
+      const transport::State st = groupState(j, keep);
+      group_answers.push_back(
+          gateways.at(g)->exchange(p.round, kGroupJoin, transport::encodeState(st), core::MessageKind::kModelState));
+    }
+  }
+  for (auto it = group_answers.begin(); it != group_answers.end();) {
+    if (it->wait_for(std::chrono::seconds(0)) != std::future_status::ready) {
+      ++it;
+      continue;
+    }
+    try {
+      it->get();  // of no use here; an error only means the asker left
+    } catch (const std::exception&) {
+    }
+    it = group_answers.erase(it);
+  }
+  if (!s.leader) return;
+  std::vector<uint8_t> ranks;
+  for (int64_t w : worlds) {
+    const std::vector<uint8_t> b = u64Bytes(uint64_t(w));
+    ranks.insert(ranks.end(), b.begin(), b.end());
+  }
+  s.serveJoins(uint64_t(syncs), [&] {
+    transport::State st;
+    st.strings = {{"model", model_digest}, {"sharded", "pieces per group"}};
+    st.counters = {{"syncs", uint64_t(syncs)}};
+    st.sections = {{"worlds", transport::SectionType::kU64, ranks.data(), ranks.size()}};
+    return st;
+  });
+  s.reapJoins();
+}
+
+// --resume. The leader runs the site's join protocol: a running site
+// answers with the model and every site's ranks, and then each rank asks
+// the running owners of its groups for their pieces' state. A group's
+// owners may be a round apart (the round completed for some groups of the
+// running site before this site died, not for others): the pieces of a
+// group still waiting in round N take part in it without a contribution,
+// as unsharded DiLoCo's joiner does; those already past it skip it. Every
+// group ends at N + 1 on every site.
+bool ShardedDiLoCo::Impl::join() {
+  at::Tensor info = at::zeros({3}, at::TensorOptions(at::kLong).device(s.control_device));  // running, site, nonce
+  at::Tensor worlds_t = at::zeros({int64_t(s.names.size())}, at::TensorOptions(at::kLong).device(s.control_device));
+  const auto started_at = Clock::now();
+  s.fromLeader(
+      [&] {
+        const JoinOutcome j = s.join(model_digest, {});
+        if (j.kind != JoinOutcome::Kind::kRunning) {  // nobody runs: a fresh start, together
+          s.event("--resume: no site is running, and a sharded job keeps no checkpoints on disk (yet): "
+                  "starting from the beginning");
+          return;
+        }
+        const std::string what = "the answer of site '" + s.names[j.site] + "' to this site's join request";
+        if (!j.no_state.empty()) {
+          fail<Error>("site '", s.names[j.site], "' is still running; a site cannot join a running ", j.no_state,
+                      " job — stop it and restart every site with --resume");
+        }
+        if (!j.state.strings.count("sharded")) {
+          fail<InvalidArgument>("site '", s.names[j.site], "' runs a model that is not sharded; this site's is: ",
+                                "every site must shard it (or none)");
+        }
+        const auto& w = j.state.section("worlds", transport::SectionType::kU64, what, s.names.size());
+        at::Tensor cpu = at::zeros({int64_t(s.names.size())}, at::kLong);
+        for (size_t i = 0; i < s.names.size(); ++i) {
+          uint64_t v = 0;
+          std::memcpy(&v, w.data + 8 * i, 8);
+          if (v < 1 || v > (uint64_t{1} << 20)) fail<ProtocolError>(what, " says site '", s.names[i], "' has ", v, " ranks");
+          cpu[int64_t(i)] = int64_t(v);
+        }
+        std::random_device rd;
+        const int64_t nonce = int64_t(((uint64_t(rd()) << 32) ^ rd()) & ((uint64_t{1} << 62) - 1)) | 1;
+        worlds_t.copy_(cpu);
+        info.copy_(at::tensor({int64_t(1), int64_t(j.site), nonce}, at::kLong));
+      },
+      {info, worlds_t});
+  const at::Tensor ic = info.cpu();
+  if (ic[0].item<int64_t>() == 0) return false;
+  const size_t from = size_t(ic[1].item<int64_t>());
+  const uint64_t nonce = uint64_t(ic[2].item<int64_t>());
+  worlds.clear();
+  const at::Tensor wc = worlds_t.cpu();
+  for (int64_t i = 0; i < wc.numel(); ++i) worlds.push_back(wc[i].item<int64_t>());
+  if (worlds[s.site_index] != s.size) {
+    fail<InvalidArgument>("site '", s.opt.site, "' restarted with ", s.size, " ranks, but the running job split the ",
+                          "model over its ", worlds[s.site_index], ": restart it with ", worlds[s.site_index], " ranks");
+  }
+  setup();
+
+  // Each rank: its groups' state from the running site's owners.
+  std::vector<int64_t> rounds(mine.size(), 0);
+  transport::State request;
+  request.strings = {{"status", "resuming"}, {"model", model_digest}};
+  const std::vector<uint8_t> asked = transport::encodeState(request);
+  exchange(nonce, kGroupJoin, [&](size_t) { return asked; }, core::MessageKind::kControl,
+           [&](size_t j, const transport::RoundResult& r) {
+             const size_t g = mine[j];
+             const std::string what = "the state of group " + std::to_string(g) + " sent by site '" + s.names[from] + "'";
+             if (!r.payloads[from] || r.payloads[from]->empty()) fail<ProtocolError>(what, " did not come");
+             const std::vector<uint8_t>& bytes = *r.payloads[from];
+             const transport::State st = transport::decodeState(bytes.data(), bytes.size(), what);
+             if (st.string("status", what) != "running" || st.string("model", what) != model_digest) {
+               fail<ProtocolError>(what, " is not a running site's state of this model");
+             }
+             if (stateDigest(st) != st.string("state_digest", what)) {
+               fail<ProtocolError>(what, " does not match its digest (", bytes.size(), " bytes): refusing it");
+             }
+             const size_t n = size_t(groupElements(g));
+             const auto& gs = st.section("global", transport::SectionType::kFloat32, what, n);
+             const auto& ms = st.section("momentum", transport::SectionType::kFloat32, what, n);
+             size_t off = 0;
+             for (int64_t k : groups[g].pieces) {
+               const size_t p = position.at(k);
+               const int64_t m = global[p].numel();
+               global[p].copy_(at::from_blob(const_cast<uint8_t*>(gs.data) + off, {m}, at::kFloat));
+               momentum[p].copy_(at::from_blob(const_cast<uint8_t*>(ms.data) + off, {m}, at::kFloat));
+               if (!at::isfinite(global[p]).all().item<bool>() || !at::isfinite(momentum[p]).all().item<bool>()) {
+                 fail<ProtocolError>(what, " holds non-finite values");
+               }
+               off += size_t(m) * sizeof(float);
+             }
+             rounds[j] = int64_t(st.counter("rounds", what));
+           });
+  // The site's lowest and highest group round: N and N or N + 1.
+  int64_t lo = std::numeric_limits<int64_t>::max() / 2, hi = -lo;
+  for (int64_t r : rounds) {
+    lo = std::min(lo, r);
+    hi = std::max(hi, r);
+  }
+  at::Tensor bounds = at::tensor({-lo, hi}, at::kLong).to(s.control_device);
+  s.allReduceMax(bounds);
+  const at::Tensor bc = bounds.cpu();
+  lo = -bc[0].item<int64_t>();
+  hi = bc[1].item<int64_t>();
+  if (hi - lo > 1 || lo < 0) {
+    fail<ProtocolError>("sharded DiLoCo: the running site's groups are at rounds ", lo, " to ", hi,
+                        "; a joining site can take them only a round apart at most");
+  }
+  std::set<size_t> past;
+  for (size_t j = 0; j < mine.size(); ++j) {
+    if (rounds[j] > lo) past.insert(mine[j]);
+  }
+  syncs = lo;
+  writeLocals();
+  resumed = "running";
+  char took[32];
+  std::snprintf(took, sizeof took, "%.2f", std::chrono::duration<double>(Clock::now() - started_at).count());
+  if (s.leader) {
+    s.event("joined: state of round " + std::to_string(lo) + " from site '" + s.names[from] +
+            "', each rank's groups from their owners there (digests verified) in " + took + " s");
+  }
+  // The running site waits in round `lo` for the groups not past it.
+  sync(false, past);
+  local_steps = syncs * sync_every;
+  return true;
 }
 
 void ShardedDiLoCo::Impl::writeLocals() {
@@ -541,15 +821,56 @@ void ShardedDiLoCo::Impl::writeLocals() {
   for (size_t i = 0; i < locals.size(); ++i) locals[i].detach().copy_(out[i]);
 }
 
-void ShardedDiLoCo::Impl::sync() {
-  const std::vector<at::Tensor> current = pieces->gather(locals);
+// Group mine[j]'s round is in: the weighted mean of the sites' updates,
+// then the outer step on its pieces, elementwise, in DiLoCo's order of
+// float32 operations (diloco.cc): m = m mu + g; u = nesterov ? g + mu m : m; p -= lr u.
+void ShardedDiLoCo::Impl::applyGroup(size_t j, const transport::RoundResult& r) {
+  const size_t g = mine[j];
+  RoundOutcome o;
+  o.payloads = r.payloads;
+  o.missing = r.missing;
+  std::vector<at::Tensor> acc;
+  for (int64_t k : groups[g].pieces) {
+    acc.push_back(at::zeros({global[position.at(k)].numel()},
+                            at::TensorOptions(at::kFloat).device(s.decodeDevice(global[position.at(k)].device()))));
+  }
+  for (const auto& [i, weight] : s.siteWeights(o)) {
+    const std::vector<uint8_t>& blob = *o.payloads[i];
+    std::vector<core::PartView> views;
+    try {
+      views = core::splitParts(blob.data(), blob.size(), acc.size());
+    } catch (const ProtocolError& e) {
+      fail<ProtocolError>("site '", s.names[i], "' sent a 'diloco' message for group ", g, ": ", e.what());
+    }
+    for (size_t q = 0; q < acc.size(); ++q) accumulateExact(views[q].data, views[q].size, acc[q], weight);
+  }
+  for (size_t q = 0; q < acc.size(); ++q) {
+    const size_t p = position.at(groups[g].pieces[q]);
+    const at::Tensor mean = acc[q].to(global[p].device());
+    if (mu == 0 && !nesterov) {
+      global[p].sub_(mean, outer_lr);
+      continue;
+    }
+    momentum[p].mul_(mu).add_(mean);
+    const at::Tensor update = nesterov ? mean.add(momentum[p], mu) : momentum[p];
+    global[p].sub_(update, outer_lr);
+  }
+  stepped[j] = true;
+}
+
+// contribute false: this site takes part in the round without an update
+// (a site that has just joined). skip: groups already past this round.
+void ShardedDiLoCo::Impl::sync(bool contribute, const std::set<size_t>& skip) {
   std::vector<at::Tensor> pseudo;
-  for (size_t j = 0; j < global.size(); ++j) pseudo.push_back(global[j] - current[j]);
+  if (contribute) {
+    const std::vector<at::Tensor> current = pieces->gather(locals);
+    for (size_t j = 0; j < global.size(); ++j) pseudo.push_back(global[j] - current[j]);
+  }
   // Differential privacy clips the *site's* update: its norm is summed
   // across the ranks (each holds its pieces' squares), then each group's
   // gateway clips its share by that norm and noises it (one release of the
   // site per sync, on every group's gateway alike).
-  const bool private_release = s.policy && s.policy->privacy.enabled;
+  const bool private_release = contribute && s.policy && s.policy->privacy.enabled;
   double site_norm = 0;
   if (private_release) {
     double sq = 0;
@@ -558,67 +879,36 @@ void ShardedDiLoCo::Impl::sync() {
     s.allReduceSum(t);
     site_norm = std::sqrt(t.cpu().item<double>());
   }
-  std::vector<at::Tensor> mean(global.size());
-  together("the sync", [&] {
-    const auto results = exchange(uint64_t(syncs), "diloco", [&](size_t g) {
-      std::vector<at::Tensor> values;
-      for (int64_t k : groups[g].pieces) values.push_back(pseudo[position.at(k)].to(at::kCPU).contiguous());
-      if (private_release) {
-        at::Tensor share = at::cat(values);
-        gateways.at(g)->privatize(share.data_ptr<float>(), size_t(share.numel()), site_norm);
-        int64_t offset = 0;
-        for (at::Tensor& v : values) {
-          v = share.narrow(0, offset, v.numel());
-          offset += v.numel();
+  stepped.assign(mine.size(), false);
+  exchange(
+      uint64_t(syncs), "diloco",
+      [&](size_t g) {
+        if (!contribute) return std::vector<uint8_t>{};
+        std::vector<at::Tensor> values;
+        for (int64_t k : groups[g].pieces) values.push_back(pseudo[position.at(k)].to(at::kCPU).contiguous());
+        if (private_release) {
+          at::Tensor share = at::cat(values);
+          gateways.at(g)->privatize(share.data_ptr<float>(), size_t(share.numel()), site_norm);
+          int64_t offset = 0;
+          for (at::Tensor& v : values) {
+            v = share.narrow(0, offset, v.numel());
+            offset += v.numel();
+          }
         }
-      }
-      std::vector<std::vector<uint8_t>> parts;
-      for (size_t q = 0; q < values.size(); ++q) {
-        const int64_t k = groups[g].pieces[q];
-        const int64_t t = table[size_t(k)][0];
-        Compressor& c = s.compressor("diloco.piece" + std::to_string(k), names[size_t(t)], values[q].numel(), pipeline,
-                                     std::nullopt, sizes[size_t(t)].numel);
-        parts.emplace_back();
-        c.encode(values[q], parts.back());
-      }
-      return core::frameParts(parts);
-    }, core::MessageKind::kModelUpdate);
-    for (size_t j = 0; j < mine.size(); ++j) {
-      const size_t g = mine[j];
-      const auto& r = results[j];
-      RoundOutcome o;
-      o.payloads = r.payloads;
-      o.missing = r.missing;
-      std::vector<at::Tensor> acc;
-      for (int64_t k : groups[g].pieces) {
-        acc.push_back(at::zeros({global[position.at(k)].numel()},
-                                at::TensorOptions(at::kFloat).device(s.decodeDevice(global[position.at(k)].device()))));
-      }
-      for (const auto& [i, weight] : s.siteWeights(o)) {
-        const std::vector<uint8_t>& blob = *o.payloads[i];
-        std::vector<core::PartView> views;
-        try {
-          views = core::splitParts(blob.data(), blob.size(), acc.size());
-        } catch (const ProtocolError& e) {
-          fail<ProtocolError>("site '", s.names[i], "' sent a 'diloco' message for group ", g, ": ", e.what());
+        std::vector<std::vector<uint8_t>> parts;
+        for (size_t q = 0; q < values.size(); ++q) {
+          const int64_t k = groups[g].pieces[q];
+          const int64_t t = table[size_t(k)][0];
+          Compressor& c = s.compressor("diloco.piece" + std::to_string(k), names[size_t(t)], values[q].numel(),
+                                       pipeline, std::nullopt, sizes[size_t(t)].numel);
+          parts.emplace_back();
+          c.encode(values[q], parts.back());
         }
-        for (size_t q = 0; q < acc.size(); ++q) accumulateExact(views[q].data, views[q].size, acc[q], weight);
-      }
-      for (size_t q = 0; q < acc.size(); ++q) mean[position.at(groups[g].pieces[q])] = acc[q];
-    }
-  });
-  // The outer step, elementwise on each owned piece, in DiLoCo's order of
-  // float32 operations (diloco.cc): m = m mu + g; u = nesterov ? g + mu m : m; p -= lr u.
-  for (size_t j = 0; j < global.size(); ++j) {
-    const at::Tensor g = mean[j].to(global[j].device());
-    if (mu == 0 && !nesterov) {
-      global[j].sub_(g, outer_lr);
-      continue;
-    }
-    momentum[j].mul_(mu).add_(g);
-    const at::Tensor update = nesterov ? g.add(momentum[j], mu) : momentum[j];
-    global[j].sub_(update, outer_lr);
-  }
+        return core::frameParts(parts);
+      },
+      core::MessageKind::kModelUpdate, [&](size_t j, const transport::RoundResult& r) { applyGroup(j, r); },
+      /*serve=*/true, skip);
+  stepped.clear();
   ++syncs;
   writeLocals();
 }
@@ -643,6 +933,7 @@ int64_t ShardedDiLoCo::syncEvery() const { return impl_->sync_every; }
 double ShardedDiLoCo::outerLr() const { return impl_->outer_lr; }
 double ShardedDiLoCo::outerMomentum() const { return impl_->mu; }
 bool ShardedDiLoCo::nesterov() const { return impl_->nesterov; }
+std::string ShardedDiLoCo::resumed() const { return impl_->resumed; }
 
 std::vector<double> ShardedDiLoCo::privacySpent() const {
   std::vector<double> out;

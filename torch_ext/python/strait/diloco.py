@@ -177,8 +177,6 @@ class DiLoCo:
     @property
     def resumed(self):
         """How this instance started: None, "checkpoint" or "running" (a peer's state)."""
-        if self.sharded:
-            return None  # a sharded job neither resumes nor joins yet
         return self._d.resumed() or None
 
     @property

@@ -71,6 +71,28 @@ def free_port(host="127.0.0.1"):
             return port
 
 
+def free_ports(n, host="127.0.0.1"):
+    """The first of n ports in a row, each as free_port() gives one: a
+    sharded job's groups listen at its site's port + 1 + the group's number."""
+    for base in _candidates(host):
+        run = range(base, base + n)
+        if base + n > 65536 or any(p in _given for p in run) or not all(_bindable(host, p) for p in run[1:]):
+            continue
+        claimed = []
+        for p in run:
+            if not _claim(p):
+                break
+            claimed.append(p)
+        if len(claimed) == n:
+            _given.update(run)
+            return base
+        for p in claimed:
+            try:
+                os.unlink(os.path.join(_CLAIMS, str(p)))
+            except OSError:
+                pass
+
+
 def _candidates(host):
     """Bindable ports: random ones just below the ephemeral range, then (no
     room there, or all tried were busy) whatever the kernel gives."""
