@@ -287,12 +287,14 @@ class ShardedPieces : public ::torch::CustomClassHolder {
 //
 // Differential privacy clips the whole site's update (its squared norm
 // summed across the ranks) and each group's gateway noises its share and
-// counts the site's release. A site restarted with --resume (and the same
-// number of ranks) joins a running job: each rank takes its groups' state
-// from the running owners, which answer while they wait in a sync. This
-// version does plain DiLoCo under on_site_loss: wait, without fragments,
-// overlap, SparseLoCo, adaptive compression or checkpoints on disk; each
-// of those is refused with an InvalidArgument naming it.
+// counts the site's release. With the config's checkpoint section each
+// rank writes its own pieces; a site restarted with --resume (and the same
+// number of ranks) joins a running job, each rank taking its groups' state
+// from the running owners, which answer while they wait in a sync, or,
+// when every site resumes, all load the newest round every rank of every
+// site holds. This version does plain DiLoCo under on_site_loss: wait,
+// without fragments, overlap, SparseLoCo or adaptive compression; each of
+// those is refused with an InvalidArgument naming it.
 class ShardedDiLoCo : public ::torch::CustomClassHolder {
  public:
   // locals: each parameter's shard on this rank (DTensor.to_local(),
@@ -305,8 +307,15 @@ class ShardedDiLoCo : public ::torch::CustomClassHolder {
   ~ShardedDiLoCo() override;
 
   // After each inner optimizer step: syncs every sync_every calls. A failed
-  // exchange on any rank of the site raises on every rank of it.
-  void step();
+  // exchange on any rank of the site raises on every rank of it. True when
+  // a checkpoint is due (the config's checkpoint section): then every rank
+  // calls writeCheckpoint with its own bytes (its inner optimizer's state).
+  bool step();
+  // Every rank together: each writes its pieces (global, momentum,
+  // residuals) and `extra` to CHECKPOINT_DIR/SITE/rankR.
+  void writeCheckpoint(const std::vector<uint8_t>& extra);
+  // After resuming from a checkpoint: this rank's `extra` from it.
+  const std::vector<uint8_t>& resumedExtra() const;
   // After training: every rank's shard takes the global parameters.
   void flush();
   int64_t syncs() const;

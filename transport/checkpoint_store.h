@@ -46,7 +46,8 @@ class CheckpointStore {
   // Reads the checkpoint of (round, digest). Throws Error naming the file
   // when it cannot be read, is not a strait checkpoint of that round, or
   // its float32 section `digest_of` does not digest to `digest` (damaged,
-  // or renamed).
+  // or renamed). An empty `digest_of`: the caller checks the digest (a
+  // sharded job's, which is of the pieces of every rank's file together).
   LoadedState load(uint64_t round, uint64_t digest, const std::string& digest_of) const;
 
  private:

@@ -56,9 +56,8 @@ def make_job(tmp, on_site_loss="continue", workers=1, hard_deadline=60, every=2,
               f"transport: {{heartbeat_ms: 100, peer_timeout_ms: 1000, round_deadline_s: {round_deadline or min(20, hard_deadline)}, "
               f"hard_deadline_s: {hard_deadline}, on_site_loss: {on_site_loss}"
               # sharded: pieces of 1024 elements, so that each rank of a site owns some.
-              + (", chunk_bytes: 4096}" if sharded else "}")]
-    if not sharded:  # a sharded job keeps no checkpoints on disk (yet): it rejoins from a running site
-        lines.append(f"checkpoint: {{dir: ckpt, every: {every}, keep: 3}}")
+              + (", chunk_bytes: 4096}" if sharded else "}"),
+              f"checkpoint: {{dir: ckpt, every: {every}, keep: 3}}"]
     config = os.path.join(tmp, "job.yaml")
     with open(config, "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -261,6 +260,37 @@ def test_whole_job_killed_and_resumed_ends_bitwise_like_an_uninterrupted_run(tmp
     assert len(resumed) == 2, resumed
     # Checkpoints hold everything the run depends on (parameters, momentum,
     # residuals, optimizer state): the resumed run ends with the same bits.
+    assert r["alpha-0"]["hash"] == expected
+
+
+def test_a_sharded_job_killed_whole_resumes_from_every_ranks_checkpoint_bitwise_like_an_uninterrupted_run(tmp_path):
+    # FSDP2 inside each site (alpha 1 rank, beta 2): each rank writes its
+    # own pieces, momentum, residuals and its shard's optimizer state.
+    straight = str(tmp_path / "straight")
+    chaos = str(tmp_path / "chaos")
+    for d in (straight, chaos):
+        os.makedirs(d)
+    workers, sharded = {"alpha": 1, "beta": 2}, ["--sharded"]
+    config, policies = make_job(straight, on_site_loss="wait", workers=workers, sharded=True)
+    assert finish(launch(straight, config, policies, steps=80, step_sleep=0, worker_args=sharded), straight) == 0, \
+        tail(straight)
+    expected = check_whole(straight, ["alpha-0", "beta-0", "beta-1"])["alpha-0"]["hash"]
+
+    config, policies = make_job(chaos, on_site_loss="wait", workers=workers, sharded=True)
+    job = launch(chaos, config, policies, steps=80, worker_args=sharded)
+    wait_for("sync 7 on both sites", lambda: min(len(syncs(chaos, s)) for s, _ in SITES) >= 7)
+    kill_launch(chaos, job, [s for s, _ in SITES])
+    held = {f"{s}/rank{k}": sorted(os.listdir(os.path.join(chaos, "ckpt", s, f"rank{k}")))
+            for s, n in workers.items() for k in range(n)}
+    assert all(held.values()), held
+    assert not any(".tmp-" in n for names in held.values() for n in names), held
+
+    assert finish(launch(chaos, config, policies, steps=80, extra=["--resume"], worker_args=sharded), chaos) == 0, \
+        tail(chaos)
+    r = check_whole(chaos, ["alpha-0", "beta-0", "beta-1"])
+    assert {v["resumed"] for v in r.values()} == {"checkpoint"}, r
+    resumed = [e["event"] for e in events(chaos) if e["event"].startswith("resumed from round")]
+    assert len(resumed) == 2, resumed
     assert r["alpha-0"]["hash"] == expected
 
 

@@ -307,7 +307,13 @@ void registerEngine(::torch::Library& m) {
                                                     std::move(o));
         });
       }))
-      .def("step", [](const Self<ShardedDiLoCo>& d) { translate("strait.DiLoCo.step", [&] { d->step(); }); })
+      .def("step", [](const Self<ShardedDiLoCo>& d) { return translate("strait.DiLoCo.step", [&] { return d->step(); }); })
+      .def("write_checkpoint",
+           [](const Self<ShardedDiLoCo>& d, const at::Tensor& extra) {
+             translate("strait.DiLoCo.write_checkpoint",
+                       [&] { d->writeCheckpoint(bytesOfTensor(extra, "strait.DiLoCo.write_checkpoint")); });
+           })
+      .def("resumed_extra", [](const Self<ShardedDiLoCo>& d) { return toTensor(d->resumedExtra()); })
       .def("flush", [](const Self<ShardedDiLoCo>& d) { translate("strait.DiLoCo.flush", [&] { d->flush(); }); })
       .def("syncs", [](const Self<ShardedDiLoCo>& d) { return d->syncs(); })
       .def("local_steps", [](const Self<ShardedDiLoCo>& d) { return d->localSteps(); })

@@ -165,9 +165,9 @@ Session::Impl::Impl(SessionOptions options) : opt(std::move(options)) {
                         size == 1 ? "" : "s", " (its process group) but the config gives it workers: ", me.workers,
                         "; start that many (./strait launch does) or change workers");
     }
+    if (!config.checkpoint.dir.empty()) checkpoint_root = resolveDir(config.checkpoint.dir, opt.config);
     if (leader && !config.checkpoint.dir.empty()) {
-      checkpoints.emplace(resolveDir(config.checkpoint.dir, opt.config), opt.site, config.checkpoint.every,
-                          config.checkpoint.keep);
+      checkpoints.emplace(checkpoint_root, opt.site, config.checkpoint.every, config.checkpoint.keep);
     }
   } catch (const std::exception& e) {
     // The other sites hear why this one stops, rather than wait for it.

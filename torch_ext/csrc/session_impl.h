@@ -87,6 +87,7 @@ struct Session::Impl {
   std::unique_ptr<transport::Gateway> gateway;  // the leader's
   std::chrono::milliseconds timeout;            // a round's wait: the hard deadline + 30 s
   std::optional<transport::CheckpointStore> checkpoints;
+  std::string checkpoint_root;  // the config's checkpoint.dir, resolved (every worker)
   // The adaptive controller and its last decision (for the next log
   // record): the every-step thread updates them under log_mu.
   std::optional<core::AdaptiveCompression> adaptive;

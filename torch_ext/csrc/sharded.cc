@@ -325,6 +325,10 @@ struct ShardedDiLoCo::Impl {
   // Group join requests answered (group, round) and the answers in flight.
   std::set<std::pair<size_t, uint64_t>> group_answered;
   std::vector<std::future<transport::RoundResult>> group_answers;
+  // Checkpoints: each rank writes its own pieces to CHECKPOINT_DIR/SITE/rankR.
+  std::optional<transport::CheckpointStore> store;
+  bool checkpoint_due = false;
+  std::vector<uint8_t> resumed_extra;  // the caller's bytes from the checkpoint resumed from
 
   Impl(c10::intrusive_ptr<Session> sess, std::vector<std::string> n, std::vector<at::Tensor> l,
        std::vector<std::vector<int64_t>> sh, DiLoCoOptions o);
@@ -361,6 +365,14 @@ struct ShardedDiLoCo::Impl {
   void serveJoins(const std::function<void(size_t)>& settle);
   transport::State groupState(size_t j, std::vector<at::Tensor>& keep) const;
   void applyGroup(size_t j, const transport::RoundResult& r);
+  // The digest of the whole model's global parameters (core/digest.h, as
+  // of one flat vector in model order): each rank's pieces' share, summed
+  // over the site. Every rank calls it together.
+  uint64_t modelDigest(uint64_t* mine_only = nullptr) const;
+  void checkpoint(const std::vector<uint8_t>& extra);  // every rank together
+  // (round, digest) of the checkpoints every rank of the site holds.
+  std::vector<std::pair<uint64_t, uint64_t>> siteHeld();
+  void loadCheckpoint(uint64_t round, uint64_t digest);
   void sync(bool contribute = true, const std::set<size_t>& skip = {});
   void writeLocals();
 };
@@ -382,10 +394,9 @@ ShardedDiLoCo::Impl::Impl(c10::intrusive_ptr<Session> sess, std::vector<std::str
   if (o.sparseloco.value_or(c.sparseloco.enabled)) refuse("SparseLoCo");
   if (s.adaptive) refuse("compression.adaptive");
   if (s.config.transport.on_site_loss_continue) refuse("on_site_loss: continue");
-  // From the config, not s.checkpoints (the leader's alone): every rank must refuse alike.
-  if (!s.config.checkpoint.dir.empty()) {
-    refuse("the checkpoint section (checkpoints on disk of sharded jobs; a restarted sharded site rejoins a running "
-           "job with --resume)");
+  if (!s.checkpoint_root.empty()) {
+    store.emplace(s.checkpoint_root, s.opt.site + "/rank" + std::to_string(s.rank), s.config.checkpoint.every,
+                  s.config.checkpoint.keep);
   }
   sync_every = o.sync_every.value_or(c.sync_every);
   outer_lr = o.outer_lr.value_or(c.outer_lr);
@@ -698,17 +709,20 @@ void ShardedDiLoCo::Impl::serveJoins(const std::function<void(size_t)>& settle) 
 // as unsharded DiLoCo's joiner does; those already past it skip it. Every
 // group ends at N + 1 on every site.
 bool ShardedDiLoCo::Impl::join() {
-  at::Tensor info = at::zeros({3}, at::TensorOptions(at::kLong).device(s.control_device));  // running, site, nonce
+  enum Kind : int64_t { kFresh = 0, kRunning = 1, kCheckpoint = 2 };
+  // kRunning: site, nonce; kCheckpoint: round, digest.
+  at::Tensor info = at::zeros({3}, at::TensorOptions(at::kLong).device(s.control_device));
   at::Tensor worlds_t = at::zeros({int64_t(s.names.size())}, at::TensorOptions(at::kLong).device(s.control_device));
   const auto started_at = Clock::now();
+  const std::vector<std::pair<uint64_t, uint64_t>> held = siteHeld();
   s.fromLeader(
       [&] {
-        const JoinOutcome j = s.join(model_digest, {});
-        if (j.kind != JoinOutcome::Kind::kRunning) {  // nobody runs: a fresh start, together
-          s.event("--resume: no site is running, and a sharded job keeps no checkpoints on disk (yet): "
-                  "starting from the beginning");
+        const JoinOutcome j = s.join(model_digest, held);
+        if (j.kind == JoinOutcome::Kind::kCheckpoint) {
+          info.copy_(at::tensor({int64_t(kCheckpoint), int64_t(j.round), int64_t(j.digest)}, at::kLong));
           return;
         }
+        if (j.kind == JoinOutcome::Kind::kFresh) return;  // nobody runs or holds anything: a fresh start
         const std::string what = "the answer of site '" + s.names[j.site] + "' to this site's join request";
         if (!j.no_state.empty()) {
           fail<Error>("site '", s.names[j.site], "' is still running; a site cannot join a running ", j.no_state,
@@ -729,11 +743,20 @@ bool ShardedDiLoCo::Impl::join() {
         std::random_device rd;
         const int64_t nonce = int64_t(((uint64_t(rd()) << 32) ^ rd()) & ((uint64_t{1} << 62) - 1)) | 1;
         worlds_t.copy_(cpu);
-        info.copy_(at::tensor({int64_t(1), int64_t(j.site), nonce}, at::kLong));
+        info.copy_(at::tensor({int64_t(kRunning), int64_t(j.site), nonce}, at::kLong));
       },
       {info, worlds_t});
   const at::Tensor ic = info.cpu();
-  if (ic[0].item<int64_t>() == 0) return false;
+  if (ic[0].item<int64_t>() == kFresh) return false;
+  if (ic[0].item<int64_t>() == kCheckpoint) {
+    // The same split as when it was written (every site's ranks are in the
+    // job's first exchange again, as on a fresh start).
+    s.checkSameEverywhere("diloco.model", describe());
+    agreeWorlds();
+    setup();
+    loadCheckpoint(uint64_t(ic[1].item<int64_t>()), uint64_t(ic[2].item<int64_t>()));
+    return true;
+  }
   const size_t from = size_t(ic[1].item<int64_t>());
   const uint64_t nonce = uint64_t(ic[2].item<int64_t>());
   worlds.clear();
@@ -811,6 +834,146 @@ bool ShardedDiLoCo::Impl::join() {
   sync(false, past);
   local_steps = syncs * sync_every;
   return true;
+}
+
+uint64_t ShardedDiLoCo::Impl::modelDigest(uint64_t* mine_only) const {
+  std::vector<uint64_t> before(shapes.size() + 1, 0);  // each tensor's offset in the flat model
+  for (size_t t = 0; t < sizes.size(); ++t) before[t + 1] = before[t] + uint64_t(sizes[t].numel);
+  uint64_t sum = 0;
+  for (const auto& [k, j] : position) {
+    const at::Tensor c = global[j].to(at::kCPU).contiguous();
+    const auto& p = table[size_t(k)];
+    sum += core::digestSum(c.data_ptr<float>(), size_t(c.numel()), before[size_t(p[0])] + uint64_t(p[1]));
+  }
+  if (mine_only) *mine_only = sum;
+  at::Tensor t = at::full({1}, int64_t(sum), at::TensorOptions(at::kLong).device(s.control_device));
+  s.allReduceSum(t);  // wraps around as the u64 sum does
+  return uint64_t(t.cpu().item<int64_t>());
+}
+
+// Every rank its own file: its pieces' global parameters and momentum,
+// its compressors' residuals and the caller's bytes (the inner optimizer's
+// state of its shard); named by the round and the whole model's digest,
+// the same on every rank and every site. A failure is reported and
+// training goes on (the older checkpoints are intact; a round some rank
+// lacks is not resumed from).
+void ShardedDiLoCo::Impl::checkpoint(const std::vector<uint8_t>& extra) {
+  checkpoint_due = false;
+  if (!store) return;
+  const auto t0 = Clock::now();
+  uint64_t share = 0;
+  const uint64_t digest = modelDigest(&share);
+  const at::Tensor g = global.empty() ? at::empty({0}, at::kFloat) : at::cat(global).to(at::kCPU).contiguous();
+  const at::Tensor m = momentum.empty() ? at::empty({0}, at::kFloat) : at::cat(momentum).to(at::kCPU).contiguous();
+  transport::State st;
+  st.counters = {{"round", uint64_t(syncs)}, {"local_steps", uint64_t(local_steps)}, {"world", uint64_t(s.size)},
+                 {"rank", uint64_t(s.rank)}, {"share", share}};
+  st.strings = {{"model", model_digest}};
+  auto floats = [](const std::string& name, const at::Tensor& t) {
+    return transport::StateSection{name, transport::SectionType::kFloat32,
+                                   reinterpret_cast<const uint8_t*>(t.data_ptr<float>()), size_t(t.numel()) * 4};
+  };
+  st.sections = {floats("global", g), floats("momentum", m)};
+  const auto residuals = s.residuals("diloco.piece");
+  for (const auto& [key, pipe, residual] : residuals) {
+    st.sections.push_back(floats("residual:" + key, residual));
+    st.strings["pipeline:" + key] = pipe;
+  }
+  st.sections.push_back({"extra", transport::SectionType::kBytes, extra.data(), extra.size()});
+  try {
+    const std::string path = store->save(uint64_t(syncs), digest, st);
+    char took[32];
+    std::snprintf(took, sizeof took, "%.2f", std::chrono::duration<double>(Clock::now() - t0).count());
+    if (s.leader) {
+      s.event("checkpoint of round " + std::to_string(syncs) + " written by each rank (rank 0's: " + path + ") in " +
+              took + " s");
+    }
+  } catch (const Error& e) {
+    s.event(std::string(e.what()) + " (rank " + std::to_string(s.rank) + "; training goes on)");
+  }
+}
+
+std::vector<std::pair<uint64_t, uint64_t>> ShardedDiLoCo::Impl::siteHeld() {
+  const auto own = store ? store->held() : std::vector<std::pair<uint64_t, uint64_t>>{};
+  at::Tensor n = at::full({1}, int64_t(own.size()), at::TensorOptions(at::kLong).device(s.control_device));
+  s.broadcast(n);  // the leader's count
+  const int64_t count = n.cpu().item<int64_t>();
+  at::Tensor list = at::zeros({2 * count}, at::kLong);
+  if (s.leader) {
+    for (int64_t i = 0; i < count; ++i) {
+      list[2 * i] = int64_t(own[size_t(i)].first);
+      list[2 * i + 1] = int64_t(own[size_t(i)].second);
+    }
+  }
+  at::Tensor d = list.to(s.control_device);
+  s.broadcast(d);
+  list = d.cpu();
+  const std::set<std::pair<uint64_t, uint64_t>> mine_set(own.begin(), own.end());
+  at::Tensor have = at::zeros({count}, at::kLong);
+  for (int64_t i = 0; i < count; ++i) {
+    have[i] = int64_t(mine_set.count({uint64_t(list[2 * i].item<int64_t>()), uint64_t(list[2 * i + 1].item<int64_t>())}));
+  }
+  at::Tensor h = have.to(s.control_device);
+  s.allReduceSum(h);
+  have = h.cpu();
+  std::vector<std::pair<uint64_t, uint64_t>> out;
+  for (int64_t i = 0; i < count; ++i) {
+    if (have[i].item<int64_t>() == s.size) {
+      out.emplace_back(uint64_t(list[2 * i].item<int64_t>()), uint64_t(list[2 * i + 1].item<int64_t>()));
+    }
+  }
+  return out;
+}
+
+// Every rank loads its own file of (round, digest) and checks it holds this
+// rank's pieces of this model and split; the shares of all the site's
+// files must add up to the digest.
+void ShardedDiLoCo::Impl::loadCheckpoint(uint64_t round, uint64_t digest) {
+  std::optional<transport::LoadedState> ck;
+  together("loading its checkpoint of round " + std::to_string(round), [&] {
+    ck.emplace(store->load(round, digest, ""));
+    const std::string what = "checkpoint " + store->path(round, digest);
+    const transport::State& st = ck->state;
+    if (st.string("model", what) != model_digest) {
+      fail<InvalidArgument>(what, " is of another model or schedule than this run's");
+    }
+    if (st.counter("world", what) != uint64_t(s.size) || st.counter("rank", what) != uint64_t(s.rank)) {
+      fail<InvalidArgument>(what, " was written by rank ", st.counter("rank", what), " of ", st.counter("world", what),
+                            "; this is rank ", s.rank, " of ", s.size, ": restart site '", s.opt.site, "' with ",
+                            st.counter("world", what), " ranks");
+    }
+    int64_t n = 0;
+    for (const at::Tensor& p : global) n += p.numel();
+    const auto& g = st.section("global", transport::SectionType::kFloat32, what, size_t(n));
+    const auto& m = st.section("momentum", transport::SectionType::kFloat32, what, size_t(n));
+    size_t off = 0;
+    for (size_t j = 0; j < global.size(); ++j) {
+      const int64_t k = global[j].numel();
+      global[j].copy_(at::from_blob(const_cast<uint8_t*>(g.data) + off, {k}, at::kFloat));
+      momentum[j].copy_(at::from_blob(const_cast<uint8_t*>(m.data) + off, {k}, at::kFloat));
+      off += size_t(k) * sizeof(float);
+    }
+    s.restoreResiduals(st, "diloco.piece");
+    if (st.has("extra")) {
+      const auto& e = st.section("extra", transport::SectionType::kBytes, what);
+      resumed_extra.assign(e.data, e.data + e.size);
+    }
+    local_steps = int64_t(st.counter("local_steps", what));
+  });
+  uint64_t share = 0;
+  const uint64_t sum = modelDigest(&share);
+  if (sum != digest) {
+    fail<Error>("the checkpoints of round ", round, " of site '", s.opt.site, "' do not add up to their digest ",
+                core::digestHex(digest), " (this rank's: ", store->path(round, digest), "; damaged, or from "
+                "different runs)");
+  }
+  syncs = int64_t(round);
+  writeLocals();
+  resumed = "checkpoint";
+  if (s.leader) {
+    s.event("resumed from round " + std::to_string(round) + " (the newest every rank of every site that answered " +
+            "holds): each rank's own checkpoint, rank 0's " + store->path(round, digest));
+  }
 }
 
 void ShardedDiLoCo::Impl::writeLocals() {
@@ -911,6 +1074,7 @@ void ShardedDiLoCo::Impl::sync(bool contribute, const std::set<size_t>& skip) {
   stepped.clear();
   ++syncs;
   writeLocals();
+  if (store && syncs % store->every() == 0) checkpoint_due = true;  // step() tells the caller
 }
 
 ShardedDiLoCo::ShardedDiLoCo(c10::intrusive_ptr<Session> session, std::vector<std::string> names,
@@ -921,9 +1085,13 @@ ShardedDiLoCo::ShardedDiLoCo(c10::intrusive_ptr<Session> session, std::vector<st
 
 ShardedDiLoCo::~ShardedDiLoCo() = default;
 
-void ShardedDiLoCo::step() {
+bool ShardedDiLoCo::step() {
   if (++impl_->local_steps % impl_->sync_every == 0) impl_->sync();
+  return impl_->checkpoint_due;
 }
+
+void ShardedDiLoCo::writeCheckpoint(const std::vector<uint8_t>& extra) { impl_->checkpoint(extra); }
+const std::vector<uint8_t>& ShardedDiLoCo::resumedExtra() const { return impl_->resumed_extra; }
 
 void ShardedDiLoCo::flush() { impl_->writeLocals(); }
 int64_t ShardedDiLoCo::syncs() const { return impl_->syncs; }

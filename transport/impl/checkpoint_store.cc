@@ -153,6 +153,7 @@ LoadedState CheckpointStore::load(uint64_t round, uint64_t digest, const std::st
   if (r == out.state.counters.end() || r->second != round) {
     fail<Error>("checkpoint ", p, " is not a strait checkpoint of round ", round);
   }
+  if (digest_of.empty()) return out;
   const StateSection* params = nullptr;
   for (const StateSection& s : out.state.sections) {
     if (s.name == digest_of && s.type == SectionType::kFloat32) params = &s;

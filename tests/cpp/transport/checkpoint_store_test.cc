@@ -150,5 +150,22 @@ TEST(CheckpointStore, ADamagedOrRenamedCheckpointIsRefusedNamingTheFile) {
   EXPECT_THROW(store.load(5, other.digest, "global"), Error);
 }
 
+// A sharded job's rank file: its digest is of every rank's pieces together,
+// so the store leaves the check to the caller (digest_of empty) and still
+// refuses what is not a checkpoint of that round.
+TEST(CheckpointStore, WithoutASectionToDigestTheCallerChecksButTheRoundIsStillChecked) {
+  const std::string root = tempDir();
+  CheckpointStore store(root, "beta/rank1", 1, 2);
+  const Ckpt c(6, 0.25f);
+  const uint64_t model = c.digest + 12345;  // the whole model's, not this file's
+  const std::string path = store.save(6, model, c.state);
+  EXPECT_NE(path.find(root + "/beta/rank1/round-00000006-"), std::string::npos) << path;
+  EXPECT_THROW(store.load(6, model, "global"), Error);
+  const LoadedState loaded = store.load(6, model, "");
+  EXPECT_EQ(loaded.state.counter("round", "test"), 6u);
+  ASSERT_EQ(rename(path.c_str(), store.path(7, model).c_str()), 0);
+  EXPECT_THROW(store.load(7, model, ""), Error);
+}
+
 }  // namespace
 }  // namespace strait::transport

@@ -45,7 +45,9 @@ class DiLoCo:
 
     Reliability (docs/RELIABILITY.md): with the config's checkpoint section
     the leader writes the site's state every `checkpoint.every` syncs (the
-    inner optimizer's state and the model's buffers included). In a
+    inner optimizer's state and the model's buffers included); of a model
+    sharded with FSDP2, every rank writes its own pieces and its shard's
+    optimizer state, and resumes only into as many ranks. In a
     session started with resume (./strait launch --resume) the constructor
     first asks the other sites: if some are still running it takes their
     current state (verified by digest) and joins the round they are in,
@@ -83,6 +85,8 @@ class DiLoCo:
                     None if nesterov is None else bool(nesterov), None if fragments is None else int(fragments),
                     None if overlap is None else bool(overlap), pipeline or "",
                     None if sparseloco is None else bool(sparseloco))
+            if self._d.resumed() == "checkpoint":
+                self._restore(self._d.resumed_extra())
             return
         with translated():
             self._d = torch.classes.strait.DiLoCo(
@@ -100,7 +104,8 @@ class DiLoCo:
     def _extra(self):
         """The inner optimizer's state and the model's buffers, as bytes."""
         buf = io.BytesIO()
-        torch.save({"optimizer": self.inner.state_dict(),
+        torch.save({"optimizer": _local_optimizer_state(self.inner.state_dict()) if self.sharded
+                    else self.inner.state_dict(),
                     "buffers": {n: b.detach().cpu() for n, b in self.model.named_buffers()}}, buf)
         return torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
 
@@ -113,7 +118,10 @@ class DiLoCo:
             # The site's own file, read with the weights-only unpickler
             # (tensors, numbers, strings, containers).
             state = torch.load(io.BytesIO(extra.numpy().tobytes()), map_location="cpu", weights_only=True)
-            self.inner.load_state_dict(state["optimizer"])
+            optimizer = state["optimizer"]
+            if self.sharded:
+                optimizer = _sharded_optimizer_state(optimizer, self.inner)
+            self.inner.load_state_dict(optimizer)
         except Exception as e:  # noqa: BLE001 - a damaged or foreign state of any kind
             self.session._s.event(f"the inner optimizer's state in the checkpoint does not fit: {e}; "
                                   "starting it afresh")
@@ -131,8 +139,14 @@ class DiLoCo:
         """After each inner optimizer step: syncs every sync_every /
         fragments calls."""
         if self.sharded:
+            # Every rank together: each writes its own pieces and its shard's
+            # optimizer state (a failure stops the job on every rank; the
+            # checkpoints on disk are the newest intact ones).
             with translated():
-                self._d.step()
+                due = self._d.step()
+            if due:
+                with translated():
+                    self._d.write_checkpoint(self._extra())
             return
         try:
             with translated():
@@ -216,6 +230,33 @@ class DiLoCo:
     @property
     def overlap(self):
         return False if self.sharded else self._d.overlap()
+
+
+def _local_optimizer_state(state):
+    """An optimizer's state_dict with each DTensor (FSDP2's per-parameter
+    state: momentum buffers, Adam's moments) replaced by this rank's shard,
+    which torch.save and the weights-only loader take."""
+    def local(v):
+        return v.to_local() if hasattr(v, "to_local") else v
+    return {**state, "state": {k: {n: local(v) for n, v in s.items()} for k, s in state["state"].items()}}
+
+
+def _sharded_optimizer_state(state, optimizer):
+    """The inverse of _local_optimizer_state for `optimizer`: each shard
+    made a DTensor again like its parameter's (same mesh, same placements)
+    where the parameter is one."""
+    from torch.distributed.tensor import DTensor
+
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    ids = [i for group in state["param_groups"] for i in group["params"]]
+    of = dict(zip(ids, params))
+    out = {}
+    for k, s in state["state"].items():
+        p = of.get(k)
+        out[k] = {n: DTensor.from_local(v, p.device_mesh, p.placements, run_check=False)
+                  if isinstance(p, DTensor) and torch.is_tensor(v) and v.dim() > 0 else v
+                  for n, v in s.items()}
+    return {**state, "state": out}
 
 
 def _sharded(params, session):
