@@ -692,7 +692,9 @@ void ShardedDiLoCo::Impl::serveJoins(const std::function<void(size_t)>& settle) 
   }
   s.serveJoins(uint64_t(syncs), [&] {
     transport::State st;
-    st.strings = {{"model", model_digest}, {"sharded", "pieces per group"}};
+    // No parameters here ("params", which running sites' answers are
+    // compared by, names the round instead); the pieces go per group.
+    st.strings = {{"model", model_digest}, {"sharded", "pieces per group"}, {"params", "round " + std::to_string(syncs)}};
     st.counters = {{"syncs", uint64_t(syncs)}};
     st.sections = {{"worlds", transport::SectionType::kU64, ranks.data(), ranks.size()}};
     return st;
@@ -833,6 +835,7 @@ bool ShardedDiLoCo::Impl::join() {
   // The running site waits in round `lo` for the groups not past it.
   sync(false, past);
   local_steps = syncs * sync_every;
+  checkpoint_due = false;  // the running site has it; the next one is this site's too
   return true;
 }
 
@@ -866,7 +869,9 @@ void ShardedDiLoCo::Impl::checkpoint(const std::vector<uint8_t>& extra) {
   const at::Tensor g = global.empty() ? at::empty({0}, at::kFloat) : at::cat(global).to(at::kCPU).contiguous();
   const at::Tensor m = momentum.empty() ? at::empty({0}, at::kFloat) : at::cat(momentum).to(at::kCPU).contiguous();
   transport::State st;
-  st.counters = {{"round", uint64_t(syncs)}, {"local_steps", uint64_t(local_steps)}, {"world", uint64_t(s.size)},
+  // Written at a sync: the steps are those of the syncs (a site that has
+  // just joined has taken a step since).
+  st.counters = {{"round", uint64_t(syncs)}, {"local_steps", uint64_t(syncs * sync_every)}, {"world", uint64_t(s.size)},
                  {"rank", uint64_t(s.rank)}, {"share", share}};
   st.strings = {{"model", model_digest}};
   auto floats = [](const std::string& name, const at::Tensor& t) {
@@ -880,16 +885,24 @@ void ShardedDiLoCo::Impl::checkpoint(const std::vector<uint8_t>& extra) {
     st.strings["pipeline:" + key] = pipe;
   }
   st.sections.push_back({"extra", transport::SectionType::kBytes, extra.data(), extra.size()});
+  std::string path;
   try {
-    const std::string path = store->save(uint64_t(syncs), digest, st);
-    char took[32];
-    std::snprintf(took, sizeof took, "%.2f", std::chrono::duration<double>(Clock::now() - t0).count());
-    if (s.leader) {
-      s.event("checkpoint of round " + std::to_string(syncs) + " written by each rank (rank 0's: " + path + ") in " +
-              took + " s");
-    }
-  } catch (const Error& e) {
+    path = store->save(uint64_t(syncs), digest, st);
+  } catch (const std::exception& e) {
     s.event(std::string(e.what()) + " (rank " + std::to_string(s.rank) + "; training goes on)");
+  }
+  at::Tensor failed = at::full({1}, path.empty() ? 1 : 0, at::TensorOptions(at::kLong).device(s.control_device));
+  s.allReduceSum(failed);
+  if (!s.leader) return;
+  const int64_t n = failed.cpu().item<int64_t>();
+  char took[32];
+  std::snprintf(took, sizeof took, "%.2f", std::chrono::duration<double>(Clock::now() - t0).count());
+  if (n == 0) {
+    s.event("checkpoint of round " + std::to_string(syncs) + " written by each rank (rank 0's: " + path + ") in " +
+            took + " s");
+  } else {
+    s.event("checkpoint of round " + std::to_string(syncs) + " failed on " + std::to_string(n) +
+            " rank(s) (their own message says why): the site cannot resume from that round; training goes on");
   }
 }
 

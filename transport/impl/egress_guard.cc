@@ -57,7 +57,9 @@ void EgressGuard::check(uint64_t round, const std::string& tag, const std::vecto
     for (MessageKind k : opt_.egress_allow) list += (list.empty() ? "" : ", ") + std::string(core::messageKindName(k));
     why = "egress policy" + source + " of site '" + opt_.site + "' does not allow '" + core::messageKindName(kind) +
           "' to leave; allowed: " + (list.empty() ? "nothing" : list);
-  } else if (kind == MessageKind::kModelUpdate && opt_.privacy.enabled) {
+  } else if (kind == MessageKind::kModelUpdate && opt_.privacy.enabled && !payload.empty()) {
+    // (An empty update releases nothing: a site that has just joined takes
+    // part in a round so, with its budget spent or not.)
     std::lock_guard<std::mutex> lock(mu_);
     if (privatized_ == 0) {
       why = "privacy policy" + source + " of site '" + opt_.site +

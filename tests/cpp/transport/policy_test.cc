@@ -485,6 +485,14 @@ TEST(Privacy, TheGatewayEnforcesPrivatizationAndTheBudget) {
   }
   EXPECT_EQ(u, before);  // a refused release touches nothing
   EXPECT_EQ(a.privacyReleases(), 2u);
+  // An empty update (a site that has just joined takes part in a round
+  // without a contribution) releases nothing: it leaves unprivatized, even
+  // with the budget spent.
+  auto fa = a.exchange(2, "g", {}, MessageKind::kModelUpdate);
+  auto fb = b.exchange(2, "g", {2});
+  getWithin(fa);
+  getWithin(fb);
+  EXPECT_EQ(a.privacyReleases(), 2u);
   const AuditVerdict v = verifyAuditLog(j.logs[0], j.pub(0));
   ASSERT_TRUE(v.ok) << v.problem;
   EXPECT_NEAR(v.summary.epsilon, spent, 1e-4);

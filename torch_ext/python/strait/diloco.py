@@ -140,8 +140,8 @@ class DiLoCo:
         fragments calls."""
         if self.sharded:
             # Every rank together: each writes its own pieces and its shard's
-            # optimizer state (a failure stops the job on every rank; the
-            # checkpoints on disk are the newest intact ones).
+            # optimizer state (a rank that fails to says why, and training
+            # goes on; the site cannot resume from that round).
             with translated():
                 due = self._d.step()
             if due:
@@ -253,7 +253,10 @@ def _sharded_optimizer_state(state, optimizer):
     out = {}
     for k, s in state["state"].items():
         p = of.get(k)
-        out[k] = {n: DTensor.from_local(v, p.device_mesh, p.placements, run_check=False)
+        # The global shape and stride given: FSDP2's shards are torch.chunk's,
+        # uneven when the rows do not divide by the ranks.
+        out[k] = {n: DTensor.from_local(v, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                                        stride=p.stride())
                   if isinstance(p, DTensor) and torch.is_tensor(v) and v.dim() > 0 else v
                   for n, v in s.items()}
     return {**state, "state": out}
