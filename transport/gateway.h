@@ -46,6 +46,7 @@ struct SiteEndpoint {
 struct GatewayOptions {
   std::string job_id;
   std::string site;                  // this gateway's site
+  std::string log_name;              // how its log lines name it ("" = the site)
   std::vector<SiteEndpoint> sites;   // every site of the job, in the job's fixed order
   std::vector<uint8_t> config_fingerprint;  // peers must present the same bytes
 

@@ -6,6 +6,12 @@ sync times, bytes sent and peak memory, and whether every rank of both
 sites ends with the same parameters.
 
     examples/gpt/run.py [--steps N] [--wan 1gbit-150ms] [--streams N] [--out DIR]
+                        [--restart-after SYNC]
+
+--restart-after K: singapore's rank 1 kills itself (SIGKILL) after sync K;
+the launcher restarts singapore with --resume and it rejoins the running
+job, each rank taking only its own pieces' state from hangzhou's owners.
+The summary says how long that took.
 """
 
 import argparse
@@ -29,9 +35,14 @@ def main():
     ap.add_argument("--width", type=int, default=768)
     ap.add_argument("--layers", type=int, default=14)
     ap.add_argument("--out", default=os.path.join(ROOT, "build", "gpt"), help="results directory")
+    ap.add_argument("--restart-after", type=int, metavar="SYNC",
+                    help="kill singapore's rank 1 after that sync; the site restarts and rejoins")
     ap.add_argument("--build", default=os.environ.get("STRAIT_BUILD_DIR", os.path.join(ROOT, "build")))
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
+    marker = os.path.join(args.out, "crashed")  # train.py writes it as it kills itself
+    if os.path.exists(marker):
+        os.remove(marker)
     keys = os.path.join(HERE, "keys")
     for site, _ in SITES:
         if not os.path.exists(os.path.join(keys, f"{site}.key")):
@@ -51,8 +62,12 @@ def main():
         cmd = [sys.executable, "-m", "strait.launch", config]
         if args.wan:
             cmd += ["--wan", args.wan]
+        if args.restart_after is not None:
+            cmd += ["--restarts", "1"]
         cmd += ["--", sys.executable, os.path.join(HERE, "train.py"), "--steps", str(args.steps), "--width",
                 str(args.width), "--layers", str(args.layers), "--out", os.path.join(args.out, "{site}-{rank}.json")]
+        if args.restart_after is not None:
+            cmd += ["--crash", f"singapore/1@{args.restart_after}"]
         r = subprocess.run(cmd, env=env)
     finally:
         if args.streams:
@@ -72,14 +87,27 @@ def main():
               f"{x['peak_rss_mb']:>11.0f}")
     # A sync's cost beyond compute: from the last rank reaching it to the
     # last rank done with it (a rank that arrives early waits for the others'
-    # local steps, which is not the exchange's doing).
+    # local steps, which is not the exchange's doing). Syncs every rank took
+    # part in (a restarted site's ranks miss those while it was down).
     critical = []
-    for k in range(len(first["sync_walls"])):
-        starts = [x["sync_walls"][k][0] for x in results]
-        ends = [x["sync_walls"][k][1] for x in results]
-        critical.append(max(ends) - max(starts))
+    common = sorted(set.intersection(*(set(x["sync_ids"]) for x in results)))
+    for k in common:
+        walls = [x["sync_walls"][x["sync_ids"].index(k)] for x in results]
+        critical.append(max(e for _, e in walls) - max(s for s, _ in walls))
     print("each sync from the last rank reaching it to the last one done: "
           + ", ".join(f"{c:.2f} s" for c in critical))
+    rejoin = None
+    if args.restart_after is not None:
+        killed = float(open(marker).read())
+        back = [x for x in results if x["resumed"] == "running"]
+        if len(back) != 2:
+            raise SystemExit(f"gpt: singapore's ranks did not rejoin the running job: {[x['resumed'] for x in results]}")
+        rejoin = {"killed_after_sync": args.restart_after,
+                  "seconds_to_rejoined": max(x["ready_wall"] for x in back) - killed,
+                  "seconds_to_processes_started": min(x["started_wall"] for x in back) - killed}
+        print(f"singapore killed after sync {args.restart_after}: its restarted processes began "
+              f"{rejoin['seconds_to_processes_started']:.1f} s later and had joined (state of their pieces taken "
+              f"from hangzhou, the waiting round done) {rejoin['seconds_to_rejoined']:.1f} s after the kill")
     print("resident memory after each sync (MB): "
           + "; ".join(f"{x['site']}/{x['rank']} " + ", ".join(f"{m:.0f}" for m in x["rss_after_sync_mb"])
                       for x in results))
@@ -87,7 +115,7 @@ def main():
     print(f"every rank of both sites holds the same parameters: {'yes' if same else 'NO'}")
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump({"wan": args.wan, "streams": args.streams, "identical": same, "sync_critical_seconds": critical,
-                   "ranks": results}, f, indent=1)
+                   "rejoin": rejoin, "ranks": results}, f, indent=1)
     if not same:
         raise SystemExit(1)
 

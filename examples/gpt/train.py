@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import resource
+import signal
 import sys
 import time
 
@@ -93,13 +94,23 @@ def main():
     ap.add_argument("--width", type=int, default=768)
     ap.add_argument("--layers", type=int, default=14)
     ap.add_argument("--out", default="gpt-{site}-{rank}.json", help="result file ({site}, {rank} filled in)")
+    ap.add_argument("--crash", metavar="SITE/RANK@SYNC",
+                    help="that worker kills itself (SIGKILL) after that sync, once: a file 'crashed' beside the "
+                         "results holds when (run.py --restart-after shows the site rejoining)")
     args = ap.parse_args()
     if not args.site or not args.config:
         ap.error("--site and --config are required (or STRAIT_SITE and STRAIT_CONFIG, as ./strait launch sets)")
 
+    started_wall = time.time()
     torch.manual_seed(0)
     dist.init_process_group("gloo")
     rank = dist.get_rank()
+    out = args.out.format(site=args.site, rank=rank)
+    crash_at, marker = None, os.path.join(os.path.dirname(os.path.abspath(out)), "crashed")
+    if args.crash:
+        who, at = args.crash.split("@")
+        if who == f"{args.site}/{rank}" and not os.path.exists(marker):
+            crash_at = int(at)
     import strait
 
     session = strait.init(args.config, site=args.site)
@@ -120,8 +131,9 @@ def main():
     params = [p for p in model.parameters()]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     diloco = strait.DiLoCo(model, opt, session)  # FSDP2 parameters: the sharded engine
+    ready_wall = time.time()  # a restarted site: joined, and its first round (without a contribution) done
     g = torch.Generator().manual_seed(1000 + 10 * session.site_index + rank)
-    losses, syncs, step_s, sync_walls, rss_after_sync = [], [], [], [], []
+    losses, syncs, sync_ids, step_s, sync_walls, rss_after_sync = [], [], [], [], [], []
     started = time.monotonic()
     while diloco.local_steps < args.steps:
         t0 = time.monotonic()
@@ -137,8 +149,13 @@ def main():
         t2 = time.monotonic()
         if diloco.syncs > before:
             syncs.append(t2 - t1)
+            sync_ids.append(diloco.syncs)
             sync_walls.append((wall, time.time()))
             rss_after_sync.append(rss_mb())
+            if diloco.syncs == crash_at:
+                with open(marker, "w") as f:
+                    f.write(str(time.time()))
+                os.kill(os.getpid(), signal.SIGKILL)
         step_s.append(t1 - t0)
         losses.append(loss.item())
         if rank == 0:
@@ -149,12 +166,14 @@ def main():
               "parameters": sum(p.numel() for p in params),
               "local_elements": sum(p.to_local().numel() for p in params),
               "groups": diloco._d.groups(), "steps": diloco.local_steps, "seconds": time.monotonic() - started,
-              "losses": losses, "step_seconds": step_s, "sync_seconds": syncs, "sync_walls": sync_walls,
+              "losses": losses, "step_seconds": step_s, "sync_seconds": syncs, "sync_ids": sync_ids,
+              "sync_walls": sync_walls, "resumed": diloco.resumed, "started_wall": started_wall,
+              "ready_wall": ready_wall,
               "rss_after_sync_mb": rss_after_sync,
               "bytes_sent": session._s.bytes_sent(),
               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
               "param_digest": full_digest(params)}
-    with open(args.out.format(site=args.site, rank=rank), "w") as f:
+    with open(out, "w") as f:
         json.dump(result, f)
     session.close()
     dist.destroy_process_group()

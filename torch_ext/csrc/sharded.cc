@@ -578,6 +578,7 @@ void ShardedDiLoCo::Impl::setup() {
         if (!site.bind.empty()) site.bind = shiftPort(site.bind, int64_t(g) + 1, site.name);
       }
       const std::string suffix = ".rank" + std::to_string(s.rank) + ".group" + std::to_string(g);
+      go.log_name = s.opt.site + " (rank " + std::to_string(s.rank) + ", group " + std::to_string(g) + ")";
       if (!go.audit_log.empty()) go.audit_log += suffix;
       if (!go.metrics_path.empty()) go.metrics_path += suffix;
       gateways.emplace(g, std::make_unique<transport::Gateway>(std::move(go)));

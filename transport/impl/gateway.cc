@@ -1262,7 +1262,8 @@ class Gateway::Impl {
   // -------------------------------------------------------------- logs ---
 
   void log(const std::string& line) const {
-    std::fprintf(stderr, "strait gateway %s: %s\n", opt_.site.c_str(), line.c_str());
+    const std::string& name = opt_.log_name.empty() ? opt_.site : opt_.log_name;
+    std::fprintf(stderr, "strait gateway %s: %s\n", name.c_str(), line.c_str());
   }
 
   GatewayOptions opt_;
