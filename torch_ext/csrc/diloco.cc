@@ -270,18 +270,9 @@ at::Tensor DiLoCo::Impl::decodeParts(RoundOutcome& o, int64_t n, const std::vect
     }
   }
   at::Tensor out = at::zeros({n}, at::TensorOptions(at::kFloat).device(s.decodeDevice(device)));
-  for (const auto& [i, weight] : s.siteWeights(o)) {
-    const std::vector<uint8_t>& blob = *o.payloads[i];
-    std::vector<core::PartView> views;
-    try {
-      views = core::splitParts(blob.data(), blob.size(), ps.size());
-    } catch (const ProtocolError& e) {
-      fail<ProtocolError>("site '", s.names[i], "' sent a 'diloco' message: ", e.what());
-    }
-    for (size_t k = 0; k < ps.size(); ++k) {
-      accumulateExact(views[k].data, views[k].size, out.narrow(0, ps[k].offset, ps[k].numel), weight);
-    }
-  }
+  std::vector<at::Tensor> outs;
+  for (const Part& p : ps) outs.push_back(out.narrow(0, p.offset, p.numel));
+  s.accumulateParts(o, outs, "a 'diloco' message");
   for (auto& p : o.payloads) {
     if (p) s.gateway->recycle(std::move(*p));
   }

@@ -17,9 +17,11 @@
 #include <sstream>
 #include <thread>
 
+#include "core/codec/parts.h"
 #include "core/digest.h"
 #include "core/error.h"
 #include "core/json.h"
+#include "torch_ext/csrc/device_codecs.h"
 #include "torch_ext/csrc/session_impl.h"
 #include "transport/audit.h"
 
@@ -377,6 +379,20 @@ std::vector<std::pair<size_t, float>> Session::Impl::siteWeights(const RoundOutc
     if (o.payloads[i] && !o.payloads[i]->empty()) out.emplace_back(i, static_cast<float>(weights[i] / total));
   }
   return out;
+}
+
+void Session::Impl::accumulateParts(const RoundOutcome& o, const std::vector<at::Tensor>& outs,
+                                    const std::string& what) const {
+  for (const auto& [i, weight] : siteWeights(o)) {
+    const std::vector<uint8_t>& blob = *o.payloads[i];
+    std::vector<core::PartView> views;
+    try {
+      views = core::splitParts(blob.data(), blob.size(), outs.size());
+    } catch (const ProtocolError& e) {
+      fail<ProtocolError>("site '", names[i], "' sent ", what, ": ", e.what());
+    }
+    for (size_t k = 0; k < outs.size(); ++k) accumulateExact(views[k].data, views[k].size, outs[k], weight);
+  }
 }
 
 void Session::Impl::checkSameEverywhere(const std::string& tag, const std::string& description) {

@@ -132,6 +132,11 @@ struct Session::Impl {
   // (site, weight) of every site that sent something, in site order, the
   // weights renormalised over them.
   std::vector<std::pair<size_t, float>> siteWeights(const RoundOutcome& o) const;
+  // The weighted mean of the sites' payloads, each a frame of parts
+  // (core/codec/parts.h): part k of every site, by siteWeights and in site
+  // order, accumulated exactly into outs[k]. A malformed frame is a
+  // ProtocolError naming the site and `what` (the message).
+  void accumulateParts(const RoundOutcome& o, const std::vector<at::Tensor>& outs, const std::string& what) const;
 
   // Every worker of every site must pass the same description; otherwise
   // InvalidArgument on every worker naming the first differing line.

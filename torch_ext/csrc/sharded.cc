@@ -1011,16 +1011,7 @@ void ShardedDiLoCo::Impl::applyGroup(size_t j, const transport::RoundResult& r) 
     acc.push_back(at::zeros({global[position.at(k)].numel()},
                             at::TensorOptions(at::kFloat).device(s.decodeDevice(global[position.at(k)].device()))));
   }
-  for (const auto& [i, weight] : s.siteWeights(o)) {
-    const std::vector<uint8_t>& blob = *o.payloads[i];
-    std::vector<core::PartView> views;
-    try {
-      views = core::splitParts(blob.data(), blob.size(), acc.size());
-    } catch (const ProtocolError& e) {
-      fail<ProtocolError>("site '", s.names[i], "' sent a 'diloco' message for group ", g, ": ", e.what());
-    }
-    for (size_t q = 0; q < acc.size(); ++q) accumulateExact(views[q].data, views[q].size, acc[q], weight);
-  }
+  s.accumulateParts(o, acc, "a 'diloco' message for group " + std::to_string(g));
   for (size_t q = 0; q < acc.size(); ++q) {
     const size_t p = position.at(groups[g].pieces[q]);
     const at::Tensor mean = acc[q].to(global[p].device());
