@@ -233,6 +233,18 @@ class EveryStep : public ::torch::CustomClassHolder {
   int64_t resume(std::vector<at::Tensor> params);
   const std::vector<uint8_t>& resumedExtra() const;
 
+  // Joins of a running job (docs/RELIABILITY.md). registerParams: the
+  // model's parameters in order (what resume() and checkpoint() are given):
+  // bucket layouts are recorded by them, a resumed or joined site regroups
+  // its DDP buckets into the job's, and join requests are answered; without
+  // it a restarted site is told this job cannot take it in. At the end of
+  // each step (after the optimizer's), on the leader: if joinsWaiting(),
+  // serveJoins() sends every waiting site this site's state (`extra`: the
+  // optimizer's). A restarted site's resume() then joins the running job.
+  void registerParams(std::vector<at::Tensor> params);
+  bool joinsWaiting();
+  void serveJoins(int64_t step, const std::vector<at::Tensor>& params, const std::vector<uint8_t>& extra);
+
   struct Impl;
 
  private:

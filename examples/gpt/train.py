@@ -175,6 +175,11 @@ def main():
               "param_digest": full_digest(params)}
     with open(out, "w") as f:
         json.dump(result, f)
+    # Teardown in the order the objects depend on each other: every rank
+    # done, then the engine (its group gateways and its hold on the process
+    # group), the session, and the process group last.
+    dist.barrier()
+    del diloco, opt, model, params
     session.close()
     dist.destroy_process_group()
 

@@ -49,6 +49,8 @@ def main():
     ap.add_argument("--mode", choices=["diloco", "every_step"], default="diloco",
                     help="every_step: the DDP hook, with strait.Checkpoints (the config's sync.mode must match)")
     ap.add_argument("--sharded", action="store_true", help="DiLoCo over the model sharded with FSDP2 in the site")
+    ap.add_argument("--no-checkpoints", action="store_true",
+                    help="every_step: no strait.Checkpoints (the site neither checkpoints nor serves joins)")
     args = ap.parse_args()
 
     torch.manual_seed(0)
@@ -59,7 +61,11 @@ def main():
     if args.sharded:
         return sharded(args, session, x, y)
     model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
-    ddp = nn.parallel.DistributedDataParallel(model)
+    # Every-step mode: buckets of about 1 KB, so the model's four tensors
+    # come in two buckets, and DDP's rebuilt layout (from the second step
+    # on, in the order gradients became ready) can differ from its initial
+    # one.
+    ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.001 if args.mode == "every_step" else 25)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.2, momentum=0.5)
     loss_fn = nn.CrossEntropyLoss()
     if args.mode == "every_step":
@@ -161,8 +167,8 @@ def every_step(args, session, model, ddp, opt, x, y, loss_fn):
     """The DDP hook across sites, with strait.Checkpoints: resumes from the
     newest step every site holds, writes OUT/SITE-RANK.json at the end."""
     ddp.register_comm_hook(session, strait.ddp_hook)
-    ckpt = strait.Checkpoints(session, model, opt)
-    step = resumed = ckpt.resume()
+    ckpt = None if args.no_checkpoints else strait.Checkpoints(session, model, opt)
+    step = resumed = ckpt.resume() if ckpt else 0
     loss = None
     while step < args.steps:
         opt.zero_grad()
@@ -170,7 +176,8 @@ def every_step(args, session, model, ddp, opt, x, y, loss_fn):
         loss.backward()
         opt.step()
         step += 1
-        ckpt.step(step)
+        if ckpt:
+            ckpt.step(step)
         session.log(step, loss.item())
         pace(args, session)
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])

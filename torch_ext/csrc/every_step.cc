@@ -3,12 +3,14 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <condition_variable>
 #include <cstring>
 #include <deque>
+#include <future>
 #include <sstream>
-#include <algorithm>
 #include <thread>
+#include <unordered_map>
 
 #include "core/digest.h"
 #include "core/error.h"
@@ -29,6 +31,47 @@ std::string shapesOf(const std::vector<at::Tensor>& params) {
     out += std::string(c10::toString(p.scalar_type())) + "\n";
   }
   if (!out.empty()) out.pop_back();
+  return out;
+}
+
+// Which parameters each gradient bucket holds, in order: bucket index ->
+// indices into the model's parameters (strait.Checkpoints registers them).
+using Layout = std::map<int64_t, std::vector<int64_t>>;
+
+std::string layoutText(const Layout& layout) {
+  std::string out;
+  for (const auto& [index, params] : layout) {
+    out += std::to_string(index) + ":";
+    for (size_t k = 0; k < params.size(); ++k) out += (k ? "," : "") + std::to_string(params[k]);
+    out += "\n";
+  }
+  return out;
+}
+
+Layout parseLayout(const std::string& text, size_t params, const std::string& what) {
+  Layout out;
+  std::istringstream in(text);
+  std::vector<bool> seen(params, false);
+  for (std::string line; std::getline(in, line);) {
+    if (line.empty()) continue;
+    const size_t colon = line.find(':');
+    try {
+      if (colon == std::string::npos) throw std::invalid_argument("no colon");
+      const int64_t index = std::stoll(line.substr(0, colon));
+      std::vector<int64_t>& list = out[index];
+      std::istringstream items(line.substr(colon + 1));
+      for (std::string item; std::getline(items, item, ',');) {
+        const int64_t i = std::stoll(item);
+        if (i < 0 || size_t(i) >= params || seen[size_t(i)]) throw std::out_of_range("parameter index");
+        seen[size_t(i)] = true;
+        list.push_back(i);
+      }
+      if (index < 0 || list.empty()) throw std::out_of_range("bucket");
+    } catch (const std::exception&) {
+      fail<ProtocolError>(what, " has a malformed bucket layout line '", line.substr(0, 80), "' (", params,
+                          " parameters)");
+    }
+  }
   return out;
 }
 
@@ -56,6 +99,25 @@ struct EveryStep::Impl {
   std::set<std::string> checked;  // layouts checked against the other sites
   std::optional<Clock::time_point> step_done;
   std::vector<uint8_t> resumed_extra;
+
+  // -- joins and the job's bucket layout (docs/RELIABILITY.md) -------------
+  // The model's parameters, registered by strait.Checkpoints: bucket
+  // layouts are recorded as their indices, and a site that joins or resumes
+  // regroups its own DDP buckets into the job's layout (`reference`): a
+  // restarted DDP's first step uses its initial buckets, the others their
+  // rebuilt ones. Engine-thread state, except `owed` (under mu).
+  std::vector<at::Tensor> registered;
+  std::unordered_map<const c10::TensorImpl*, int64_t> index_of;
+  Layout step_layout, last_layout;  // this step's buckets so far; the last whole step's
+  Layout reference;                 // the job's layout this site regroups into (none: its own is the job's)
+  int regroup_steps = 0;            // steps regrouped whatever this site's own layout is
+  bool regrouping = false, step_begins = true, regroup_noted = false;
+  struct Held {
+    Bucket b;
+    std::vector<int64_t> indices;
+  };
+  std::vector<Held> held;                  // a regrouped step's own buckets, until its last
+  std::vector<transport::PeerRound> owed;  // leader: join requests owed a state at the step's end
   std::thread worker;
 
   explicit Impl(c10::intrusive_ptr<Session> sess) : session(std::move(sess)), s(session->impl()) {
@@ -65,9 +127,10 @@ struct EveryStep::Impl {
                             "; the every-step hook runs only under sync.mode: every_step (every site must run the "
                             "mode the config names: set it there, or use strait.DiLoCo)");
     }
-    // A site restarted with --resume asks to join: tell it this job cannot
-    // take it in, rather than let it train alone.
-    s.setJoinServer("ddp.", [this](uint64_t) { s.refuseJoins("every-step"); });
+    // A site restarted with --resume asks to join while this one waits in
+    // a bucket's round: it gets this site's state at the end of the step
+    // (strait.Checkpoints.step), or is told no without strait.Checkpoints.
+    s.setJoinServer("ddp.", [this](uint64_t) { answerJoins(); });
     worker = std::thread([this] { run(); });
   }
 
@@ -107,6 +170,156 @@ struct EveryStep::Impl {
       ++busy;
     }
     cv.notify_all();
+  }
+
+  // Runs fn on the engine's thread (between steps: it is idle then) and
+  // waits for it; fn's error is rethrown here.
+  void onEngine(const std::function<void()>& fn) {
+    std::exception_ptr error;
+    std::promise<void> done;
+    std::future<void> over = done.get_future();
+    submit([&] {
+      try {
+        fn();
+      } catch (...) {
+        error = std::current_exception();
+      }
+      done.set_value();
+    });
+    over.get();
+    if (error) std::rethrow_exception(error);
+  }
+
+  std::vector<int64_t> indicesOf(const std::vector<at::Tensor>& params) const {
+    std::vector<int64_t> out;
+    if (registered.empty()) return out;
+    for (const at::Tensor& p : params) {
+      const auto it = index_of.find(p.unsafeGetTensorImpl());
+      out.push_back(it == index_of.end() ? -1 : it->second);
+    }
+    return out;
+  }
+
+  // The job's layout: what this site regroups into, or its own.
+  const Layout& jobLayout() const { return reference.empty() ? last_layout : reference; }
+
+  // Leader, while a bucket's round waits (the join server) or at a step's
+  // end: a new join request is answered "deferred" (the state follows at
+  // the end of this step) with, under `wait`, the rounds this site waits
+  // in, which the joiner releases without a contribution: this step ends
+  // with this side's mean, and the joiner takes the state after it. (Under
+  // `continue` the rounds complete without the joiner at their deadline; a
+  // payload released into a round that had already completed without it
+  // would read as a parting.)
+  void answerJoins() {
+    if (registered.empty()) {
+      s.refuseJoins("every-step (without strait.Checkpoints, which serves joins)");
+      return;
+    }
+    std::string release;
+    size_t rounds = 0;
+    if (!s.config.transport.on_site_loss_continue) {
+      for (const Bucket& b : pending) {
+        if (b.round && !s.ready(*b.round)) {
+          release += (release.empty() ? "" : "\n") + b.round->tag + ":" + std::to_string(b.round->round);
+          ++rounds;
+        }
+      }
+    }
+    for (transport::PeerRound& p : s.newJoinRequests()) {
+      transport::State st;
+      st.strings = {{"status", "running"}, {"deferred", "every-step"}, {"release", release},
+                    {"model", modelDigest(registered)}};
+      s.joins.push_back(s.start(kJoinTag, transport::encodeState(st), core::MessageKind::kControl, p.round));
+      s.event("site '" + p.site + "' asked to join: it gets this site's state at the end of this step" +
+              (rounds ? " (it releases the " + std::to_string(rounds) + " rounds this site waits in)" : ""));
+      std::lock_guard<std::mutex> lock(mu);
+      owed.push_back(std::move(p));
+    }
+  }
+
+  // At a step's first bucket: regroup this step into the job's layout?
+  // Always for the first two steps after a join or resume (DDP's initial
+  // buckets, then its rebuilt ones), then whenever this site's last layout
+  // differs from the job's.
+  void beginStep() {
+    regrouping = false;
+    if (reference.empty()) return;
+    if (regroup_steps > 0) {
+      --regroup_steps;
+      regrouping = true;
+      return;
+    }
+    regrouping = last_layout != reference;
+    if (regrouping && !regroup_noted) {
+      regroup_noted = true;
+      s.event("this site's DDP buckets hold the parameters otherwise than the job's; every step is regrouped "
+              "into the job's buckets before it crosses (its rounds wait for the step's last bucket)");
+    }
+  }
+
+  // A regrouped step, at its last bucket: the job's buckets are cut from
+  // this site's own, exchanged as usual, and the means copied back.
+  void regroup() {
+    std::map<int64_t, std::pair<size_t, int64_t>> where;  // parameter -> (held bucket, offset)
+    for (size_t h = 0; h < held.size(); ++h) {
+      int64_t offset = 0;
+      for (const int64_t i : held[h].indices) {
+        if (i < 0) {
+          fail<InvalidArgument>("strait.ddp_hook: a gradient bucket holds a parameter that is not among those "
+                                "given to strait.Checkpoints; pass the model DDP wraps");
+        }
+        where[i] = {h, offset};
+        offset += registered[size_t(i)].numel();
+      }
+      if (offset != held[h].b.buffer.numel()) {
+        fail<InvalidArgument>("strait.ddp_hook: bucket of ", held[h].b.buffer.numel(), " elements holds parameters of ",
+                              offset, "; cannot regroup it into the job's buckets");
+      }
+    }
+    std::vector<Bucket> mine;
+    std::vector<const std::vector<int64_t>*> lists;
+    size_t covered = 0;
+    for (const auto& [index, indices] : reference) {
+      std::vector<at::Tensor> parts, params;
+      for (const int64_t i : indices) {
+        const auto w = where.find(i);
+        if (w == where.end()) {
+          fail<InvalidArgument>("strait.ddp_hook: parameter ", i, " is in the job's bucket ", index,
+                                " but has no gradient in this site's step; every site must train the same "
+                                "parameters");
+        }
+        parts.push_back(held[w->second.first].b.buffer.narrow(0, w->second.second, registered[size_t(i)].numel()));
+        params.push_back(registered[size_t(i)]);
+      }
+      covered += indices.size();
+      Bucket rb;
+      rb.buffer = at::cat(parts);
+      rb.numel = rb.buffer.numel();
+      std::vector<c10::Device> devices;
+      if (!rb.buffer.device().is_cpu()) devices.push_back(rb.buffer.device());
+      rb.future = c10::make_intrusive<c10::ivalue::Future>(c10::TensorType::get(), devices);
+      start(rb, index, params, false);
+      mine.push_back(std::move(rb));
+      lists.push_back(&indices);
+    }
+    if (covered != where.size()) {
+      fail<InvalidArgument>("strait.ddp_hook: this site's step has gradients of ", where.size(),
+                            " parameters, the job's buckets hold ", covered, "; every site must train the same "
+                            "parameters");
+    }
+    for (size_t k = 0; k < mine.size(); ++k) {
+      finish(mine[k]);
+      int64_t at = 0;
+      for (const int64_t i : *lists[k]) {
+        const auto& [h, offset] = where.at(i);
+        const int64_t n = registered[size_t(i)].numel();
+        held[h].b.buffer.narrow(0, offset, n).copy_(mine[k].buffer.narrow(0, at, n));
+        at += n;
+      }
+    }
+    for (Held& h : held) h.b.future->markCompleted(h.b.buffer);
+    held.clear();
   }
 
   // First half, as soon as the bucket is handed over: the agreement check
@@ -229,7 +442,22 @@ struct EveryStep::Impl {
 
   void work(Bucket b, int64_t index, const std::vector<at::Tensor>& params, bool last, bool agree) {
     const c10::intrusive_ptr<c10::ivalue::Future> future = b.future;  // b moves into pending
+    const bool begins = step_begins;
+    step_begins = last;
     try {
+      if (begins) beginStep();
+      if (!registered.empty()) {
+        step_layout[index] = indicesOf(params);
+        if (last) {
+          last_layout = std::move(step_layout);
+          step_layout.clear();
+        }
+      }
+      if (regrouping) {
+        held.push_back({std::move(b), indicesOf(params)});
+        if (last) regroup();
+        return;
+      }
       start(b, index, params, agree);
       pending.push_back(std::move(b));
       if (s.size == 1 && !last) {
@@ -267,9 +495,17 @@ struct EveryStep::Impl {
         if (!p.future->completed()) p.future->setError(e);
       }
       pending.clear();
+      for (Held& h : held) {
+        if (!h.b.future->completed()) h.b.future->setError(e);
+      }
+      held.clear();
       if (!future->completed()) future->setError(e);
     }
   }
+
+  struct Snapshot;
+  Snapshot snapshot(int64_t step, const std::vector<at::Tensor>& params, const std::vector<uint8_t>& extra);
+  std::vector<uint8_t> joinRunning(const JoinOutcome& j, int64_t total, const std::string& model);
 
   c10::intrusive_ptr<c10::ivalue::Future> submitBucket(at::Tensor buffer, int64_t index,
                                                        std::vector<at::Tensor> params, bool last, bool agree);
@@ -335,34 +571,53 @@ void EveryStep::average(std::vector<at::Tensor>& tensors, const std::vector<at::
   }
 }
 
-void EveryStep::checkpoint(int64_t step, const std::vector<at::Tensor>& params, const std::vector<uint8_t>& extra) {
-  Impl& d = *impl_;
-  Session::Impl& s = d.s;
-  if (!s.leader || !s.checkpoints || step <= 0 || step % s.checkpoints->every()) return;
+// What a checkpoint holds and what a running site sends a joining one: the
+// parameters, the round counters, the layouts checked and the job's bucket
+// layout, the error-feedback residuals, the caller's own state (`extra`).
+// The tensors keep the sections' bytes alive.
+struct EveryStep::Impl::Snapshot {
+  at::Tensor all;
+  std::vector<std::tuple<std::string, std::string, at::Tensor>> residuals;
+  transport::State st;
+};
+
+EveryStep::Impl::Snapshot EveryStep::Impl::snapshot(int64_t step, const std::vector<at::Tensor>& params,
+                                                    const std::vector<uint8_t>& extra) {
+  Snapshot out;
   std::vector<at::Tensor> flat;
   for (const at::Tensor& p : params) flat.push_back(p.detach().reshape({-1}).to(at::kCPU, at::kFloat));
-  const at::Tensor all = flat.empty() ? at::empty({0}, at::kFloat) : at::cat(flat).contiguous();
-  transport::State st;
+  out.all = flat.empty() ? at::empty({0}, at::kFloat) : at::cat(flat).contiguous();
+  transport::State& st = out.st;
   st.counters = {{"round", uint64_t(step)}, {"step", uint64_t(step)},
-                 {"audit_records", uint64_t(d.session->auditRecords())}};
-  st.strings = {{"audit_head", d.session->auditHead()}, {"model", d.modelDigest(params)}};
-  std::string checked;
-  for (const std::string& c : d.checked) checked += (checked.empty() ? "" : "\n") + c;
-  st.strings["checked"] = checked;
+                 {"audit_records", uint64_t(session->auditRecords())}};
+  st.strings = {{"audit_head", session->auditHead()}, {"model", modelDigest(params)}};
+  std::string list;
+  for (const std::string& c : checked) list += (list.empty() ? "" : "\n") + c;
+  st.strings["checked"] = list;
+  if (!registered.empty()) st.strings["layout"] = layoutText(jobLayout());
   for (const auto& kv : s.counters) st.counters["rounds:" + kv.first] = kv.second;
-  st.sections.push_back({"params", transport::SectionType::kFloat32, static_cast<const uint8_t*>(all.data_ptr()),
-                         size_t(all.nbytes())});
-  const auto residuals = s.residuals("ddp.");
-  for (const auto& [key, pipe, residual] : residuals) {
+  st.sections.push_back({"params", transport::SectionType::kFloat32, static_cast<const uint8_t*>(out.all.data_ptr()),
+                         size_t(out.all.nbytes())});
+  out.residuals = s.residuals("ddp.");
+  for (const auto& [key, pipe, residual] : out.residuals) {
     st.sections.push_back({"residual:" + key, transport::SectionType::kFloat32,
                            static_cast<const uint8_t*>(residual.data_ptr()), size_t(residual.nbytes())});
     st.strings["pipeline:" + key] = pipe;
   }
   st.sections.push_back({"extra", transport::SectionType::kBytes, extra.data(), extra.size()});
+  return out;
+}
+
+void EveryStep::checkpoint(int64_t step, const std::vector<at::Tensor>& params, const std::vector<uint8_t>& extra) {
+  Impl& d = *impl_;
+  Session::Impl& s = d.s;
+  if (!s.leader || !s.checkpoints || step <= 0 || step % s.checkpoints->every()) return;
   const auto t0 = Clock::now();
   try {
-    const std::string path = s.checkpoints->save(uint64_t(step), core::digestSum(all.data_ptr<float>(),
-                                                                                 size_t(all.numel())), st);
+    Impl::Snapshot snap;
+    d.onEngine([&] { snap = d.snapshot(step, params, extra); });
+    const std::string path = s.checkpoints->save(
+        uint64_t(step), core::digestSum(snap.all.data_ptr<float>(), size_t(snap.all.numel())), snap.st);
     char took[32];
     std::snprintf(took, sizeof took, "%.2f", std::chrono::duration<double>(Clock::now() - t0).count());
     s.event("checkpoint of step " + std::to_string(step) + " written to " + path + " in " + took + " s");
@@ -371,24 +626,83 @@ void EveryStep::checkpoint(int64_t step, const std::vector<at::Tensor>& params, 
   }
 }
 
+void EveryStep::registerParams(std::vector<at::Tensor> params) {
+  Impl& d = *impl_;
+  d.onEngine([&] {
+    d.index_of.clear();
+    for (size_t i = 0; i < params.size(); ++i) d.index_of[params[i].unsafeGetTensorImpl()] = int64_t(i);
+    d.registered = std::move(params);
+  });
+}
+
+bool EveryStep::joinsWaiting() {
+  Impl& d = *impl_;
+  if (!d.s.leader) return false;
+  bool waiting = false;
+  d.onEngine([&] {
+    std::lock_guard<std::mutex> lock(d.mu);
+    waiting = !d.owed.empty() || !d.s.newJoinRequests(false).empty();
+  });
+  return waiting;
+}
+
+void EveryStep::serveJoins(int64_t step, const std::vector<at::Tensor>& params, const std::vector<uint8_t>& extra) {
+  Impl& d = *impl_;
+  Session::Impl& s = d.s;
+  if (!s.leader) return;
+  d.onEngine([&] {
+    d.answerJoins();  // requests that came between rounds: nothing to release
+    std::vector<transport::PeerRound> to;
+    {
+      std::lock_guard<std::mutex> lock(d.mu);
+      to.swap(d.owed);
+    }
+    if (to.empty()) return;
+    const auto started = Clock::now();
+    Impl::Snapshot snap = d.snapshot(step, params, extra);
+    snap.st.strings["status"] = "running";
+    snap.st.strings["state_digest"] = stateDigest(snap.st);
+    const std::vector<uint8_t> message = transport::encodeState(snap.st);
+    for (const transport::PeerRound& p : to) {
+      s.joins.push_back(s.start(kJoinStateTag, message, core::MessageKind::kModelState, p.round));
+      char note[96];
+      std::snprintf(note, sizeof note, " (%.1f MB, %.2f s to queue)", message.size() / 1e6,
+                    std::chrono::duration<double>(Clock::now() - started).count());
+      s.event("site '" + p.site + "' asked to join: sending it the state of step " + std::to_string(step) + note);
+    }
+  });
+}
+
 int64_t EveryStep::resume(std::vector<at::Tensor> params) {
   Impl& d = *impl_;
   Session::Impl& s = d.s;
   if (!s.opt.resume) return 0;
   int64_t total = 0;
   for (const at::Tensor& p : params) total += p.numel();
-  // The leader finds the step and encodes what every worker needs as one
-  // state document, broadcast in the site.
+  // The leader finds the step (a checkpoint every site holds, or a running
+  // site's state) and encodes what every worker needs as one state
+  // document, broadcast in the site.
   std::vector<uint8_t> doc;
   at::Tensor length = at::zeros({1}, at::kLong);
   s.fromLeader(
       [&] {
+        const auto started = Clock::now();
         const auto held = s.checkpoints ? s.checkpoints->held() : std::vector<std::pair<uint64_t, uint64_t>>{};
         JoinOutcome j = s.join(d.modelDigest(params), held);
         if (j.kind == JoinOutcome::Kind::kRunning) {
-          fail<Error>("site '", s.names[j.site], "' is still running; a site cannot join a running ",
-                      j.no_state.empty() ? std::string("every-step") : j.no_state,
-                      " job — stop it and restart every site with --resume");
+          if (!j.no_state.empty() || !j.state.strings.count("deferred")) {
+            fail<Error>("site '", s.names[j.site], "' is still running; a site cannot join a running ",
+                        j.no_state.empty() ? std::string("DiLoCo job in every-step mode") : j.no_state + " job",
+                        " — stop it and restart every site with --resume");
+          }
+          doc = d.joinRunning(j, total, d.modelDigest(params));
+          length[0] = int64_t(doc.size());
+          char took[32];
+          std::snprintf(took, sizeof took, "%.2f", std::chrono::duration<double>(Clock::now() - started).count());
+          const transport::State st = transport::decodeState(doc.data(), doc.size(), "a running site's state");
+          s.event("joined: state of step " + std::to_string(st.counter("step", "a running site's state")) +
+                  " from site '" + s.names[j.site] + "' (digest verified) in " + took + " s");
+          return;
         }
         if (j.kind != JoinOutcome::Kind::kCheckpoint) return;
         transport::LoadedState ck = s.checkpoints->load(j.round, j.digest, "params");
@@ -427,11 +741,70 @@ int64_t EveryStep::resume(std::vector<at::Tensor> params) {
       if (!line.empty()) d.checked.insert(line);
     }
   }
+  // The job's bucket layout: this site's DDP starts with its initial
+  // buckets, so its first steps are regrouped into the job's.
+  const auto layout = st.strings.find("layout");
+  if (layout != st.strings.end() && !d.registered.empty() && size_t(params.size()) == d.registered.size()) {
+    d.onEngine([&] {
+      d.reference = parseLayout(layout->second, d.registered.size(), "the state resumed from");
+      d.regroup_steps = d.reference.empty() ? 0 : 2;
+    });
+  }
   if (st.has("extra")) {
     const auto& e = st.section("extra", transport::SectionType::kBytes, "a checkpoint");
     d.resumed_extra.assign(e.data, e.data + e.size);
   }
   return int64_t(st.counter("step", "a checkpoint"));
+}
+
+// Leader of a site joining a running every-step job: under `wait` it
+// releases the rounds the running sites wait in (no contribution), then
+// takes the state they send at the end of that step, digest-verified.
+std::vector<uint8_t> EveryStep::Impl::joinRunning(const JoinOutcome& j, int64_t total, const std::string& model) {
+  std::istringstream in(j.state.strings.at("release"));
+  size_t released = 0;
+  for (std::string line; std::getline(in, line);) {
+    const size_t colon = line.rfind(':');
+    uint64_t round = 0;
+    try {
+      if (colon == std::string::npos || line.rfind("ddp.b", 0) != 0) throw std::invalid_argument("tag");
+      round = std::stoull(line.substr(colon + 1));
+    } catch (const std::exception&) {
+      fail<ProtocolError>("site '", s.names[j.site], "' asked this site to release a malformed round '",
+                          line.substr(0, 80), "'");
+    }
+    s.joins.push_back(s.start(line.substr(0, colon), {}, core::MessageKind::kModelUpdate, round));
+    ++released;
+  }
+  s.event("joining: site '" + s.names[j.site] + "' sends its state at the end of its step" +
+          (released ? "; releasing the " + std::to_string(released) + " rounds it waits in" : ""));
+  Round r = s.start(kJoinStateTag, {}, core::MessageKind::kControl, j.nonce);
+  RoundOutcome o = s.finish(r);
+  size_t from = j.site;
+  if (!o.payloads[from] || o.payloads[from]->empty()) {
+    for (from = 0; from < o.payloads.size(); ++from) {
+      if (from != s.site_index && o.payloads[from] && !o.payloads[from]->empty()) break;
+    }
+    if (from == o.payloads.size()) {
+      fail<Error>("site '", s.names[j.site], "' answered the join request but sent no state (it stopped?)");
+    }
+  }
+  std::vector<uint8_t> bytes = std::move(*o.payloads[from]);
+  const std::string what = "the state sent by site '" + s.names[from] + "'";
+  const transport::State st = transport::decodeState(bytes.data(), bytes.size(), what);
+  if (st.string("status", what) != "running") fail<ProtocolError>(what, " is not a running site's state");
+  if (stateDigest(st) != st.string("state_digest", what)) {
+    fail<ProtocolError>(what, " does not match its digest (", bytes.size(), " bytes): refusing it");
+  }
+  if (st.string("model", what) != model) {
+    fail<InvalidArgument>("site '", s.names[from], "' trains another model (its parameter list differs)");
+  }
+  const auto& flat = st.section("params", transport::SectionType::kFloat32, what, size_t(total));
+  at::Tensor values = at::from_blob(const_cast<uint8_t*>(flat.data), {total}, at::kFloat);
+  if (!at::isfinite(values).all().item<bool>()) fail<ProtocolError>(what, " holds non-finite values");
+  st.counter("step", what);
+  s.restoreResiduals(st, "ddp.");
+  return bytes;
 }
 
 const std::vector<uint8_t>& EveryStep::resumedExtra() const { return impl_->resumed_extra; }

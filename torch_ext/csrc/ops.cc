@@ -291,7 +291,18 @@ void registerEngine(::torch::Library& m) {
            [](const Self<EveryStep>& e, std::vector<at::Tensor> params) {
              return translate("strait.Checkpoints.resume", [&] { return e->resume(params); });
            })
-      .def("resumed_extra", [](const Self<EveryStep>& e) { return toTensor(e->resumedExtra()); });
+      .def("resumed_extra", [](const Self<EveryStep>& e) { return toTensor(e->resumedExtra()); })
+      .def("register_params",
+           [](const Self<EveryStep>& e, std::vector<at::Tensor> params) {
+             translate("strait.Checkpoints", [&] { e->registerParams(std::move(params)); });
+           })
+      .def("joins_waiting",
+           [](const Self<EveryStep>& e) { return translate("strait.Checkpoints.step", [&] { return e->joinsWaiting(); }); })
+      .def("serve_joins",
+           [](const Self<EveryStep>& e, int64_t step, std::vector<at::Tensor> params, const at::Tensor& extra) {
+             translate("strait.Checkpoints.step",
+                       [&] { e->serveJoins(step, params, bytesOfTensor(extra, "strait.Checkpoints.step")); });
+           });
 
   using strait::torch::ShardedDiLoCo;
   m.class_<ShardedDiLoCo>("ShardedDiLoCo")

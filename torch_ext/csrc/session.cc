@@ -27,9 +27,10 @@
 
 namespace strait::torch {
 
-namespace {
-
 const char* const kJoinTag = "strait.join";
+const char* const kJoinStateTag = "strait.join.state";
+
+namespace {
 
 // Error classes carried from the leader to the other workers of its site.
 enum ErrorCode : int64_t {
@@ -520,6 +521,22 @@ JoinOutcome Session::Impl::join(const std::string& model, const std::vector<std:
       out.no_state = ns->second;
       return out;
     }
+    out.nonce = nonce;
+    if (out.state.strings.count("deferred")) {
+      // A running every-step site sends its state at its next step
+      // boundary (EveryStep): here only the rounds it waits in, which this
+      // site releases. Every running site's rounds are released.
+      std::string release;
+      for (size_t k = 0; k < running_bytes.size(); ++k) {
+        const std::vector<uint8_t>& bytes = k == 0 ? out.bytes : running_bytes[k].second;  // the first moved out
+        const auto s = transport::decodeState(bytes.data(), bytes.size(),
+                                              "site '" + names[running_bytes[k].first] + "' sent a join message");
+        const auto r = s.strings.find("release");
+        if (r != s.strings.end() && !r->second.empty()) release += (release.empty() ? "" : "\n") + r->second;
+      }
+      out.state.strings["release"] = release;
+      return out;
+    }
     if (stateDigest(out.state) != out.state.string("state_digest", what)) {
       fail<ProtocolError>("the state sent by site '", names[out.site], "' does not match its digest (",
                           out.bytes.size(), " bytes): refusing it");
@@ -577,9 +594,7 @@ void Session::Impl::setJoinServer(std::string prefix, std::function<void(uint64_
 
 std::vector<std::string> Session::Impl::serveJoins(uint64_t round, const std::function<transport::State()>& make) {
   std::vector<std::string> served;
-  if (!gateway) return served;
-  for (const transport::PeerRound& p : gateway->peerRounds(kJoinTag)) {
-    if (p.tag != kJoinTag || !answered.emplace(p.round, p.tag).second) continue;
+  for (const transport::PeerRound& p : newJoinRequests()) {
     const auto started = Clock::now();
     transport::State s = make();
     s.strings["status"] = "running";
@@ -596,10 +611,19 @@ std::vector<std::string> Session::Impl::serveJoins(uint64_t round, const std::fu
   return served;
 }
 
+std::vector<transport::PeerRound> Session::Impl::newJoinRequests(bool mark) {
+  std::vector<transport::PeerRound> out;
+  if (!gateway) return out;
+  for (transport::PeerRound& p : gateway->peerRounds(kJoinTag)) {
+    if (p.tag != kJoinTag || answered.count({p.round, p.tag})) continue;
+    if (mark) answered.emplace(p.round, p.tag);
+    out.push_back(std::move(p));
+  }
+  return out;
+}
+
 void Session::Impl::refuseJoins(const std::string& why) {
-  if (!gateway) return;
-  for (const transport::PeerRound& p : gateway->peerRounds(kJoinTag)) {
-    if (p.tag != kJoinTag || !answered.emplace(p.round, p.tag).second) continue;
+  for (const transport::PeerRound& p : newJoinRequests()) {
     transport::State s;
     s.strings = {{"status", "running"}, {"no_state", why}};
     joins.push_back(start(kJoinTag, transport::encodeState(s), core::MessageKind::kControl, p.round));

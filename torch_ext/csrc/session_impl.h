@@ -68,7 +68,15 @@ struct JoinOutcome {
   std::string no_state;
   std::vector<uint8_t> bytes;  // the running site's state document
   transport::State state;      // views into bytes
+  // kRunning: this site's request (a running every-step site answers
+  // "deferred" and sends its state in round `nonce` of kJoinStateTag).
+  uint64_t nonce = 0;
 };
+
+// The join request's tag, and the tag a running every-step site sends its
+// state in at its next step boundary (docs/RELIABILITY.md).
+extern const char* const kJoinTag;
+extern const char* const kJoinStateTag;
 
 struct Session::Impl {
   explicit Impl(SessionOptions options);
@@ -153,6 +161,8 @@ struct Session::Impl {
   std::vector<std::string> serveJoins(uint64_t round, const std::function<transport::State()>& make);
   // Answers every new join request with "running, no state to give" (why: the job's kind).
   void refuseJoins(const std::string& why);
+  // Join requests not answered yet (mark: count them as answered now).
+  std::vector<transport::PeerRound> newJoinRequests(bool mark = true);
   void reapJoins();
   void restartGateway();  // a new incarnation (a site that gives way)
   std::vector<std::string> takeDivergedPeers();

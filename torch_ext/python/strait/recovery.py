@@ -22,10 +22,13 @@ class Checkpoints:
             ckpt.step(step)             # writes every `checkpoint.every` steps
 
     A checkpoint holds the parameters, the optimizer's state, every
-    error-feedback residual of the hook's compressors and the round
-    counters; with --resume every site loads the newest step all of them
-    hold. (A site cannot join a running every-step job: restart all sites.)
-    DiLoCo checkpoints itself; this class is for every-step mode."""
+    error-feedback residual of the hook's compressors, the round counters
+    and the job's bucket layout; with --resume every site loads the newest
+    step all of them hold. A site restarted with --resume while the others
+    run joins them instead: a running site's leader sends it its state
+    (the same contents) from `step()` at the end of a step, so call
+    `step()` after every optimizer step. DiLoCo checkpoints itself; this
+    class is for every-step mode."""
 
     def __init__(self, session, model, optimizer):
         import yaml
@@ -38,23 +41,36 @@ class Checkpoints:
         self.session, self.model, self.optimizer = session, model, optimizer
         self.params = [p for _, p in model.named_parameters()]
         self._engine = session.every_step()
+        with translated():
+            self._engine.register_params(self.params)
 
     def step(self, steps_done):
-        """After the optimizer step that completes `steps_done` steps: on the
-        site leader, a checkpoint every `checkpoint.every` steps. A failed
+        """After the optimizer step that completes `steps_done` steps, on the
+        site leader: sends this site's state to every site waiting to join,
+        and writes a checkpoint every `checkpoint.every` steps. A failed
         write is reported and training goes on."""
-        if not self.session.leader or steps_done <= 0 or steps_done % self.every:
+        if not self.session.leader:
+            return
+        due = steps_done > 0 and steps_done % self.every == 0
+        with translated():
+            joining = self._engine.joins_waiting()
+        if not due and not joining:
             return
         buf = io.BytesIO()
         torch.save({"optimizer": self.optimizer.state_dict()}, buf)
+        extra = torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
         with translated():
-            self._engine.checkpoint(int(steps_done), self.params,
-                                    torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8))
+            if joining:
+                self._engine.serve_joins(int(steps_done), self.params, extra)
+            if due:
+                self._engine.checkpoint(int(steps_done), self.params, extra)
 
     def resume(self):
-        """With resume (./strait launch --resume): loads the newest step every
-        site holds into the model, the optimizer and the hook's state, on
-        every worker; returns that step (0 without resume or checkpoints)."""
+        """With resume (./strait launch --resume): loads the state of a
+        running site (a site restarted into a running job), or else the
+        newest step every site holds, into the model, the optimizer and the
+        hook's state, on every worker; returns that step (0 without resume
+        or checkpoints)."""
         if not self.session.resume:
             return 0
         with translated():
