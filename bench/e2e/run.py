@@ -13,6 +13,7 @@ against bytes. `--steps N`: the older table, every method N steps.
   (c) strait    strait every-step mode, the config's topk -> int8, error feedback
   (d) diloco    strait DiLoCo, low-bit pseudo-gradients every H steps
   (e) overlap   the same, each exchange overlapped with the next H inner steps
+                (only with --only: streaming overlaps as well)
   (f) streaming the same in F fragments, one syncing every H/F steps, overlapped
   (g) sparseloco strait SparseLoCo: chunk-wise top-k at 2 bits of an error-feedback
                 buffer that replaces outer momentum, every H steps
@@ -95,6 +96,12 @@ def write_config(out, args):
     return path, diloco, overlap, streaming, sparseloco
 
 
+# Runs whose step is bound by the link, not the CPU (DDP's step here is
+# 0.069 s of compute in 0.69 s): time to quality runs them side by side,
+# each across a border of its own, unless --sequential.
+LINK_BOUND = ("ddp", "powersgd", "strait")
+
+
 def run_mode(mode, args, out, configs, steps=None, snapshot_every=0):
     from strait import wan
 
@@ -103,7 +110,8 @@ def run_mode(mode, args, out, configs, steps=None, snapshot_every=0):
     samples = []  # (time, bytes crossed so far)
     if os.path.exists(os.path.join(out, f"{mode}-rounds.jsonl")):
         os.remove(os.path.join(out, f"{mode}-rounds.jsonl"))
-    with wan.Border(args.wan, [s for s, _ in SITES], log=lambda m: None) as border:
+    tag = f"{os.getpid() % 100000}-{[m for m, _ in RUNS].index(mode)}"  # runs side by side: borders of their own
+    with wan.Border(args.wan, [s for s, _ in SITES], log=lambda m: None, tag=tag) as border:
         config = None
         if mode in configs:
             config = border.rewrite_config(configs[mode], out)
@@ -256,16 +264,24 @@ def time_to_quality(args, out, configs, modes):
         budget = 200 * steps_s["ddp"]
     else:
         raise SystemExit("bench e2e: without the ddp run, say --budget SECONDS")
-    runs = []
-    for mode, label in RUNS:
-        if mode not in modes:
-            continue
+    labels = dict(RUNS)
+
+    def budget_run(mode, beside):
+        """Trains `mode` for the budget; its snapshots are scored later (by
+        score_run), so that scoring does not share the CPU with runs still
+        training beside it."""
+        label = labels[mode]
         period = args.sync_every if mode in diloco_like else 1
         steps = max(period, int(budget / steps_s[mode] + 1e-6) // period * period)  # DDP: 200, not 199.99
         every = max(period, steps // snapshots // period * period)
-        log(f"bench e2e: {label}: {budget:.0f} s at {steps_s[mode]:.3f} s a step = {steps} steps across {args.wan} ...")
+        log(f"bench e2e: {label}: {budget:.0f} s at {steps_s[mode]:.3f} s a step = {steps} steps across {args.wan}"
+            + (f", beside {', '.join(labels[m] for m in beside)}" if beside else "") + " ...")
         data, total, samples = run_mode(mode, args, out, configs, steps=steps, snapshot_every=every)
-        site0 = data[0]
+        return {"mode": mode, "beside": beside, "steps": steps, "data": data, "total": total, "samples": samples}
+
+    def score_run(raw):
+        mode, steps, total, samples = raw["mode"], raw["steps"], raw["total"], raw["samples"]
+        site0 = raw["data"][0]
         start = site0["start"]
         points = []  # (seconds, bytes, held-out bpb, accuracy, step)
         for step, when in site0["snapshots"]:
@@ -279,13 +295,27 @@ def time_to_quality(args, out, configs, modes):
         # A pilot can misjudge a run's pace: what it held at the budget is
         # read from its curve (the last point within it).
         within = [p for p in points if p[0] <= budget * 1.02] or points[:1]
-        runs.append({"name": mode, "label": label, "steps": steps, "step_s": (end - start) / steps,
-                     "at_budget": {"seconds": within[-1][0], "bytes": within[-1][1],
-                                   "held_out_bits_per_byte": within[-1][2], "held_out_accuracy": within[-1][3]},
-                     "seconds": end - start, "bytes_total": total, "held_out_bits_per_byte": bpb,
-                     "held_out_accuracy": acc, "final_loss": sum(site0["losses"][-10:]) / min(10, steps),
-                     "curve": [{"seconds": t, "bytes": b, "held_out_bits_per_byte": q, "held_out_accuracy": a,
-                                "step": k} for t, b, q, a, k in points]})
+        return {"name": mode, "label": labels[mode], "steps": steps, "step_s": (end - start) / steps,
+                "pilot_step_s": steps_s[mode], "beside": raw["beside"],
+                "at_budget": {"seconds": within[-1][0], "bytes": within[-1][1],
+                              "held_out_bits_per_byte": within[-1][2], "held_out_accuracy": within[-1][3]},
+                "seconds": end - start, "bytes_total": total, "held_out_bits_per_byte": bpb,
+                "held_out_accuracy": acc, "final_loss": sum(site0["losses"][-10:]) / min(10, steps),
+                "curve": [{"seconds": t, "bytes": b, "held_out_bits_per_byte": q, "held_out_accuracy": a,
+                           "step": k} for t, b, q, a, k in points]}
+
+    together = [] if args.sequential else [m for m in LINK_BOUND if m in modes]
+    raws = {}
+    if len(together) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(len(together)) as pool:
+            futures = {m: pool.submit(budget_run, m, [o for o in together if o != m]) for m in together}
+            raws = {m: f.result() for m, f in futures.items()}
+    runs = []
+    for m, _ in RUNS:
+        if m in modes:
+            runs.append(score_run(raws[m] if m in raws else budget_run(m, [])))
     base = next((r for r in runs if r["name"] == "ddp"), None)
     target = base["held_out_bits_per_byte"] if base else None
     for r in runs:
@@ -311,10 +341,14 @@ def time_to_quality(args, out, configs, modes):
     for r in runs:
         to = r["seconds_to_ddp_final"]
         b = r["at_budget"]
-        print(f"{r['label']:<31}{r['steps']:7d}{r['step_s']:8.3f}{r['seconds']:7.0f}{b['bytes'] / 1e6:11.2f}"
+        print(f"{r['label'] + (' *' if r['beside'] else ''):<31}{r['steps']:7d}{r['step_s']:8.3f}{r['seconds']:7.0f}{b['bytes'] / 1e6:11.2f}"
               f"{b['held_out_bits_per_byte']:9.3f}{100 * b['held_out_accuracy']:7.1f}"
               f"{'never' if to is None else f'{to:.1f} s':>13}"
               f"{r.get('times_sooner_than_ddp', float('nan')):9.1f}")
+    if any(r["beside"] for r in runs):
+        print("* ran side by side (link-bound: each across its own border, sharing the CPU; --sequential: one at "
+              "a time); s/step alone in its pilot: " +
+              ", ".join(f"{r['name']} {r['pilot_step_s']:.3f}" for r in runs if r["beside"]))
     print(f"plot: {png}; every figure: {os.path.join(out, 'e2e-time-to-quality.json')}")
 
 
@@ -414,7 +448,11 @@ def main():
                     help='run (g)\'s sync.diloco.sparseloco settings (default "density: 0.03125, chunk: 4096, '
                          'bits: 2, decay: 0.95")')
     ap.add_argument("--only",
-                    help="comma-separated subset of ddp,powersgd,strait,diloco,overlap,streaming,sparseloco,alone")
+                    help="comma-separated subset of ddp,powersgd,strait,diloco,overlap,streaming,sparseloco,alone "
+                         "(default: all but overlap, which streaming also overlaps)")
+    ap.add_argument("--sequential", action="store_true",
+                    help="time to quality: run DDP, PowerSGD and every-step one at a time, not side by side "
+                         "(each across its own border)")
     ap.add_argument("--timeout", type=float, default=600, help="seconds per run")
     ap.add_argument("--out", default=os.path.join(ROOT, "build", "bench-e2e"))
     args = ap.parse_args()
@@ -439,7 +477,7 @@ def main():
     every_step, diloco, overlap, streaming, sparseloco = write_config(out, args)
     configs = {"strait": every_step, "diloco": diloco, "overlap": overlap, "streaming": streaming,
                "sparseloco": sparseloco}
-    modes = [m for m, _ in RUNS if not args.only or m in args.only.split(",")]
+    modes = [m for m, _ in RUNS if (m in args.only.split(",") if args.only else m != "overlap")]
     if args.steps is None:
         return time_to_quality(args, out, configs, modes)
 

@@ -22,8 +22,12 @@ def test_bench_e2e_quick_time_to_quality_runs_every_mode_and_reports_json(tmp_pa
                        env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout)
-    names = ["ddp", "powersgd", "strait", "diloco", "overlap", "streaming", "sparseloco", "alone"]
+    # The default rows (the plain overlapped run only with --only); DDP,
+    # PowerSGD and every-step ran side by side, each across its own border.
+    names = ["ddp", "powersgd", "strait", "diloco", "streaming", "sparseloco", "alone"]
     assert [x["name"] for x in out["runs"]] == names
+    by = {x["name"]: x for x in out["runs"]}
+    assert by["ddp"]["beside"] == ["powersgd", "strait"] and by["diloco"]["beside"] == [], by["ddp"]["beside"]
     assert sorted(out["pilot_step_s"]) == sorted(names) and out["budget_s"] > 0
     for x in out["runs"]:
         for key in ("steps", "step_s", "seconds", "bytes_total", "held_out_bits_per_byte", "held_out_accuracy",
@@ -32,9 +36,8 @@ def test_bench_e2e_quick_time_to_quality_runs_every_mode_and_reports_json(tmp_pa
         assert x["curve"] and x["curve"][-1]["step"] == x["steps"], x
         assert all(a["seconds"] <= b["seconds"] and a["bytes"] <= b["bytes"]
                    for a, b in zip(x["curve"], x["curve"][1:])), x["curve"]
-        if x["name"] in ("diloco", "overlap", "streaming", "sparseloco"):
+        if x["name"] in ("diloco", "streaming", "sparseloco"):
             assert x["steps"] % 3 == 0, x  # whole sync periods
-    by = {x["name"]: x for x in out["runs"]}
     assert by["alone"]["bytes_total"] == 0  # nothing crossed: the border counts what it forwards
     assert by["strait"]["bytes_total"] / by["strait"]["steps"] < by["ddp"]["bytes_total"] / by["ddp"]["steps"]
     # DDP's last point is the target itself: reached at the end, or sooner.

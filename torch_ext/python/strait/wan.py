@@ -92,13 +92,18 @@ class Border:
     """Context manager: namespaces, shaped veths and the delay router for
     `sites` (names, in the config's order), torn down on exit."""
 
-    def __init__(self, profile, sites, log=None):
+    def __init__(self, profile, sites, log=None, tag=None):
+        """`tag` names the namespaces (strait<TAG>-s<i>, strait<TAG>-wan;
+        default: this process's pid): borders that exist at the same time
+        in one process need tags of their own."""
         self.profile = profile
         self.rate, self.rtt = parse_profile(profile)
         self.sites = list(sites)
         if len(self.sites) > 200:
             raise WanError("--wan supports at most 200 sites")
-        tag = f"{os.getpid() % 100000}"
+        tag = f"{os.getpid() % 100000}" if tag is None else str(tag)
+        if not tag.replace("-", "").isalnum() or len(tag) > 8:
+            raise WanError(f"simulated border: tag {tag!r} must be at most 8 letters, digits or '-'")
         self.ns = [f"strait{tag}-s{i}" for i in range(len(self.sites))]
         self.border_ns = f"strait{tag}-wan"
         self.delay = None
