@@ -152,7 +152,8 @@ class Gateway {
 
   // Sends payload to every other site for (round, tag) and returns a future
   // of every site's payload for the same (round, tag). Blocks only while
-  // max_rounds_in_flight exchanges are open. The future throws TimeoutError
+  // max_rounds_in_flight exchanges are open (join messages, tags starting
+  // "strait.join", hold no slot and never wait). The future throws TimeoutError
   // (wait mode, hard deadline), ProtocolError (a peer's payload was refused)
   // or Error (the gateway failed). A repeated (round, tag) throws
   // InvalidArgument.
@@ -191,6 +192,9 @@ class Gateway {
 
   // This site's position in the job's site order.
   size_t siteIndex() const;
+  // Whether exchange() would start at once rather than wait for one of the
+  // max_rounds_in_flight slots (join messages need none).
+  bool slotFree() const;
   const GatewayOptions& options() const;
 
   // Sites heard from within peer_timeout (handshake done), by name.

@@ -61,11 +61,10 @@ def main():
     if args.sharded:
         return sharded(args, session, x, y)
     model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
-    # Every-step mode: buckets of about 1 KB, so the model's four tensors
-    # come in two buckets, and DDP's rebuilt layout (from the second step
-    # on, in the order gradients became ready) can differ from its initial
-    # one.
-    ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.001 if args.mode == "every_step" else 25)
+    # Every-step mode: buckets of about 100 bytes, so each of the model's
+    # four tensors is a bucket of its own from the second step on (DDP's
+    # rebuilt layout), while its first step has them all in one.
+    ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.0001 if args.mode == "every_step" else 25)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.2, momentum=0.5)
     loss_fn = nn.CrossEntropyLoss()
     if args.mode == "every_step":

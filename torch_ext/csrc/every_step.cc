@@ -57,11 +57,18 @@ Layout parseLayout(const std::string& text, size_t params, const std::string& wh
     const size_t colon = line.find(':');
     try {
       if (colon == std::string::npos) throw std::invalid_argument("no colon");
-      const int64_t index = std::stoll(line.substr(0, colon));
+      auto number = [](const std::string& t) {
+        if (t.empty() || t.size() > 18 || !std::all_of(t.begin(), t.end(), [](char c) { return c >= '0' && c <= '9'; })) {
+          throw std::invalid_argument("not a number");
+        }
+        return std::stoll(t);
+      };
+      const int64_t index = number(line.substr(0, colon));
+      if (out.count(index)) throw std::invalid_argument("bucket twice");
       std::vector<int64_t>& list = out[index];
       std::istringstream items(line.substr(colon + 1));
       for (std::string item; std::getline(items, item, ',');) {
-        const int64_t i = std::stoll(item);
+        const int64_t i = number(item);
         if (i < 0 || size_t(i) >= params || seen[size_t(i)]) throw std::out_of_range("parameter index");
         seen[size_t(i)] = true;
         list.push_back(i);
@@ -84,6 +91,7 @@ struct Bucket {
   std::optional<Round> round;
   std::exception_ptr error;  // the leader could not start its round
   int64_t numel = 0;
+  bool ddp = false;  // handed over by DDP's hook (not average()): its layout is recorded, and regrouped
 };
 
 struct EveryStep::Impl {
@@ -112,6 +120,9 @@ struct EveryStep::Impl {
   Layout reference;                 // the job's layout this site regroups into (none: its own is the job's)
   int regroup_steps = 0;            // steps regrouped whatever this site's own layout is
   bool regrouping = false, step_begins = true, regroup_noted = false;
+  bool layout_known = true;          // this step's buckets hold only registered parameters
+  std::set<int64_t> started;         // bucket indices whose round this step started
+  bool checking = false;             // in a layout's cross-site check (its rounds are not released)
   struct Held {
     Bucket b;
     std::vector<int64_t> indices;
@@ -203,36 +214,53 @@ struct EveryStep::Impl {
   // The job's layout: what this site regroups into, or its own.
   const Layout& jobLayout() const { return reference.empty() ? last_layout : reference; }
 
-  // Leader, while a bucket's round waits (the join server) or at a step's
-  // end: a new join request is answered "deferred" (the state follows at
-  // the end of this step) with, under `wait`, the rounds this site waits
-  // in, which the joiner releases without a contribution: this step ends
-  // with this side's mean, and the joiner takes the state after it. (Under
-  // `continue` the rounds complete without the joiner at their deadline; a
-  // payload released into a round that had already completed without it
-  // would read as a parting.)
+  // Leader, while a bucket's round waits (the join server, or waiting for
+  // a slot) or at a step's end: a new join request is answered "deferred"
+  // (the state follows at the end of this step) with every round of this
+  // step that is not complete: those open, and those of the job's buckets
+  // not started yet (at the round each will take). The joiner releases
+  // them without a contribution: this step ends with this side's mean, and
+  // the joiner takes the state after it. Under `continue` too: otherwise
+  // the step waits out round_deadline_s for a joiner that is alive, and
+  // the joiner's gateway keeps this site's payloads of rounds it never
+  // opens, which count against the rounds a peer may open ahead of it
+  // (its later rounds were refused: seen in the chaos test). Not answered
+  // yet while this step's buckets are not the job's (a layout being
+  // checked, DDP's rebuilt buckets): their rounds cannot be named.
   void answerJoins() {
     if (registered.empty()) {
       s.refuseJoins("every-step (without strait.Checkpoints, which serves joins)");
       return;
     }
-    std::string release;
-    size_t rounds = 0;
-    if (!s.config.transport.on_site_loss_continue) {
-      for (const Bucket& b : pending) {
-        if (b.round && !s.ready(*b.round)) {
-          release += (release.empty() ? "" : "\n") + b.round->tag + ":" + std::to_string(b.round->round);
-          ++rounds;
+    if (s.newJoinRequests(false).empty()) return;
+    std::set<std::string> release;
+    {
+      if (checking || !layout_known) return;
+      if (!regrouping) {
+        for (const auto& [index, params] : step_layout) {
+          const auto it = last_layout.find(index);
+          if (it == last_layout.end() || it->second != params) return;
         }
       }
+      for (const Bucket& b : pending) {
+        if (b.round && !s.ready(*b.round)) release.insert(b.round->tag + ":" + std::to_string(b.round->round));
+      }
+      for (const auto& kv : jobLayout()) {
+        if (started.count(kv.first)) continue;  // open (above) or complete
+        const std::string tag = "ddp.b" + std::to_string(kv.first);
+        release.insert(tag + ":" + std::to_string(s.counters[tag]));
+      }
     }
+    std::string lines;
+    for (const std::string& r : release) lines += (lines.empty() ? "" : "\n") + r;
     for (transport::PeerRound& p : s.newJoinRequests()) {
       transport::State st;
-      st.strings = {{"status", "running"}, {"deferred", "every-step"}, {"release", release},
+      st.strings = {{"status", "running"}, {"deferred", "every-step"}, {"release", lines},
                     {"model", modelDigest(registered)}};
       s.joins.push_back(s.start(kJoinTag, transport::encodeState(st), core::MessageKind::kControl, p.round));
       s.event("site '" + p.site + "' asked to join: it gets this site's state at the end of this step" +
-              (rounds ? " (it releases the " + std::to_string(rounds) + " rounds this site waits in)" : ""));
+              (release.empty() ? "" : " (it releases the " + std::to_string(release.size()) +
+                                          " rounds of this step not complete)"));
       std::lock_guard<std::mutex> lock(mu);
       owed.push_back(std::move(p));
     }
@@ -244,6 +272,8 @@ struct EveryStep::Impl {
   // differs from the job's.
   void beginStep() {
     regrouping = false;
+    started.clear();
+    layout_known = true;
     if (reference.empty()) return;
     if (regroup_steps > 0) {
       --regroup_steps;
@@ -269,7 +299,9 @@ struct EveryStep::Impl {
           fail<InvalidArgument>("strait.ddp_hook: a gradient bucket holds a parameter that is not among those "
                                 "given to strait.Checkpoints; pass the model DDP wraps");
         }
-        where[i] = {h, offset};
+        if (!where.emplace(i, std::make_pair(h, offset)).second) {
+          fail<InvalidArgument>("strait.ddp_hook: parameter ", i, " is in two gradient buckets of one step");
+        }
         offset += registered[size_t(i)].numel();
       }
       if (offset != held[h].b.buffer.numel()) {
@@ -277,22 +309,36 @@ struct EveryStep::Impl {
                               offset, "; cannot regroup it into the job's buckets");
       }
     }
-    std::vector<Bucket> mine;
-    std::vector<const std::vector<int64_t>*> lists;
+    // Every parameter with a gradient here is in the job's buckets and the
+    // other way round, checked before any round starts (the same on every
+    // worker of the site: its buckets are the same).
     size_t covered = 0;
     for (const auto& [index, indices] : reference) {
-      std::vector<at::Tensor> parts, params;
       for (const int64_t i : indices) {
-        const auto w = where.find(i);
-        if (w == where.end()) {
+        if (!where.count(i)) {
           fail<InvalidArgument>("strait.ddp_hook: parameter ", i, " is in the job's bucket ", index,
                                 " but has no gradient in this site's step; every site must train the same "
                                 "parameters");
         }
-        parts.push_back(held[w->second.first].b.buffer.narrow(0, w->second.second, registered[size_t(i)].numel()));
-        params.push_back(registered[size_t(i)]);
       }
       covered += indices.size();
+    }
+    if (covered != where.size()) {
+      fail<InvalidArgument>("strait.ddp_hook: this site's step has gradients of ", where.size(),
+                            " parameters, the job's buckets hold ", covered, "; every site must train the same "
+                            "parameters");
+    }
+    // The job's buckets go through `pending` like any step's, so a join
+    // request answered meanwhile names their rounds.
+    std::vector<at::Tensor> outs;
+    std::vector<const std::vector<int64_t>*> lists;
+    for (const auto& [index, indices] : reference) {
+      std::vector<at::Tensor> parts, params;
+      for (const int64_t i : indices) {
+        const auto& [h, offset] = where.at(i);
+        parts.push_back(held[h].b.buffer.narrow(0, offset, registered[size_t(i)].numel()));
+        params.push_back(registered[size_t(i)]);
+      }
       Bucket rb;
       rb.buffer = at::cat(parts);
       rb.numel = rb.buffer.numel();
@@ -300,21 +346,20 @@ struct EveryStep::Impl {
       if (!rb.buffer.device().is_cpu()) devices.push_back(rb.buffer.device());
       rb.future = c10::make_intrusive<c10::ivalue::Future>(c10::TensorType::get(), devices);
       start(rb, index, params, false);
-      mine.push_back(std::move(rb));
+      outs.push_back(rb.buffer);  // the same storage: finish() averages it in place
       lists.push_back(&indices);
+      pending.push_back(std::move(rb));
     }
-    if (covered != where.size()) {
-      fail<InvalidArgument>("strait.ddp_hook: this site's step has gradients of ", where.size(),
-                            " parameters, the job's buckets hold ", covered, "; every site must train the same "
-                            "parameters");
+    while (!pending.empty()) {
+      finish(pending.front());
+      pending.pop_front();
     }
-    for (size_t k = 0; k < mine.size(); ++k) {
-      finish(mine[k]);
+    for (size_t k = 0; k < outs.size(); ++k) {
       int64_t at = 0;
       for (const int64_t i : *lists[k]) {
         const auto& [h, offset] = where.at(i);
         const int64_t n = registered[size_t(i)].numel();
-        held[h].b.buffer.narrow(0, offset, n).copy_(mine[k].buffer.narrow(0, at, n));
+        held[h].b.buffer.narrow(0, offset, n).copy_(outs[k].narrow(0, at, n));
         at += n;
       }
     }
@@ -339,8 +384,10 @@ struct EveryStep::Impl {
                   unsigned(transport::chunkChecksum(reinterpret_cast<const uint8_t*>(shapes.data()), shapes.size())));
     const std::string layout = tag + ".n" + std::to_string(b.buffer.numel()) + "." + hash;
     if (checked.insert(layout).second) {
+      checking = true;
       s.checkSameEverywhere(tag + ".shapes", shapes);
       if (agree) agreeOnStart(tag, params);
+      checking = false;
     }
     if (s.size > 1) {
       s.allReduceSum(b.buffer);
@@ -360,7 +407,15 @@ struct EveryStep::Impl {
       std::vector<uint8_t> payload;
       c.encode(flat, payload);
       s.bytes_sent += payload.size();
+      // Every slot may be held by rounds that wait for a lost site: answer
+      // its join request meanwhile (the rounds fail at their deadline).
+      while (!s.gateway->slotFree()) {
+        answerJoins();
+        s.reapJoins();
+        std::this_thread::sleep_for(std::chrono::milliseconds(2));
+      }
       b.round = s.start(tag, std::move(payload), core::MessageKind::kModelUpdate);
+      started.insert(index);
     } catch (const Error&) {
       b.error = std::current_exception();
     }
@@ -446,14 +501,18 @@ struct EveryStep::Impl {
     step_begins = last;
     try {
       if (begins) beginStep();
-      if (!registered.empty()) {
-        step_layout[index] = indicesOf(params);
+      if (!registered.empty() && b.ddp) {
+        // A step whose buckets hold parameters not registered (not the
+        // model given to strait.Checkpoints) has no layout to record.
+        std::vector<int64_t> indices = indicesOf(params);
+        layout_known = layout_known && std::find(indices.begin(), indices.end(), -1) == indices.end();
+        step_layout[index] = std::move(indices);
         if (last) {
-          last_layout = std::move(step_layout);
+          if (layout_known) last_layout = std::move(step_layout);
           step_layout.clear();
         }
       }
-      if (regrouping) {
+      if (regrouping && b.ddp) {
         held.push_back({std::move(b), indicesOf(params)});
         if (last) regroup();
         return;
@@ -508,7 +567,8 @@ struct EveryStep::Impl {
   std::vector<uint8_t> joinRunning(const JoinOutcome& j, int64_t total, const std::string& model);
 
   c10::intrusive_ptr<c10::ivalue::Future> submitBucket(at::Tensor buffer, int64_t index,
-                                                       std::vector<at::Tensor> params, bool last, bool agree);
+                                                       std::vector<at::Tensor> params, bool last, bool agree,
+                                                       bool ddp);
 
   void finishStep() {
     std::exception_ptr e;
@@ -531,14 +591,15 @@ EveryStep::~EveryStep() = default;
 
 c10::intrusive_ptr<c10::ivalue::Future> EveryStep::bucket(at::Tensor buffer, int64_t index,
                                                           std::vector<at::Tensor> params, bool last) {
-  return impl_->submitBucket(std::move(buffer), index, std::move(params), last, true);
+  return impl_->submitBucket(std::move(buffer), index, std::move(params), last, true, true);
 }
 
 c10::intrusive_ptr<c10::ivalue::Future> EveryStep::Impl::submitBucket(at::Tensor buffer, int64_t index,
                                                                       std::vector<at::Tensor> params, bool last,
-                                                                      bool agree) {
+                                                                      bool agree, bool ddp) {
   Bucket b;
   b.buffer = buffer;
+  b.ddp = ddp;
   b.numel = buffer.numel();
   std::vector<c10::Device> devices;
   if (!buffer.device().is_cpu()) devices.push_back(buffer.device());
@@ -562,7 +623,7 @@ void EveryStep::average(std::vector<at::Tensor>& tensors, const std::vector<at::
   at::Tensor buffer = at::cat(flat);
   // The parameters (if given) are the layout and are compared across sites
   // at the first step; otherwise the tensors' shapes are the layout.
-  impl_->submitBucket(buffer, 0, params.empty() ? tensors : params, true, !params.empty());
+  impl_->submitBucket(buffer, 0, params.empty() ? tensors : params, true, !params.empty(), false);
   finishStep();
   int64_t at = 0;
   for (at::Tensor& t : tensors) {
@@ -658,17 +719,30 @@ void EveryStep::serveJoins(int64_t step, const std::vector<at::Tensor>& params, 
       to.swap(d.owed);
     }
     if (to.empty()) return;
-    const auto started = Clock::now();
-    Impl::Snapshot snap = d.snapshot(step, params, extra);
-    snap.st.strings["status"] = "running";
-    snap.st.strings["state_digest"] = stateDigest(snap.st);
-    const std::vector<uint8_t> message = transport::encodeState(snap.st);
-    for (const transport::PeerRound& p : to) {
-      s.joins.push_back(s.start(kJoinStateTag, message, core::MessageKind::kModelState, p.round));
-      char note[96];
-      std::snprintf(note, sizeof note, " (%.1f MB, %.2f s to queue)", message.size() / 1e6,
-                    std::chrono::duration<double>(Clock::now() - started).count());
-      s.event("site '" + p.site + "' asked to join: sending it the state of step " + std::to_string(step) + note);
+    // A joining site must not cost this one its training: a state that
+    // cannot leave (too large, refused by the egress policy) is reported
+    // and the request dropped (the joiner times out naming the round).
+    try {
+      const auto t0 = Clock::now();
+      Impl::Snapshot snap = d.snapshot(step, params, extra);
+      snap.st.strings["status"] = "running";
+      snap.st.strings["state_digest"] = stateDigest(snap.st);
+      const std::vector<uint8_t> message = transport::encodeState(snap.st);
+      for (const transport::PeerRound& p : to) {
+        try {
+          s.joins.push_back(s.start(kJoinStateTag, message, core::MessageKind::kModelState, p.round));
+          char note[96];
+          std::snprintf(note, sizeof note, " (%.1f MB, %.2f s to queue)", message.size() / 1e6,
+                        std::chrono::duration<double>(Clock::now() - t0).count());
+          s.event("site '" + p.site + "' asked to join: sending it the state of step " + std::to_string(step) +
+                  note);
+        } catch (const Error& e) {
+          s.event("could not send site '" + p.site + "' this site's state: " + e.what() + " (training goes on)");
+        }
+      }
+    } catch (const Error& e) {
+      s.event(std::string("could not make this site's state for a joining site: ") + e.what() +
+              " (training goes on)");
     }
   });
 }
@@ -761,23 +835,57 @@ int64_t EveryStep::resume(std::vector<at::Tensor> params) {
 // releases the rounds the running sites wait in (no contribution), then
 // takes the state they send at the end of that step, digest-verified.
 std::vector<uint8_t> EveryStep::Impl::joinRunning(const JoinOutcome& j, int64_t total, const std::string& model) {
-  std::istringstream in(j.state.strings.at("release"));
-  size_t released = 0;
+  // The rounds to release: "ddp.b<INDEX>:<ROUND>" lines, each (tag, round)
+  // once, at most one round a tag (a step's), no more than the model has
+  // parameters. Anything else is refused: a released round is an empty
+  // payload in a round this site would otherwise use itself.
+  const std::string& text = j.state.strings.at("release");
+  std::map<std::string, uint64_t> release;
+  auto digits = [](const std::string& t) {
+    return !t.empty() && t.size() <= 19 && std::all_of(t.begin(), t.end(), [](char c) { return c >= '0' && c <= '9'; });
+  };
+  std::istringstream in(text);
   for (std::string line; std::getline(in, line);) {
-    const size_t colon = line.rfind(':');
-    uint64_t round = 0;
-    try {
-      if (colon == std::string::npos || line.rfind("ddp.b", 0) != 0) throw std::invalid_argument("tag");
-      round = std::stoull(line.substr(colon + 1));
-    } catch (const std::exception&) {
-      fail<ProtocolError>("site '", s.names[j.site], "' asked this site to release a malformed round '",
-                          line.substr(0, 80), "'");
+    const size_t colon = line.find(':');
+    const std::string tag = line.substr(0, colon);
+    if (colon == std::string::npos || tag.rfind("ddp.b", 0) != 0 || !digits(tag.substr(5)) ||
+        !digits(line.substr(colon + 1)) || release.size() >= std::max<size_t>(registered.size(), 1) ||
+        !release.emplace(tag, std::stoull(line.substr(colon + 1))).second) {
+      fail<ProtocolError>("site '", s.names[j.site], "' asked this site to release rounds '", text.substr(0, 120),
+                          "': not one round per bucket tag of at most ", std::max<size_t>(registered.size(), 1),
+                          " buckets");
     }
-    s.joins.push_back(s.start(line.substr(0, colon), {}, core::MessageKind::kModelUpdate, round));
-    ++released;
+  }
+  for (const auto& [tag, round] : release) {
+    s.joins.push_back(s.start(tag, {}, core::MessageKind::kModelUpdate, round));
   }
   s.event("joining: site '" + s.names[j.site] + "' sends its state at the end of its step" +
-          (released ? "; releasing the " + std::to_string(released) + " rounds it waits in" : ""));
+          (release.empty() ? "" : "; releasing the " + std::to_string(release.size()) + " rounds it waits in"));
+  // The round opens once the state is on its way: under `continue` a round
+  // ends at round_deadline_s, and the running site sends at the end of a
+  // step that may itself have waited that long for this site. Meanwhile
+  // the state rounds of other sites joining at the same time are answered
+  // (empty): every site takes part in every round.
+  const auto deadline = Clock::now() + s.timeout;
+  std::set<uint64_t> others;
+  for (bool here = false; !here;) {
+    for (const transport::PeerRound& p : s.gateway->peerRounds(kJoinStateTag)) {
+      if (p.tag != kJoinStateTag) continue;
+      if (p.round == j.nonce) {
+        here = true;
+      } else if (others.insert(p.round).second) {
+        s.joins.push_back(s.start(kJoinStateTag, {}, core::MessageKind::kControl, p.round));
+      }
+    }
+    s.reapJoins();
+    if (here) break;
+    if (Clock::now() > deadline) {
+      fail<TimeoutError>("site '", s.names[j.site], "' answered the join request but sent no state within ",
+                         std::chrono::duration_cast<std::chrono::seconds>(s.timeout).count(),
+                         " s (does its program call strait.Checkpoints.step() every step?)");
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
   Round r = s.start(kJoinStateTag, {}, core::MessageKind::kControl, j.nonce);
   RoundOutcome o = s.finish(r);
   size_t from = j.site;

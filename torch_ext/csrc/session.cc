@@ -523,6 +523,17 @@ JoinOutcome Session::Impl::join(const std::string& model, const std::vector<std:
     }
     out.nonce = nonce;
     if (out.state.strings.count("deferred")) {
+      // Every running site must be able to take this one in.
+      for (size_t k = 1; k < running_bytes.size(); ++k) {
+        const auto s = transport::decodeState(running_bytes[k].second.data(), running_bytes[k].second.size(),
+                                              "site '" + names[running_bytes[k].first] + "' sent a join message");
+        const auto ns = s.strings.find("no_state");
+        if (ns != s.strings.end()) {
+          out.site = running_bytes[k].first;
+          out.no_state = ns->second;
+          return out;
+        }
+      }
       // A running every-step site sends its state at its next step
       // boundary (EveryStep): here only the rounds it waits in, which this
       // site releases. Every running site's rounds are released.

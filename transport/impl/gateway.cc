@@ -221,6 +221,19 @@ class Gateway::Impl {
       }
       lock.lock();
     }
+    // Join messages (tags "strait.join...") take no slot: a running site
+    // answers a restarted one while its own rounds, waiting for that very
+    // site, hold every slot. They are few: one answer per request, and a
+    // peer can open at most 2 x max_rounds_in_flight rounds ahead.
+    if (tag.rfind("strait.join", 0) == 0) {
+      unslotted_.insert({round, tag});
+      Command c{round, tag, kind, std::make_shared<std::vector<uint8_t>>(std::move(payload)), {}};
+      auto future = c.promise.get_future();
+      commands_.push_back(std::move(c));
+      lock.unlock();
+      wake();
+      return future;
+    }
     const auto deadline = Clock::now() + opt_.hard_deadline;
     while (open_rounds_ >= opt_.max_rounds_in_flight) {
       if (slots_.wait_until(lock, deadline) == std::cv_status::timeout &&
@@ -255,6 +268,11 @@ class Gateway::Impl {
     buffer.resize(buffer.capacity());  // keep it sized: a later resize down is free
     std::lock_guard<std::mutex> lock(mu_);
     if (pool_.size() < poolLimit()) pool_.push_back(std::move(buffer));
+  }
+
+  bool slotFree() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return open_rounds_ < opt_.max_rounds_in_flight;
   }
 
   std::vector<std::string> livePeers() const {
@@ -679,8 +697,7 @@ class Gateway::Impl {
     for (const Key& k : fx.done) {
       {
         std::lock_guard<std::mutex> lock(mu_);
-        --open_rounds_;
-        open_keys_.erase(k);
+        releaseSlot(k);
       }
       slots_.notify_all();
     }
@@ -1088,8 +1105,7 @@ class Gateway::Impl {
       if (!refusal.empty()) {
         c.promise.set_exception(std::make_exception_ptr(InvalidArgument(refusal)));
         std::lock_guard<std::mutex> lock(mu_);
-        --open_rounds_;
-        open_keys_.erase(key);
+        releaseSlot(key);
         slots_.notify_all();
         continue;
       }
@@ -1226,10 +1242,15 @@ class Gateway::Impl {
     for (Command& c : cmds) c.promise.set_exception(e);
     {
       std::lock_guard<std::mutex> lock(mu_);
-      open_rounds_ -= static_cast<int>(cmds.size());
-      for (const Command& c : cmds) open_keys_.erase({c.round, c.tag});
+      for (const Command& c : cmds) releaseSlot({c.round, c.tag});
     }
     slots_.notify_all();
+  }
+
+  // Under mu_: an exchange ended; it frees its slot unless it had none.
+  void releaseSlot(const Key& key) {
+    if (!unslotted_.erase(key)) --open_rounds_;
+    open_keys_.erase(key);
   }
 
   void rethrowFatal() {
@@ -1280,6 +1301,7 @@ class Gateway::Impl {
   std::condition_variable slots_;
   int open_rounds_ = 0;
   std::deque<Command> commands_;
+  std::set<Key> unslotted_;  // open exchanges that hold no slot (join messages)
   std::set<Key> open_keys_;  // (round, tag) of open exchanges: at most max_rounds_in_flight
   std::exception_ptr fatal_;
   std::string fatal_what_;
@@ -1331,6 +1353,7 @@ uint64_t Gateway::privacyReleases() const { return impl_->privacyReleases(); }
 std::string Gateway::auditHead() const { return impl_->auditHead(); }
 uint64_t Gateway::auditRecords() const { return impl_->auditRecords(); }
 size_t Gateway::siteIndex() const { return impl_->self(); }
+bool Gateway::slotFree() const { return impl_->slotFree(); }
 const GatewayOptions& Gateway::options() const { return impl_->options(); }
 std::vector<std::string> Gateway::livePeers() const { return impl_->livePeers(); }
 std::vector<PeerRound> Gateway::peerRounds(const std::string& prefix) const { return impl_->peerRounds(prefix); }

@@ -111,6 +111,26 @@ bool hears(const Gateway& g, const std::string& site) {
   return std::find(live.begin(), live.end(), site) != live.end();
 }
 
+// A running site whose every slot holds a round waiting for a restarted
+// site must still answer that site's join request: join messages take no
+// slot, and an ordinary exchange still waits for one.
+TEST(Gateway, JoinMessagesNeedNoSlotWhileEveryRoundWaits) {
+  Job job = makeJob(2);
+  for (auto& o : job.sites) o.max_rounds_in_flight = 1;
+  auto g = start(job);
+  auto held = g[0]->exchange(0, "ddp.b0", {1});  // site 1 never sends round 0: the one slot stays held
+  EXPECT_FALSE(g[0]->slotFree());
+  auto request = g[1]->exchange(77, "strait.join", {9});
+  auto answer = g[0]->exchange(77, "strait.join", {8});  // would wait the hard deadline if it needed the slot
+  EXPECT_EQ(*getWithin(answer).payloads[1], (std::vector<uint8_t>{9}));
+  EXPECT_EQ(*getWithin(request).payloads[0], (std::vector<uint8_t>{8}));
+  EXPECT_FALSE(g[0]->slotFree()) << "a join message freed a slot it never took";
+  auto other = g[1]->exchange(0, "ddp.b0", {2});
+  EXPECT_EQ(*getWithin(held).payloads[1], (std::vector<uint8_t>{2}));
+  getWithin(other);
+  EXPECT_TRUE(eventually([&] { return g[0]->slotFree(); }));
+}
+
 TEST(Gateway, CorruptedChunkIsDetectedAndRetransmitted) {
   Job job = makeJob(2);
   job.sites[0].test_corrupt_chunk = 2;  // every payload's chunk 2, first send
