@@ -192,9 +192,10 @@ class Gateway {
 
   // This site's position in the job's site order.
   size_t siteIndex() const;
-  // Whether exchange() would start at once rather than wait for one of the
-  // max_rounds_in_flight slots (join messages need none).
-  bool slotFree() const;
+  // Waits up to `within` until exchange() would start at once rather than
+  // wait for one of the max_rounds_in_flight slots (join messages need
+  // none), or the gateway failed (exchange() then throws); false if not.
+  bool waitForSlot(std::chrono::milliseconds within);
   const GatewayOptions& options() const;
 
   // Sites heard from within peer_timeout (handshake done), by name.

@@ -409,10 +409,9 @@ struct EveryStep::Impl {
       s.bytes_sent += payload.size();
       // Every slot may be held by rounds that wait for a lost site: answer
       // its join request meanwhile (the rounds fail at their deadline).
-      while (!s.gateway->slotFree()) {
+      while (!s.gateway->waitForSlot(std::chrono::milliseconds(50))) {
         answerJoins();
         s.reapJoins();
-        std::this_thread::sleep_for(std::chrono::milliseconds(2));
       }
       b.round = s.start(tag, std::move(payload), core::MessageKind::kModelUpdate);
       started.insert(index);

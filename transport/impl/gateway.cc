@@ -270,9 +270,9 @@ class Gateway::Impl {
     if (pool_.size() < poolLimit()) pool_.push_back(std::move(buffer));
   }
 
-  bool slotFree() const {
-    std::lock_guard<std::mutex> lock(mu_);
-    return open_rounds_ < opt_.max_rounds_in_flight;
+  bool waitForSlot(std::chrono::milliseconds within) {
+    std::unique_lock<std::mutex> lock(mu_);
+    return slots_.wait_for(lock, within, [&] { return open_rounds_ < opt_.max_rounds_in_flight || fatal_; });
   }
 
   std::vector<std::string> livePeers() const {
@@ -1353,7 +1353,7 @@ uint64_t Gateway::privacyReleases() const { return impl_->privacyReleases(); }
 std::string Gateway::auditHead() const { return impl_->auditHead(); }
 uint64_t Gateway::auditRecords() const { return impl_->auditRecords(); }
 size_t Gateway::siteIndex() const { return impl_->self(); }
-bool Gateway::slotFree() const { return impl_->slotFree(); }
+bool Gateway::waitForSlot(std::chrono::milliseconds within) { return impl_->waitForSlot(within); }
 const GatewayOptions& Gateway::options() const { return impl_->options(); }
 std::vector<std::string> Gateway::livePeers() const { return impl_->livePeers(); }
 std::vector<PeerRound> Gateway::peerRounds(const std::string& prefix) const { return impl_->peerRounds(prefix); }
