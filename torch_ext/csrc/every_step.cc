@@ -34,6 +34,12 @@ std::string shapesOf(const std::vector<at::Tensor>& params) {
   return out;
 }
 
+// A decimal number of at most `max` digits, nothing else (no sign, no
+// spaces): what a peer's layout and release lines may hold.
+bool isDecimal(const std::string& t, size_t max) {
+  return !t.empty() && t.size() <= max && std::all_of(t.begin(), t.end(), [](char c) { return c >= '0' && c <= '9'; });
+}
+
 // Which parameters each gradient bucket holds, in order: bucket index ->
 // indices into the model's parameters (strait.Checkpoints registers them).
 using Layout = std::map<int64_t, std::vector<int64_t>>;
@@ -58,9 +64,7 @@ Layout parseLayout(const std::string& text, size_t params, const std::string& wh
     try {
       if (colon == std::string::npos) throw std::invalid_argument("no colon");
       auto number = [](const std::string& t) {
-        if (t.empty() || t.size() > 18 || !std::all_of(t.begin(), t.end(), [](char c) { return c >= '0' && c <= '9'; })) {
-          throw std::invalid_argument("not a number");
-        }
+        if (!isDecimal(t, 18)) throw std::invalid_argument("not a number");
         return std::stoll(t);
       };
       const int64_t index = number(line.substr(0, colon));
@@ -233,23 +237,21 @@ struct EveryStep::Impl {
       return;
     }
     if (s.newJoinRequests(false).empty()) return;
+    if (checking || !layout_known) return;
+    if (!regrouping) {
+      for (const auto& [index, params] : step_layout) {
+        const auto it = last_layout.find(index);
+        if (it == last_layout.end() || it->second != params) return;
+      }
+    }
     std::set<std::string> release;
-    {
-      if (checking || !layout_known) return;
-      if (!regrouping) {
-        for (const auto& [index, params] : step_layout) {
-          const auto it = last_layout.find(index);
-          if (it == last_layout.end() || it->second != params) return;
-        }
-      }
-      for (const Bucket& b : pending) {
-        if (b.round && !s.ready(*b.round)) release.insert(b.round->tag + ":" + std::to_string(b.round->round));
-      }
-      for (const auto& kv : jobLayout()) {
-        if (started.count(kv.first)) continue;  // open (above) or complete
-        const std::string tag = "ddp.b" + std::to_string(kv.first);
-        release.insert(tag + ":" + std::to_string(s.counters[tag]));
-      }
+    for (const Bucket& b : pending) {
+      if (b.round && !s.ready(*b.round)) release.insert(b.round->tag + ":" + std::to_string(b.round->round));
+    }
+    for (const auto& kv : jobLayout()) {
+      if (started.count(kv.first)) continue;  // open (above) or complete
+      const std::string tag = "ddp.b" + std::to_string(kv.first);
+      release.insert(tag + ":" + std::to_string(s.counters[tag]));
     }
     std::string lines;
     for (const std::string& r : release) lines += (lines.empty() ? "" : "\n") + r;
@@ -563,7 +565,8 @@ struct EveryStep::Impl {
 
   struct Snapshot;
   Snapshot snapshot(int64_t step, const std::vector<at::Tensor>& params, const std::vector<uint8_t>& extra);
-  std::vector<uint8_t> joinRunning(const JoinOutcome& j, int64_t total, const std::string& model);
+  std::vector<uint8_t> joinRunning(const JoinOutcome& j, int64_t total, const std::string& model,
+                                   Clock::time_point started);
 
   c10::intrusive_ptr<c10::ivalue::Future> submitBucket(at::Tensor buffer, int64_t index,
                                                        std::vector<at::Tensor> params, bool last, bool agree,
@@ -768,13 +771,8 @@ int64_t EveryStep::resume(std::vector<at::Tensor> params) {
                         j.no_state.empty() ? std::string("DiLoCo job in every-step mode") : j.no_state + " job",
                         " — stop it and restart every site with --resume");
           }
-          doc = d.joinRunning(j, total, d.modelDigest(params));
+          doc = d.joinRunning(j, total, d.modelDigest(params), started);
           length[0] = int64_t(doc.size());
-          char took[32];
-          std::snprintf(took, sizeof took, "%.2f", std::chrono::duration<double>(Clock::now() - started).count());
-          const transport::State st = transport::decodeState(doc.data(), doc.size(), "a running site's state");
-          s.event("joined: state of step " + std::to_string(st.counter("step", "a running site's state")) +
-                  " from site '" + s.names[j.site] + "' (digest verified) in " + took + " s");
           return;
         }
         if (j.kind != JoinOutcome::Kind::kCheckpoint) return;
@@ -830,25 +828,23 @@ int64_t EveryStep::resume(std::vector<at::Tensor> params) {
   return int64_t(st.counter("step", "a checkpoint"));
 }
 
-// Leader of a site joining a running every-step job: under `wait` it
-// releases the rounds the running sites wait in (no contribution), then
+// Leader of a site joining a running every-step job: it releases the
+// rounds of the running sites' step not complete (no contribution), then
 // takes the state they send at the end of that step, digest-verified.
-std::vector<uint8_t> EveryStep::Impl::joinRunning(const JoinOutcome& j, int64_t total, const std::string& model) {
+std::vector<uint8_t> EveryStep::Impl::joinRunning(const JoinOutcome& j, int64_t total, const std::string& model,
+                                                  Clock::time_point started) {
   // The rounds to release: "ddp.b<INDEX>:<ROUND>" lines, each (tag, round)
   // once, at most one round a tag (a step's), no more than the model has
   // parameters. Anything else is refused: a released round is an empty
   // payload in a round this site would otherwise use itself.
   const std::string& text = j.state.strings.at("release");
   std::map<std::string, uint64_t> release;
-  auto digits = [](const std::string& t) {
-    return !t.empty() && t.size() <= 19 && std::all_of(t.begin(), t.end(), [](char c) { return c >= '0' && c <= '9'; });
-  };
   std::istringstream in(text);
   for (std::string line; std::getline(in, line);) {
     const size_t colon = line.find(':');
     const std::string tag = line.substr(0, colon);
-    if (colon == std::string::npos || tag.rfind("ddp.b", 0) != 0 || !digits(tag.substr(5)) ||
-        !digits(line.substr(colon + 1)) || release.size() >= std::max<size_t>(registered.size(), 1) ||
+    if (colon == std::string::npos || tag.rfind("ddp.b", 0) != 0 || !isDecimal(tag.substr(5), 19) ||
+        !isDecimal(line.substr(colon + 1), 19) || release.size() >= std::max<size_t>(registered.size(), 1) ||
         !release.emplace(tag, std::stoull(line.substr(colon + 1))).second) {
       fail<ProtocolError>("site '", s.names[j.site], "' asked this site to release rounds '", text.substr(0, 120),
                           "': not one round per bucket tag of at most ", std::max<size_t>(registered.size(), 1),
@@ -909,8 +905,12 @@ std::vector<uint8_t> EveryStep::Impl::joinRunning(const JoinOutcome& j, int64_t 
   const auto& flat = st.section("params", transport::SectionType::kFloat32, what, size_t(total));
   at::Tensor values = at::from_blob(const_cast<uint8_t*>(flat.data), {total}, at::kFloat);
   if (!at::isfinite(values).all().item<bool>()) fail<ProtocolError>(what, " holds non-finite values");
-  st.counter("step", what);
+  const uint64_t step = st.counter("step", what);
   s.restoreResiduals(st, "ddp.");
+  char took[32];
+  std::snprintf(took, sizeof took, "%.2f", std::chrono::duration<double>(Clock::now() - started).count());
+  s.event("joined: state of step " + std::to_string(step) + " from site '" + s.names[from] +
+          "' (digest verified) in " + took + " s");
   return bytes;
 }
 

@@ -523,9 +523,15 @@ JoinOutcome Session::Impl::join(const std::string& model, const std::vector<std:
     }
     out.nonce = nonce;
     if (out.state.strings.count("deferred")) {
-      // Every running site must be able to take this one in.
-      for (size_t k = 1; k < running_bytes.size(); ++k) {
-        const auto s = transport::decodeState(running_bytes[k].second.data(), running_bytes[k].second.size(),
+      // A running every-step site sends its state at its next step
+      // boundary (EveryStep): here only the rounds of its step not
+      // complete, which this site releases: every running site's, each
+      // once (sites in step list the same). Every running site must be
+      // able to take this one in.
+      std::set<std::string> release;
+      for (size_t k = 0; k < running_bytes.size(); ++k) {
+        const std::vector<uint8_t>& bytes = k == 0 ? out.bytes : running_bytes[k].second;  // the first moved out
+        const auto s = transport::decodeState(bytes.data(), bytes.size(),
                                               "site '" + names[running_bytes[k].first] + "' sent a join message");
         const auto ns = s.strings.find("no_state");
         if (ns != s.strings.end()) {
@@ -533,19 +539,16 @@ JoinOutcome Session::Impl::join(const std::string& model, const std::vector<std:
           out.no_state = ns->second;
           return out;
         }
-      }
-      // A running every-step site sends its state at its next step
-      // boundary (EveryStep): here only the rounds it waits in, which this
-      // site releases. Every running site's rounds are released.
-      std::string release;
-      for (size_t k = 0; k < running_bytes.size(); ++k) {
-        const std::vector<uint8_t>& bytes = k == 0 ? out.bytes : running_bytes[k].second;  // the first moved out
-        const auto s = transport::decodeState(bytes.data(), bytes.size(),
-                                              "site '" + names[running_bytes[k].first] + "' sent a join message");
         const auto r = s.strings.find("release");
-        if (r != s.strings.end() && !r->second.empty()) release += (release.empty() ? "" : "\n") + r->second;
+        if (r == s.strings.end()) continue;
+        std::istringstream lines(r->second);
+        for (std::string line; std::getline(lines, line);) {
+          if (!line.empty()) release.insert(line);
+        }
       }
-      out.state.strings["release"] = release;
+      std::string lines;
+      for (const std::string& line : release) lines += (lines.empty() ? "" : "\n") + line;
+      out.state.strings["release"] = lines;
       return out;
     }
     if (stateDigest(out.state) != out.state.string("state_digest", what)) {

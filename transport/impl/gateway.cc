@@ -225,17 +225,9 @@ class Gateway::Impl {
     // answers a restarted one while its own rounds, waiting for that very
     // site, hold every slot. They are few: one answer per request, and a
     // peer can open at most 2 x max_rounds_in_flight rounds ahead.
-    if (tag.rfind("strait.join", 0) == 0) {
-      unslotted_.insert({round, tag});
-      Command c{round, tag, kind, std::make_shared<std::vector<uint8_t>>(std::move(payload)), {}};
-      auto future = c.promise.get_future();
-      commands_.push_back(std::move(c));
-      lock.unlock();
-      wake();
-      return future;
-    }
+    const bool slotted = tag.rfind("strait.join", 0) != 0;
     const auto deadline = Clock::now() + opt_.hard_deadline;
-    while (open_rounds_ >= opt_.max_rounds_in_flight) {
+    while (slotted && open_rounds_ >= opt_.max_rounds_in_flight) {
       if (slots_.wait_until(lock, deadline) == std::cv_status::timeout &&
           open_rounds_ >= opt_.max_rounds_in_flight) {
         open_keys_.erase({round, tag});
@@ -248,7 +240,11 @@ class Gateway::Impl {
         std::rethrow_exception(fatal_);
       }
     }
-    ++open_rounds_;
+    if (slotted) {
+      ++open_rounds_;
+    } else {
+      unslotted_.insert({round, tag});
+    }
     Command c{round, tag, kind, std::make_shared<std::vector<uint8_t>>(std::move(payload)), {}};
     auto future = c.promise.get_future();
     commands_.push_back(std::move(c));
