@@ -349,4 +349,53 @@ class ShardedDiLoCo : public ::torch::CustomClassHolder {
   std::unique_ptr<Impl> impl_;
 };
 
+// Every-step mode over a model sharded with FSDP2 inside each site (issue
+// 14; Python: strait.fsdp_hook): HSDP-style, through FSDP2's all-reduce
+// hook. Each *unit* (a module fully_shard was applied to) reduce-scatters
+// its gradients inside the site; its hook hands this rank's shards over
+// (unit()), which brings the pieces this rank owns together (one all-to-
+// all inside the site where a piece crosses a shard boundary) and starts,
+// per exchange group, one round with the ranks owning the same pieces at
+// the other sites: compressed with the config's rule for the parameter
+// (by its whole size) and error feedback, per piece. Backward goes on
+// meanwhile. At the end of backward finishStep() waits for the step's
+// rounds and hands every rank its parts of the weighted mean of every
+// site's gradient, in site order: every rank of every site then holds the
+// same bits for the same elements. Sites may have different numbers of
+// ranks. This version runs under on_site_loss: wait, without adaptive
+// compression, checkpoints or joins (each refused by name).
+class ShardedEveryStep : public ::torch::CustomClassHolder {
+ public:
+  // names, locals, shapes: the trained parameters, as ShardedDiLoCo takes
+  // them; units: for each unit, the indices of the parameters whose
+  // gradients its reduce-scatter output holds, in its order (every
+  // parameter in exactly one). Every rank of the site together: agrees on
+  // the model, the units and every site's ranks with the other sites, and
+  // starts every site from site 0's values (written into locals).
+  ShardedEveryStep(c10::intrusive_ptr<Session> session, std::vector<std::string> names, std::vector<at::Tensor> locals,
+                   std::vector<std::vector<int64_t>> shapes, std::vector<std::vector<int64_t>> units);
+  ~ShardedEveryStep() override;
+
+  // From unit m's all-reduce hook, on every rank of the site in the same
+  // order: this rank's shard of each of its parameters' gradients (the
+  // site's mean, unpadded; any float dtype). Returns once its rounds are
+  // started; a failure to start one is raised by finishStep().
+  void unit(int64_t m, const std::vector<at::Tensor>& grads);
+  // At the end of backward: waits for the step's rounds (every rank of the
+  // site together) and returns this rank's shard of the job's mean gradient
+  // of each parameter of the units handed over this step (units in order,
+  // their parameters in unit order), float32. After a failure every later
+  // call raises: the sites' gradients no longer agree.
+  std::vector<at::Tensor> finishStep();
+  int64_t steps() const;
+  int64_t groups() const;  // exchange groups this rank takes part in
+  // Epsilon spent by each of this rank's groups' gateways; empty without privacy.
+  std::vector<double> privacySpent() const;
+
+  struct Impl;
+
+ private:
+  std::unique_ptr<Impl> impl_;
+};
+
 }  // namespace strait::torch

@@ -32,6 +32,8 @@ def main():
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--wan", metavar="PROFILE", help="across a simulated border, e.g. 1gbit-150ms (root)")
     ap.add_argument("--streams", type=int, help="transport.streams (default: the config's, else strait's default)")
+    ap.add_argument("--every-step", action="store_true",
+                    help="every-step mode instead of DiLoCo: strait.fsdp_hook, each step's gradients exchanged")
     ap.add_argument("--width", type=int, default=768)
     ap.add_argument("--layers", type=int, default=14)
     ap.add_argument("--out", default=os.path.join(ROOT, "build", "gpt"), help="results directory")
@@ -49,11 +51,17 @@ def main():
             subprocess.run([os.path.join(args.build, "transport", "strait_keys"), "generate", site, "--dir", keys],
                            check=True, stdout=subprocess.DEVNULL)
     config = os.path.join(HERE, "config.yaml")
-    if args.streams:
-        # The same job with another number of streams: a copy next to the keys it names.
+    changed = args.streams or args.every_step
+    if changed:
+        # The same job with another number of streams or mode: a copy next to the keys it names.
         with open(config) as f:
             text = f.read()
-        text = text.replace("transport:\n", f"transport:\n  streams: {args.streams}\n", 1)
+        if args.streams:
+            text = text.replace("transport:\n", f"transport:\n  streams: {args.streams}\n", 1)
+        if args.every_step:
+            # The diloco section goes with the mode (the config refuses it otherwise).
+            head, rest = text.split("sync:\n", 1)
+            text = head + "sync:\n  mode: every_step\n" + rest[rest.index("\ncompression:"):]
         fd, config = tempfile.mkstemp(prefix=".config-", suffix=".yaml", dir=HERE)
         with os.fdopen(fd, "w") as f:
             f.write(text)
@@ -68,16 +76,20 @@ def main():
                 str(args.width), "--layers", str(args.layers), "--out", os.path.join(args.out, "{site}-{rank}.json")]
         if args.restart_after is not None:
             cmd += ["--crash", f"singapore/1@{args.restart_after}"]
+        if args.every_step:
+            cmd += ["--every-step"]
         r = subprocess.run(cmd, env=env)
     finally:
-        if args.streams:
+        if changed:
             os.remove(config)
     if r.returncode != 0:
         raise SystemExit(f"gpt: the job failed with status {r.returncode}")
     results = [json.load(open(os.path.join(args.out, f"{s}-{k}.json"))) for s, w in SITES for k in range(w)]
     first = results[0]
-    print(f"\ngpt: {first['parameters'] / 1e6:.1f}M parameters, {first['steps']} inner steps, "
-          f"{len(first['sync_seconds'])} syncs{', across ' + args.wan if args.wan else ''}"
+    print(f"\ngpt: {first['parameters'] / 1e6:.1f}M parameters, {first['steps']} "
+          + (f"steps, every-step mode (each step's exchange inside its step time)" if args.every_step else
+             f"inner steps, {len(first['sync_seconds'])} syncs")
+          + f"{', across ' + args.wan if args.wan else ''}"
           f"{f', {args.streams} streams' if args.streams else ''}")
     print(f"  {'rank':<13} {'holds':>8} {'groups':>6} {'step s':>7} {'sync s (each)':>18} {'sent MB':>8} {'peak RSS MB':>11}")
     for x in results:
@@ -114,7 +126,7 @@ def main():
     same = len({x["param_digest"] for x in results}) == 1
     print(f"every rank of both sites holds the same parameters: {'yes' if same else 'NO'}")
     with open(os.path.join(args.out, "summary.json"), "w") as f:
-        json.dump({"wan": args.wan, "streams": args.streams, "identical": same, "sync_critical_seconds": critical,
+        json.dump({"wan": args.wan, "streams": args.streams, "every_step": args.every_step, "identical": same, "sync_critical_seconds": critical,
                    "rejoin": rejoin, "ranks": results}, f, indent=1)
     if not same:
         raise SystemExit(1)

@@ -94,6 +94,9 @@ def main():
     ap.add_argument("--width", type=int, default=768)
     ap.add_argument("--layers", type=int, default=14)
     ap.add_argument("--out", default="gpt-{site}-{rank}.json", help="result file ({site}, {rank} filled in)")
+    ap.add_argument("--every-step", action="store_true",
+                    help="every-step mode (the config's sync.mode: every_step): strait.fsdp_hook exchanges each "
+                         "step's gradients, unit by unit, during backward")
     ap.add_argument("--crash", metavar="SITE/RANK@SYNC",
                     help="that worker kills itself (SIGKILL) after that sync, once: a file 'crashed' beside the "
                          "results holds when (run.py --restart-after shows the site rejoining)")
@@ -130,12 +133,18 @@ def main():
     model.mask = torch.triu(torch.full((model.context, model.context), float("-inf")), diagonal=1)
     params = [p for p in model.parameters()]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
-    diloco = strait.DiLoCo(model, opt, session)  # FSDP2 parameters: the sharded engine
+    if args.every_step:
+        hook, diloco = strait.fsdp_hook(model, session), None  # each step's gradients, piece by piece
+    else:
+        hook, diloco = None, strait.DiLoCo(model, opt, session)  # FSDP2 parameters: the sharded engine
+
+    def done():
+        return diloco.local_steps if diloco else hook.steps
     ready_wall = time.time()  # a restarted site: joined, and its first round (without a contribution) done
     g = torch.Generator().manual_seed(1000 + 10 * session.site_index + rank)
     losses, syncs, sync_ids, step_s, sync_walls, rss_after_sync = [], [], [], [], [], []
     started = time.monotonic()
-    while diloco.local_steps < args.steps:
+    while done() < args.steps:
         t0 = time.monotonic()
         x, y = batch(train, args.batch, model.context, g)
         opt.zero_grad()
@@ -143,11 +152,12 @@ def main():
         loss.backward()
         opt.step()
         t1 = time.monotonic()
-        before = diloco.syncs
+        before = diloco.syncs if diloco else 0
         wall = time.time()  # all ranks share this machine's clock: run.py lines the syncs up
-        diloco.step()
+        if diloco:
+            diloco.step()
         t2 = time.monotonic()
-        if diloco.syncs > before:
+        if diloco and diloco.syncs > before:
             syncs.append(t2 - t1)
             sync_ids.append(diloco.syncs)
             sync_walls.append((wall, time.time()))
@@ -159,15 +169,18 @@ def main():
         step_s.append(t1 - t0)
         losses.append(loss.item())
         if rank == 0:
-            print(f"{args.site} step {diloco.local_steps}: loss {loss.item():.3f}, step {t1 - t0:.1f} s"
-                  + (f", sync {t2 - t1:.2f} s" if diloco.syncs > before else ""), file=sys.stderr, flush=True)
-    diloco.flush()
+            print(f"{args.site} step {done()}: loss {loss.item():.3f}, step {t1 - t0:.1f} s"
+                  + (f", sync {t2 - t1:.2f} s" if diloco and diloco.syncs > before else ""), file=sys.stderr,
+                  flush=True)
+    if diloco:
+        diloco.flush()
     result = {"site": args.site, "rank": rank, "world": dist.get_world_size(),
               "parameters": sum(p.numel() for p in params),
               "local_elements": sum(p.to_local().numel() for p in params),
-              "groups": diloco._d.groups(), "steps": diloco.local_steps, "seconds": time.monotonic() - started,
+              "groups": diloco._d.groups() if diloco else hook.groups, "steps": done(),
+              "mode": "diloco" if diloco else "every_step", "seconds": time.monotonic() - started,
               "losses": losses, "step_seconds": step_s, "sync_seconds": syncs, "sync_ids": sync_ids,
-              "sync_walls": sync_walls, "resumed": diloco.resumed, "started_wall": started_wall,
+              "sync_walls": sync_walls, "resumed": diloco.resumed if diloco else "", "started_wall": started_wall,
               "ready_wall": ready_wall,
               "rss_after_sync_mb": rss_after_sync,
               "bytes_sent": session._s.bytes_sent(),
@@ -179,7 +192,7 @@ def main():
     # done, then the engine (its group gateways and its hold on the process
     # group), the session, and the process group last.
     dist.barrier()
-    del diloco, opt, model, params
+    del diloco, hook, opt, model, params
     session.close()
     dist.destroy_process_group()
 

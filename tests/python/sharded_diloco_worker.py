@@ -1,7 +1,10 @@
-"""One worker of a sharded DiLoCo job (tests/python/test_sharded.py): the
-model sharded with FSDP2 over its site's workers, its own site's data,
-strait.DiLoCo exchanging only the pieces this rank owns. Writes a digest of
-the full parameters at the start and the end to --out as JSON."""
+"""One worker of a sharded job (tests/python/test_sharded.py): the model
+sharded with FSDP2 over its site's workers, its own site's data, and
+strait.DiLoCo (or, with --every-step, strait.fsdp_hook) exchanging only the
+pieces this rank owns. Writes a digest of the full parameters at the start
+and the end to --out as JSON; with --every-step also how far they are from
+plain SGD on the weighted mean of both sites' gradients, computed here
+unsharded."""
 
 import argparse
 import faulthandler
@@ -28,6 +31,56 @@ def full_digest(params):
     return h.hexdigest()
 
 
+def make_net():
+    return nn.Sequential(nn.Linear(40, 64), nn.Tanh(), nn.Linear(64, 10))
+
+
+def site_data(site):
+    g = torch.Generator().manual_seed(7 + site)
+    return torch.randn(64, 40, generator=g), torch.randint(0, 10, (64,), generator=g)
+
+
+def from_reference(params, steps):
+    """Plain SGD, unsharded, from site 0's initial values, on the mean of
+    the two sites' gradients (each site's the mean over its whole batch, as
+    FSDP2 averages its ranks' equal halves): the largest difference from
+    the trained parameters."""
+    torch.manual_seed(100)
+    ref = make_net()
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    for _ in range(steps):
+        grads = []
+        for site in (0, 1):
+            ref.zero_grad()
+            x, y = site_data(site)
+            nn.functional.cross_entropy(ref(x), y).backward()
+            grads.append([p.grad.clone() for p in ref.parameters()])
+        for p, a, b in zip(ref.parameters(), *grads):
+            p.grad = 0.5 * a + 0.5 * b
+        opt.step()
+    return max(float((p.full_tensor().detach() - r.detach()).abs().max()) for p, r in zip(params, ref.parameters()))
+
+
+def train_diloco(net, opt, session, params, start, x, y, steps):
+    diloco = strait.DiLoCo(net, opt, session)
+    losses = []
+    while diloco.local_steps < steps:
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(net(x), y)
+        loss.backward()
+        opt.step()
+        diloco.step()
+        losses.append(float(loss))
+    diloco.flush()
+    return {"site": session.site, "rank": session.rank, "sharded": diloco.sharded, "syncs": diloco.syncs,
+            "groups": diloco._d.groups(), "start": start, "end": full_digest(params),
+            "privacy_spent": list(diloco._d.privacy_spent()),
+            "settings": [diloco.sync_every, diloco.outer_lr, diloco.outer_momentum, diloco.nesterov,
+                         diloco.fragments == [list(range(len(params)))], diloco.overlap, diloco.sparseloco,
+                         diloco.resumed],
+            "bytes_sent": session._s.bytes_sent(), "first_loss": losses[0], "last_loss": losses[-1]}
+
+
 def main():
     faulthandler.dump_traceback_later(200, exit=True)
     ap = argparse.ArgumentParser()
@@ -36,6 +89,7 @@ def main():
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--out", required=True)
     ap.add_argument("--policy", default=None)
+    ap.add_argument("--every-step", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -43,34 +97,30 @@ def main():
     # Each site its own initial values (DiLoCo starts every site from site
     # 0's) and its own data.
     torch.manual_seed(100 + session.site_index)
-    net = nn.Sequential(nn.Linear(40, 64), nn.Tanh(), nn.Linear(64, 10))
+    net = make_net()
     for m in (net[0], net[2]):
         fully_shard(m)
     fully_shard(net)
     params = list(net.parameters())
     start = full_digest(params)
-    g = torch.Generator().manual_seed(7 + session.site_index)
-    x = torch.randn(64, 40, generator=g)
-    y = torch.randint(0, 10, (64,), generator=g)
+    x, y = site_data(session.site_index)
     x, y = x[session.rank::session.size], y[session.rank::session.size]
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
-    diloco = strait.DiLoCo(net, opt, session)
-    losses = []
-    while diloco.local_steps < args.steps:
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(net(x), y)
-        loss.backward()
-        opt.step()
-        diloco.step()
-        losses.append(float(loss))
-    diloco.flush()
-    result = {"site": session.site, "rank": session.rank, "sharded": diloco.sharded, "syncs": diloco.syncs,
-              "groups": diloco._d.groups(), "start": start, "end": full_digest(params),
-              "privacy_spent": list(diloco._d.privacy_spent()),
-              "settings": [diloco.sync_every, diloco.outer_lr, diloco.outer_momentum, diloco.nesterov,
-                           diloco.fragments == [list(range(len(params)))], diloco.overlap, diloco.sparseloco,
-                           diloco.resumed],
-              "bytes_sent": session._s.bytes_sent(), "first_loss": losses[0], "last_loss": losses[-1]}
+    if args.every_step:
+        hook = strait.fsdp_hook(net, session)
+        losses = []
+        for _ in range(args.steps):
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(net(x), y)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss))
+        result = {"site": session.site, "rank": session.rank, "steps": hook.steps, "groups": hook.groups,
+                  "start": start, "end": full_digest(params), "privacy_spent": hook.privacy_spent(),
+                  "bytes_sent": session._s.bytes_sent(), "first_loss": losses[0], "last_loss": losses[-1],
+                  "from_reference": from_reference(params, args.steps)}
+    else:
+        result = train_diloco(net, opt, session, params, start, x, y, args.steps)
     with open(args.out, "w") as f:
         json.dump(result, f)
     session.close()

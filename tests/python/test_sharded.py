@@ -83,12 +83,16 @@ def test_a_shard_that_is_not_fsdp2s_is_a_clear_error():
     assert torch.equal(torch.cat(got), torch.cat([a.reshape(-1), b]))
 
 
-def run_sharded_job(policy_extra="", transport_extra="", diloco_extra=""):
+def run_sharded_job(policy_extra="", transport_extra="", diloco_extra="", every_step=False,
+                    pipeline="topk(0.3) -> int8", error_feedback=True):
     """Site a: 1 rank; site b: 2 ranks, FSDP2 over gloo, CurveZMQ and each
     site's policy with a signed audit log; each site starts from its own
-    values and data. Returns every worker's result and checks every audit
-    log (one per rank and group besides the leader's) verifies."""
+    values and data. DiLoCo, or with every_step strait.fsdp_hook. Returns
+    every worker's result and checks every audit log (one per rank and
+    group besides the leader's) verifies."""
     build = os.environ.get("STRAIT_BUILD_DIR", os.path.join(ROOT, "build"))
+    sync = ("sync: {mode: every_step}" if every_step else
+            f"sync: {{mode: diloco, diloco: {{sync_every: 4, outer_lr: 0.7, outer_momentum: 0.5{diloco_extra}}}}}")
     with tempfile.TemporaryDirectory(prefix="strait-sharded-") as tmp:
         policies = {}
         for site, jur in (("a", "CN"), ("b", "SG")):
@@ -106,8 +110,8 @@ sites:
      public_key: keys/a.pub, secret_key: keys/a.key}}
   - {{name: b, jurisdiction: SG, endpoint: "tcp://127.0.0.1:{free_ports(4)}", workers: 2,
      public_key: keys/b.pub, secret_key: keys/b.key}}
-sync: {{mode: diloco, diloco: {{sync_every: 4, outer_lr: 0.7, outer_momentum: 0.5{diloco_extra}}}}}
-compression: {{pipeline: "topk(0.3) -> int8", error_feedback: true}}
+{sync}
+compression: {{pipeline: "{pipeline}", error_feedback: {str(error_feedback).lower()}}}
 transport: {{chunk_bytes: 4096, heartbeat_ms: 100, peer_timeout_ms: 3000, round_deadline_s: 60, hard_deadline_s: 120
              {transport_extra}}}
 """)
@@ -119,6 +123,7 @@ transport: {{chunk_bytes: 4096, heartbeat_ms: 100, peer_timeout_ms: 3000, round_
                 out = os.path.join(tmp, f"{site}-{rank}.json")
                 cmd = [sys.executable, os.path.join(HERE, "sharded_diloco_worker.py"), "--config", config, "--site",
                        site, "--policy", policies[site], "--steps", "12", "--out", out]
+                cmd += ["--every-step"] if every_step else []
                 procs.append(subprocess.Popen(cmd, env=dict(env, RANK=str(rank), WORLD_SIZE=str(world),
                                                             MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)),
                                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
@@ -138,8 +143,8 @@ transport: {{chunk_bytes: 4096, heartbeat_ms: 100, peer_timeout_ms: 3000, round_
             assert v.returncode == 0, (log, v.stdout, v.stderr)
             with open(os.path.join(tmp, "audit", log)) as f:
                 kinds = [json.loads(line).get("kind") for line in f]
-            if ".group" in log:  # the init rounds and 3 syncs, each out and in
-                assert kinds.count("model_update") >= 6, (log, kinds)
+            if ".group" in log:  # the init rounds and 3 syncs (or 12 steps), each out and in
+                assert kinds.count("model_update") >= (24 if every_step else 6), (log, kinds)
         return r, []
 
 
@@ -187,3 +192,52 @@ def test_what_sharded_diloco_does_not_do_yet_is_refused_by_name_on_every_rank(wh
     assert r is None and len(failed) == 3, (r, failed)
     for _, _, err in failed:
         assert "sharded DiLoCo (a model sharded with FSDP2): " + message in err, err
+
+
+# -- every-step mode over shards (strait.fsdp_hook) ---------------------------
+
+
+@pytest.mark.parametrize("pipeline", ["fp32", "topk(0.3) -> int8"])
+def test_every_step_over_shards_of_sites_of_one_and_two_ranks_keeps_identical_replicas(pipeline):
+    """strait.fsdp_hook under sync.mode: every_step, site a of 1 rank and b
+    of 2: after 12 steps every rank of both sites holds the same bits. With
+    a lossless pipeline the result is plain SGD on the mean of the two
+    sites' gradients (computed unsharded by each worker); compressed with
+    error feedback it still trains (the loss falls) and the replicas stay
+    identical."""
+    lossless = pipeline == "fp32"
+    r, failed = run_sharded_job(every_step=True, pipeline=pipeline, error_feedback=not lossless)
+    assert not failed, "workers failed:\n" + "\n".join(f"#{i} rc={rc}: {e}" for i, rc, e in failed)
+    assert all(x["steps"] == 12 for x in r), r
+    assert r[0]["start"] != r[1]["start"] == r[2]["start"], r
+    assert len({x["end"] for x in r}) == 1, r
+    assert [x["groups"] for x in r] == [2, 1, 1], r
+    assert all(x["bytes_sent"] > 0 for x in r), r
+    assert all(x["last_loss"] < x["first_loss"] for x in r), r
+    if lossless:
+        assert all(x["from_reference"] < 1e-5 for x in r), r
+    else:  # compressed: not the reference, but near it
+        assert all(1e-6 < x["from_reference"] < 0.1 for x in r), r
+
+
+def test_every_step_over_shards_with_differential_privacy_releases_once_per_unit_and_step():
+    """Each unit's gradient leaves a site clipped by its whole norm (summed
+    inside the site) and noised by every group's gateway: one release of
+    the site per unit and step, the same epsilon on every group's gateway of
+    a site, and the replicas stay identical."""
+    r, failed = run_sharded_job(every_step=True, policy_extra="privacy: {clip_norm: 0.5, noise_multiplier: 1.0, "
+                                "epsilon_budget: 500}\n")
+    assert not failed, "workers failed:\n" + "\n".join(f"#{i} rc={rc}: {e}" for i, rc, e in failed)
+    assert len({x["end"] for x in r}) == 1, r
+    spent = [x["privacy_spent"] for x in r]
+    assert all(len(s) == x["groups"] for s, x in zip(spent, r)), r
+    every = [e for s in spent for e in s]
+    assert every and all(e > 0 for e in every), spent
+
+
+def test_what_sharded_every_step_does_not_do_yet_is_refused_by_name_on_every_rank():
+    r, failed = run_sharded_job(every_step=True, transport_extra=", on_site_loss: continue")
+    assert r is None and len(failed) == 3, (r, failed)
+    for _, _, err in failed:
+        assert "strait.fsdp_hook (every-step mode over a model sharded with FSDP2): on_site_loss: continue is not " \
+               "supported yet" in err, err

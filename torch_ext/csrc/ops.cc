@@ -336,6 +336,26 @@ void registerEngine(::torch::Library& m) {
       .def("nesterov", [](const Self<ShardedDiLoCo>& d) { return d->nesterov(); })
       .def("privacy_spent", [](const Self<ShardedDiLoCo>& d) { return d->privacySpent(); });
 
+  using strait::torch::ShardedEveryStep;
+  m.class_<ShardedEveryStep>("ShardedEveryStep")
+      .def(::torch::init([](const Self<Session>& session, std::vector<std::string> names,
+                            std::vector<at::Tensor> locals, std::vector<std::vector<int64_t>> shapes,
+                            std::vector<std::vector<int64_t>> units) {
+        return translate("strait.fsdp_hook", [&] {
+          return c10::make_intrusive<ShardedEveryStep>(session, std::move(names), std::move(locals), std::move(shapes),
+                                                       std::move(units));
+        });
+      }))
+      .def("unit",
+           [](const Self<ShardedEveryStep>& e, int64_t m, std::vector<at::Tensor> grads) {
+             translate("strait.fsdp_hook", [&] { e->unit(m, grads); });
+           })
+      .def("finish_step",
+           [](const Self<ShardedEveryStep>& e) { return translate("strait.fsdp_hook", [&] { return e->finishStep(); }); })
+      .def("steps", [](const Self<ShardedEveryStep>& e) { return e->steps(); })
+      .def("groups", [](const Self<ShardedEveryStep>& e) { return e->groups(); })
+      .def("privacy_spent", [](const Self<ShardedEveryStep>& e) { return e->privacySpent(); });
+
   using strait::torch::ShardedPieces;
   m.class_<ShardedPieces>("ShardedPieces")
       .def(::torch::init([](std::vector<std::vector<int64_t>> shapes, int64_t piece,

@@ -22,15 +22,12 @@
 #include "core/shards.h"
 #include "torch_ext/csrc/device_codecs.h"
 #include "torch_ext/csrc/session_impl.h"
+#include "torch_ext/csrc/sharded_groups.h"
 #include "torch_ext/strait_torch.h"
 #include "transport/audit.h"
 #include "transport/gateway.h"
 
 namespace strait::torch {
-namespace {
-
-// Each parameter's rows and elements, from its full sizes: a 0-dim tensor
-// has one row, a (0, d) one is empty.
 std::vector<core::ParamSize> paramSizes(const std::vector<std::vector<int64_t>>& shapes) {
   std::vector<core::ParamSize> out;
   for (const auto& sizes : shapes) {
@@ -41,7 +38,11 @@ std::vector<core::ParamSize> paramSizes(const std::vector<std::vector<int64_t>>&
   return out;
 }
 
-}  // namespace
+std::vector<uint8_t> u64Bytes(uint64_t v) {
+  std::vector<uint8_t> b(8);
+  std::memcpy(b.data(), &v, 8);
+  return b;
+}
 
 struct ShardedPieces::Layout {
   std::vector<core::ParamSize> shapes;
@@ -280,7 +281,7 @@ std::string shiftPort(const std::string& endpoint, int64_t delta, const std::str
   const size_t colon = endpoint.rfind(':');
   const int64_t port = colon == std::string::npos ? -1 : std::atoll(endpoint.c_str() + colon + 1);
   if (port <= 0 || port + delta > 65535) {
-    fail<InvalidArgument>("sharded DiLoCo: site '", site, "': endpoint ", endpoint, " leaves no port for group ",
+    fail<InvalidArgument>("sharded job: site '", site, "': endpoint ", endpoint, " leaves no port for group ",
                           delta - 1, " (a sharded job uses the endpoint's port + 1 + each group's number)");
   }
   return endpoint.substr(0, colon + 1) + std::to_string(port + delta);
@@ -290,28 +291,229 @@ std::string shiftPort(const std::string& endpoint, int64_t delta, const std::str
 // running owners' answers (docs/RELIABILITY.md, "Sharded jobs").
 const char* const kGroupJoin = "diloco.join";
 
-std::vector<uint8_t> u64Bytes(uint64_t v) {
-  std::vector<uint8_t> b(8);
-  std::memcpy(b.data(), &v, 8);
-  return b;
-}
-
 }  // namespace
 
-struct ShardedDiLoCo::Impl {
+ShardedGroups::ShardedGroups(Session::Impl& session, std::string e, std::vector<std::string> n,
+                             std::vector<std::vector<int64_t>> sh)
+    : s(session), engine(std::move(e)), names(std::move(n)), shapes(std::move(sh)) {}
+
+std::vector<at::Tensor> ShardedGroups::ofGroup(const std::vector<at::Tensor>& perPiece, size_t g) const {
+  std::vector<at::Tensor> out;
+  for (int64_t k : groups[g].pieces) out.push_back(perPiece[position.at(k)]);
+  return out;
+}
+
+int64_t ShardedGroups::groupElements(size_t g) const {
+  int64_t n = 0;
+  for (int64_t k : groups[g].pieces) n += table[size_t(k)][2] - table[size_t(k)][1];
+  return n;
+}
+
+void ShardedGroups::together(const std::string& what, const std::function<void()>& fn) {
+  std::exception_ptr error;
+  try {
+    fn();
+  } catch (const std::exception&) {
+    error = std::current_exception();
+  }
+  at::Tensor flag = at::full({1}, error ? 1 : 0, at::TensorOptions(at::kLong).device(s.control_device));
+  s.allReduceSum(flag);
+  if (error) std::rethrow_exception(error);
+  const int64_t failed = flag.cpu().item<int64_t>();
+  if (failed > 0) {
+    fail<Error>(engine, ": ", what, " failed on ", failed, " rank(s) of site '", s.opt.site,
+                "' (their own error says why)");
+  }
+}
+
+ShardedGroups::Futures ShardedGroups::startRounds(uint64_t round, const std::string& tag,
+                                                  const std::function<std::vector<uint8_t>(size_t)>& payload,
+                                                  core::MessageKind kind, std::exception_ptr& error,
+                                                  const std::set<size_t>& skip) {
+  Futures futures(mine.size());
+  try {
+    for (size_t j = 0; j < mine.size(); ++j) {
+      if (skip.count(mine[j])) continue;
+      std::vector<uint8_t> bytes = payload(mine[j]);
+      s.bytes_sent += bytes.size();
+      futures[j] = gateways.at(mine[j])->exchange(round, tag, std::move(bytes), kind);
+    }
+  } catch (const std::exception&) {
+    if (!error) error = std::current_exception();
+  }
+  return futures;
+}
+
+std::vector<transport::RoundResult> ShardedGroups::exchange(
+    uint64_t round, const std::string& tag, const std::function<std::vector<uint8_t>(size_t)>& payload,
+    core::MessageKind kind, const Done& done, const Serve& serve, const std::set<size_t>& skip) {
+  std::exception_ptr error;
+  Futures futures = startRounds(round, tag, payload, kind, error, skip);
+  return awaitRounds("round " + std::to_string(round) + " '" + tag + "'", futures, error, done, serve);
+}
+
+std::vector<transport::RoundResult> ShardedGroups::awaitRounds(const std::string& what, Futures& futures,
+                                                               std::exception_ptr error, const Done& done,
+                                                               const Serve& serve) {
+  std::vector<transport::RoundResult> out(futures.size());
+  std::vector<bool> have(futures.size(), false);
+  for (size_t j = 0; j < futures.size(); ++j) have[j] = !futures[j].has_value();
+  // A completed round is taken (and applied) as soon as it is in.
+  auto settle = [&](size_t j) {
+    if (have[j] || futures[j]->wait_for(std::chrono::seconds(0)) != std::future_status::ready) return;
+    have[j] = true;
+    out[j] = futures[j]->get();
+    if (done) done(j, out[j]);
+  };
+  const auto deadline = Clock::now() + s.timeout;
+  for (;;) {
+    int64_t waiting = 0;
+    if (!error) {
+      try {
+        for (size_t j = 0; j < futures.size(); ++j) settle(j);
+        if (serve) serve(settle);
+        for (size_t j = 0; j < futures.size(); ++j) waiting += have[j] ? 0 : 1;
+        if (waiting > 0 && Clock::now() >= deadline) {
+          fail<TimeoutError>(engine, ": ", what, " of ", waiting, " group(s) of this rank did not complete within ",
+                             std::chrono::duration_cast<std::chrono::seconds>(s.timeout).count(), " s");
+        }
+      } catch (const std::exception&) {
+        error = std::current_exception();
+      }
+    }
+    at::Tensor flags = at::tensor({int64_t(error ? 1 : 0), int64_t(waiting > 0 ? 1 : 0)}, at::kLong);
+    if (s.size > 1) {
+      at::Tensor d = flags.to(s.control_device);
+      s.allReduceSum(d);
+      flags = d.cpu();
+    }
+    if (error) std::rethrow_exception(error);
+    const int64_t failed = flags[0].item<int64_t>(), busy = flags[1].item<int64_t>();
+    if (failed > 0) {
+      fail<Error>(engine, ": ", what, " failed on ", failed, " rank(s) of site '", s.opt.site,
+                  "' (their own error says why)");
+    }
+    if (busy == 0) return out;
+    bool waited = false;
+    for (size_t j = 0; j < futures.size() && !waited; ++j) {
+      if (!have[j]) {
+        futures[j]->wait_for(std::chrono::milliseconds(20));
+        waited = true;
+      }
+    }
+    if (!waited) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+}
+
+void ShardedGroups::agreeWorlds(const std::string& tag) {
+  at::Tensor worlds_t = at::zeros({int64_t(s.names.size())}, at::TensorOptions(at::kLong).device(s.control_device));
+  s.fromLeader(
+      [&] {
+        Round r = s.start(tag, u64Bytes(uint64_t(s.size)), core::MessageKind::kControl);
+        const RoundOutcome o = s.finish(r);
+        at::Tensor cpu = at::zeros({int64_t(s.names.size())}, at::kLong);
+        for (size_t i = 0; i < o.payloads.size(); ++i) {
+          if (!o.payloads[i] || o.payloads[i]->size() != 8) {
+            fail<ProtocolError>("site '", s.names[i], "' did not say how many ranks it has ('", tag, "')");
+          }
+          uint64_t w = 0;
+          std::memcpy(&w, o.payloads[i]->data(), 8);
+          if (w < 1 || w > (uint64_t{1} << 20)) fail<ProtocolError>("site '", s.names[i], "' says it has ", w, " ranks");
+          cpu[int64_t(i)] = int64_t(w);
+        }
+        worlds_t.copy_(cpu);
+      },
+      {worlds_t});
+  worlds.clear();
+  const at::Tensor wc = worlds_t.cpu();
+  for (int64_t i = 0; i < wc.numel(); ++i) worlds.push_back(wc[i].item<int64_t>());
+}
+
+void ShardedGroups::openGateways() {
+  const int64_t piece = int64_t(s.config.transport.chunk_bytes / sizeof(float));
+  pieces = std::make_unique<ShardedPieces>(shapes, piece, s.group);
+  table = pieces->pieces();
+  sizes = paramSizes(shapes);
+  groups = core::exchangeGroups(sizes, piece, worlds);
+  mine.clear();
+  for (size_t g = 0; g < groups.size(); ++g) {
+    if (groups[g].owners[s.site_index] == s.rank) mine.push_back(g);
+  }
+  for (size_t j = 0; j < pieces->owned().size(); ++j) position[pieces->owned()[j]] = j;
+
+  // A gateway per group, between exactly its owners: the site's keys,
+  // policy and audit (a file per rank and group) at port + 1 + group.
+  together("starting its groups' gateways", [&] {
+    for (size_t g : mine) {
+      transport::GatewayOptions go =
+          transport::GatewayOptions::fromConfig(s.config, s.opt.site, s.policy ? &*s.policy : nullptr);
+      go.job_id += "/group" + std::to_string(g);
+      for (auto& site : go.sites) {
+        site.endpoint = shiftPort(site.endpoint, int64_t(g) + 1, site.name);
+        if (!site.bind.empty()) site.bind = shiftPort(site.bind, int64_t(g) + 1, site.name);
+      }
+      const std::string suffix = ".rank" + std::to_string(s.rank) + ".group" + std::to_string(g);
+      go.log_name = s.opt.site + " (rank " + std::to_string(s.rank) + ", group " + std::to_string(g) + ")";
+      if (!go.audit_log.empty()) go.audit_log += suffix;
+      if (!go.metrics_path.empty()) go.metrics_path += suffix;
+      gateways.emplace(g, std::make_unique<transport::Gateway>(std::move(go)));
+    }
+  });
+}
+
+// Start from site 0's values, compared by digest first.
+void ShardedGroups::agreeInitial(std::vector<at::Tensor>& values, const std::string& tag) {
+  std::vector<size_t> differ;
+  const auto digests = exchange(0, tag + ".digest", [&](size_t g) {
+    uint64_t sum = 0, offset = 0;
+    for (const at::Tensor& p : ofGroup(values, g)) {
+      const at::Tensor c = p.to(at::kCPU).contiguous();
+      sum += core::digestSum(c.data_ptr<float>(), size_t(c.numel()), offset);
+      offset += uint64_t(c.numel());
+    }
+    return u64Bytes(sum);
+  }, core::MessageKind::kControl);
+  for (size_t j = 0; j < mine.size(); ++j) {
+    const auto& ps = digests[j].payloads;
+    for (size_t i = 1; i < ps.size(); ++i) {
+      if (!ps[i] || *ps[i] != *ps[0]) {
+        differ.push_back(j);
+        break;
+      }
+    }
+  }
+  // Every group exchanges the init round (site 0's values where digests differed, nothing otherwise), so
+  // the round numbers stay the same on every site whatever each group found.
+  exchange(0, tag, [&](size_t g) {
+    const size_t j = size_t(std::find(mine.begin(), mine.end(), g) - mine.begin());
+    if (s.site_index != 0 || std::find(differ.begin(), differ.end(), j) == differ.end()) return std::vector<uint8_t>{};
+    std::vector<uint8_t> b;
+    for (const at::Tensor& p : ofGroup(values, g)) {
+      const at::Tensor c = p.to(at::kCPU).contiguous();
+      const auto* bytes = reinterpret_cast<const uint8_t*>(c.data_ptr<float>());
+      b.insert(b.end(), bytes, bytes + c.numel() * sizeof(float));
+    }
+    return b;
+  }, core::MessageKind::kModelState, [&](size_t j, const transport::RoundResult& r) {
+    const auto& from0 = r.payloads[0];
+    if (!from0 || from0->empty()) return;
+    const int64_t n = groupElements(mine[j]);
+    if (int64_t(from0->size()) != n * int64_t(sizeof(float))) {
+      fail<ProtocolError>("site '", s.names[0], "' sent ", from0->size(), " bytes of initial parameters for group ",
+                          mine[j], ", which holds ", n, " elements");
+    }
+    size_t off = 0;
+    for (int64_t k : groups[mine[j]].pieces) {
+      at::Tensor& p = values[position.at(k)];
+      p.copy_(at::from_blob(const_cast<uint8_t*>(from0->data()) + off, {p.numel()}, at::kFloat));
+      off += size_t(p.numel()) * sizeof(float);
+    }
+  });
+}
+
+struct ShardedDiLoCo::Impl : ShardedGroups {
   c10::intrusive_ptr<Session> session;
-  Session::Impl& s;
-  std::vector<std::string> names;
   std::vector<at::Tensor> locals;
-  std::vector<std::vector<int64_t>> shapes;
-  std::unique_ptr<ShardedPieces> pieces;
-  std::vector<std::vector<int64_t>> table;  // every piece: tensor, begin, end
-  std::vector<core::ParamSize> sizes;       // each parameter's rows and elements
-  std::vector<int64_t> worlds;              // every site's number of ranks
-  std::vector<core::ExchangeGroup> groups;  // every group of the job
-  std::vector<size_t> mine;                 // the groups this rank owns its site's pieces of
-  std::map<size_t, std::unique_ptr<transport::Gateway>> gateways;
-  std::map<int64_t, size_t> position;       // owned piece -> index into global / momentum
   std::vector<at::Tensor> global, momentum;  // per owned piece, float32
   int64_t sync_every = 50, local_steps = 0, syncs = 0;
   double outer_lr = 0.7, mu = 0.9;
@@ -333,34 +535,9 @@ struct ShardedDiLoCo::Impl {
   Impl(c10::intrusive_ptr<Session> sess, std::vector<std::string> n, std::vector<at::Tensor> l,
        std::vector<std::vector<int64_t>> sh, DiLoCoOptions o);
 
-  // The pieces of group g (in piece order) of a per-owned-piece list.
-  std::vector<at::Tensor> ofGroup(const std::vector<at::Tensor>& perPiece, size_t g) const {
-    std::vector<at::Tensor> out;
-    for (int64_t k : groups[g].pieces) out.push_back(perPiece[position.at(k)]);
-    return out;
-  }
-  int64_t groupElements(size_t g) const {
-    int64_t n = 0;
-    for (int64_t k : groups[g].pieces) n += table[size_t(k)][2] - table[size_t(k)][1];
-    return n;
-  }
-  // Raises on every rank of the site when fn raised on any (the same
-  // message on the ranks where it did; a pointer to them elsewhere).
-  void together(const std::string& what, const std::function<void()>& fn);
-  // Every group of this rank (but those in `skip`) exchanges (round, tag)
-  // at once; `done(j, result)` runs as mine[j]'s round completes. The ranks
-  // of the site wait together, agreeing every 20 ms on whether all are done
-  // or any failed (so that none sits in a collective while another could
-  // still answer a join); with `serve`, join requests are answered meanwhile.
-  // Returns each group's result in mine's order (empty for skipped ones).
-  std::vector<transport::RoundResult> exchange(
-      uint64_t round, const std::string& tag, const std::function<std::vector<uint8_t>(size_t)>& payload,
-      core::MessageKind kind, const std::function<void(size_t, const transport::RoundResult&)>& done = {},
-      bool serve = false, const std::set<size_t>& skip = {});
   std::string describe() const;
-  void setup();          // pieces, groups and this rank's gateways, from worlds
-  void agreeWorlds();    // every site's number of ranks
-  void agreeInitial();   // every site starts from site 0's values
+  void setup();          // the groups' gateways, global parameters and momentum, from worlds
+  void agreeWorlds() { ShardedGroups::agreeWorlds("diloco.shards"); }
   bool join();           // --resume: takes a running site's state; false: start afresh
   void serveJoins(const std::function<void(size_t)>& settle);
   transport::State groupState(size_t j, std::vector<at::Tensor>& keep) const;
@@ -379,7 +556,9 @@ struct ShardedDiLoCo::Impl {
 
 ShardedDiLoCo::Impl::Impl(c10::intrusive_ptr<Session> sess, std::vector<std::string> n, std::vector<at::Tensor> l,
                           std::vector<std::vector<int64_t>> sh, DiLoCoOptions o)
-    : session(std::move(sess)), s(session->impl()), names(std::move(n)), locals(std::move(l)), shapes(std::move(sh)) {
+    : ShardedGroups(sess->impl(), "sharded DiLoCo", std::move(n), std::move(sh)),
+      session(std::move(sess)),
+      locals(std::move(l)) {
   const core::DiLoCoConfig& c = s.config.diloco;
   auto refuse = [](const std::string& what) {
     fail<InvalidArgument>("sharded DiLoCo (a model sharded with FSDP2): ", what,
@@ -423,93 +602,8 @@ ShardedDiLoCo::Impl::Impl(c10::intrusive_ptr<Session> sess, std::vector<std::str
   s.checkSameEverywhere("diloco.model", description);
   agreeWorlds();
   setup();
-  agreeInitial();
-}
-
-void ShardedDiLoCo::Impl::together(const std::string& what, const std::function<void()>& fn) {
-  std::exception_ptr error;
-  try {
-    fn();
-  } catch (const std::exception&) {
-    error = std::current_exception();
-  }
-  at::Tensor flag = at::full({1}, error ? 1 : 0, at::TensorOptions(at::kLong).device(s.control_device));
-  s.allReduceSum(flag);
-  if (error) std::rethrow_exception(error);
-  const int64_t failed = flag.cpu().item<int64_t>();
-  if (failed > 0) {
-    fail<Error>("sharded DiLoCo: ", what, " failed on ", failed, " rank(s) of site '", s.opt.site,
-                "' (their own error says why)");
-  }
-}
-
-std::vector<transport::RoundResult> ShardedDiLoCo::Impl::exchange(
-    uint64_t round, const std::string& tag, const std::function<std::vector<uint8_t>(size_t)>& payload,
-    core::MessageKind kind, const std::function<void(size_t, const transport::RoundResult&)>& done, bool serve,
-    const std::set<size_t>& skip) {
-  std::vector<std::optional<std::future<transport::RoundResult>>> futures(mine.size());
-  std::vector<transport::RoundResult> out(mine.size());
-  std::vector<bool> have(mine.size(), false);
-  std::exception_ptr error;
-  try {
-    for (size_t j = 0; j < mine.size(); ++j) {
-      if (skip.count(mine[j])) {
-        have[j] = true;
-        continue;
-      }
-      std::vector<uint8_t> bytes = payload(mine[j]);
-      s.bytes_sent += bytes.size();
-      futures[j] = gateways.at(mine[j])->exchange(round, tag, std::move(bytes), kind);
-    }
-  } catch (const std::exception&) {
-    error = std::current_exception();
-  }
-  // A completed round is taken (and applied) as soon as it is in.
-  auto settle = [&](size_t j) {
-    if (have[j] || !futures[j] || futures[j]->wait_for(std::chrono::seconds(0)) != std::future_status::ready) return;
-    out[j] = futures[j]->get();
-    have[j] = true;
-    if (done) done(j, out[j]);
-  };
-  const auto deadline = Clock::now() + s.timeout;
-  for (;;) {
-    int64_t waiting = 0;
-    if (!error) {
-      try {
-        for (size_t j = 0; j < mine.size(); ++j) settle(j);
-        if (serve) serveJoins(settle);
-        for (size_t j = 0; j < mine.size(); ++j) waiting += have[j] ? 0 : 1;
-        if (waiting > 0 && Clock::now() >= deadline) {
-          fail<TimeoutError>("sharded DiLoCo: round ", round, " '", tag, "' of ", waiting,
-                             " group(s) of this rank did not complete within ",
-                             std::chrono::duration_cast<std::chrono::seconds>(s.timeout).count(), " s");
-        }
-      } catch (const std::exception&) {
-        error = std::current_exception();
-      }
-    }
-    at::Tensor flags = at::tensor({int64_t(error ? 1 : 0), int64_t(waiting > 0 ? 1 : 0)}, at::kLong);
-    if (s.size > 1) {
-      at::Tensor d = flags.to(s.control_device);
-      s.allReduceSum(d);
-      flags = d.cpu();
-    }
-    if (error) std::rethrow_exception(error);
-    const int64_t failed = flags[0].item<int64_t>(), busy = flags[1].item<int64_t>();
-    if (failed > 0) {
-      fail<Error>("sharded DiLoCo: round ", round, " '", tag, "' failed on ", failed, " rank(s) of site '", s.opt.site,
-                  "' (their own error says why)");
-    }
-    if (busy == 0) return out;
-    bool waited = false;
-    for (size_t j = 0; j < mine.size() && !waited; ++j) {
-      if (!have[j]) {
-        futures[j]->wait_for(std::chrono::milliseconds(20));
-        waited = true;
-      }
-    }
-    if (!waited) std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  }
+  agreeInitial(global, "diloco.init");
+  writeLocals();
 }
 
 std::string ShardedDiLoCo::Impl::describe() const {
@@ -531,113 +625,11 @@ std::string ShardedDiLoCo::Impl::describe() const {
   return d.str();
 }
 
-void ShardedDiLoCo::Impl::agreeWorlds() {
-  at::Tensor worlds_t = at::zeros({int64_t(s.names.size())}, at::TensorOptions(at::kLong).device(s.control_device));
-  s.fromLeader(
-      [&] {
-        Round r = s.start("diloco.shards", u64Bytes(uint64_t(s.size)), core::MessageKind::kControl);
-        const RoundOutcome o = s.finish(r);
-        at::Tensor cpu = at::zeros({int64_t(s.names.size())}, at::kLong);
-        for (size_t i = 0; i < o.payloads.size(); ++i) {
-          if (!o.payloads[i] || o.payloads[i]->size() != 8) {
-            fail<ProtocolError>("site '", s.names[i], "' did not say how many ranks it has ('diloco.shards')");
-          }
-          uint64_t w = 0;
-          std::memcpy(&w, o.payloads[i]->data(), 8);
-          if (w < 1 || w > (uint64_t{1} << 20)) fail<ProtocolError>("site '", s.names[i], "' says it has ", w, " ranks");
-          cpu[int64_t(i)] = int64_t(w);
-        }
-        worlds_t.copy_(cpu);
-      },
-      {worlds_t});
-  worlds.clear();
-  const at::Tensor wc = worlds_t.cpu();
-  for (int64_t i = 0; i < wc.numel(); ++i) worlds.push_back(wc[i].item<int64_t>());
-}
-
 void ShardedDiLoCo::Impl::setup() {
-  const int64_t piece = int64_t(s.config.transport.chunk_bytes / sizeof(float));
-  pieces = std::make_unique<ShardedPieces>(shapes, piece, s.group);
-  table = pieces->pieces();
-  sizes = paramSizes(shapes);
-  groups = core::exchangeGroups(sizes, piece, worlds);
-  for (size_t g = 0; g < groups.size(); ++g) {
-    if (groups[g].owners[s.site_index] == s.rank) mine.push_back(g);
-  }
-  for (size_t j = 0; j < pieces->owned().size(); ++j) position[pieces->owned()[j]] = j;
-
-  // A gateway per group, between exactly its owners: the site's keys,
-  // policy and audit (a file per rank and group) at port + 1 + group.
-  together("starting its groups' gateways", [&] {
-    for (size_t g : mine) {
-      transport::GatewayOptions go =
-          transport::GatewayOptions::fromConfig(s.config, s.opt.site, s.policy ? &*s.policy : nullptr);
-      go.job_id += "/group" + std::to_string(g);
-      for (auto& site : go.sites) {
-        site.endpoint = shiftPort(site.endpoint, int64_t(g) + 1, site.name);
-        if (!site.bind.empty()) site.bind = shiftPort(site.bind, int64_t(g) + 1, site.name);
-      }
-      const std::string suffix = ".rank" + std::to_string(s.rank) + ".group" + std::to_string(g);
-      go.log_name = s.opt.site + " (rank " + std::to_string(s.rank) + ", group " + std::to_string(g) + ")";
-      if (!go.audit_log.empty()) go.audit_log += suffix;
-      if (!go.metrics_path.empty()) go.metrics_path += suffix;
-      gateways.emplace(g, std::make_unique<transport::Gateway>(std::move(go)));
-    }
-  });
+  openGateways();
   global = pieces->gather(locals);
   momentum.clear();
   for (const at::Tensor& p : global) momentum.push_back(at::zeros_like(p));
-}
-
-// Start from site 0's values, compared by digest first.
-void ShardedDiLoCo::Impl::agreeInitial() {
-  std::vector<size_t> differ;
-  const auto digests = exchange(0, "diloco.init.digest", [&](size_t g) {
-    uint64_t sum = 0, offset = 0;
-    for (const at::Tensor& p : ofGroup(global, g)) {
-      const at::Tensor c = p.to(at::kCPU).contiguous();
-      sum += core::digestSum(c.data_ptr<float>(), size_t(c.numel()), offset);
-      offset += uint64_t(c.numel());
-    }
-    return u64Bytes(sum);
-  }, core::MessageKind::kControl);
-  for (size_t j = 0; j < mine.size(); ++j) {
-    const auto& ps = digests[j].payloads;
-    for (size_t i = 1; i < ps.size(); ++i) {
-      if (!ps[i] || *ps[i] != *ps[0]) {
-        differ.push_back(j);
-        break;
-      }
-    }
-  }
-  // Every group exchanges the init round (site 0's values where digests differed, nothing otherwise), so
-  // the round numbers stay the same on every site whatever each group found.
-  exchange(0, "diloco.init", [&](size_t g) {
-    const size_t j = size_t(std::find(mine.begin(), mine.end(), g) - mine.begin());
-    if (s.site_index != 0 || std::find(differ.begin(), differ.end(), j) == differ.end()) return std::vector<uint8_t>{};
-    std::vector<uint8_t> b;
-    for (const at::Tensor& p : ofGroup(global, g)) {
-      const at::Tensor c = p.to(at::kCPU).contiguous();
-      const auto* bytes = reinterpret_cast<const uint8_t*>(c.data_ptr<float>());
-      b.insert(b.end(), bytes, bytes + c.numel() * sizeof(float));
-    }
-    return b;
-  }, core::MessageKind::kModelState, [&](size_t j, const transport::RoundResult& r) {
-    const auto& from0 = r.payloads[0];
-    if (!from0 || from0->empty()) return;
-    const int64_t n = groupElements(mine[j]);
-    if (int64_t(from0->size()) != n * int64_t(sizeof(float))) {
-      fail<ProtocolError>("site '", s.names[0], "' sent ", from0->size(), " bytes of initial parameters for group ",
-                          mine[j], ", which holds ", n, " elements");
-    }
-    size_t off = 0;
-    for (int64_t k : groups[mine[j]].pieces) {
-      at::Tensor& p = global[position.at(k)];
-      p.copy_(at::from_blob(const_cast<uint8_t*>(from0->data()) + off, {p.numel()}, at::kFloat));
-      off += size_t(p.numel()) * sizeof(float);
-    }
-  });
-  writeLocals();
 }
 
 // What a rank joining group mine[j] needs: its pieces' global parameters
@@ -1075,7 +1067,7 @@ void ShardedDiLoCo::Impl::sync(bool contribute, const std::set<size_t>& skip) {
         return core::frameParts(parts);
       },
       core::MessageKind::kModelUpdate, [&](size_t j, const transport::RoundResult& r) { applyGroup(j, r); },
-      /*serve=*/true, skip);
+      [&](const std::function<void(size_t)>& settle) { serveJoins(settle); }, skip);
   stepped.clear();
   ++syncs;
   writeLocals();

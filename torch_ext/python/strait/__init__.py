@@ -13,6 +13,7 @@ Training across sites:
 
     session = strait.init("job.yaml", site="hangzhou")   # torchrun env inside the site
     ddp.register_comm_hook(session, strait.ddp_hook)      # every-step mode
+    strait.fsdp_hook(model, session)                      # every-step mode, FSDP2-sharded model
     diloco = strait.DiLoCo(model, opt, session, sync_every=50)   # or DiLoCo
 
 Pipelines and config keys are documented in docs/CONFIG.md.
@@ -31,7 +32,8 @@ if too_old(torch.__version__):
 
 __all__ = ["encode", "decode", "decode_accumulate", "payload_info", "Compressor", "library_path", "build_info",
            "__version__",
-           "init", "Session", "StraitError", "PolicyViolation", "ddp_hook", "DiLoCo", "Checkpoints"]
+           "init", "Session", "StraitError", "PolicyViolation", "ddp_hook", "fsdp_hook", "DiLoCo",
+           "Checkpoints"]
 
 
 def _find_library():
@@ -135,5 +137,6 @@ class Compressor:
 
 from .session import PolicyViolation, Session, StraitError, init  # noqa: E402
 from .ddp import ddp_hook  # noqa: E402
+from .fsdp import fsdp_hook  # noqa: E402
 from .diloco import DiLoCo  # noqa: E402
 from .recovery import Checkpoints  # noqa: E402

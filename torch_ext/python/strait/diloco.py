@@ -262,7 +262,7 @@ def _sharded_optimizer_state(state, optimizer):
     return {**state, "state": out}
 
 
-def _sharded(params, session):
+def _sharded(params, session, who="strait.DiLoCo"):
     """Whether the parameters are FSDP2's (DTensors sharded along dim 0 over
     the site's workers); a mix, or another placement, is an error."""
     try:
@@ -272,16 +272,16 @@ def _sharded(params, session):
     kinds = {isinstance(p, DTensor) for p in params}
     if kinds != {True}:
         if True in kinds:
-            raise StraitError("strait.DiLoCo: some parameters are DTensors (FSDP2) and some are not: shard the "
+            raise StraitError(f"{who}: some parameters are DTensors (FSDP2) and some are not: shard the "
                               "whole model with fully_shard, or none of it")
         return False
     for p in params:
         if p.device_mesh.get_local_rank() != session.rank:
-            raise StraitError(f"strait.DiLoCo: this worker is rank {session.rank} of its site but rank "
+            raise StraitError(f"{who}: this worker is rank {session.rank} of its site but rank "
                               f"{p.device_mesh.get_local_rank()} of the parameters' device mesh; shard over the "
                               "site's process group in its own rank order")
         if tuple(p.placements) != (Shard(0),) or p.device_mesh.size() != session.size:
-            raise StraitError(f"strait.DiLoCo: a parameter of shape {tuple(p.shape)} is placed {p.placements} over "
-                              f"{p.device_mesh.size()} ranks; sharded DiLoCo takes FSDP2's Shard(0) over all "
+            raise StraitError(f"{who}: a parameter of shape {tuple(p.shape)} is placed {p.placements} over "
+                              f"{p.device_mesh.size()} ranks; the sharded engine takes FSDP2's Shard(0) over all "
                               f"{session.size} workers of the site")
     return True
