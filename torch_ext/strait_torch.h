@@ -387,6 +387,9 @@ class ShardedEveryStep : public ::torch::CustomClassHolder {
   // their parameters in unit order), float32. After a failure every later
   // call raises: the sites' gradients no longer agree.
   std::vector<at::Tensor> finishStep();
+  // The step cannot end (the hook raised after handing units over): every
+  // later call raises, naming `why`.
+  void abort(const std::string& why);
   int64_t steps() const;
   int64_t groups() const;  // exchange groups this rank takes part in
   // Epsilon spent by each of this rank's groups' gateways; empty without privacy.

@@ -177,6 +177,11 @@ class Gateway {
   // norm (a sharded site: the ranks' squared norms summed inside the site),
   // and the whole update is what is clipped; the release is the site's.
   double privatize(float* x, size_t n, double norm = -1);
+  // A release of the site none of whose share leaves through this gateway
+  // (a sharded site's group holding no piece of it): counted and spent as
+  // privatize() does, so that every gateway of the site keeps the site's
+  // whole account; lets no model update out.
+  double chargePrivacyRelease();
   // Epsilon spent so far (0 without privacy) and the number of releases.
   double privacySpent() const;
   uint64_t privacyReleases() const;

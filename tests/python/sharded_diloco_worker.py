@@ -31,8 +31,23 @@ def full_digest(params):
     return h.hexdigest()
 
 
+class Net(nn.Module):
+    """Two sharded blocks, and a root unit whose own parameter (`scale`,
+    registered first) comes after its child's (`head`) in FSDP2's order, not
+    in the module's: the hook must follow FSDP2's."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 10))
+        self.body = nn.Sequential(nn.Linear(40, 64), nn.Tanh(), nn.Linear(64, 10))
+        self.head = nn.Linear(10, 10)
+
+    def forward(self, x):
+        return self.head(self.body(x) * self.scale)
+
+
 def make_net():
-    return nn.Sequential(nn.Linear(40, 64), nn.Tanh(), nn.Linear(64, 10))
+    return Net()
 
 
 def site_data(site):
@@ -98,7 +113,7 @@ def main():
     # 0's) and its own data.
     torch.manual_seed(100 + session.site_index)
     net = make_net()
-    for m in (net[0], net[2]):
+    for m in (net.body[0], net.body[2]):
         fully_shard(m)
     fully_shard(net)
     params = list(net.parameters())

@@ -352,6 +352,7 @@ void registerEngine(::torch::Library& m) {
            })
       .def("finish_step",
            [](const Self<ShardedEveryStep>& e) { return translate("strait.fsdp_hook", [&] { return e->finishStep(); }); })
+      .def("abort", [](const Self<ShardedEveryStep>& e, const std::string& why) { e->abort(why); })
       .def("steps", [](const Self<ShardedEveryStep>& e) { return e->steps(); })
       .def("groups", [](const Self<ShardedEveryStep>& e) { return e->groups(); })
       .def("privacy_spent", [](const Self<ShardedEveryStep>& e) { return e->privacySpent(); });

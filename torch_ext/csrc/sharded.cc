@@ -429,7 +429,7 @@ void ShardedGroups::agreeWorlds(const std::string& tag) {
   for (int64_t i = 0; i < wc.numel(); ++i) worlds.push_back(wc[i].item<int64_t>());
 }
 
-void ShardedGroups::openGateways() {
+void ShardedGroups::openGateways(int rounds_in_flight) {
   const int64_t piece = int64_t(s.config.transport.chunk_bytes / sizeof(float));
   pieces = std::make_unique<ShardedPieces>(shapes, piece, s.group);
   table = pieces->pieces();
@@ -448,6 +448,7 @@ void ShardedGroups::openGateways() {
       transport::GatewayOptions go =
           transport::GatewayOptions::fromConfig(s.config, s.opt.site, s.policy ? &*s.policy : nullptr);
       go.job_id += "/group" + std::to_string(g);
+      go.max_rounds_in_flight = std::max(go.max_rounds_in_flight, rounds_in_flight);
       for (auto& site : go.sites) {
         site.endpoint = shiftPort(site.endpoint, int64_t(g) + 1, site.name);
         if (!site.bind.empty()) site.bind = shiftPort(site.bind, int64_t(g) + 1, site.name);

@@ -52,6 +52,9 @@ struct ShardedEveryStep::Impl : ShardedGroups {
   void writeLocals(std::vector<at::Tensor>& values);
   void unit(int64_t m, const std::vector<at::Tensor>& grads);
   std::vector<at::Tensor> finish();
+  void abort(const std::string& why) {
+    if (failed.empty()) failed = why;
+  }
   void checkUsable() const {
     if (!failed.empty()) {
       fail<Error>(engine, ": the exchange failed at step ", steps, " (", failed,
@@ -99,7 +102,11 @@ ShardedEveryStep::Impl::Impl(c10::intrusive_ptr<Session> sess, std::vector<std::
   }
   s.checkSameEverywhere("fsdp.model", describe());
   agreeWorlds("fsdp.shards");
-  openGateways();
+  // A step opens a round per unit on a group's gateway, each as its unit is
+  // reduced: with fewer slots the hook would wait a round trip per unit
+  // past them (every site computes the same number, so the peers' limits
+  // on rounds opened ahead agree).
+  openGateways(int(std::min<size_t>(units.size() + 1, 1024)));
   mapUnits();
   // Every-step mode keeps the sites' replicas equal by applying the same
   // mean gradient to the same parameters: every site starts from site 0's.
@@ -205,6 +212,17 @@ void ShardedEveryStep::Impl::unit(int64_t m, const std::vector<at::Tensor>& grad
     for (size_t j = 0; j < mine.size(); ++j) {
       if (unit_group[size_t(m)][j].empty()) skip.insert(mine[j]);
     }
+    // The release is the site's: a group holding none of the unit's pieces
+    // counts it too, so that every gateway of the site keeps the whole account.
+    // (A refused charge, like a refused privatize, is raised by finish() on
+    // every rank of the site.)
+    if (private_release) {
+      try {
+        for (size_t g : skip) gateways.at(g)->chargePrivacyRelease();
+      } catch (const std::exception&) {
+        if (!step_error) step_error = std::current_exception();
+      }
+    }
     const std::string tag = "fsdp.unit" + std::to_string(m);
     u.futures = startRounds(uint64_t(steps), tag, [&](size_t g) {
       const size_t j = size_t(std::find(mine.begin(), mine.end(), g) - mine.begin());
@@ -302,6 +320,7 @@ ShardedEveryStep::~ShardedEveryStep() = default;
 
 void ShardedEveryStep::unit(int64_t m, const std::vector<at::Tensor>& grads) { impl_->unit(m, grads); }
 std::vector<at::Tensor> ShardedEveryStep::finishStep() { return impl_->finish(); }
+void ShardedEveryStep::abort(const std::string& why) { impl_->abort(why); }
 int64_t ShardedEveryStep::steps() const { return impl_->steps; }
 int64_t ShardedEveryStep::groups() const { return int64_t(impl_->mine.size()); }
 

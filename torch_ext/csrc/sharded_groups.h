@@ -81,8 +81,10 @@ struct ShardedGroups {
                                                   const Done& done = {}, const Serve& serve = {});
   // Every site's number of ranks, in a control round of `tag`.
   void agreeWorlds(const std::string& tag);
-  // pieces, table, sizes, groups, mine, position and this rank's gateways, from worlds.
-  void openGateways();
+  // pieces, table, sizes, groups, mine, position and this rank's gateways,
+  // from worlds; each gateway with room for at least `rounds_in_flight`
+  // open rounds (the config's max_rounds_in_flight otherwise).
+  void openGateways(int rounds_in_flight = 0);
   // `values` (per owned piece) become site 0's where any site's differ
   // (compared by digest first), in rounds `tag`.digest and `tag`.
   void agreeInitial(std::vector<at::Tensor>& values, const std::string& tag);

@@ -125,10 +125,28 @@ void EgressGuard::record(const char* event, uint64_t round, const std::string& t
 }
 
 double EgressGuard::privatize(float* x, size_t n, double norm) {
+  std::lock_guard<std::mutex> lock(mu_);
+  const double next = nextRelease();
+  clipAndNoise(x, n, opt_.privacy.clip_norm, opt_.privacy.noise_multiplier, norm);
+  ++releases_;
+  ++privatized_;
+  spent_ = next;
+  return spent_;
+}
+
+double EgressGuard::chargeRelease() {
+  std::lock_guard<std::mutex> lock(mu_);
+  spent_ = nextRelease();
+  ++releases_;
+  return spent_;
+}
+
+// The epsilon after one more release; PolicyViolation past the budget,
+// InvalidArgument without a privacy policy. Under mu_.
+double EgressGuard::nextRelease() {
   if (!opt_.privacy.enabled) {
     fail<InvalidArgument>("privatize: site '", opt_.site, "' has no privacy section in its policy");
   }
-  std::lock_guard<std::mutex> lock(mu_);
   const auto& pr = opt_.privacy;
   const double next = gaussianEpsilon(pr.noise_multiplier, releases_ + 1, pr.delta);
   if (next > pr.epsilon_budget) {
@@ -140,11 +158,7 @@ double EgressGuard::privatize(float* x, size_t n, double norm) {
     log_(why);
     fail<PolicyViolation>(why);
   }
-  clipAndNoise(x, n, pr.clip_norm, pr.noise_multiplier, norm);
-  ++releases_;
-  ++privatized_;
-  spent_ = next;
-  return spent_;
+  return next;
 }
 
 double EgressGuard::spent() const {

@@ -51,6 +51,10 @@ class EgressGuard {
   // budget would be exceeded, InvalidArgument without a privacy policy.
   // `norm` >= 0: the L2 norm of the whole update x is a share of (Gateway::privatize).
   double privatize(float* x, size_t n, double norm = -1);
+  // A release of the site none of whose share leaves here (a sharded
+  // site's group without a piece of it): spends the budget as privatize()
+  // does, and lets no model update out.
+  double chargeRelease();
   double spent() const;
   uint64_t releases() const;
 
@@ -58,6 +62,7 @@ class EgressGuard {
   uint64_t auditRecords() const { return audit_ ? audit_->records() : 0; }
 
  private:
+  double nextRelease();
   void record(const char* event, uint64_t round, const std::string& tag, const uint8_t* data, size_t size,
               core::MessageKind kind, size_t only);
 
@@ -66,7 +71,7 @@ class EgressGuard {
   Log log_;
   std::unique_ptr<AuditLog> audit_;  // thread-safe itself
   mutable std::mutex mu_;
-  uint64_t releases_ = 0;    // privatize() calls
+  uint64_t releases_ = 0;    // privatize() and chargeRelease() calls
   uint64_t privatized_ = 0;  // privatized updates not yet sent
   double spent_ = 0;         // epsilon after releases_
 };

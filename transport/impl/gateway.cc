@@ -254,6 +254,7 @@ class Gateway::Impl {
   }
 
   double privatize(float* x, size_t n, double norm) { return egress_.privatize(x, n, norm); }
+  double chargePrivacyRelease() { return egress_.chargeRelease(); }
   double privacySpent() const { return egress_.spent(); }
   uint64_t privacyReleases() const { return egress_.releases(); }
   std::string auditHead() const { return egress_.auditHead(); }
@@ -1344,6 +1345,7 @@ std::future<RoundResult> Gateway::exchange(uint64_t round, const std::string& ta
   return impl_->exchange(round, tag, std::move(payload), kind);
 }
 double Gateway::privatize(float* x, size_t n, double norm) { return impl_->privatize(x, n, norm); }
+double Gateway::chargePrivacyRelease() { return impl_->chargePrivacyRelease(); }
 double Gateway::privacySpent() const { return impl_->privacySpent(); }
 uint64_t Gateway::privacyReleases() const { return impl_->privacyReleases(); }
 std::string Gateway::auditHead() const { return impl_->auditHead(); }

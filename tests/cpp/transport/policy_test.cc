@@ -499,6 +499,38 @@ TEST(Privacy, TheGatewayEnforcesPrivatizationAndTheBudget) {
   EXPECT_EQ(v.summary.refused, 1u);
 }
 
+// A sharded site's gateway whose group holds no piece of a release (every-
+// step mode: a unit none of whose pieces this group owns) still counts it:
+// every gateway of the site keeps the site's whole account, and the charge
+// lets nothing out.
+TEST(Privacy, AChargedReleaseIsSpentAndCountedButLetsNoUpdateOut) {
+  AuditedJob j;
+  auto& pr = j.job.sites[0].privacy;
+  pr.enabled = true;
+  pr.noise_multiplier = 2.0;
+  pr.delta = 1e-5;
+  pr.epsilon_budget = 4.0;  // room for 2 releases
+  Gateway a(j.job.sites[0]), b(j.job.sites[1]);
+  EXPECT_NEAR(a.chargePrivacyRelease(), gaussianEpsilon(2.0, 1, 1e-5), 1e-12);
+  EXPECT_EQ(a.privacyReleases(), 1u);
+  try {
+    a.exchange(0, "g", {1}, MessageKind::kModelUpdate);
+    FAIL() << "a charge let an unprivatized update out";
+  } catch (const PolicyViolation& e) {
+    EXPECT_NE(std::string(e.what()).find("must be privatized"), std::string::npos) << e.what();
+  }
+  std::vector<float> u(10, 1.0f);
+  EXPECT_NEAR(a.privatize(u.data(), u.size()), gaussianEpsilon(2.0, 2, 1e-5), 1e-12);
+  try {
+    a.chargePrivacyRelease();
+    FAIL() << "a charge past the budget";
+  } catch (const PolicyViolation& e) {
+    EXPECT_NE(std::string(e.what()).find("privacy budget of site 's0' exhausted"), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(a.privacyReleases(), 2u);
+  EXPECT_THROW(b.chargePrivacyRelease(), InvalidArgument);  // no privacy section
+}
+
 TEST(Privacy, ARestartedGatewayContinuesTheBudgetRecordedInItsAuditLog) {
   AuditedJob j;
   auto& pr = j.job.sites[0].privacy;

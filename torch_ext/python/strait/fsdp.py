@@ -5,6 +5,7 @@ sharded_every_step.cc), which exchanges them piece by piece across the
 border while backward goes on."""
 
 import functools
+import weakref
 
 import torch
 
@@ -12,25 +13,44 @@ from .session import Session, StraitError, translated
 
 
 def _units(model, trained):
-    """The fully_shard units of `model` (FSDPModules, in module order) and,
-    for each, the indices into `trained` of the parameters its reduce-
-    scatter holds: its own parameters that are trained, not those of a unit
-    nested in it, in module order (FSDP2's own order)."""
+    """The fully_shard units of `model` and, for each, the indices into
+    `trained` of the parameters its reduce-scatter holds, in FSDP2's order
+    (its parameter group's: a module's own parameters after its children's;
+    several modules sharded together are one unit). Units without trained
+    parameters are left out. FSDP2 exposes the order only through its
+    parameter groups, which torch 2.11 keeps at `_get_fsdp_state()`."""
     from torch.distributed.fsdp import FSDPModule
 
-    index = {id(p): i for i, p in enumerate(trained)}
-    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    if model not in units:
+    if not isinstance(model, FSDPModule):
         raise StraitError("strait.fsdp_hook: the model itself is not a fully_shard unit: call fully_shard(model) "
                           "after sharding its blocks, as FSDP2 expects")
-    out = []
-    for unit in units:
-        nested = set()
-        for sub in unit.modules():
-            if sub is not unit and isinstance(sub, FSDPModule):
-                nested.update(id(p) for p in sub.parameters())
-        out.append([index[id(p)] for p in unit.parameters() if id(p) not in nested and id(p) in index])
-    return units, out
+    index = {id(p): i for i, p in enumerate(trained)}
+    units, params, seen = [], [], set()
+    for module in model.modules():
+        if not isinstance(module, FSDPModule):
+            continue
+        try:
+            group = module._get_fsdp_state()._fsdp_param_group
+            order = None if group is None else [fp.sharded_param for fp in group.fsdp_params]
+        except AttributeError as e:
+            raise StraitError(f"strait.fsdp_hook: this torch's FSDP2 ({torch.__version__}) does not keep its "
+                              f"parameter groups where torch 2.11 does ({e}); the hook needs each unit's parameters "
+                              "in FSDP2's order") from None
+        if group is None or id(group) in seen:
+            continue
+        seen.add(id(group))
+        # The hook must see the site's mean: FSDP2 divides after the hook when
+        # it reduces by sum (forced, or a divide factor of the program's).
+        if getattr(group, "force_sum_reduction_for_comms", False) or \
+                getattr(group, "gradient_divide_factor", None) is not None:
+            raise StraitError(f"strait.fsdp_hook: unit {type(module).__name__} reduces its gradients by sum "
+                              "(set_force_sum_reduction_for_comms or set_gradient_divide_factor), which FSDP2 "
+                              "divides after the all-reduce hook; the hook needs the site's mean")
+        mine = [index[id(p)] for p in order if id(p) in index]
+        if mine:
+            units.append(module)
+            params.append(mine)
+    return units, params
 
 
 class FSDPHook:
@@ -58,14 +78,37 @@ class FSDPHook:
         self._queued = False
         for m, module in enumerate(self.modules):
             module.set_all_reduce_hook(functools.partial(self._hook, m))
+        # The engine's group gateways and its hold on the site's process group
+        # end before the session's (session.close() calls close()).
+        session._engines.append(weakref.ref(self))
+
+    def close(self):
+        """Takes the hooks off the units and ends the engine (its group
+        gateways: each lingers until what it sent was acknowledged). Called
+        by session.close(); safe to call twice."""
+        for module in self.modules:
+            module.set_all_reduce_hook(None)
+        self.modules = []
+        self._e = None
 
     def _hook(self, m, output):
         # FSDP2 calls this with the unit's reduce-scatter output: the site's
         # mean gradient of each of its parameters, this rank's Shard(0) rows
         # first in a segment padded to ceil(rows / ranks) rows.
-        if output.dtype == torch.float16:
-            raise StraitError("strait.fsdp_hook: the unit's gradients are reduced in float16, which FSDP2 divides "
-                              "after the hook; use MixedPrecisionPolicy(reduce_dtype=torch.float32 or bfloat16)")
+        try:
+            self._hand_over(m, output)
+        except BaseException as e:
+            # The step cannot end: a unit's rounds may be started, and no
+            # end-of-backward callback runs after a failed backward.
+            self._handed, self._queued = [], False
+            self._e.abort(f"{type(e).__name__}: {e}")
+            raise
+
+    def _hand_over(self, m, output):
+        if output.dtype not in (torch.float32, torch.bfloat16):
+            raise StraitError(f"strait.fsdp_hook: the unit's gradients are reduced in {output.dtype}, which FSDP2 "
+                              "divides after the hook; use MixedPrecisionPolicy(reduce_dtype=torch.float32 or "
+                              "torch.bfloat16)")
         world = self.session.size
         views, offset = [], 0
         for i in self.units[m]:
@@ -84,18 +127,22 @@ class FSDPHook:
             # rounds are awaited and the gradients replaced by the job's mean.
             torch.autograd.Variable._execution_engine.queue_callback(self._finish)
             self._queued = True
-        # A gradient already there is accumulated into by FSDP2: keep it, to
-        # add the job's mean to it at the end.
+        with translated():
+            self._e.unit(m, views)
+        # A gradient already there is accumulated into by FSDP2 after the hook
+        # returns: keep it, to add the job's mean to it at the end.
         before = [None if self.params[i].grad is None else self.params[i].grad.to_local().detach().clone()
                   for i in self.units[m]]
         self._handed.append((m, before))
-        with translated():
-            self._e.unit(m, views)
 
     def _finish(self):
         handed, self._handed, self._queued = self._handed, [], False
         with translated():
             means = self._e.finish_step()
+        if self.params[0].device.type == "cuda":
+            # FSDP2 writes the gradients on its own streams; the end of
+            # backward waits for them only on the last backward of a step.
+            torch.cuda.synchronize()
         k = 0
         with torch.no_grad():
             for m, before in sorted(handed, key=lambda h: h[0]):
@@ -105,16 +152,21 @@ class FSDPHook:
                     local.copy_(mean if old is None else old + mean)
                     k += 1
 
+    def _engine(self):
+        if self._e is None:
+            raise StraitError("strait.fsdp_hook: closed (session.close() ends it)")
+        return self._e
+
     @property
     def steps(self):
-        return self._e.steps()
+        return self._engine().steps()
 
     @property
     def groups(self):
-        return self._e.groups()
+        return self._engine().groups()
 
     def privacy_spent(self):
-        return list(self._e.privacy_spent())
+        return list(self._engine().privacy_spent())
 
 
 def fsdp_hook(model, session):

@@ -99,6 +99,7 @@ class Session:
         self.leader = self._s.leader()
         self.resume = resume
         self._every_step = None
+        self._engines = []  # weak references to what close() ends first (strait.fsdp_hook's)
         self._bucket_futures = []  # the DDP hook's: (engine future, DDP's future) of this step
         # At exit, while the interpreter is still whole: a gloo group or a
         # gateway left to interpreter teardown can abort the process.
@@ -162,6 +163,11 @@ class Session:
         process group if strait.init created it. Safe to call twice; called
         at exit."""
         self._every_step = None
+        for ref in getattr(self, "_engines", []):
+            engine = ref()
+            if engine is not None:
+                engine.close()
+        self._engines = []
         s = getattr(self, "_s", None)
         if s is not None:
             with translated():
