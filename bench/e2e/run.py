@@ -30,6 +30,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import threading
@@ -380,18 +381,24 @@ def plot_quality(path, runs, args, budget):
 
 
 def sharded(args, out):
-    """examples/gpt across the border with 1 stream and with the default:
-    each sync from the last rank reaching it to the last one done (what the
-    exchange adds to the slowest site's compute), bytes, memory per rank.
-    --quick: a model of width 64 and 2 blocks (the schema, in seconds)."""
+    """examples/gpt across the border: DiLoCo with 1 stream and with the
+    default (each sync from the last rank reaching it to the last one done:
+    what the exchange adds to the slowest site's compute), then every-step
+    mode (strait.fsdp_hook, default streams: each step's exchange inside its
+    step time); bytes and memory per rank, whether the replicas are
+    identical. --quick: a model of width 64 and 2 blocks (the schema, in
+    seconds)."""
     rows = []
-    for streams in (1, None):
-        tag = f"gpt-{streams or 'default'}-streams"
-        log(f"bench e2e: examples/gpt sharded, {streams or 'the default number of'} stream(s) across {args.wan} ...")
+    for mode, streams in (("diloco", 1), ("diloco", None), ("every_step", None)):
+        tag = f"gpt-{mode}-{streams or 'default'}-streams"
+        log(f"bench e2e: examples/gpt sharded, {mode}, {streams or 'the default number of'} stream(s) across "
+            f"{args.wan} ...")
         cmd = [sys.executable, os.path.join(ROOT, "examples", "gpt", "run.py"), "--wan", args.wan, "--out",
                os.path.join(out, tag), "--build", args.build]
         if streams:
             cmd += ["--streams", str(streams)]
+        if mode == "every_step":
+            cmd += ["--every-step", "--steps", "3"]
         if args.quick:
             cmd += ["--width", "64", "--layers", "2"]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
@@ -399,22 +406,32 @@ def sharded(args, out):
             raise SystemExit(f"bench e2e: examples/gpt failed:\n{r.stdout[-3000:]}{r.stderr[-3000:]}")
         summary = json.load(open(os.path.join(out, tag, "summary.json")))
         ranks = summary["ranks"]
-        rows.append({"streams": streams or "default", "identical": summary["identical"],
-                     "parameters": ranks[0]["parameters"], "syncs": len(summary["sync_critical_seconds"]),
-                     "sync_critical_s": summary["sync_critical_seconds"],
-                     "bytes_per_sync": {f"{x['site']}/{x['rank']}": x["bytes_sent"] / max(1, len(x["sync_seconds"]))
-                                        for x in ranks},
-                     "rss_after_last_sync_mb": {f"{x['site']}/{x['rank']}": x["rss_after_sync_mb"][-1] for x in ranks}})
+        row = {"mode": mode, "streams": streams or "default", "identical": summary["identical"],
+               "parameters": ranks[0]["parameters"], "steps": ranks[0]["steps"],
+               "median_step_s": {f"{x['site']}/{x['rank']}": statistics.median(x["step_seconds"]) for x in ranks},
+               "rss_peak_mb": {f"{x['site']}/{x['rank']}": x["peak_rss_mb"] for x in ranks}}
+        if mode == "diloco":
+            row.update({"syncs": len(summary["sync_critical_seconds"]),
+                        "sync_critical_s": summary["sync_critical_seconds"],
+                        "bytes_per_sync": {f"{x['site']}/{x['rank']}": x["bytes_sent"] / max(1, len(x["sync_seconds"]))
+                                           for x in ranks},
+                        "rss_after_last_sync_mb": {f"{x['site']}/{x['rank']}": x["rss_after_sync_mb"][-1]
+                                                   for x in ranks}})
+        else:
+            row["bytes_per_step"] = {f"{x['site']}/{x['rank']}": x["bytes_sent"] / max(1, x["steps"]) for x in ranks}
+        rows.append(row)
     result = {"wan": args.wan, "sharded": rows}
     if written(os.path.join(out, "e2e-sharded.json"), result, result, args.json):
         return
-    print(f"examples/gpt ({rows[0]['parameters'] / 1e6:.1f}M parameters, FSDP2: 1 rank + 2 ranks), "
-          f"{rows[0]['syncs']} syncs across {args.wan}")
-    print(f"{'streams':<10}{'each sync (critical path), s':>32}{'MB per sync, per rank':>36}{'identical':>11}")
+    print(f"examples/gpt ({rows[0]['parameters'] / 1e6:.1f}M parameters, FSDP2: 1 rank + 2 ranks) across {args.wan}")
+    print(f"{'mode':<12}{'streams':<9}{'median step s, per rank':>26}{'each sync (critical path), s':>30}"
+          f"{'MB per sync or step, per rank':>32}{'identical':>11}")
     for row in rows:
-        crit = ", ".join(f"{c:.2f}" for c in row["sync_critical_s"])
-        sent = ", ".join(f"{v / 1e6:.1f}" for v in row["bytes_per_sync"].values())
-        print(f"{str(row['streams']):<10}{crit:>32}{sent:>36}{'yes' if row['identical'] else 'NO':>11}")
+        steps = ", ".join(f"{v:.2f}" for v in row["median_step_s"].values())
+        crit = ", ".join(f"{c:.2f}" for c in row.get("sync_critical_s", [])) or "(inside each step)"
+        sent = ", ".join(f"{v / 1e6:.1f}" for v in row.get("bytes_per_sync", row.get("bytes_per_step", {})).values())
+        print(f"{row['mode']:<12}{str(row['streams']):<9}{steps:>26}{crit:>30}{sent:>32}"
+              f"{'yes' if row['identical'] else 'NO':>11}")
 
 
 def main():

@@ -47,7 +47,7 @@ def test_bench_e2e_quick_time_to_quality_runs_every_mode_and_reports_json(tmp_pa
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces and tc need root")
-def test_bench_e2e_sharded_quick_compares_one_stream_with_the_default_and_reports_json(tmp_path):
+def test_bench_e2e_sharded_quick_compares_streams_and_modes_and_reports_json(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "torch_ext", "python"), STRAIT_BUILD_DIR=BUILD)
     r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "e2e", "run.py"), "--build", BUILD, "--json",
                         "--sharded", "--quick", "--wan", "1gbit-20ms", "--out", str(tmp_path)],
@@ -55,7 +55,12 @@ def test_bench_e2e_sharded_quick_compares_one_stream_with_the_default_and_report
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout)
     assert out["wan"] == "1gbit-20ms"
-    assert [x["streams"] for x in out["sharded"]] == [1, "default"]
+    assert [(x["mode"], x["streams"]) for x in out["sharded"]] == [("diloco", 1), ("diloco", "default"),
+                                                                      ("every_step", "default")]
+    every = out["sharded"].pop()
+    assert every["identical"] is True and every["steps"] == 3, every
+    assert sorted(every["bytes_per_step"]) == ["hangzhou/0", "singapore/0", "singapore/1"], every
+    assert every["bytes_per_step"]["hangzhou/0"] > 0 and all(s > 0 for s in every["median_step_s"].values()), every
     for x in out["sharded"]:
         assert x["identical"] is True, x
         assert x["syncs"] == 2 and len(x["sync_critical_s"]) == 2 and all(s >= 0 for s in x["sync_critical_s"]), x
