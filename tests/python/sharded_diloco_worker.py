@@ -105,6 +105,7 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--policy", default=None)
     ap.add_argument("--every-step", action="store_true")
+    ap.add_argument("--unused", action="store_true", help="a trained parameter the forward pass does not use")
     args = ap.parse_args()
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -113,6 +114,8 @@ def main():
     # 0's) and its own data.
     torch.manual_seed(100 + session.site_index)
     net = make_net()
+    if args.unused:
+        net.unused = nn.Parameter(torch.zeros(3))
     for m in (net.body[0], net.body[2]):
         fully_shard(m)
     fully_shard(net)

@@ -84,7 +84,7 @@ def test_a_shard_that_is_not_fsdp2s_is_a_clear_error():
 
 
 def run_sharded_job(policy_extra="", transport_extra="", diloco_extra="", every_step=False,
-                    pipeline="topk(0.3) -> int8", error_feedback=True):
+                    pipeline="topk(0.3) -> int8", error_feedback=True, worker_extra=()):
     """Site a: 1 rank; site b: 2 ranks, FSDP2 over gloo, CurveZMQ and each
     site's policy with a signed audit log; each site starts from its own
     values and data. DiLoCo, or with every_step strait.fsdp_hook. Returns
@@ -123,7 +123,7 @@ transport: {{chunk_bytes: 4096, heartbeat_ms: 100, peer_timeout_ms: 3000, round_
                 out = os.path.join(tmp, f"{site}-{rank}.json")
                 cmd = [sys.executable, os.path.join(HERE, "sharded_diloco_worker.py"), "--config", config, "--site",
                        site, "--policy", policies[site], "--steps", "12", "--out", out]
-                cmd += ["--every-step"] if every_step else []
+                cmd += (["--every-step"] if every_step else []) + list(worker_extra)
                 procs.append(subprocess.Popen(cmd, env=dict(env, RANK=str(rank), WORLD_SIZE=str(world),
                                                             MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)),
                                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
@@ -244,3 +244,15 @@ def test_what_sharded_every_step_does_not_do_yet_is_refused_by_name_on_every_ran
     for _, _, err in failed:
         assert "strait.fsdp_hook (every-step mode over a model sharded with FSDP2): on_site_loss: continue is not " \
                "supported yet" in err, err
+
+
+def test_a_parameter_without_a_gradient_stops_every_rank_of_every_site_by_name():
+    """A trained parameter the forward pass does not use gets no gradient, so
+    FSDP2 leaves it out of its unit's reduce-scatter: the hook cannot tell
+    which elements are whose, and every rank of both sites stops at the
+    first step with an error saying so (the units reduced before it had
+    their rounds started: the engine is aborted, not left half a step)."""
+    r, failed = run_sharded_job(every_step=True, worker_extra=["--unused"])
+    assert r is None and len(failed) == 3, (r, failed)
+    for _, _, err in failed:
+        assert "did a parameter get no gradient this step?" in err, err
