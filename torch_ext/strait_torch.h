@@ -378,9 +378,11 @@ class ShardedEveryStep : public ::torch::CustomClassHolder {
 
   // From unit m's all-reduce hook, on every rank of the site in the same
   // order: this rank's shard of each of its parameters' gradients (the
-  // site's mean, unpadded; any float dtype). Returns once its rounds are
-  // started; a failure to start one is raised by finishStep().
-  void unit(int64_t m, const std::vector<at::Tensor>& grads);
+  // site's mean, unpadded; any float dtype). `local_error`: what failed on
+  // this rank before (then it raises on every rank of the site). Returns
+  // once its rounds are started; a failure to start one is raised by
+  // finishStep().
+  void unit(int64_t m, const std::vector<at::Tensor>& grads, const std::string& local_error = "");
   // At the end of backward: waits for the step's rounds (every rank of the
   // site together) and returns this rank's shard of the job's mean gradient
   // of each parameter of the units handed over this step (units in order,
@@ -388,7 +390,8 @@ class ShardedEveryStep : public ::torch::CustomClassHolder {
   // call raises: the sites' gradients no longer agree.
   std::vector<at::Tensor> finishStep();
   // The step cannot end (the hook raised after handing units over): every
-  // later call raises, naming `why`.
+  // later call raises, naming `why`, and the group gateways stop (the other
+  // sites' rounds fail at once, naming it).
   void abort(const std::string& why);
   int64_t steps() const;
   int64_t groups() const;  // exchange groups this rank takes part in

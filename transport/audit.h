@@ -36,7 +36,7 @@ std::vector<uint8_t> readSigningPublicKey(const std::string& path);  // 32 bytes
 std::string digestHex(const uint8_t* data, size_t size);
 
 struct AuditEvent {
-  std::string event;              // "out", "in" or "refused"
+  std::string event;              // "out", "in", "refused" or "charged"
   uint64_t round = 0;
   std::string tag;
   std::string peer;               // the other site ("*" for every site)

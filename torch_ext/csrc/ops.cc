@@ -347,8 +347,8 @@ void registerEngine(::torch::Library& m) {
         });
       }))
       .def("unit",
-           [](const Self<ShardedEveryStep>& e, int64_t m, std::vector<at::Tensor> grads) {
-             translate("strait.fsdp_hook", [&] { e->unit(m, grads); });
+           [](const Self<ShardedEveryStep>& e, int64_t m, std::vector<at::Tensor> grads, const std::string& local_error) {
+             translate("strait.fsdp_hook", [&] { e->unit(m, grads, local_error); });
            })
       .def("finish_step",
            [](const Self<ShardedEveryStep>& e) { return translate("strait.fsdp_hook", [&] { return e->finishStep(); }); })

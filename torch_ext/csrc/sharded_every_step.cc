@@ -50,10 +50,13 @@ struct ShardedEveryStep::Impl : ShardedGroups {
   std::string describe() const;
   void mapUnits();
   void writeLocals(std::vector<at::Tensor>& values);
-  void unit(int64_t m, const std::vector<at::Tensor>& grads);
+  void unit(int64_t m, const std::vector<at::Tensor>& grads, const std::string& local_error);
   std::vector<at::Tensor> finish();
   void abort(const std::string& why) {
     if (failed.empty()) failed = why;
+    // The other sites' rounds of this step would wait for this site until
+    // their deadline: tell them it stopped, and why.
+    for (auto& [g, gateway] : gateways) gateway->stop("sharded every-step: " + failed);
   }
   void checkUsable() const {
     if (!failed.empty()) {
@@ -182,8 +185,13 @@ void ShardedEveryStep::Impl::writeLocals(std::vector<at::Tensor>& values) {
   for (size_t i = 0; i < locals.size(); ++i) locals[i].detach().copy_(out[i]);
 }
 
-void ShardedEveryStep::Impl::unit(int64_t m, const std::vector<at::Tensor>& grads) {
+void ShardedEveryStep::Impl::unit(int64_t m, const std::vector<at::Tensor>& grads, const std::string& local_error) {
   checkUsable();
+  // What failed on one rank before it got here fails the unit on every rank
+  // of the site (none is left waiting in the gather's collectives).
+  together("handing unit " + std::to_string(m) + " over", [&] {
+    if (!local_error.empty()) fail<Error>(local_error);
+  });
   if (m < 0 || size_t(m) >= units.size()) {
     fail<InvalidArgument>("strait.fsdp_hook: unit ", m, " of ", units.size());
   }
@@ -222,6 +230,7 @@ void ShardedEveryStep::Impl::unit(int64_t m, const std::vector<at::Tensor>& grad
       } catch (const std::exception&) {
         if (!step_error) step_error = std::current_exception();
       }
+      if (step_error) return;  // no share of it leaves (finish() raises on every rank)
     }
     const std::string tag = "fsdp.unit" + std::to_string(m);
     u.futures = startRounds(uint64_t(steps), tag, [&](size_t g) {
@@ -318,7 +327,9 @@ ShardedEveryStep::ShardedEveryStep(c10::intrusive_ptr<Session> session, std::vec
 
 ShardedEveryStep::~ShardedEveryStep() = default;
 
-void ShardedEveryStep::unit(int64_t m, const std::vector<at::Tensor>& grads) { impl_->unit(m, grads); }
+void ShardedEveryStep::unit(int64_t m, const std::vector<at::Tensor>& grads, const std::string& local_error) {
+  impl_->unit(m, grads, local_error);
+}
 std::vector<at::Tensor> ShardedEveryStep::finishStep() { return impl_->finish(); }
 void ShardedEveryStep::abort(const std::string& why) { impl_->abort(why); }
 int64_t ShardedEveryStep::steps() const { return impl_->steps; }

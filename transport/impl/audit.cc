@@ -414,6 +414,8 @@ AuditVerdict verifyAuditLog(const std::string& path, const std::vector<std::vect
       if (f["delta"] != "null") s.delta = std::max(s.delta, std::atof(f["delta"].c_str()));
     } else if (event == "refused") {
       ++s.refused;
+    } else if (event == "charged" && f["epsilon"] != "null") {
+      s.epsilon = std::max(s.epsilon, std::atof(f["epsilon"].c_str()));
     }
     ++s.records;
   }

@@ -136,7 +136,20 @@ double EgressGuard::privatize(float* x, size_t n, double norm) {
 
 double EgressGuard::chargeRelease() {
   std::lock_guard<std::mutex> lock(mu_);
-  spent_ = nextRelease();
+  const double next = nextRelease();
+  if (audit_) {
+    // On disk before it counts, as every record is: a restarted gateway
+    // continues from the largest epsilon its log records.
+    AuditEvent e;
+    e.event = "charged";
+    e.peer = "*";
+    e.kind = core::messageKindName(MessageKind::kModelUpdate);
+    e.epsilon = next;
+    e.delta = opt_.privacy.delta;
+    e.reason = "a release of the site none of whose share leaves through this gateway";
+    audit_->append(e);
+  }
+  spent_ = next;
   ++releases_;
   return spent_;
 }

@@ -513,6 +513,12 @@ TEST(Privacy, AChargedReleaseIsSpentAndCountedButLetsNoUpdateOut) {
   Gateway a(j.job.sites[0]), b(j.job.sites[1]);
   EXPECT_NEAR(a.chargePrivacyRelease(), gaussianEpsilon(2.0, 1, 1e-5), 1e-12);
   EXPECT_EQ(a.privacyReleases(), 1u);
+  {
+    // On record, so that a restarted gateway and the verifier count it.
+    const AuditVerdict v = verifyAuditLog(j.logs[0], j.pub(0));
+    ASSERT_TRUE(v.ok) << v.problem;
+    EXPECT_NEAR(v.summary.epsilon, gaussianEpsilon(2.0, 1, 1e-5), 1e-4);
+  }
   try {
     a.exchange(0, "g", {1}, MessageKind::kModelUpdate);
     FAIL() << "a charge let an unprivatized update out";

@@ -39,18 +39,28 @@ def _units(model, trained):
         if group is None or id(group) in seen:
             continue
         seen.add(id(group))
-        # The hook must see the site's mean: FSDP2 divides after the hook when
-        # it reduces by sum (forced, or a divide factor of the program's).
-        if getattr(group, "force_sum_reduction_for_comms", False) or \
-                getattr(group, "gradient_divide_factor", None) is not None:
-            raise StraitError(f"strait.fsdp_hook: unit {type(module).__name__} reduces its gradients by sum "
-                              "(set_force_sum_reduction_for_comms or set_gradient_divide_factor), which FSDP2 "
-                              "divides after the all-reduce hook; the hook needs the site's mean")
+        _check_reduction(group, module)
         mine = [index[id(p)] for p in order if id(p) in index]
         if mine:
-            units.append(module)
+            units.append((module, group))
             params.append(mine)
     return units, params
+
+
+def _check_reduction(group, module):
+    """The hook must see the site's mean gradient: a forced sum (divided
+    after the hook) or a divide factor of the program's (the hook sees the
+    sum divided by it) would weigh sites of different sizes wrongly."""
+    if getattr(group, "force_sum_reduction_for_comms", False) or \
+            getattr(group, "gradient_divide_factor", None) is not None:
+        raise StraitError(f"strait.fsdp_hook: unit {type(module).__name__} reduces its gradients by sum or by a "
+                          "factor of its own (set_force_sum_reduction_for_comms or set_gradient_divide_factor): "
+                          "its all-reduce hook would not see the site's mean")
+
+
+def _closed(output):
+    raise StraitError("strait.fsdp_hook: the session is closed (session.close() ended the exchange); training on "
+                      "would average inside this site only")
 
 
 class FSDPHook:
@@ -68,7 +78,10 @@ class FSDPHook:
             raise StraitError("strait.fsdp_hook: the model's parameters are not sharded with FSDP2 (fully_shard); "
                               "for a model replicated with DDP use ddp_model.register_comm_hook(session, "
                               "strait.ddp_hook)")
-        self.modules, self.units = _units(model, self.params)
+        units, self.units = _units(model, self.params)
+        self.modules = [m for m, _ in units]
+        self._groups = [g for _, g in units]
+        self._device = None  # where FSDP2 reduces (the hooks' outputs)
         self.session = session
         with translated():
             self._e = torch.classes.strait.ShardedEveryStep(
@@ -83,11 +96,11 @@ class FSDPHook:
         session._engines.append(weakref.ref(self))
 
     def close(self):
-        """Takes the hooks off the units and ends the engine (its group
-        gateways: each lingers until what it sent was acknowledged). Called
-        by session.close(); safe to call twice."""
+        """Ends the engine (its group gateways: each lingers until what it
+        sent was acknowledged); a backward after it raises. Called by
+        session.close(); safe to call twice."""
         for module in self.modules:
-            module.set_all_reduce_hook(None)
+            module.set_all_reduce_hook(_closed)
         self.modules = []
         self._e = None
 
@@ -101,10 +114,14 @@ class FSDPHook:
             # The step cannot end: a unit's rounds may be started, and no
             # end-of-backward callback runs after a failed backward.
             self._handed, self._queued = [], False
-            self._e.abort(f"{type(e).__name__}: {e}")
+            if self._e is not None:
+                self._e.abort(f"{type(e).__name__}: {e}")
             raise
 
     def _hand_over(self, m, output):
+        engine = self._engine()
+        _check_reduction(self._groups[m], self.modules[m])  # the program may have changed it since
+        self._device = output.device
         if output.dtype not in (torch.float32, torch.bfloat16):
             raise StraitError(f"strait.fsdp_hook: the unit's gradients are reduced in {output.dtype}, which FSDP2 "
                               "divides after the hook; use MixedPrecisionPolicy(reduce_dtype=torch.float32 or "
@@ -127,22 +144,30 @@ class FSDPHook:
             # rounds are awaited and the gradients replaced by the job's mean.
             torch.autograd.Variable._execution_engine.queue_callback(self._finish)
             self._queued = True
-        with translated():
-            self._e.unit(m, views)
         # A gradient already there is accumulated into by FSDP2 after the hook
-        # returns: keep it, to add the job's mean to it at the end.
-        before = [None if self.params[i].grad is None else self.params[i].grad.to_local().detach().clone()
-                  for i in self.units[m]]
+        # returns: keep it, to add the job's mean to it at the end. A failure
+        # here (memory) is handed over too, so that every rank of the site
+        # raises rather than some waiting in the engine's collectives.
+        failed = ""
+        try:
+            before = [None if self.params[i].grad is None else self.params[i].grad.to_local().detach().clone()
+                      for i in self.units[m]]
+        except Exception as e:
+            failed = f"rank {self.session.rank}: {type(e).__name__}: {e}"
+        with translated():
+            engine.unit(m, views, failed)
         self._handed.append((m, before))
 
     def _finish(self):
         handed, self._handed, self._queued = self._handed, [], False
         with translated():
-            means = self._e.finish_step()
-        if self.params[0].device.type == "cuda":
-            # FSDP2 writes the gradients on its own streams; the end of
-            # backward waits for them only on the last backward of a step.
-            torch.cuda.synchronize()
+            means = self._engine().finish_step()
+        if self._device is not None and self._device.type != "cpu":
+            # FSDP2 writes the gradients on its own streams (and copies them
+            # to the host under CPU offload); the end of backward waits for
+            # them only on the last backward of a step.
+            sync = getattr(getattr(torch, "accelerator", None), "synchronize", None)
+            sync() if sync else torch.cuda.synchronize()
         k = 0
         with torch.no_grad():
             for m, before in sorted(handed, key=lambda h: h[0]):
