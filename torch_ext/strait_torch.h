@@ -390,8 +390,8 @@ class ShardedEveryStep : public ::torch::CustomClassHolder {
   // call raises: the sites' gradients no longer agree.
   std::vector<at::Tensor> finishStep();
   // The step cannot end (the hook raised after handing units over): every
-  // later call raises, naming `why`, and the group gateways stop (the other
-  // sites' rounds fail at once, naming it).
+  // later call raises, naming `why`, and the group gateways stop, telling
+  // the other sites why.
   void abort(const std::string& why);
   int64_t steps() const;
   int64_t groups() const;  // exchange groups this rank takes part in

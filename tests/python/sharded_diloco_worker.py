@@ -106,6 +106,9 @@ def main():
     ap.add_argument("--policy", default=None)
     ap.add_argument("--every-step", action="store_true")
     ap.add_argument("--unused", action="store_true", help="a trained parameter the forward pass does not use")
+    ap.add_argument("--break-at", type=int, default=None,
+                    help="every-step: at this step site b's first block starts reducing by a factor of its own, "
+                         "which the hook refuses")
     args = ap.parse_args()
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -127,7 +130,9 @@ def main():
     if args.every_step:
         hook = strait.fsdp_hook(net, session)
         losses = []
-        for _ in range(args.steps):
+        for step in range(args.steps):
+            if step == args.break_at and session.site_index == 1:
+                net.body[0].set_gradient_divide_factor(2.0)
             opt.zero_grad()
             loss = nn.functional.cross_entropy(net(x), y)
             loss.backward()

@@ -84,7 +84,7 @@ def test_a_shard_that_is_not_fsdp2s_is_a_clear_error():
 
 
 def run_sharded_job(policy_extra="", transport_extra="", diloco_extra="", every_step=False,
-                    pipeline="topk(0.3) -> int8", error_feedback=True, worker_extra=()):
+                    pipeline="topk(0.3) -> int8", error_feedback=True, worker_extra=(), hard_deadline_s=120):
     """Site a: 1 rank; site b: 2 ranks, FSDP2 over gloo, CurveZMQ and each
     site's policy with a signed audit log; each site starts from its own
     values and data. DiLoCo, or with every_step strait.fsdp_hook. Returns
@@ -112,7 +112,8 @@ sites:
      public_key: keys/b.pub, secret_key: keys/b.key}}
 {sync}
 compression: {{pipeline: "{pipeline}", error_feedback: {str(error_feedback).lower()}}}
-transport: {{chunk_bytes: 4096, heartbeat_ms: 100, peer_timeout_ms: 3000, round_deadline_s: 60, hard_deadline_s: 120
+transport: {{chunk_bytes: 4096, heartbeat_ms: 100, peer_timeout_ms: 3000, round_deadline_s: {hard_deadline_s // 2},
+             hard_deadline_s: {hard_deadline_s}
              {transport_extra}}}
 """)
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.path.join(ROOT, "torch_ext", "python"))
@@ -256,3 +257,19 @@ def test_a_parameter_without_a_gradient_stops_every_rank_of_every_site_by_name()
     assert r is None and len(failed) == 3, (r, failed)
     for _, _, err in failed:
         assert "did a parameter get no gradient this step?" in err, err
+
+
+def test_a_site_whose_hook_fails_mid_run_stops_and_the_other_site_is_told_why():
+    """At step 3 site b's first block starts reducing by a factor of its own
+    (which the hook refuses, checked at every hook) after its other block's
+    rounds of the step were started. Every rank of b raises by name and its
+    engine stops its group gateways, saying why; site a, under `wait`, waits
+    for b to come back until the hard deadline (30 s here) and stops with an
+    error naming b's stop and its reason, not only a silence."""
+    r, failed = run_sharded_job(every_step=True, worker_extra=["--break-at", "3"], hard_deadline_s=30)
+    assert r is None and len(failed) == 3, (r, failed)
+    reason = "reduces its gradients by sum or by a factor of its own"
+    for _, _, err in failed:
+        assert reason in err, err
+    a = failed[0][2]
+    assert "b: stopped: sharded every-step: " in a, a

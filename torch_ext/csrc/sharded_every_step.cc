@@ -54,8 +54,8 @@ struct ShardedEveryStep::Impl : ShardedGroups {
   std::vector<at::Tensor> finish();
   void abort(const std::string& why) {
     if (failed.empty()) failed = why;
-    // The other sites' rounds of this step would wait for this site until
-    // their deadline: tell them it stopped, and why.
+    // The other sites' rounds of this step wait for this site (under wait,
+    // until their hard deadline): tell them it stopped, and why.
     for (auto& [g, gateway] : gateways) gateway->stop("sharded every-step: " + failed);
   }
   void checkUsable() const {

@@ -160,8 +160,13 @@ class FSDPHook:
 
     def _finish(self):
         handed, self._handed, self._queued = self._handed, [], False
-        with translated():
-            means = self._engine().finish_step()
+        try:
+            with translated():
+                means = self._engine().finish_step()
+        except BaseException as e:
+            if self._e is not None:  # the other sites learn at once that this one stopped, and why
+                self._e.abort(f"{type(e).__name__}: {e}")
+            raise
         if self._device is not None and self._device.type != "cpu":
             # FSDP2 writes the gradients on its own streams (and copies them
             # to the host under CPU offload); the end of backward waits for
