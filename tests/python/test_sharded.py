@@ -165,13 +165,19 @@ def test_sites_of_one_and_two_ranks_train_a_sharded_model_to_identical_replicas(
     assert all(x["settings"] == [4, 0.7, 0.5, True, True, False, "", None] for x in r), r
 
 
-def test_differential_privacy_of_a_sharded_site_releases_once_per_sync_on_every_group():
+@pytest.mark.parametrize("every_step", [False, True], ids=["diloco", "every_step"])
+def test_differential_privacy_of_a_sharded_site_is_counted_alike_by_every_gateway_of_the_site(every_step):
     """Each site's policy has a privacy section: every rank's model updates
     leave only clipped (by the whole site's norm, summed inside the site)
     and noised, which the egress guard of each group's gateway enforces; the
-    replicas stay identical, and every group's gateway of a site has spent
-    the same epsilon: one release per sync."""
-    r, failed = run_sharded_job(policy_extra="privacy: {clip_norm: 0.5, noise_multiplier: 1.0, epsilon_budget: 50}\n")
+    replicas stay identical, and every group's gateway of both sites has
+    spent the same epsilon. DiLoCo: one release of the site per sync.
+    Every-step: one per unit and step, counted also by the gateways whose
+    group holds none of the unit's pieces (b's rank 1 holds pieces of only
+    one of the three units)."""
+    budget = 500 if every_step else 50
+    r, failed = run_sharded_job(every_step=every_step, policy_extra="privacy: {clip_norm: 0.5, noise_multiplier: 1.0, "
+                                f"epsilon_budget: {budget}}}\n")
     assert not failed, "workers failed:\n" + "\n".join(f"#{i} rc={rc}: {e}" for i, rc, e in failed)
     assert len({x["end"] for x in r}) == 1, r
     spent = [x["privacy_spent"] for x in r]
@@ -219,24 +225,6 @@ def test_every_step_over_shards_of_sites_of_one_and_two_ranks_keeps_identical_re
         assert all(x["from_reference"] < 1e-5 for x in r), r
     else:  # compressed: not the reference, but near it
         assert all(1e-6 < x["from_reference"] < 0.1 for x in r), r
-
-
-def test_every_step_over_shards_with_differential_privacy_releases_once_per_unit_and_step():
-    """Each unit's gradient leaves a site clipped by its whole norm (summed
-    inside the site) and noised by the gateways of the groups holding its
-    pieces: one release of the site per unit and step, counted by every
-    group's gateway of the site, and the replicas stay identical."""
-    r, failed = run_sharded_job(every_step=True, policy_extra="privacy: {clip_norm: 0.5, noise_multiplier: 1.0, "
-                                "epsilon_budget: 500}\n")
-    assert not failed, "workers failed:\n" + "\n".join(f"#{i} rc={rc}: {e}" for i, rc, e in failed)
-    assert len({x["end"] for x in r}) == 1, r
-    spent = [x["privacy_spent"] for x in r]
-    assert all(len(s) == x["groups"] for s, x in zip(spent, r)), r
-    # Every gateway of both sites counted every release of its site (one per
-    # unit and step), also the gateway of b's rank 1, whose group holds pieces
-    # of only one of the three units.
-    every = [e for s in spent for e in s]
-    assert every and all(e == every[0] > 0 for e in every), spent
 
 
 def test_what_sharded_every_step_does_not_do_yet_is_refused_by_name_on_every_rank():

@@ -608,15 +608,9 @@ ShardedDiLoCo::Impl::Impl(c10::intrusive_ptr<Session> sess, std::vector<std::str
 }
 
 std::string ShardedDiLoCo::Impl::describe() const {
-  const int64_t piece = int64_t(s.config.transport.chunk_bytes / sizeof(float));
-  // The same model everywhere (full shapes, names) and every site's number of ranks.
+  // The same model everywhere (full shapes, names).
   std::ostringstream d;
-  d << "sharded DiLoCo, pieces of " << piece << " elements\n";
-  for (size_t i = 0; i < names.size(); ++i) {
-    d << names[i] << " (";
-    for (size_t k = 0; k < shapes[i].size(); ++k) d << (k ? ", " : "") << shapes[i][k];
-    d << ")\n";
-  }
+  d << describePieces("sharded DiLoCo");
   // The schedule too, as unsharded DiLoCo checks it: constructor arguments
   // can override the config, and owners applying different outer steps to
   // the same pieces would drift apart silently.
@@ -631,6 +625,72 @@ void ShardedDiLoCo::Impl::setup() {
   global = pieces->gather(locals);
   momentum.clear();
   for (const at::Tensor& p : global) momentum.push_back(at::zeros_like(p));
+}
+
+std::vector<at::Tensor> ShardedGroups::groupMean(const transport::RoundResult& r, const std::vector<at::Tensor>& like,
+                                                 const std::string& what) const {
+  RoundOutcome o;
+  o.payloads = r.payloads;
+  o.missing = r.missing;
+  std::vector<at::Tensor> acc;
+  for (const at::Tensor& v : like) {
+    acc.push_back(at::zeros({v.numel()}, at::TensorOptions(at::kFloat).device(s.decodeDevice(v.device()))));
+  }
+  s.accumulateParts(o, acc, what);
+  return acc;
+}
+
+void ShardedGroups::scatterToLocals(const std::vector<at::Tensor>& values, std::vector<at::Tensor>& locals) const {
+  std::vector<at::Tensor> out;
+  for (const at::Tensor& l : locals) out.push_back(at::empty(l.sizes(), l.options().dtype(at::kFloat)).contiguous());
+  pieces->scatter(values, out);
+  at::NoGradGuard no_grad;
+  for (size_t i = 0; i < locals.size(); ++i) locals[i].detach().copy_(out[i]);
+}
+
+std::string ShardedGroups::describePieces(const std::string& engine_line) const {
+  const int64_t piece = int64_t(s.config.transport.chunk_bytes / sizeof(float));
+  std::ostringstream d;
+  d << engine_line << ", pieces of " << piece << " elements\n";
+  for (size_t i = 0; i < names.size(); ++i) {
+    d << names[i] << " (";
+    for (size_t k = 0; k < shapes[i].size(); ++k) d << (k ? ", " : "") << shapes[i][k];
+    d << ")\n";
+  }
+  return d.str();
+}
+
+double ShardedGroups::siteNorm(const std::vector<at::Tensor>& values) {
+  double sq = 0;
+  for (const at::Tensor& v : values) sq += v.to(at::kDouble).square().sum().item<double>();
+  at::Tensor t = at::full({1}, sq, at::TensorOptions(at::kDouble).device(s.control_device));
+  s.allReduceSum(t);
+  return std::sqrt(t.cpu().item<double>());
+}
+
+std::vector<uint8_t> ShardedGroups::encodeGroup(size_t g, const std::vector<int64_t>& ks,
+                                                const std::vector<at::Tensor>& values, const std::string& key,
+                                                const std::string& pipeline, std::optional<double> site_norm) {
+  std::vector<at::Tensor> host;
+  for (const at::Tensor& v : values) host.push_back(v.to(at::kCPU).contiguous());
+  if (site_norm) {
+    at::Tensor share = at::cat(host);
+    gateways.at(g)->privatize(share.data_ptr<float>(), size_t(share.numel()), *site_norm);
+    int64_t offset = 0;
+    for (at::Tensor& v : host) {
+      v = share.narrow(0, offset, v.numel());
+      offset += v.numel();
+    }
+  }
+  std::vector<std::vector<uint8_t>> parts;
+  for (size_t q = 0; q < host.size(); ++q) {
+    const int64_t t = table[size_t(ks[q])][0];
+    Compressor& c = s.compressor(key + std::to_string(ks[q]), names[size_t(t)], host[q].numel(), pipeline,
+                                 std::nullopt, sizes[size_t(t)].numel);
+    parts.emplace_back();
+    c.encode(host[q], parts.back());
+  }
+  return core::frameParts(parts);
 }
 
 // What a rank joining group mine[j] needs: its pieces' global parameters
@@ -983,28 +1043,15 @@ void ShardedDiLoCo::Impl::loadCheckpoint(uint64_t round, uint64_t digest) {
   }
 }
 
-void ShardedDiLoCo::Impl::writeLocals() {
-  std::vector<at::Tensor> out;
-  for (const at::Tensor& l : locals) out.push_back(at::empty(l.sizes(), l.options().dtype(at::kFloat)).contiguous());
-  pieces->scatter(global, out);
-  at::NoGradGuard no_grad;
-  for (size_t i = 0; i < locals.size(); ++i) locals[i].detach().copy_(out[i]);
-}
+void ShardedDiLoCo::Impl::writeLocals() { scatterToLocals(global, locals); }
 
 // Group mine[j]'s round is in: the weighted mean of the sites' updates,
 // then the outer step on its pieces, elementwise, in DiLoCo's order of
 // float32 operations (diloco.cc): m = m mu + g; u = nesterov ? g + mu m : m; p -= lr u.
 void ShardedDiLoCo::Impl::applyGroup(size_t j, const transport::RoundResult& r) {
   const size_t g = mine[j];
-  RoundOutcome o;
-  o.payloads = r.payloads;
-  o.missing = r.missing;
-  std::vector<at::Tensor> acc;
-  for (int64_t k : groups[g].pieces) {
-    acc.push_back(at::zeros({global[position.at(k)].numel()},
-                            at::TensorOptions(at::kFloat).device(s.decodeDevice(global[position.at(k)].device()))));
-  }
-  s.accumulateParts(o, acc, "a 'diloco' message for group " + std::to_string(g));
+  const std::vector<at::Tensor> acc =
+      groupMean(r, ofGroup(global, g), "a 'diloco' message for group " + std::to_string(g));
   for (size_t q = 0; q < acc.size(); ++q) {
     const size_t p = position.at(groups[g].pieces[q]);
     const at::Tensor mean = acc[q].to(global[p].device());
@@ -1031,41 +1078,14 @@ void ShardedDiLoCo::Impl::sync(bool contribute, const std::set<size_t>& skip) {
   // across the ranks (each holds its pieces' squares), then each group's
   // gateway clips its share by that norm and noises it (one release of the
   // site per sync, on every group's gateway alike).
-  const bool private_release = contribute && s.policy && s.policy->privacy.enabled;
-  double site_norm = 0;
-  if (private_release) {
-    double sq = 0;
-    for (const at::Tensor& p : pseudo) sq += p.to(at::kDouble).square().sum().item<double>();
-    at::Tensor t = at::full({1}, sq, at::TensorOptions(at::kDouble).device(s.control_device));
-    s.allReduceSum(t);
-    site_norm = std::sqrt(t.cpu().item<double>());
-  }
+  std::optional<double> site_norm;
+  if (contribute && s.policy && s.policy->privacy.enabled) site_norm = siteNorm(pseudo);
   stepped.assign(mine.size(), false);
   exchange(
       uint64_t(syncs), "diloco",
       [&](size_t g) {
         if (!contribute) return std::vector<uint8_t>{};
-        std::vector<at::Tensor> values;
-        for (int64_t k : groups[g].pieces) values.push_back(pseudo[position.at(k)].to(at::kCPU).contiguous());
-        if (private_release) {
-          at::Tensor share = at::cat(values);
-          gateways.at(g)->privatize(share.data_ptr<float>(), size_t(share.numel()), site_norm);
-          int64_t offset = 0;
-          for (at::Tensor& v : values) {
-            v = share.narrow(0, offset, v.numel());
-            offset += v.numel();
-          }
-        }
-        std::vector<std::vector<uint8_t>> parts;
-        for (size_t q = 0; q < values.size(); ++q) {
-          const int64_t k = groups[g].pieces[q];
-          const int64_t t = table[size_t(k)][0];
-          Compressor& c = s.compressor("diloco.piece" + std::to_string(k), names[size_t(t)], values[q].numel(),
-                                       pipeline, std::nullopt, sizes[size_t(t)].numel);
-          parts.emplace_back();
-          c.encode(values[q], parts.back());
-        }
-        return core::frameParts(parts);
+        return encodeGroup(g, groups[g].pieces, ofGroup(pseudo, g), "diloco.piece", pipeline, site_norm);
       },
       core::MessageKind::kModelUpdate, [&](size_t j, const transport::RoundResult& r) { applyGroup(j, r); },
       [&](const std::function<void(size_t)>& settle) { serveJoins(settle); }, skip);

@@ -6,10 +6,8 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
-#include <cmath>
 #include <sstream>
 
-#include "core/codec/parts.h"
 #include "core/error.h"
 #include "core/shards.h"
 #include "torch_ext/csrc/session_impl.h"
@@ -25,12 +23,10 @@ struct ShardedEveryStep::Impl : ShardedGroups {
   // the gradients of its own parameters (indices into the model's).
   std::vector<std::vector<int64_t>> units;
   std::vector<std::unique_ptr<ShardedPieces>> unit_pieces;  // each unit's parameters, over the site's group
-  // unit -> its pieces' global indices (in the unit's own piece order)
-  std::vector<std::vector<int64_t>> unit_global;
   // unit -> j (mine) -> the global pieces of group mine[j] in this unit, ascending
   std::vector<std::vector<std::vector<int64_t>>> unit_group;
-  // global piece this rank owns -> (unit, position among the unit's owned pieces)
-  std::map<int64_t, std::pair<size_t, size_t>> owned_at;
+  // global piece this rank owns -> its position among its unit's owned pieces
+  std::map<int64_t, size_t> owned_at;
   int64_t steps = 0;
   std::string failed;  // why the exchange broke (then every later call raises)
 
@@ -49,7 +45,6 @@ struct ShardedEveryStep::Impl : ShardedGroups {
 
   std::string describe() const;
   void mapUnits();
-  void writeLocals(std::vector<at::Tensor>& values);
   void unit(int64_t m, const std::vector<at::Tensor>& grads, const std::string& local_error);
   std::vector<at::Tensor> finish();
   void abort(const std::string& why) {
@@ -115,19 +110,13 @@ ShardedEveryStep::Impl::Impl(c10::intrusive_ptr<Session> sess, std::vector<std::
   // mean gradient to the same parameters: every site starts from site 0's.
   std::vector<at::Tensor> values = pieces->gather(locals);
   agreeInitial(values, "fsdp.init");
-  writeLocals(values);
+  scatterToLocals(values, locals);
   step.resize(units.size());
 }
 
 std::string ShardedEveryStep::Impl::describe() const {
-  const int64_t piece = int64_t(s.config.transport.chunk_bytes / sizeof(float));
   std::ostringstream d;
-  d << "sharded every-step, pieces of " << piece << " elements\n";
-  for (size_t i = 0; i < names.size(); ++i) {
-    d << names[i] << " (";
-    for (size_t k = 0; k < shapes[i].size(); ++k) d << (k ? ", " : "") << shapes[i][k];
-    d << ")\n";
-  }
+  d << describePieces("sharded every-step");
   // The units too: a unit's round holds its pieces, so the sites must cut
   // the model into the same units.
   for (size_t m = 0; m < units.size(); ++m) {
@@ -171,18 +160,9 @@ void ShardedEveryStep::Impl::mapUnits() {
     }
     for (auto& ks : by_group) std::sort(ks.begin(), ks.end());
     const auto& owned = unit_pieces.back()->owned();
-    for (size_t q = 0; q < owned.size(); ++q) owned_at[global[size_t(owned[q])]] = {m, q};
-    unit_global.push_back(std::move(global));
+    for (size_t q = 0; q < owned.size(); ++q) owned_at[global[size_t(owned[q])]] = q;
     unit_group.push_back(std::move(by_group));
   }
-}
-
-void ShardedEveryStep::Impl::writeLocals(std::vector<at::Tensor>& values) {
-  std::vector<at::Tensor> out;
-  for (const at::Tensor& l : locals) out.push_back(at::empty(l.sizes(), l.options().dtype(at::kFloat)).contiguous());
-  pieces->scatter(values, out);
-  at::NoGradGuard no_grad;
-  for (size_t i = 0; i < locals.size(); ++i) locals[i].detach().copy_(out[i]);
 }
 
 void ShardedEveryStep::Impl::unit(int64_t m, const std::vector<at::Tensor>& grads, const std::string& local_error) {
@@ -207,15 +187,8 @@ void ShardedEveryStep::Impl::unit(int64_t m, const std::vector<at::Tensor>& grad
     u.handed = true;
     // Differential privacy clips the site's gradient of this unit: its
     // squared norm summed across the ranks (each owns its pieces).
-    const bool private_release = s.policy && s.policy->privacy.enabled;
-    double site_norm = 0;
-    if (private_release) {
-      double sq = 0;
-      for (const at::Tensor& v : u.values) sq += v.to(at::kDouble).square().sum().item<double>();
-      at::Tensor t = at::full({1}, sq, at::TensorOptions(at::kDouble).device(s.control_device));
-      s.allReduceSum(t);
-      site_norm = std::sqrt(t.cpu().item<double>());
-    }
+    std::optional<double> site_norm;
+    if (s.policy && s.policy->privacy.enabled) site_norm = siteNorm(u.values);
     std::set<size_t> skip;
     for (size_t j = 0; j < mine.size(); ++j) {
       if (unit_group[size_t(m)][j].empty()) skip.insert(mine[j]);
@@ -224,7 +197,7 @@ void ShardedEveryStep::Impl::unit(int64_t m, const std::vector<at::Tensor>& grad
     // counts it too, so that every gateway of the site keeps the whole account.
     // (A refused charge, like a refused privatize, is raised by finish() on
     // every rank of the site.)
-    if (private_release) {
+    if (site_norm) {
       try {
         for (size_t g : skip) gateways.at(g)->chargePrivacyRelease();
       } catch (const std::exception&) {
@@ -235,30 +208,10 @@ void ShardedEveryStep::Impl::unit(int64_t m, const std::vector<at::Tensor>& grad
     const std::string tag = "fsdp.unit" + std::to_string(m);
     u.futures = startRounds(uint64_t(steps), tag, [&](size_t g) {
       const size_t j = size_t(std::find(mine.begin(), mine.end(), g) - mine.begin());
+      const std::vector<int64_t>& ks = unit_group[size_t(m)][j];
       std::vector<at::Tensor> values;
-      for (int64_t k : unit_group[size_t(m)][j]) {
-        values.push_back(u.values[owned_at.at(k).second].to(at::kCPU).contiguous());
-      }
-      if (private_release) {
-        at::Tensor share = at::cat(values);
-        gateways.at(g)->privatize(share.data_ptr<float>(), size_t(share.numel()), site_norm);
-        int64_t offset = 0;
-        for (at::Tensor& v : values) {
-          v = share.narrow(0, offset, v.numel());
-          offset += v.numel();
-        }
-      }
-      std::vector<std::vector<uint8_t>> parts;
-      for (size_t q = 0; q < values.size(); ++q) {
-        const int64_t k = unit_group[size_t(m)][j][q];
-        const int64_t t = table[size_t(k)][0];
-        // Config rules see a piece by its parameter's name and whole size.
-        Compressor& c = s.compressor("fsdp.piece" + std::to_string(k), names[size_t(t)], values[q].numel(), "",
-                                     std::nullopt, sizes[size_t(t)].numel);
-        parts.emplace_back();
-        c.encode(values[q], parts.back());
-      }
-      return core::frameParts(parts);
+      for (int64_t k : ks) values.push_back(u.values[owned_at.at(k)]);
+      return encodeGroup(g, ks, values, "fsdp.piece", "", site_norm);
     }, core::MessageKind::kModelUpdate, step_error, skip);
   } catch (const std::exception& e) {
     failed = e.what();  // the gather raised on every rank of the site
@@ -281,20 +234,11 @@ std::vector<at::Tensor> ShardedEveryStep::Impl::finish() {
   try {
     awaitRounds(what, all, step_error, [&](size_t q, const transport::RoundResult& r) {
       const auto [m, j] = where[q];
-      RoundOutcome o;
-      o.payloads = r.payloads;
-      o.missing = r.missing;
-      std::vector<at::Tensor> acc;
-      for (int64_t k : unit_group[m][j]) {
-        const at::Tensor& v = step[m].values[owned_at.at(k).second];
-        acc.push_back(at::zeros({v.numel()}, at::TensorOptions(at::kFloat).device(s.decodeDevice(v.device()))));
-      }
-      s.accumulateParts(o, acc, "a 'fsdp' message for unit " + std::to_string(m) + ", group " +
-                                    std::to_string(mine[j]));
-      for (size_t q2 = 0; q2 < acc.size(); ++q2) {
-        at::Tensor& v = step[m].values[owned_at.at(unit_group[m][j][q2]).second];
-        v.copy_(acc[q2]);
-      }
+      std::vector<at::Tensor> values;
+      for (int64_t k : unit_group[m][j]) values.push_back(step[m].values[owned_at.at(k)]);
+      const std::vector<at::Tensor> mean = groupMean(
+          r, values, "a 'fsdp' message for unit " + std::to_string(m) + ", group " + std::to_string(mine[j]));
+      for (size_t p = 0; p < values.size(); ++p) values[p].copy_(mean[p]);
     });
     // Every rank takes its parts of the owners' means (units in order: every
     // rank of the site handed over the same ones).

@@ -88,6 +88,30 @@ struct ShardedGroups {
   // `values` (per owned piece) become site 0's where any site's differ
   // (compared by digest first), in rounds `tag`.digest and `tag`.
   void agreeInitial(std::vector<at::Tensor>& values, const std::string& tag);
+
+  // The weighted mean, in site order, of every site's parts in a group's
+  // round `r`: one float32 tensor per piece, shaped and placed like
+  // `like` (on the decoding device). `what` names the message in errors.
+  std::vector<at::Tensor> groupMean(const transport::RoundResult& r, const std::vector<at::Tensor>& like,
+                                    const std::string& what) const;
+  // Every rank's shard of each parameter (`locals`, updated in place)
+  // takes the owners' `values` (per owned piece): one scatter in the site.
+  void scatterToLocals(const std::vector<at::Tensor>& values, std::vector<at::Tensor>& locals) const;
+
+  // The start of the description the sites agree on: "`engine_line`,
+  // pieces of P elements", then "NAME (d0, d1, ...)" per parameter.
+  std::string describePieces(const std::string& engine_line) const;
+  // The L2 norm of the site's update, whose owned pieces are `values` on
+  // each rank (squares summed across the site; every rank together).
+  double siteNorm(const std::vector<at::Tensor>& values);
+  // The payload of group g: pieces `ks` (ascending) with values `values`,
+  // under a privacy policy (`site_norm` given) clipped by the site's norm
+  // and noised as this group's share, each then compressed by the config's
+  // rule for its parameter (whole size) with error feedback kept under
+  // `key` + the piece's number, `pipeline` if not empty; framed as parts.
+  std::vector<uint8_t> encodeGroup(size_t g, const std::vector<int64_t>& ks, const std::vector<at::Tensor>& values,
+                                   const std::string& key, const std::string& pipeline,
+                                   std::optional<double> site_norm);
 };
 
 }  // namespace strait::torch

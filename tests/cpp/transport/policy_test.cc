@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <fstream>
+#include <functional>
 #include <memory>
 #include <random>
 #include <sstream>
@@ -22,6 +23,18 @@ namespace {
 using core::MessageKind;
 using core::SitePolicy;
 using namespace testing;
+
+// Whether fn throws a PolicyViolation whose message holds `text` (else the
+// failure says what it threw, or that nothing was refused).
+::testing::AssertionResult refusedWith(const std::function<void()>& fn, const std::string& text) {
+  try {
+    fn();
+  } catch (const PolicyViolation& e) {
+    if (std::string(e.what()).find(text) != std::string::npos) return ::testing::AssertionSuccess();
+    return ::testing::AssertionFailure() << "refused, but with: " << e.what();
+  }
+  return ::testing::AssertionFailure() << "not refused";
+}
 
 struct TempDir {
   std::string path;
@@ -110,14 +123,8 @@ transport: {insecure: true}
   const SitePolicy other_site = SitePolicy::parse("site: b\njurisdiction: SG\n", "b.yaml");
   EXPECT_THROW(GatewayOptions::fromConfig(job, "a", &other_site), PolicyViolation);
   const SitePolicy wrong_place = SitePolicy::parse("site: a\njurisdiction: SG\n", "a.yaml");
-  try {
-    GatewayOptions::fromConfig(job, "a", &wrong_place);
-    FAIL() << "accepted";
-  } catch (const PolicyViolation& e) {
-    EXPECT_NE(std::string(e.what()).find("governs site 'a' (SG), but this gateway is site 'a' (CN)"),
-              std::string::npos)
-        << e.what();
-  }
+  EXPECT_TRUE(refusedWith([&] { GatewayOptions::fromConfig(job, "a", &wrong_place); },
+                          "governs site 'a' (SG), but this gateway is site 'a' (CN)"));
   const SitePolicy mine = SitePolicy::parse("site: a\njurisdiction: CN\negress: {allow: [control]}\n", "a.yaml");
   EXPECT_EQ(GatewayOptions::fromConfig(job, "a", &mine).egress_allow, std::vector<MessageKind>{MessageKind::kControl});
 }
@@ -340,15 +347,9 @@ TEST(Egress, AKindOutsideThePolicyIsRefusedLoggedAndNeverSent) {
   j.job.sites[0].egress_allow = {MessageKind::kModelUpdate};
   j.job.sites[0].policy_source = "hz-policy.yaml";
   Gateway a(j.job.sites[0]), b(j.job.sites[1]);
-  try {
-    a.exchange(0, "loss", {1, 2, 3, 4}, MessageKind::kMetrics);
-    FAIL() << "metrics left the site";
-  } catch (const PolicyViolation& e) {
-    EXPECT_NE(std::string(e.what()).find("egress policy (hz-policy.yaml) of site 's0' does not allow 'metrics' to "
-                                         "leave; allowed: model_update"),
-              std::string::npos)
-        << e.what();
-  }
+  EXPECT_TRUE(refusedWith([&] { a.exchange(0, "loss", {1, 2, 3, 4}, MessageKind::kMetrics); },
+                          "egress policy (hz-policy.yaml) of site 's0' does not allow 'metrics' to "
+                          "leave; allowed: model_update"));
   EXPECT_THROW(a.exchange(0, "init", {1}, MessageKind::kModelState), PolicyViolation);
   // Nothing reached the peer: its round for the tag never completes.
   auto fb = b.exchange(0, "loss", {9});
@@ -460,12 +461,8 @@ TEST(Privacy, TheGatewayEnforcesPrivatizationAndTheBudget) {
   // sigma 2: epsilon after 1, 2, 3 releases is about 2.66, 3.77, 4.67 (RDP).
   j.job.sites[0].privacy.epsilon_budget = 4.0;
   Gateway a(j.job.sites[0]), b(j.job.sites[1]);
-  try {
-    a.exchange(0, "g", {1}, MessageKind::kModelUpdate);
-    FAIL() << "an unprivatized update left";
-  } catch (const PolicyViolation& e) {
-    EXPECT_NE(std::string(e.what()).find("must be privatized"), std::string::npos) << e.what();
-  }
+  EXPECT_TRUE(refusedWith([&] { a.exchange(0, "g", {1}, MessageKind::kModelUpdate); },
+                          "must be privatized"));
   std::vector<float> u(100, 1.0f);
   double spent = 0;
   for (uint64_t r = 0; r < 2; ++r) {
@@ -477,12 +474,8 @@ TEST(Privacy, TheGatewayEnforcesPrivatizationAndTheBudget) {
   }
   EXPECT_NEAR(spent, gaussianEpsilon(2.0, 2, 1e-5), 1e-12);
   const std::vector<float> before = u;
-  try {
-    a.privatize(u.data(), u.size());
-    FAIL() << "the budget was exceeded";
-  } catch (const PolicyViolation& e) {
-    EXPECT_NE(std::string(e.what()).find("privacy budget of site 's0' exhausted"), std::string::npos) << e.what();
-  }
+  EXPECT_TRUE(refusedWith([&] { a.privatize(u.data(), u.size()); },
+                          "privacy budget of site 's0' exhausted"));
   EXPECT_EQ(u, before);  // a refused release touches nothing
   EXPECT_EQ(a.privacyReleases(), 2u);
   // An empty update (a site that has just joined takes part in a round
@@ -519,20 +512,12 @@ TEST(Privacy, AChargedReleaseIsSpentAndCountedButLetsNoUpdateOut) {
     ASSERT_TRUE(v.ok) << v.problem;
     EXPECT_NEAR(v.summary.epsilon, gaussianEpsilon(2.0, 1, 1e-5), 1e-4);
   }
-  try {
-    a.exchange(0, "g", {1}, MessageKind::kModelUpdate);
-    FAIL() << "a charge let an unprivatized update out";
-  } catch (const PolicyViolation& e) {
-    EXPECT_NE(std::string(e.what()).find("must be privatized"), std::string::npos) << e.what();
-  }
+  EXPECT_TRUE(refusedWith([&] { a.exchange(0, "g", {1}, MessageKind::kModelUpdate); },
+                          "must be privatized"));
   std::vector<float> u(10, 1.0f);
   EXPECT_NEAR(a.privatize(u.data(), u.size()), gaussianEpsilon(2.0, 2, 1e-5), 1e-12);
-  try {
-    a.chargePrivacyRelease();
-    FAIL() << "a charge past the budget";
-  } catch (const PolicyViolation& e) {
-    EXPECT_NE(std::string(e.what()).find("privacy budget of site 's0' exhausted"), std::string::npos) << e.what();
-  }
+  EXPECT_TRUE(refusedWith([&] { a.chargePrivacyRelease(); },
+                          "privacy budget of site 's0' exhausted"));
   EXPECT_EQ(a.privacyReleases(), 2u);
   EXPECT_THROW(b.chargePrivacyRelease(), InvalidArgument);  // no privacy section
 }
