@@ -94,7 +94,6 @@ struct Link {
   size_t index = 0;  // the peer's site index
   std::string name;
   std::vector<Stream> streams;
-  size_t next_stream = 0;  // where striping goes on
 
   bool welcomed() const {
     return std::any_of(streams.begin(), streams.end(), [](const Stream& s) { return s.welcomed; });
@@ -1118,8 +1117,8 @@ class Gateway::Impl {
     }
   }
 
-  // Puts the chunk on the next welcomed stream of `p` that takes it
-  // (round-robin): the stream, or RoundTable::kFull.
+  // Puts the chunk on the first welcomed stream of `p` that takes it, from
+  // firstStream() on: the stream, or RoundTable::kFull.
   int sendChunk(Link& p, const ChunkToSend& c) {
     const uint8_t* bytes = c.payload->data() + c.offset;
     ChunkHeader h;
@@ -1145,13 +1144,12 @@ class Gateway::Impl {
     const std::string head = chunkEnvelope(h).SerializeAsString();
     const size_t n = p.streams.size();
     for (size_t tried = 0; tried < n; ++tried) {
-      const size_t k = (p.next_stream + tried) % n;
+      const size_t k = (firstStream(c, n) + tried) % n;
       Stream& s = p.streams[k];
       if (!s.welcomed) continue;
       zmq::message_t first(head.data(), head.size());
       if (!s.dealer->send(first, zmq::send_flags::dontwait | zmq::send_flags::sndmore)) continue;  // full
       s.dealer->send(data, zmq::send_flags::none);  // the second frame follows atomically
-      p.next_stream = (k + 1) % n;
       cutForTest(p, k, c.index);
       return int(k);
     }

@@ -100,6 +100,19 @@ struct ChunkToSend {
   bool retry = false;  // asked for again (Nack)
 };
 
+// The stream a chunk tries first: chunk i of every payload goes on stream
+// i mod `streams` (then the next ones, in turn, if that one is down or
+// full). So a payload's chunks are striped over the streams, and every
+// payload starts on stream 0: a payload of one chunk (a DiLoCo sync of a
+// small model, an every-step bucket, a control round) goes on the
+// connection that carries most, whose TCP congestion window is open. Taking
+// the streams in turn across payloads instead put each small payload on a
+// connection idle for the last `streams` rounds, and TCP restarts an idle
+// connection's window (slow start after idle; BBR's start-up): a 77 KB
+// payload then took three round trips, not half of one (docs/BENCHMARKS.md,
+// "Small payloads on a warm connection").
+inline size_t firstStream(const ChunkToSend& c, size_t streams) { return streams ? c.index % streams : 0; }
+
 // Rounds complete on receipt (every peer's payload is here) only while
 // this site's own payload is at most this large; a larger one completes
 // when its acknowledgements are in too (RoundTable::tickOpen).

@@ -99,14 +99,13 @@ class Net {
       for (size_t t : sites_[s].peers->peers()) {
         if (unconnected_.count({s, t})) continue;  // not taken: its DEALER queues nothing
         sites_[s].rounds->send(t, [&](const ChunkToSend& c) {
-          // Striped round-robin over the streams that are up, as the gateway does.
+          // Striped over the streams that are up, as the gateway does.
           int k = -1;
           for (int tried = 0; tried < streams_ && k < 0; ++tried) {
-            const int next = (next_stream_[{s, t}] + tried) % streams_;
+            const int next = int((firstStream(c, size_t(streams_)) + tried) % size_t(streams_));
             if (!stream_down_.count({s, t, next})) k = next;
           }
           if (k < 0) return RoundTable::kFull;
-          next_stream_[{s, t}] = (k + 1) % streams_;
           if (cut_) return k;  // taken by a connection that is dead: lost
           Packet p;
           p.from = s;
@@ -357,7 +356,6 @@ class Net {
   int64_t corrupt_ = -1;
   int streams_ = 1;
   bool reverse_ = false;
-  std::map<std::pair<size_t, size_t>, int> next_stream_;
   std::set<std::tuple<size_t, size_t, int>> stream_lost_, stream_down_;
   uint64_t lives_ = 0;
   std::map<std::pair<size_t, size_t>, Clock::time_point> unconnected_;  // DEALER from -> ROUTER to, until
