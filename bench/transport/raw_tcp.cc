@@ -43,7 +43,7 @@ void die(const char* what) {
 int main(int argc, char** argv) {
   std::string listen_at, peer;
   size_t bytes = 256u << 20;
-  int rounds = 3, streams = 1;
+  int rounds = 3, streams = 1, gap_ms = 0;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string a = argv[i];
     if (a == "--listen") listen_at = argv[i + 1];
@@ -51,6 +51,7 @@ int main(int argc, char** argv) {
     else if (a == "--bytes") bytes = std::stoull(argv[i + 1]);
     else if (a == "--rounds") rounds = std::stoi(argv[i + 1]);
     else if (a == "--streams") streams = std::max(1, std::stoi(argv[i + 1]));
+    else if (a == "--gap-ms") gap_ms = std::stoi(argv[i + 1]);  // idle before each round; prints each round
   }
   const int ls = socket(AF_INET, SOCK_STREAM, 0);
   int one = 1;
@@ -102,10 +103,13 @@ int main(int argc, char** argv) {
       });
     }
     for (std::thread& t : threads) t.join();
+    const double took = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (gap_ms > 0) std::printf("round %d seconds %.6f\n", r, took);
     // A one-byte barrier so both sides start the next round together.
     char b = 0;
     if (send(out[0], &b, 1, 0) != 1 || recv(in[0], &b, 1, MSG_WAITALL) != 1) die("barrier");
-    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    best = std::min(best, gap_ms > 0 ? took : std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    if (gap_ms > 0) std::this_thread::sleep_for(std::chrono::milliseconds(gap_ms));
   }
   std::printf("seconds %.6f\n", best);
   return 0;

@@ -24,6 +24,7 @@ import os
 import re
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -162,6 +163,57 @@ def long_fat_link(profile, tcp_bin, peer_bin, keys_bin, nbytes, rounds, streams)
     return out
 
 
+def idle_rounds(profile, tcp_bin, peer_bin, keys_bin, nbytes, gap_ms, rounds, streams):
+    """A small payload each way after the link sat idle (DiLoCo's pattern:
+    a sync every few seconds), raw TCP next to strait, under the host's TCP
+    settings and, where the kernel allows them in a namespace, Reno with and
+    without slow start after idle. Each figure is the median time of a
+    round (both payloads in at both sides), the first round left out."""
+    allowed = open("/proc/sys/net/ipv4/tcp_allowed_congestion_control").read().split()
+    settings = [("host", None)]
+    if "reno" in allowed:
+        settings += [("reno, slow start after idle", ("reno", "1")), ("reno, no slow start after idle", ("reno", "0"))]
+    out = {"profile": profile, "payload_bytes": nbytes, "gap_ms": gap_ms, "rounds": rounds, "streams": streams,
+           "host_congestion_control": open("/proc/sys/net/ipv4/tcp_congestion_control").read().strip(),
+           "host_slow_start_after_idle": int(open("/proc/sys/net/ipv4/tcp_slow_start_after_idle").read()),
+           "settings": {}}
+
+    def median_after_first(outs, pattern, key):
+        times = [float(x) for o in outs for x in re.findall(pattern, o)[1:]]
+        row[key + "_all"] = times
+        row[key] = statistics.median(times) if times else None
+
+    keydir = tempfile.mkdtemp(prefix="strait-bench-keys-")
+    try:
+        for s in ("s0", "s1"):
+            subprocess.run([keys_bin, "generate", s, "--dir", keydir], check=True, capture_output=True)
+        for name, tcp in settings:
+            with strait_wan.Border(profile, ["s0", "s1"], log=lambda m: None) as border:
+                addrs = (border.site_addr(0), border.site_addr(1))
+                wrap = (border.prefix("s0"), border.prefix("s1"))
+                if tcp:
+                    for w in wrap:
+                        subprocess.run(w + ["sysctl", "-q", "-w", f"net.ipv4.tcp_congestion_control={tcp[0]}",
+                                            f"net.ipv4.tcp_slow_start_after_idle={tcp[1]}"], check=True)
+                row = {}
+                log(f"{profile}, {name}: raw TCP, {nbytes} bytes each way every {gap_ms} ms ...")
+                cmds = [w + [tcp_bin, "--listen", f"{addrs[i]}:7301", "--peer", f"{addrs[1 - i]}:7301", "--bytes",
+                             str(nbytes), "--rounds", str(rounds), "--gap-ms", str(gap_ms)] for i, w in enumerate(wrap)]
+                median_after_first(run_pair(cmds, timeout=600), r"round \d+ seconds ([0-9.]+)", "raw_tcp_s")
+                for n in sorted({1, streams}):
+                    log(f"{profile}, {name}: strait, {n} stream(s) ...")
+                    cmds = [w + [peer_bin, "--site", str(i), "--ports", "7401,7401", "--hosts", ",".join(addrs),
+                                 "--keys", keydir, "--rounds", str(rounds), "--bytes", str(nbytes), "--gap-ms",
+                                 str(gap_ms), "--heartbeat-ms", "500", "--streams", str(n),
+                                 "--round-deadline-ms", "600000", "--hard-deadline-ms", "600000"]
+                            for i, w in enumerate(wrap)]
+                    median_after_first(run_pair(cmds, timeout=600), r"round \d+ ok seconds ([0-9.]+)", f"strait_{n}_s")
+                out["settings"][name] = row
+    finally:
+        shutil.rmtree(keydir, ignore_errors=True)
+    return out
+
+
 def teardown_namespaces():
     for ns in NS:
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
@@ -180,7 +232,17 @@ def main():
     ap.add_argument("--wan-bytes", type=int, default=512 << 20, help="payload each way on a long fat link")
     ap.add_argument("--wan-rounds", type=int, default=2)
     ap.add_argument("--streams", type=int, default=DEFAULT_STREAMS, help="strait's streams next to one")
+    ap.add_argument("--idle", action="store_true",
+                    help="instead: a small payload after an idle gap (DiLoCo's syncs), raw TCP next to strait, "
+                         "under several TCP settings (needs root)")
+    ap.add_argument("--idle-wan", default="100mbit-150ms", help="--idle: the simulated border")
+    ap.add_argument("--idle-bytes", type=int, default=77740,
+                    help="--idle: payload each way (default: a DiLoCo sign payload of bench e2e's model)")
+    ap.add_argument("--idle-gap-ms", type=int, default=2000, help="--idle: idle time between rounds")
+    ap.add_argument("--idle-rounds", type=int, default=9, help="--idle: rounds (the first is left out)")
     args = ap.parse_args()
+    if args.idle:
+        return idle_main(args)
 
     tcp_bin = os.path.join(args.build, "bench", "strait_bench_tcp")
     peer_bin = os.path.join(args.build, "tests", "cpp", "strait_test_peer")
@@ -281,6 +343,28 @@ def main():
         if "one_stream_window_bound_mbps" in r:
             print(f"    one connection's bound: tcp_wmem max {r['tcp_wmem_max'] >> 20} MiB / {r['rtt_ms']:.0f} ms = "
                   f"{r['one_stream_window_bound_mbps']:.0f} Mbit/s")
+
+
+def idle_main(args):
+    try:
+        strait_wan.check_can_simulate()
+    except strait_wan.WanError as e:
+        raise SystemExit(f"bench transport --idle: {e}")
+    r = idle_rounds(args.idle_wan, os.path.join(args.build, "bench", "strait_bench_tcp"),
+                    os.path.join(args.build, "tests", "cpp", "strait_test_peer"),
+                    os.path.join(args.build, "transport", "strait_keys"), args.idle_bytes, args.idle_gap_ms,
+                    args.idle_rounds, args.streams)
+    if args.json:
+        print(json.dumps(r))
+        return
+    rate, rtt = strait_wan.parse_profile(args.idle_wan)
+    print(f"{r['payload_bytes']} bytes each way every {r['gap_ms']} ms across {r['profile']} (one way "
+          f"{rtt * 500:.0f} ms); median seconds a round, both payloads in; host: "
+          f"{r['host_congestion_control']}, slow start after idle {r['host_slow_start_after_idle']}")
+    n = r["streams"]
+    print(f"{'TCP settings':<34}{'raw TCP':>9}{'strait, 1 stream':>18}{f'strait, {n} streams':>20}")
+    for name, row in r["settings"].items():
+        print(f"{name:<34}{row['raw_tcp_s']:9.3f}{row['strait_1_s']:18.3f}{row[f'strait_{n}_s']:20.3f}")
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ int main(int argc, char** argv) {
   uint64_t rounds = 3, first = 0;
   size_t bytes = 1 << 20, chunk = 1 << 20;
   bool cont = false, join = false;
-  int64_t round_ms = 20000, hard_ms = 60000, peer_timeout_ms = 1500;
+  int64_t round_ms = 20000, hard_ms = 60000, peer_timeout_ms = 1500, heartbeat_ms = 100, gap_ms = 0;
   int streams = GatewayOptions{}.streams, io_threads = 0;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
@@ -72,6 +72,8 @@ int main(int argc, char** argv) {
     else if (a == "--streams") streams = std::stoi(next());
     else if (a == "--peer-timeout-ms") peer_timeout_ms = std::stoll(next());
     else if (a == "--io-threads") io_threads = std::stoi(next());
+    else if (a == "--gap-ms") gap_ms = std::stoll(next());
+    else if (a == "--heartbeat-ms") heartbeat_ms = std::stoll(next());  // idle between rounds (a DiLoCo-like pattern)
     else {
       std::fprintf(stderr, "unknown argument %s\n", a.c_str());
       return 2;
@@ -92,7 +94,7 @@ int main(int argc, char** argv) {
     o.config_fingerprint = {1, 2, 3, 4};
     o.chunk_bytes = chunk;
     o.max_message_bytes = std::max<size_t>(bytes, chunk);
-    o.heartbeat = std::chrono::milliseconds(100);
+    o.heartbeat = std::chrono::milliseconds(heartbeat_ms);
     o.peer_timeout = std::chrono::milliseconds(peer_timeout_ms);
     o.round_deadline = std::chrono::milliseconds(round_ms);
     o.hard_deadline = std::chrono::milliseconds(hard_ms);
@@ -132,6 +134,7 @@ int main(int argc, char** argv) {
       std::printf("round %llu ok seconds %.6f missing %s\n", (unsigned long long)r, res.seconds,
                   missing.empty() ? "-" : missing.c_str());
       std::fflush(stdout);
+      if (gap_ms > 0) std::this_thread::sleep_for(std::chrono::milliseconds(gap_ms));
       // Buffers go back: ours to refill, the peers' to the gateway's pool.
       for (size_t k = 0; k < res.payloads.size(); ++k) {
         if (!res.payloads[k]) continue;
