@@ -103,14 +103,23 @@ def write_config(out, args):
 LINK_BOUND = ("ddp", "powersgd", "strait")
 
 
-def run_mode(mode, args, out, configs, steps=None, snapshot_every=0):
+def run_mode(mode, args, out, configs, steps=None, snapshot_at=(), period=1, budget=None):
+    """Runs `mode` across a border of its own. With `budget` (a callable
+    giving the seconds each run trains, or None while they are not yet
+    known), the run trains until site 0 has trained that long, then stops
+    at the next period's end that neither site has reached (the workers read
+    it from a stop file); `steps` is then only a cap."""
     from strait import wan
 
     steps = steps or args.steps
     results = []
     samples = []  # (time, bytes crossed so far)
-    if os.path.exists(os.path.join(out, f"{mode}-rounds.jsonl")):
-        os.remove(os.path.join(out, f"{mode}-rounds.jsonl"))
+    for name in [f"{mode}-rounds.jsonl", f"{mode}.stop"] + [f"{mode}-{site}.{kind}" for site, _ in SITES
+                                                            for kind in ("json", "progress")]:
+        if os.path.exists(os.path.join(out, name)):
+            os.remove(os.path.join(out, name))
+    stop_file = os.path.join(out, f"{mode}.stop")
+    progress = [os.path.join(out, f"{mode}-{site}.progress") for site, _ in SITES]
     tag = f"{os.getpid() % 100000}-{[m for m, _ in RUNS].index(mode)}"  # runs side by side: borders of their own
     with wan.Border(args.wan, [s for s, _ in SITES], log=lambda m: None, tag=tag) as border:
         config = None
@@ -129,7 +138,10 @@ def run_mode(mode, args, out, configs, steps=None, snapshot_every=0):
             env["STRAIT_JSON_LOG"] = os.path.join(out, f"{mode}-rounds.jsonl")
             cmd = border.prefix(site) + [sys.executable, os.path.join(HERE, "worker.py"), "--mode", mode, "--site",
                                          site, "--site-index", str(i), "--steps", str(steps), "--out", res,
-                                         "--snapshot-every", str(snapshot_every)]
+                                         "--period", str(period), "--progress", progress[i],
+                                         "--snapshot-at", ",".join(f"{t:g}" for t in snapshot_at)]
+            if budget:
+                cmd += ["--stop-file", stop_file]
             if config:
                 cmd += ["--config", config]
             procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
@@ -144,8 +156,25 @@ def run_mode(mode, args, out, configs, steps=None, snapshot_every=0):
                     samples.append((time.time(), b))
                 done.wait(0.25)
 
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
+        def stop():
+            while not done.wait(0.05):
+                seconds, where = budget(), [read_progress(p) for p in progress]
+                if seconds is None or None in where or time.time() - where[0][0] < seconds:
+                    continue
+                # Both sites are within a period of each other (DiLoCo waits
+                # at each sync; DDP and every-step in step): two steps past
+                # the furthest, rounded up to the period, neither has reached.
+                at = -(-(max(d for _, _, d in where) + 2) // period) * period
+                with open(stop_file + ".tmp", "w") as f:
+                    f.write(str(at))
+                os.replace(stop_file + ".tmp", stop_file)
+                return
+
+        threads = [threading.Thread(target=sample, daemon=True)]
+        if budget:
+            threads.append(threading.Thread(target=stop, daemon=True))
+        for t in threads:
+            t.start()
         deadline = time.monotonic() + args.timeout
         failed = None
         for p in procs:
@@ -158,7 +187,8 @@ def run_mode(mode, args, out, configs, steps=None, snapshot_every=0):
                 failed = f"worker failed ({p.returncode}): {(err or '')[-1500:]}"
                 break
         done.set()
-        sampler.join()
+        for t in threads:
+            t.join()
         for p in procs:
             if p.poll() is None:
                 p.kill()
@@ -167,6 +197,17 @@ def run_mode(mode, args, out, configs, steps=None, snapshot_every=0):
             raise SystemExit(f"bench e2e: {mode}: {failed}")
     data = [json.load(open(r)) for r in results]
     return data, border.total_bytes(), samples
+
+
+def read_progress(path):
+    """(training start, last step's end, steps done) from a worker's
+    progress file, or None before its first step."""
+    try:
+        with open(path) as f:
+            start, end, done = f.read().split()
+        return float(start), float(end), int(done)
+    except (OSError, ValueError):
+        return None
 
 
 def score(model_path, batches=8):
@@ -233,71 +274,94 @@ def bytes_at(samples, t):
     return before[-1] if before else 0
 
 
+def score_all(paths, batches):
+    """Scores the models at `paths`, two at a time (the machine's two cores;
+    scoring starts after every run has ended), and removes them."""
+    import multiprocessing
+
+    with multiprocessing.get_context("fork").Pool(2, initializer=_one_thread) as pool:
+        scores = pool.starmap(score, [(p, batches) for p in paths])
+    for p in paths:
+        os.remove(p)
+    return dict(zip(paths, scores))
+
+
+def _one_thread():
+    import torch
+
+    torch.set_num_threads(1)
+
+
 def time_to_quality(args, out, configs, modes):
-    """Every method trains for the same wall-clock budget across the border.
-    A short pilot of each gives its step time; the budget run then takes as
-    many steps as fit (DiLoCo runs: whole sync periods), and site 0 keeps a
-    snapshot of its model about every budget/snapshots seconds (DiLoCo:
-    right after a sync). Each snapshot's held-out loss, against the time and
-    the bytes that had crossed by then, gives the curves, the loss at the
-    budget and the time each method first reached DDP's final held-out
-    loss."""
+    """Every method trains for the same wall-clock budget across the border:
+    what DDP takes for 200 steps (or --budget). DDP runs its 200 steps; every
+    other run trains until it has had the budget and then stops at its next
+    sync (a stop file the driver writes; no pilot runs). Site 0 keeps a
+    snapshot of its model at marks that are dense early (every 3 s to 30 s,
+    then every 10 s; DiLoCo: the first sync at or after each). Each
+    snapshot's held-out loss, against the time and the bytes that had
+    crossed by then, gives the curves, the loss at the budget and the time
+    each method first reached DDP's final held-out loss."""
     quick = args.quick
-    snapshots = 3 if quick else 12
-    diloco_like = ("diloco", "overlap", "streaming", "sparseloco")
-    steps_s = {}
-    for mode, label in RUNS:
-        if mode not in modes:
-            continue
-        # Long enough to hold what a step costs in the steady state: two
-        # sync periods (DiLoCo), PowerSGD past its plain first 10 steps;
-        # timed over the second half.
-        pilot_steps = 4 if quick else (2 * args.sync_every if mode in diloco_like else 24)
-        log(f"bench e2e: pilot of {label}, {pilot_steps} steps across {args.wan} ...")
-        data, _, _ = run_mode(mode, args, out, configs, steps=pilot_steps)
-        ends = data[0]["ends"][pilot_steps // 2 - 1:]
-        steps_s[mode] = (ends[-1] - ends[0]) / max(1, len(ends) - 1)
-    if args.budget:
-        budget = args.budget
-    elif quick:
-        budget = 4 * max(steps_s.values())
-    elif "ddp" in steps_s:
-        budget = 200 * steps_s["ddp"]
+    if quick:
+        marks = [0.5 * k for k in range(1, 240)]
     else:
+        marks = [3.0 * k for k in range(1, 10)] + [30.0 + 10 * k for k in range(180)]
+    diloco_like = ("diloco", "overlap", "streaming", "sparseloco")
+    ddp_steps = 4 if quick else 200
+    if not args.budget and "ddp" not in modes:
         raise SystemExit("bench e2e: without the ddp run, say --budget SECONDS")
+    budget_s = [args.budget]
     labels = dict(RUNS)
+    ddp_progress = os.path.join(out, f"ddp-{SITES[0][0]}.progress")
+    if os.path.exists(ddp_progress):  # an earlier bench's, not to be read as this one's
+        os.remove(ddp_progress)
+
+    def budget():
+        """The seconds every run trains: --budget, or DDP's time for its
+        steps as soon as it has made them (None before)."""
+        if budget_s[0] is None:
+            p = read_progress(ddp_progress)
+            if p and p[2] >= ddp_steps:
+                return p[1] - p[0]
+        return budget_s[0]
 
     def budget_run(mode, beside):
-        """Trains `mode` for the budget; its snapshots are scored later (by
-        score_run), so that scoring does not share the CPU with runs still
-        training beside it."""
+        """Trains `mode` for the budget; its snapshots are scored later, so
+        that scoring does not share the CPU with runs still training."""
         label = labels[mode]
         period = args.sync_every if mode in diloco_like else 1
-        steps = max(period, int(budget / steps_s[mode] + 1e-6) // period * period)  # DDP: 200, not 199.99
-        every = max(period, steps // snapshots // period * period)
-        log(f"bench e2e: {label}: {budget:.0f} s at {steps_s[mode]:.3f} s a step = {steps} steps across {args.wan}"
-            + (f", beside {', '.join(labels[m] for m in beside)}" if beside else "") + " ...")
-        data, total, samples = run_mode(mode, args, out, configs, steps=steps, snapshot_every=every)
-        return {"mode": mode, "beside": beside, "steps": steps, "data": data, "total": total, "samples": samples}
+        timed = mode != "ddp" or args.budget
+        log(f"bench e2e: {label} across {args.wan}, " +
+            (f"{ddp_steps} steps (the budget is the time they take)" if not timed else
+             f"{budget_s[0]:.0f} s" if budget_s[0] else "as long as DDP's 200 steps take") +
+            (f", beside {', '.join(labels[m] for m in beside)}" if beside else "") + " ...")
+        try:
+            data, total, samples = run_mode(mode, args, out, configs, steps=10 ** 7 if timed else ddp_steps,
+                                            snapshot_at=marks, period=period,
+                                            budget=budget if timed else None)
+        finally:
+            if not timed:  # DDP's time for its steps is every run's budget (0: DDP failed, stop the others)
+                done = [json.load(open(os.path.join(out, f"ddp-{s}.json"))) for s, _ in SITES[:1]
+                        if os.path.exists(os.path.join(out, f"ddp-{s}.json"))]
+                budget_s[0] = done[0]["ends"][-1] - done[0]["start"] if done else 0
+        return {"mode": mode, "beside": beside, "data": data, "total": total, "samples": samples}
 
-    def score_run(raw):
-        mode, steps, total, samples = raw["mode"], raw["steps"], raw["total"], raw["samples"]
+    def score_run(raw, scores):
+        mode, total, samples = raw["mode"], raw["total"], raw["samples"]
         site0 = raw["data"][0]
-        start = site0["start"]
+        steps, start, end = len(site0["ends"]), site0["start"], site0["ends"][-1]
         points = []  # (seconds, bytes, held-out bpb, accuracy, step)
         for step, when in site0["snapshots"]:
-            path = os.path.join(out, f"{mode}-{SITES[0][0]}.json.snap{step}.pt")
-            bpb, acc = score(path, batches=2 if quick else 8)
-            os.remove(path)
+            bpb, acc = scores[os.path.join(out, f"{mode}-{SITES[0][0]}.json.snap{step}.pt")]
             points.append((when - start, bytes_at(samples, when), bpb, acc, step))
-        bpb, acc = score(os.path.join(out, f"{mode}-{SITES[0][0]}.json.model.pt"), batches=2 if quick else 8)
-        end = site0["ends"][-1]
+        bpb, acc = scores[os.path.join(out, f"{mode}-{SITES[0][0]}.json.model.pt")]
         points.append((end - start, total, bpb, acc, steps))
-        # A pilot can misjudge a run's pace: what it held at the budget is
-        # read from its curve (the last point within it).
+        # A run stops at its first sync past the budget: what it held at the
+        # budget is read from its curve (the last point within it).
         within = [p for p in points if p[0] <= budget * 1.02] or points[:1]
         return {"name": mode, "label": labels[mode], "steps": steps, "step_s": (end - start) / steps,
-                "pilot_step_s": steps_s[mode], "beside": raw["beside"],
+                "beside": raw["beside"],
                 "at_budget": {"seconds": within[-1][0], "bytes": within[-1][1],
                               "held_out_bits_per_byte": within[-1][2], "held_out_accuracy": within[-1][3]},
                 "seconds": end - start, "bytes_total": total, "held_out_bits_per_byte": bpb,
@@ -305,6 +369,8 @@ def time_to_quality(args, out, configs, modes):
                 "curve": [{"seconds": t, "bytes": b, "held_out_bits_per_byte": q, "held_out_accuracy": a,
                            "step": k} for t, b, q, a, k in points]}
 
+    # DDP first (its time is the budget), the link-bound runs beside it.
+    order = sorted(modes, key=lambda m: m != "ddp")
     together = [] if args.sequential else [m for m in LINK_BOUND if m in modes]
     raws = {}
     if len(together) > 1:
@@ -313,10 +379,15 @@ def time_to_quality(args, out, configs, modes):
         with ThreadPoolExecutor(len(together)) as pool:
             futures = {m: pool.submit(budget_run, m, [o for o in together if o != m]) for m in together}
             raws = {m: f.result() for m, f in futures.items()}
-    runs = []
-    for m, _ in RUNS:
-        if m in modes:
-            runs.append(score_run(raws[m] if m in raws else budget_run(m, [])))
+    for m in order:
+        if m not in raws:
+            raws[m] = budget_run(m, [])
+    budget = budget_s[0]
+    log(f"bench e2e: scoring {sum(len(r['data'][0]['snapshots']) + 1 for r in raws.values())} snapshots ...")
+    scores = score_all([os.path.join(out, f"{m}-{SITES[0][0]}.json.{name}") for m, r in raws.items()
+                        for name in [f"snap{k}.pt" for k, _ in r["data"][0]["snapshots"]] + ["model.pt"]],
+                       batches=2 if quick else 8)
+    runs = [score_run(raws[m], scores) for m, _ in RUNS if m in modes]
     base = next((r for r in runs if r["name"] == "ddp"), None)
     target = base["held_out_bits_per_byte"] if base else None
     for r in runs:
@@ -329,7 +400,8 @@ def time_to_quality(args, out, configs, modes):
             r["bytes_ratio_vs_ddp"] = base["bytes_total"] / r["bytes_total"] if r["bytes_total"] else None
     png = os.path.join(out, "e2e-time-to-quality.png")
     plot_quality(png, runs, args, budget)
-    result = {"wan": args.wan, "budget_s": budget, "pilot_step_s": steps_s, "sync_every": args.sync_every,
+    result = {"wan": args.wan, "budget_s": budget, "budget_from": "--budget" if args.budget else f"ddp, {ddp_steps} steps",
+              "sync_every": args.sync_every,
               "ddp_final_held_out_bits_per_byte": target, "parameters": json.load(open(os.path.join(
                   out, f"{runs[0]['name']}-{SITES[0][0]}.json")))["parameters"], "plot": png,
               "runs": runs}
@@ -348,8 +420,7 @@ def time_to_quality(args, out, configs, modes):
               f"{r.get('times_sooner_than_ddp', float('nan')):9.1f}")
     if any(r["beside"] for r in runs):
         print("* ran side by side (link-bound: each across its own border, sharing the CPU; --sequential: one at "
-              "a time); s/step alone in its pilot: " +
-              ", ".join(f"{r['name']} {r['pilot_step_s']:.3f}" for r in runs if r["beside"]))
+              "a time)")
     print(f"plot: {png}; every figure: {os.path.join(out, 'e2e-time-to-quality.json')}")
 
 

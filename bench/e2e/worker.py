@@ -39,11 +39,18 @@ def main():
     ap.add_argument("--site", required=True)
     ap.add_argument("--site-index", type=int, required=True)
     ap.add_argument("--config")
-    ap.add_argument("--steps", type=int, required=True)
+    ap.add_argument("--steps", type=int, required=True, help="steps to train (with --stop-file: at most)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--snapshot-every", type=int, default=0,
-                    help="site 0 saves its model every this many steps (OUT.snapSTEP.pt; 0: never)")
+    ap.add_argument("--period", type=int, default=1,
+                    help="steps between syncs (DiLoCo): snapshots and stops fall on multiples of it")
+    ap.add_argument("--snapshot-at", default="",
+                    help="comma-separated seconds: site 0 saves its model (OUT.snapSTEP.pt) at the first period's end "
+                         "at or after each")
+    ap.add_argument("--stop-file",
+                    help="the driver writes here the step count to stop at (a multiple of --period, not yet "
+                         "reached by either site), when the run has had its time")
+    ap.add_argument("--progress", help="written after every step: the training start and the step's end (epoch s), and the steps done")
     args = ap.parse_args()
 
     torch.manual_seed(0)
@@ -84,7 +91,19 @@ def main():
     dist.barrier()
     start = time.time()
     ends, losses, snapshots = [], [], []
-    for step in range(args.steps):
+    marks = sorted(float(t) for t in args.snapshot_at.split(",") if t)
+    progress = os.open(args.progress, os.O_WRONLY | os.O_CREAT | os.O_TRUNC) if args.progress else None
+    stop_at = args.steps
+    step = 0
+    while True:
+        if args.stop_file and stop_at == args.steps and os.path.exists(args.stop_file):
+            with open(args.stop_file) as f:  # written whole (a rename): never half a number
+                stop_at = int(f.read())
+            if stop_at < step or stop_at % args.period:
+                raise SystemExit(f"bench e2e worker: told to stop at step {stop_at}, at step {step} with period "
+                                 f"{args.period}")
+        if step >= stop_at:
+            break
         x, y = charlm.batch(train, args.batch, model.context, g)
         opt.zero_grad()
         loss = nn.functional.cross_entropy(ddp(x).reshape(-1, 256), y.reshape(-1))
@@ -96,14 +115,18 @@ def main():
         ends.append(time.time())
         if session:
             session.log(step, losses[-1])  # the round log (JSON lines, STRAIT_JSON_LOG) for the driver
-        if args.site_index == 0 and step % 20 == 19:
-            print(f"\r    {args.mode}: step {step + 1}/{args.steps}", end="", file=sys.stderr, flush=True)
-        if (args.snapshot_every and args.site_index == 0 and dist.get_rank() == 0 and
-                (step + 1) % args.snapshot_every == 0 and step + 1 < args.steps):
+        step += 1
+        if progress is not None:  # fixed width, one write at offset 0: the driver never reads half a line
+            os.pwrite(progress, f"{start:17.6f} {ends[-1]:17.6f} {step:12d}\n".encode(), 0)
+        if args.site_index == 0 and step % 20 == 0:
+            print(f"\r    {args.mode}: step {step}", end="", file=sys.stderr, flush=True)
+        if (marks and args.site_index == 0 and dist.get_rank() == 0 and step % args.period == 0 and
+                step < stop_at and ends[-1] - start >= marks[0]):
             # For the driver's held-out score at this time (DiLoCo: taken
             # right after a sync, when the local model is the global one).
-            torch.save(model.state_dict(), f"{args.out}.snap{step + 1}.pt")
-            snapshots.append([step + 1, time.time()])
+            torch.save(model.state_dict(), f"{args.out}.snap{step}.pt")
+            snapshots.append([step, time.time()])
+            marks = [t for t in marks if t > ends[-1] - start]
     if diloco:
         diloco.flush()  # overlap: the last round, still in flight, counts in the last step
         ends[-1] = time.time()
