@@ -121,7 +121,7 @@ def run_mode(mode, args, out, configs, steps=None, snapshot_at=(), period=1, bud
     stop_file = os.path.join(out, f"{mode}.stop")
     progress = [os.path.join(out, f"{mode}-{site}.progress") for site, _ in SITES]
     tag = f"{os.getpid() % 100000}-{[m for m, _ in RUNS].index(mode)}"  # runs side by side: borders of their own
-    with wan.Border(args.wan, [s for s, _ in SITES], log=lambda m: None, tag=tag) as border:
+    with wan.Border(args.wan, [s for s, _ in SITES], log=lambda m: None, tag=tag, sysctls=args.site_sysctl) as border:
         config = None
         if mode in configs:
             config = border.rewrite_config(configs[mode], out)
@@ -400,7 +400,7 @@ def time_to_quality(args, out, configs, modes):
             r["bytes_ratio_vs_ddp"] = base["bytes_total"] / r["bytes_total"] if r["bytes_total"] else None
     png = os.path.join(out, "e2e-time-to-quality.png")
     plot_quality(png, runs, args, budget)
-    result = {"wan": args.wan, "budget_s": budget, "budget_from": "--budget" if args.budget else f"ddp, {ddp_steps} steps",
+    result = {"wan": args.wan, "site_sysctls": args.site_sysctl, "budget_s": budget, "budget_from": "--budget" if args.budget else f"ddp, {ddp_steps} steps",
               "sync_every": args.sync_every,
               "ddp_final_held_out_bits_per_byte": target, "parameters": json.load(open(os.path.join(
                   out, f"{runs[0]['name']}-{SITES[0][0]}.json")))["parameters"], "plot": png,
@@ -541,6 +541,9 @@ def main():
     ap.add_argument("--sequential", action="store_true",
                     help="time to quality: run DDP, PowerSGD and every-step one at a time, not side by side "
                          "(each across its own border)")
+    ap.add_argument("--site-sysctl", action="append", default=[], metavar="KEY=VALUE",
+                    help="a net.* sysctl set in every site's namespace (repeatable), e.g. "
+                         "net.ipv4.tcp_slow_start_after_idle=0: gateway hosts set up otherwise than this one")
     ap.add_argument("--timeout", type=float, default=600, help="seconds per run")
     ap.add_argument("--out", default=os.path.join(ROOT, "build", "bench-e2e"))
     args = ap.parse_args()

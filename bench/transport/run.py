@@ -188,13 +188,11 @@ def idle_rounds(profile, tcp_bin, peer_bin, keys_bin, nbytes, gap_ms, rounds, st
         for s in ("s0", "s1"):
             subprocess.run([keys_bin, "generate", s, "--dir", keydir], check=True, capture_output=True)
         for name, tcp in settings:
-            with strait_wan.Border(profile, ["s0", "s1"], log=lambda m: None) as border:
+            sysctls = [f"net.ipv4.tcp_congestion_control={tcp[0]}",
+                       f"net.ipv4.tcp_slow_start_after_idle={tcp[1]}"] if tcp else []
+            with strait_wan.Border(profile, ["s0", "s1"], log=lambda m: None, sysctls=sysctls) as border:
                 addrs = (border.site_addr(0), border.site_addr(1))
                 wrap = (border.prefix("s0"), border.prefix("s1"))
-                if tcp:
-                    for w in wrap:
-                        subprocess.run(w + ["sysctl", "-q", "-w", f"net.ipv4.tcp_congestion_control={tcp[0]}",
-                                            f"net.ipv4.tcp_slow_start_after_idle={tcp[1]}"], check=True)
                 row = {}
                 log(f"{profile}, {name}: raw TCP, {nbytes} bytes each way every {gap_ms} ms ...")
                 cmds = [w + [tcp_bin, "--listen", f"{addrs[i]}:7301", "--peer", f"{addrs[1 - i]}:7301", "--bytes",

@@ -131,3 +131,27 @@ def test_wan_with_one_site_is_refused(tmp_path):
     r = launch([write_job(str(tmp_path), insecure=True), "--site", "hangzhou", "--wan", "100mbit-150ms", "--",
                 sys.executable, TRAIN])
     assert r.returncode != 0 and "real network" in r.stderr, r.stderr[-2000:]
+
+
+def test_a_border_refuses_a_sysctl_that_is_not_a_net_setting():
+    for bad in ("kernel.panic=1", "net.ipv4.tcp_slow_start_after_idle", "net.ipv4.x=1; reboot", "=0"):
+        with pytest.raises(wan.WanError, match="not KEY=VALUE with a net.. key"):
+            wan.Border("100mbit-150ms", ["a", "b"], sysctls=[bad])
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="network namespaces and tc need root")
+def test_a_borders_sysctls_hold_in_every_site_and_not_on_the_host():
+    key = "net.ipv4.tcp_slow_start_after_idle"
+
+    def read(prefix=()):
+        return subprocess.run(list(prefix) + ["sysctl", "-n", key], capture_output=True, text=True,
+                              check=True).stdout.strip()
+
+    host = read()
+    other = "0" if host == "1" else "1"
+    lines = []
+    with wan.Border("100mbit-150ms", ["a", "b"], log=lines.append, tag=f"t{os.getpid() % 10000}",
+                    sysctls=[f"{key}={other}"]) as border:
+        assert [read(border.prefix(s)) for s in ("a", "b")] == [other, other]
+        assert f"{key}={other}" in lines[-1], lines
+    assert read() == host

@@ -92,10 +92,13 @@ class Border:
     """Context manager: namespaces, shaped veths and the delay router for
     `sites` (names, in the config's order), torn down on exit."""
 
-    def __init__(self, profile, sites, log=None, tag=None):
+    def __init__(self, profile, sites, log=None, tag=None, sysctls=None):
         """`tag` names the namespaces (strait<TAG>-s<i>, strait<TAG>-wan;
         default: this process's pid): borders that exist at the same time
-        in one process need tags of their own."""
+        in one process need tags of their own. `sysctls`: `net.*` settings
+        ("net.ipv4.tcp_slow_start_after_idle=0") made in every site's
+        namespace, to simulate gateway hosts set up otherwise than this one
+        (without them a site's TCP is this host's)."""
         self.profile = profile
         self.rate, self.rtt = parse_profile(profile)
         self.sites = list(sites)
@@ -110,6 +113,12 @@ class Border:
         self.stats = {}
         self.log = log or (lambda msg: print(f"strait wan: {msg}", file=sys.stderr))
         self._tmp = None
+        self.sysctls = list(sysctls or [])
+        for kv in self.sysctls:
+            key, _, value = kv.partition("=")
+            if not re.fullmatch(r"net(\.[A-Za-z0-9_]+)+", key) or not re.fullmatch(r"[A-Za-z0-9_. -]+", value):
+                raise WanError(f"simulated border: sysctl {kv!r} is not KEY=VALUE with a net.* key, e.g. "
+                               "net.ipv4.tcp_slow_start_after_idle=0")
 
     # -- addresses ------------------------------------------------------
 
@@ -165,6 +174,8 @@ class Border:
             _run(["ip", "netns", "add", ns])
             inside = ["ip", "netns", "exec", ns]
             _run(inside + ["ip", "link", "set", "lo", "up"])
+            for kv in self.sysctls:
+                _run(inside + ["sysctl", "-q", "-w", kv])
             _run(wan + ["ip", "link", "add", f"s{i}", "type", "veth", "peer", "name", "wan0", "netns", ns])
             _run(wan + ["ip", "addr", "add", f"{SUBNET}.{i}.254/24", "dev", f"s{i}"])
             _run(wan + ["ip", "link", "set", f"s{i}", "up"])
@@ -177,7 +188,8 @@ class Border:
             _run(inside + ["tc", "qdisc", "add", "dev", "wan0", "root"] + tbf)  # upload of site i
         self.log(f"{self.profile}: {len(self.sites)} sites in namespaces {', '.join(self.ns)}, "
                  f"{self.rate / 1e6:g} Mbit/s each way per site (tc tbf), {self.rtt * 1000:g} ms round trip "
-                 f"(delay router in {self.border_ns})")
+                 f"(delay router in {self.border_ns})" +
+                 (f"; in the sites: {', '.join(self.sysctls)}" if self.sysctls else ""))
 
     def rewrite_config(self, config_path, out_dir=None):
         """Writes the job config with each site's endpoint at its namespace
