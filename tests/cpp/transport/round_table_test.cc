@@ -106,6 +106,7 @@ class Net {
             if (!stream_down_.count({s, t, next})) k = next;
           }
           if (k < 0) return RoundTable::kFull;
+          sent_on_[{s, t}].push_back({c.index, k});
           if (cut_) return k;  // taken by a connection that is dead: lost
           Packet p;
           p.from = s;
@@ -189,6 +190,8 @@ class Net {
   void corruptChunk(int64_t index) { corrupt_ = index; }
   // Each pair of sites talks over `n` streams (connections), chunks striped.
   void streams(int n) { streams_ = n; }
+  // (chunk index, stream) of every chunk `from` handed to `to`'s streams, in order.
+  const std::vector<std::pair<uint32_t, int>>& sentOn(size_t from, size_t to) { return sent_on_[{from, to}]; }
   // Chunks each step are delivered in the reverse of the order they were sent.
   void reverse(bool on) { reverse_ = on; }
   // What `from` sends to `to` on `stream` is lost on the wire (the connection
@@ -355,6 +358,7 @@ class Net {
   std::map<std::pair<size_t, size_t>, bool> lost_;
   int64_t corrupt_ = -1;
   int streams_ = 1;
+  std::map<std::pair<size_t, size_t>, std::vector<std::pair<uint32_t, int>>> sent_on_;
   bool reverse_ = false;
   std::set<std::tuple<size_t, size_t, int>> stream_lost_, stream_down_;
   uint64_t lives_ = 0;
@@ -769,6 +773,27 @@ TEST(RoundTable, AStreamWelcomedAgainResendsOnlyWhatWentOnIt) {
   ASSERT_TRUE(net.run([&] { return settled(net[0], 0) && settled(net[1], 0); }));
   EXPECT_EQ(*resultOf(net[1], 0)->result.payloads[0], bytesFor(0, 0, 40000));
   EXPECT_EQ(resultOf(net[0], 0)->result.peers[0].retransmissions, 10u);
+}
+
+// Every payload starts on stream 0, so one-chunk payloads (DiLoCo syncs of
+// small models, every-step buckets, control rounds) always use the
+// connection whose TCP window is open, never one that sat idle; chunk i of
+// a larger payload goes on stream i mod streams; a stream that is down is
+// passed over for the next.
+TEST(RoundTable, EveryPayloadStartsOnStreamZeroAndChunkIGoesOnStreamIModStreams) {
+  Net net(2, OnSiteLoss::kWait);
+  net.streams(4);
+  for (uint64_t r = 0; r < 6; ++r) everyoneExchanges(net, 2, r, 700);  // one chunk each
+  std::vector<std::pair<uint32_t, int>> expected(6, {0u, 0});
+  EXPECT_EQ(net.sentOn(0, 1), expected);
+  EXPECT_EQ(net.sentOn(1, 0), expected);
+  everyoneExchanges(net, 2, 6, 5500);  // six chunks each
+  for (uint32_t i = 0; i < 6; ++i) expected.push_back({i, int(i % 4)});
+  EXPECT_EQ(net.sentOn(0, 1), expected);
+  net.breakStream(0, 1, 0);
+  everyoneExchanges(net, 2, 7, 700);
+  expected.push_back({0u, 1});
+  EXPECT_EQ(net.sentOn(0, 1), expected) << "stream 0 is down: the next one takes the chunk";
 }
 
 // ------------------------------------------------------------- parting ---
