@@ -156,19 +156,30 @@ def run_mode(mode, args, out, configs, steps=None, snapshot_at=(), period=1, bud
                     samples.append((time.time(), b))
                 done.wait(0.25)
 
+        stop_failed = []
+
         def stop():
-            while not done.wait(0.05):
-                seconds, where = budget(), [read_progress(p) for p in progress]
-                if seconds is None or None in where or time.time() - where[0][0] < seconds:
-                    continue
-                # Both sites are within a period of each other (DiLoCo waits
-                # at each sync; DDP and every-step in step): two steps past
-                # the furthest, rounded up to the period, neither has reached.
-                at = -(-(max(d for _, _, d in where) + 2) // period) * period
-                with open(stop_file + ".tmp", "w") as f:
-                    f.write(str(at))
-                os.replace(stop_file + ".tmp", stop_file)
-                return
+            try:
+                while not done.wait(0.05):
+                    seconds, where = budget(), [read_progress(p) for p in progress]
+                    if seconds is None or None in where or time.time() - where[0][0] < seconds:
+                        continue
+                    # Past the furthest site (DiLoCo's sites wait for each other
+                    # at syncs, overlapped ones a period later; DDP and
+                    # every-step go in step) by what it makes in half a second
+                    # (at least 2 steps: this thread may be slow to write),
+                    # rounded up to the period: a step neither site reached.
+                    start, end, furthest = max(where, key=lambda w: w[2])
+                    margin = max(2, math.ceil(0.5 * furthest / max(end - start, 1e-3)))
+                    at = -(-(furthest + margin) // period) * period
+                    with open(stop_file + ".tmp", "w") as f:
+                        f.write(str(at))
+                    os.replace(stop_file + ".tmp", stop_file)
+                    return
+            except Exception as e:  # the run would train on to its timeout: end it now, saying why
+                stop_failed.append(repr(e))
+                for p in procs:
+                    p.kill()
 
         threads = [threading.Thread(target=sample, daemon=True)]
         if budget:
@@ -193,6 +204,8 @@ def run_mode(mode, args, out, configs, steps=None, snapshot_at=(), period=1, bud
             if p.poll() is None:
                 p.kill()
                 p.wait()
+        if stop_failed:
+            raise SystemExit(f"bench e2e: {mode}: stopping the run at the budget failed: {stop_failed[0]}")
         if failed:
             raise SystemExit(f"bench e2e: {mode}: {failed}")
     data = [json.load(open(r)) for r in results]
@@ -274,13 +287,17 @@ def bytes_at(samples, t):
     return before[-1] if before else 0
 
 
-def score_all(paths, batches):
+def score_all(paths, batches, timeout):
     """Scores the models at `paths`, two at a time (the machine's two cores;
-    scoring starts after every run has ended), and removes them."""
+    scoring starts after every run has ended), and removes them; a scorer
+    that dies or hangs fails the bench after `timeout` seconds."""
     import multiprocessing
 
     with multiprocessing.get_context("fork").Pool(2, initializer=_one_thread) as pool:
-        scores = pool.starmap(score, [(p, batches) for p in paths])
+        try:
+            scores = pool.starmap_async(score, [(p, batches) for p in paths]).get(timeout=timeout)
+        except multiprocessing.TimeoutError:
+            raise SystemExit(f"bench e2e: scoring {len(paths)} snapshots did not finish within {timeout:.0f} s")
     for p in paths:
         os.remove(p)
     return dict(zip(paths, scores))
@@ -317,7 +334,7 @@ def time_to_quality(args, out, configs, modes):
     if os.path.exists(ddp_progress):  # an earlier bench's, not to be read as this one's
         os.remove(ddp_progress)
 
-    def budget():
+    def budget_now():
         """The seconds every run trains: --budget, or DDP's time for its
         steps as soon as it has made them (None before)."""
         if budget_s[0] is None:
@@ -339,7 +356,7 @@ def time_to_quality(args, out, configs, modes):
         try:
             data, total, samples = run_mode(mode, args, out, configs, steps=10 ** 7 if timed else ddp_steps,
                                             snapshot_at=marks, period=period,
-                                            budget=budget if timed else None)
+                                            budget=budget_now if timed else None)
         finally:
             if not timed:  # DDP's time for its steps is every run's budget (0: DDP failed, stop the others)
                 done = [json.load(open(os.path.join(out, f"ddp-{s}.json"))) for s, _ in SITES[:1]
@@ -386,7 +403,7 @@ def time_to_quality(args, out, configs, modes):
     log(f"bench e2e: scoring {sum(len(r['data'][0]['snapshots']) + 1 for r in raws.values())} snapshots ...")
     scores = score_all([os.path.join(out, f"{m}-{SITES[0][0]}.json.{name}") for m, r in raws.items()
                         for name in [f"snap{k}.pt" for k, _ in r["data"][0]["snapshots"]] + ["model.pt"]],
-                       batches=2 if quick else 8)
+                       batches=2 if quick else 8, timeout=args.timeout)
     runs = [score_run(raws[m], scores) for m, _ in RUNS if m in modes]
     base = next((r for r in runs if r["name"] == "ddp"), None)
     target = base["held_out_bits_per_byte"] if base else None

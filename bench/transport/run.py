@@ -170,12 +170,10 @@ def idle_rounds(profile, tcp_bin, peer_bin, keys_bin, nbytes, gap_ms, rounds, st
     without slow start after idle. Each figure is the median time of a
     round (both payloads in at both sides), the first round left out."""
     allowed = open("/proc/sys/net/ipv4/tcp_allowed_congestion_control").read().split()
-    settings = [("host", None)]
+    settings = [("namespace default", None)]
     if "reno" in allowed:
         settings += [("reno, slow start after idle", ("reno", "1")), ("reno, no slow start after idle", ("reno", "0"))]
     out = {"profile": profile, "payload_bytes": nbytes, "gap_ms": gap_ms, "rounds": rounds, "streams": streams,
-           "host_congestion_control": open("/proc/sys/net/ipv4/tcp_congestion_control").read().strip(),
-           "host_slow_start_after_idle": int(open("/proc/sys/net/ipv4/tcp_slow_start_after_idle").read()),
            "settings": {}}
 
     def median_after_first(outs, pattern, key):
@@ -193,7 +191,11 @@ def idle_rounds(profile, tcp_bin, peer_bin, keys_bin, nbytes, gap_ms, rounds, st
             with strait_wan.Border(profile, ["s0", "s1"], log=lambda m: None, sysctls=sysctls) as border:
                 addrs = (border.site_addr(0), border.site_addr(1))
                 wrap = (border.prefix("s0"), border.prefix("s1"))
-                row = {}
+                # What the sites' TCP is (a new namespace does not take this
+                # host's per-namespace settings), read inside each.
+                row = {"tcp": [subprocess.run(w + ["sysctl", "-n", "net.ipv4.tcp_congestion_control",
+                                                   "net.ipv4.tcp_slow_start_after_idle"], capture_output=True,
+                                              text=True, check=True).stdout.split() for w in wrap]}
                 log(f"{profile}, {name}: raw TCP, {nbytes} bytes each way every {gap_ms} ms ...")
                 cmds = [w + [tcp_bin, "--listen", f"{addrs[i]}:7301", "--peer", f"{addrs[1 - i]}:7301", "--bytes",
                              str(nbytes), "--rounds", str(rounds), "--gap-ms", str(gap_ms)] for i, w in enumerate(wrap)]
@@ -237,7 +239,7 @@ def main():
     ap.add_argument("--idle-bytes", type=int, default=77740,
                     help="--idle: payload each way (default: a DiLoCo sign payload of bench e2e's model)")
     ap.add_argument("--idle-gap-ms", type=int, default=2000, help="--idle: idle time between rounds")
-    ap.add_argument("--idle-rounds", type=int, default=9, help="--idle: rounds (the first is left out)")
+    ap.add_argument("--idle-rounds", type=int, default=12, help="--idle: rounds (the first is left out)")
     args = ap.parse_args()
     if args.idle:
         return idle_main(args)
@@ -357,12 +359,17 @@ def idle_main(args):
         return
     rate, rtt = strait_wan.parse_profile(args.idle_wan)
     print(f"{r['payload_bytes']} bytes each way every {r['gap_ms']} ms across {r['profile']} (one way "
-          f"{rtt * 500:.0f} ms); median seconds a round, both payloads in; host: "
-          f"{r['host_congestion_control']}, slow start after idle {r['host_slow_start_after_idle']}")
+          f"{rtt * 500:.0f} ms); median seconds a round, both payloads in")
     n = r["streams"]
-    print(f"{'TCP settings':<34}{'raw TCP':>9}{'strait, 1 stream':>18}{f'strait, {n} streams':>20}")
+    print(f"{'TCP settings in the sites':<44}{'raw TCP':>9}{'strait, 1 stream':>18}{f'strait, {n} streams':>20}")
+
+    def cell(x, width):
+        return f"{x:{width}.3f}" if x is not None else f"{'-':>{width}}"
+
     for name, row in r["settings"].items():
-        print(f"{name:<34}{row['raw_tcp_s']:9.3f}{row['strait_1_s']:18.3f}{row[f'strait_{n}_s']:20.3f}")
+        cc, ssai = row["tcp"][0]
+        label = f"{name}: {cc}, slow start after idle {ssai}"
+        print(f"{label:<44}{cell(row['raw_tcp_s'], 9)}{cell(row['strait_1_s'], 18)}{cell(row[f'strait_{n}_s'], 20)}")
 
 
 if __name__ == "__main__":

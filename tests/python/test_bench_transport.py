@@ -24,8 +24,13 @@ def test_bench_transport_idle_measures_raw_tcp_and_strait_under_each_tcp_setting
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout)
     allowed = open("/proc/sys/net/ipv4/tcp_allowed_congestion_control").read().split()
-    assert list(out["settings"]) == ["host"] + (["reno, slow start after idle", "reno, no slow start after idle"]
-                                                if "reno" in allowed else [])
+    assert list(out["settings"]) == ["namespace default"] + (
+        ["reno, slow start after idle", "reno, no slow start after idle"] if "reno" in allowed else [])
+    # The settings were in effect in both sites: read inside each namespace.
+    expected = {"reno, slow start after idle": ["reno", "1"], "reno, no slow start after idle": ["reno", "0"]}
+    for name, want in expected.items():
+        if name in out["settings"]:
+            assert out["settings"][name]["tcp"] == [want, want], out["settings"][name]["tcp"]
     for name, row in out["settings"].items():
         for key in ("raw_tcp_s", "strait_1_s", "strait_2_s"):
             # Rounds 2 and 3 of both processes (the first is left out).

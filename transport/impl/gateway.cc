@@ -1157,9 +1157,11 @@ class Gateway::Impl {
   }
 
   // Test hook (GatewayOptions::test_cut_stream): the TCP connection of
-  // stream 1 is shut down right after chunk `test_cut_stream` of a first
-  // pass went on it, so the chunks queued behind it are lost, and the
-  // stream is not used again: the others must carry them.
+  // stream 1 is shut down right after the first chunk with an index of at
+  // least `test_cut_stream` that goes on it (chunk i goes on stream i mod
+  // streams: with 4 streams and 800, chunk 801), so the chunks queued
+  // behind it are lost, and the stream is not used again: the others must
+  // carry them.
   void cutForTest(Link& p, size_t k, uint32_t index) {
     if (opt_.test_cut_stream < 0 || k != 1 || index < uint64_t(opt_.test_cut_stream) || cut_done_) return;
     Stream& s = p.streams[k];

@@ -7,6 +7,8 @@
 //                    [--hosts H0,H1,...]   (default: 127.0.0.1 for every site)
 //                    [--streams N] [--io-threads T]   (GatewayOptions' defaults)
 //                    [--peer-timeout-ms MS]           (1500)
+//                    [--heartbeat-ms MS]              (100; the library's default is 500)
+//                    [--gap-ms MS]                    (idle between rounds; 0)
 //
 // Site I exchanges rounds R..N-1, sending payloadFor(I, round, B) and checking
 // that every other site's payload is payloadFor(site, round, B). Prints

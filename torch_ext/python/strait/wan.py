@@ -97,8 +97,10 @@ class Border:
         default: this process's pid): borders that exist at the same time
         in one process need tags of their own. `sysctls`: `net.*` settings
         ("net.ipv4.tcp_slow_start_after_idle=0") made in every site's
-        namespace, to simulate gateway hosts set up otherwise than this one
-        (without them a site's TCP is this host's)."""
+        namespace, to simulate gateway hosts set up otherwise. Without them
+        a site's TCP is a new namespace's: Linux's defaults for the
+        per-namespace settings (slow start after idle on, whatever this
+        host has) and this host's default congestion control."""
         self.profile = profile
         self.rate, self.rtt = parse_profile(profile)
         self.sites = list(sites)
