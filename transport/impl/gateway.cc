@@ -1142,18 +1142,16 @@ class Gateway::Impl {
                    hold);
     }
     const std::string head = chunkEnvelope(h).SerializeAsString();
-    const size_t n = p.streams.size();
-    for (size_t tried = 0; tried < n; ++tried) {
-      const size_t k = (firstStream(c, n) + tried) % n;
-      Stream& s = p.streams[k];
-      if (!s.welcomed) continue;
+    const int k = putOnAStream(c, p.streams.size(), [&](size_t on) {
+      Stream& s = p.streams[on];
+      if (!s.welcomed) return false;
       zmq::message_t first(head.data(), head.size());
-      if (!s.dealer->send(first, zmq::send_flags::dontwait | zmq::send_flags::sndmore)) continue;  // full
+      if (!s.dealer->send(first, zmq::send_flags::dontwait | zmq::send_flags::sndmore)) return false;  // full
       s.dealer->send(data, zmq::send_flags::none);  // the second frame follows atomically
-      cutForTest(p, k, c.index);
-      return int(k);
-    }
-    return RoundTable::kFull;
+      return true;
+    });
+    if (k != RoundTable::kFull) cutForTest(p, size_t(k), c.index);
+    return k;
   }
 
   // Test hook (GatewayOptions::test_cut_stream): the TCP connection of

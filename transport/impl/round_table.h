@@ -271,4 +271,16 @@ class RoundTable {
   std::map<std::pair<std::string, size_t>, LeftOut> left_out_;  // (tag, peer)
 };
 
+// Offers the chunk to the streams from firstStream() on, in turn, until one
+// takes it: `take(k)` puts it on stream k (false: k is down or its queue is
+// full). Returns the stream, or RoundTable::kFull if none took it.
+template <class Take>
+int putOnAStream(const ChunkToSend& c, size_t streams, Take take) {
+  for (size_t tried = 0; tried < streams; ++tried) {
+    const size_t k = (firstStream(c, streams) + tried) % streams;
+    if (take(k)) return int(k);
+  }
+  return RoundTable::kFull;
+}
+
 }  // namespace strait::transport

@@ -99,13 +99,11 @@ class Net {
       for (size_t t : sites_[s].peers->peers()) {
         if (unconnected_.count({s, t})) continue;  // not taken: its DEALER queues nothing
         sites_[s].rounds->send(t, [&](const ChunkToSend& c) {
-          // Striped over the streams that are up, as the gateway does.
-          int k = -1;
-          for (int tried = 0; tried < streams_ && k < 0; ++tried) {
-            const int next = int((firstStream(c, size_t(streams_)) + tried) % size_t(streams_));
-            if (!stream_down_.count({s, t, next})) k = next;
-          }
-          if (k < 0) return RoundTable::kFull;
+          // On the streams that are up and not full, as the gateway does.
+          const int k = putOnAStream(c, size_t(streams_), [&](size_t on) {
+            return !stream_down_.count({s, t, int(on)}) && !stream_full_.count({s, t, int(on)});
+          });
+          if (k == RoundTable::kFull) return k;
           sent_on_[{s, t}].push_back({c.index, k});
           if (cut_) return k;  // taken by a connection that is dead: lost
           Packet p;
@@ -190,6 +188,11 @@ class Net {
   void corruptChunk(int64_t index) { corrupt_ = index; }
   // Each pair of sites talks over `n` streams (connections), chunks striped.
   void streams(int n) { streams_ = n; }
+  // `from`'s queue to `to` on `stream` is full (or has room again).
+  void fillStream(size_t from, size_t to, int stream, bool full) {
+    if (full) stream_full_.insert({from, to, stream});
+    else stream_full_.erase({from, to, stream});
+  }
   // (chunk index, stream) of every chunk `from` handed to `to`'s streams, in order.
   const std::vector<std::pair<uint32_t, int>>& sentOn(size_t from, size_t to) { return sent_on_[{from, to}]; }
   // Chunks each step are delivered in the reverse of the order they were sent.
@@ -360,7 +363,7 @@ class Net {
   int streams_ = 1;
   std::map<std::pair<size_t, size_t>, std::vector<std::pair<uint32_t, int>>> sent_on_;
   bool reverse_ = false;
-  std::set<std::tuple<size_t, size_t, int>> stream_lost_, stream_down_;
+  std::set<std::tuple<size_t, size_t, int>> stream_lost_, stream_down_, stream_full_;
   uint64_t lives_ = 0;
   std::map<std::pair<size_t, size_t>, Clock::time_point> unconnected_;  // DEALER from -> ROUTER to, until
 };
@@ -794,6 +797,17 @@ TEST(RoundTable, EveryPayloadStartsOnStreamZeroAndChunkIGoesOnStreamIModStreams)
   everyoneExchanges(net, 2, 7, 700);
   expected.push_back({0u, 1});
   EXPECT_EQ(net.sentOn(0, 1), expected) << "stream 0 is down: the next one takes the chunk";
+  net.mendStream(0, 1, 0);
+  net.fillStream(0, 1, 0, true);
+  net.fillStream(0, 1, 1, true);
+  everyoneExchanges(net, 2, 8, 700);
+  expected.push_back({0u, 2});
+  EXPECT_EQ(net.sentOn(0, 1), expected) << "streams 0 and 1 are full: stream 2 takes the chunk";
+  net.fillStream(0, 1, 0, false);
+  net.fillStream(0, 1, 1, false);
+  everyoneExchanges(net, 2, 9, 700);
+  expected.push_back({0u, 0});
+  EXPECT_EQ(net.sentOn(0, 1), expected) << "room on stream 0 again: back to it";
 }
 
 // ------------------------------------------------------------- parting ---
