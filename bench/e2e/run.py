@@ -359,9 +359,7 @@ def time_to_quality(args, out, configs, modes):
                                             budget=budget_now if timed else None)
         finally:
             if not timed:  # DDP's time for its steps is every run's budget (0: DDP failed, stop the others)
-                done = [json.load(open(os.path.join(out, f"ddp-{s}.json"))) for s, _ in SITES[:1]
-                        if os.path.exists(os.path.join(out, f"ddp-{s}.json"))]
-                budget_s[0] = done[0]["ends"][-1] - done[0]["start"] if done else 0
+                budget_s[0] = budget_now() or 0
         return {"mode": mode, "beside": beside, "data": data, "total": total, "samples": samples}
 
     def score_run(raw, scores):

@@ -176,10 +176,10 @@ def idle_rounds(profile, tcp_bin, peer_bin, keys_bin, nbytes, gap_ms, rounds, st
     out = {"profile": profile, "payload_bytes": nbytes, "gap_ms": gap_ms, "rounds": rounds, "streams": streams,
            "settings": {}}
 
-    def median_after_first(outs, pattern, key):
+    def rounds_after_first(outs, pattern, key):
+        """{key: the median, key_all: every time} of both processes' rounds."""
         times = [float(x) for o in outs for x in re.findall(pattern, o)[1:]]
-        row[key + "_all"] = times
-        row[key] = statistics.median(times) if times else None
+        return {key: statistics.median(times) if times else None, key + "_all": times}
 
     keydir = tempfile.mkdtemp(prefix="strait-bench-keys-")
     try:
@@ -199,7 +199,8 @@ def idle_rounds(profile, tcp_bin, peer_bin, keys_bin, nbytes, gap_ms, rounds, st
                 log(f"{profile}, {name}: raw TCP, {nbytes} bytes each way every {gap_ms} ms ...")
                 cmds = [w + [tcp_bin, "--listen", f"{addrs[i]}:7301", "--peer", f"{addrs[1 - i]}:7301", "--bytes",
                              str(nbytes), "--rounds", str(rounds), "--gap-ms", str(gap_ms)] for i, w in enumerate(wrap)]
-                median_after_first(run_pair(cmds, timeout=600), r"round \d+ seconds ([0-9.]+)", "raw_tcp_s")
+                row.update(rounds_after_first(run_pair(cmds, timeout=600), r"round \d+ seconds ([0-9.]+)",
+                                              "raw_tcp_s"))
                 for n in sorted({1, streams}):
                     log(f"{profile}, {name}: strait, {n} stream(s) ...")
                     cmds = [w + [peer_bin, "--site", str(i), "--ports", "7401,7401", "--hosts", ",".join(addrs),
@@ -207,7 +208,8 @@ def idle_rounds(profile, tcp_bin, peer_bin, keys_bin, nbytes, gap_ms, rounds, st
                                  str(gap_ms), "--heartbeat-ms", "500", "--streams", str(n),
                                  "--round-deadline-ms", "600000", "--hard-deadline-ms", "600000"]
                             for i, w in enumerate(wrap)]
-                    median_after_first(run_pair(cmds, timeout=600), r"round \d+ ok seconds ([0-9.]+)", f"strait_{n}_s")
+                    row.update(rounds_after_first(run_pair(cmds, timeout=600), r"round \d+ ok seconds ([0-9.]+)",
+                                                  f"strait_{n}_s"))
                 out["settings"][name] = row
     finally:
         shutil.rmtree(keydir, ignore_errors=True)
