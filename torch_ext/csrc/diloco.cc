@@ -532,11 +532,14 @@ void DiLoCo::Impl::applyInflight(Inflight in, at::Tensor loc, const Inflight* pe
 // ------------------------------------------------ start, state, joins ---
 
 // Every worker adopts site 0's initial parameters. Sites compare a digest
-// first (a control message of 8 bytes): when they already agree (the same
-// seed), no parameters cross; otherwise site 0 sends its own, uncompressed,
-// and the other sites send nothing.
+// first (a control message of 8 bytes, computed where the parameters are:
+// on the GPU for CUDA tensors): when they already agree (the same seed), no
+// parameters cross, nor leave the device; otherwise site 0 sends its own,
+// uncompressed, and the other sites send nothing (only then does a host
+// copy of the model exist, for the wire).
 at::Tensor DiLoCo::Impl::agree(const at::Tensor& flat) {
-  at::Tensor out = flat.detach().to(at::kCPU, at::kFloat).contiguous().clone();
+  at::Tensor out = flat.detach().reshape({-1}).to(s.decodeDevice(device), at::kFloat, /*non_blocking=*/false,
+                                                  /*copy=*/true);
   s.fromLeader(
       [&] {
         const uint64_t digest = tensorDigest(out);
@@ -547,15 +550,17 @@ at::Tensor DiLoCo::Impl::agree(const at::Tensor& flat) {
         bool same = true;
         for (const auto& p : digests.payloads) same = same && (!p || p->empty() || *p == mine);
         if (same) return;
+        at::Tensor host = out.to(at::kCPU).contiguous();
         std::vector<uint8_t> payload;
         if (s.site_index == 0) {
           core::CodecState state(0);
-          core::Pipeline::parse("fp32").encode(out.data_ptr<float>(), size_t(out.numel()), state, payload);
+          core::Pipeline::parse("fp32").encode(host.data_ptr<float>(), size_t(host.numel()), state, payload);
         }
         Round r = s.start("diloco.init", std::move(payload), core::MessageKind::kModelState);
         const RoundOutcome o = s.finish(r);
         if (!o.payloads[0] || o.payloads[0]->empty()) fail<Error>("site 0 did not send its initial parameters");
-        core::decode(o.payloads[0]->data(), o.payloads[0]->size(), out.data_ptr<float>(), size_t(out.numel()));
+        core::decode(o.payloads[0]->data(), o.payloads[0]->size(), host.data_ptr<float>(), size_t(host.numel()));
+        out.copy_(host);
       },
       {out});
   return out.to(device);
