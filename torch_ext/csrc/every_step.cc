@@ -2,6 +2,8 @@
 // behind the DDP hook, average() for libtorch loops, and checkpoints.
 
 #include <ATen/ATen.h>
+#include <c10/core/Event.h>
+#include <c10/core/impl/VirtualGuardImpl.h>
 
 #include <algorithm>
 #include <condition_variable>
@@ -96,6 +98,9 @@ struct Bucket {
   std::exception_ptr error;  // the leader could not start its round
   int64_t numel = 0;
   bool ddp = false;  // handed over by DDP's hook (not average()): its layout is recorded, and regrouped
+  // A GPU buffer: recorded on the caller's current stream when handed over
+  // (DDP's reducer wrote it there); the engine's stream waits for it.
+  std::shared_ptr<c10::Event> written;
 };
 
 struct EveryStep::Impl {
@@ -501,6 +506,13 @@ struct EveryStep::Impl {
     const bool begins = step_begins;
     step_begins = last;
     try {
+      if (b.written) {
+        // Everything below runs on this thread's current stream: after the
+        // caller's writes to the buffer. (The future's completion records
+        // this stream in turn, for the caller's wait().)
+        const c10::impl::VirtualGuardImpl impl(b.buffer.device().type());
+        b.written->block(impl.getStream(b.buffer.device()));
+      }
       if (begins) beginStep();
       if (!registered.empty() && b.ddp) {
         // A step whose buckets hold parameters not registered (not the
@@ -604,7 +616,12 @@ c10::intrusive_ptr<c10::ivalue::Future> EveryStep::Impl::submitBucket(at::Tensor
   b.ddp = ddp;
   b.numel = buffer.numel();
   std::vector<c10::Device> devices;
-  if (!buffer.device().is_cpu()) devices.push_back(buffer.device());
+  if (!buffer.device().is_cpu()) {
+    devices.push_back(buffer.device());
+    const c10::impl::VirtualGuardImpl impl(buffer.device().type());
+    b.written = std::make_shared<c10::Event>(buffer.device().type());
+    b.written->record(impl.getStream(buffer.device()));
+  }
   b.future = c10::make_intrusive<c10::ivalue::Future>(c10::TensorType::get(), devices);
   auto future = b.future;
   submit([this, b = std::move(b), index, params = std::move(params), last, agree]() mutable {

@@ -43,9 +43,11 @@ def ddp_hook(session, bucket):
                 engine.finish_step()
                 # DDP reads the hooks' futures once backward is done; they
                 # carry Python objects, so they are completed here, on a
-                # Python thread, not on the engine's.
+                # Python thread, not on the engine's. wait(), not value():
+                # for GPU buckets it also makes this thread's current stream
+                # wait for the engine's stream, which wrote the results.
                 for done, f in pending:
-                    f.set_result(done.value())
+                    f.set_result(done.wait())
         finally:
             if bucket.is_last():
                 pending.clear()
