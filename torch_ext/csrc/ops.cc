@@ -652,10 +652,14 @@ bool encodeOnDevice(const at::Tensor& x, const core::Pipeline& p, core::CodecSta
   cuda::encodeValues(spec, values.data_ptr<float>(), count, seed, dev, stream);
   std::vector<uint8_t> body(lay.scale_bytes + lay.code_bytes);
   uint64_t status = 0;
-  cudaCheck(cudaMemcpyAsync(body.data(), dev, lay.scale_bytes, cudaMemcpyDeviceToHost, stream), "copy of the scales");
-  cudaCheck(cudaMemcpyAsync(body.data() + lay.scale_bytes, dev + lay.codes_offset, lay.code_bytes,
-                            cudaMemcpyDeviceToHost, stream),
-            "copy of the codes");
+  if (lay.scale_bytes > 0) {
+    cudaCheck(cudaMemcpyAsync(body.data(), dev, lay.scale_bytes, cudaMemcpyDeviceToHost, stream), "copy of the scales");
+  }
+  if (lay.code_bytes > 0) {
+    cudaCheck(cudaMemcpyAsync(body.data() + lay.scale_bytes, dev + lay.codes_offset, lay.code_bytes,
+                              cudaMemcpyDeviceToHost, stream),
+              "copy of the codes");
+  }
   cudaCheck(cudaMemcpyAsync(&status, dev + lay.status_offset, sizeof status, cudaMemcpyDeviceToHost, stream),
             "copy of the status");
   if (topk) {

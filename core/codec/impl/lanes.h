@@ -203,9 +203,9 @@ STRAIT_INLINE float loadFloat(const uint8_t* p) {
                             (static_cast<uint32_t>(p[2]) << 16) | (static_cast<uint32_t>(p[3]) << 24));
 }
 
-// Value i of a validated section body (scales at `scales`, codes or values
-// at `data`), decoded as the CPU decoder does.
-STRAIT_INLINE float valueAt(const Spec& s, const uint8_t* scales, const uint8_t* data, uint64_t i) {
+// Value i of a validated section body whose block's scale is `scale`
+// (unused by the float kinds), decoded as the CPU decoder does.
+STRAIT_INLINE float valueAt(const Spec& s, float scale, const uint8_t* data, uint64_t i) {
   switch (s.kind) {
     case kFp32:
       return loadFloat(data + 4 * i);
@@ -215,10 +215,9 @@ STRAIT_INLINE float valueAt(const Spec& s, const uint8_t* scales, const uint8_t*
       return kernels::bf16ToFloat(static_cast<uint16_t>(data[2 * i] | (data[2 * i + 1] << 8)));
     case kSign: {
       const uint32_t neg = (data[i / 8] >> (i % 8)) & 1U;
-      return kernels::bitsFloat(kernels::floatBits(loadFloat(scales + 4 * (i / s.block))) | (neg << 31));
+      return kernels::bitsFloat(kernels::floatBits(scale) | (neg << 31));
     }
     default: {
-      const float scale = loadFloat(scales + 4 * (i / s.block));
       int32_t code;
       if (s.bits == 8) {
         code = kernels::codeAt<8>(data, i);
@@ -232,12 +231,16 @@ STRAIT_INLINE float valueAt(const Spec& s, const uint8_t* scales, const uint8_t*
   }
 }
 
-// Values i0..i0+7 (those < count) of a section body into v; returns how
-// many there were. One thread of the decode kernel runs one group.
+// Values i0..i0+7 (those < count; i0 a multiple of kGroup) of a section
+// body into v; returns how many there were. One thread of the decode kernel
+// runs one group. A block holds a multiple of kGroup values (the parser
+// refuses others), so the group's values share one block: its scale is read
+// once, not divided out per value.
 STRAIT_INLINE uint32_t decodeGroup(const Spec& s, const uint8_t* scales, const uint8_t* data, uint64_t i0,
                                    uint64_t count, float* v) {
   const uint32_t valid = count - i0 < kGroup ? static_cast<uint32_t>(count - i0) : kGroup;
-  for (uint32_t l = 0; l < valid; ++l) v[l] = valueAt(s, scales, data, i0 + l);
+  const float scale = scaleBytes(s, 1) > 0 ? loadFloat(scales + 4 * (i0 / s.block)) : 0.0f;
+  for (uint32_t l = 0; l < valid; ++l) v[l] = valueAt(s, scale, data, i0 + l);
   return valid;
 }
 
