@@ -11,10 +11,11 @@ each timed; one that raises is recorded and the others still run:
 2. identity: every codec's encode on a CUDA tensor gives the CPU encoder's
    payload bytes, and decode / decode-accumulate into CUDA tensors the CPU
    decoder's bits, at 1, 1,000,003 and 2^26 values;
-3. the GPU tests of the suite (pytest -k cuda);
+3. the GPU tests of the suite (tests/python/test_ops.py -k 'cuda or gpu');
 4. throughput on the GPU (CUDA events, best of 5): strait's int8 encode,
-   top-k 1% encode and int8 decode-accumulate next to the same
-   transformation in torch ops and a device-to-device copy;
+   top-k 1% encode and int8 decode-accumulate, whole (the payload to or
+   from the host included) and their kernels alone (the profiler), next to
+   the same transformation in torch ops and a device-to-device copy;
 5. a two-site job (one worker per site on the one GPU, NCCL groups inside
    the sites, CUDA tensors) in every-step mode and DiLoCo: the replicas must
    end identical, and each worker's peak host memory must not grow by a
@@ -217,13 +218,13 @@ def gpu_tests(report):
         report.data["gpu_tests"] = "no pytest"
         return True
     t0 = time.monotonic()
-    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "cuda",
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "cuda or gpu",
                         os.path.join(ROOT, "tests", "python", "test_ops.py")],
-                       capture_output=True, text=True, timeout=300, env=dict(os.environ))
+                       capture_output=True, text=True, timeout=180, env=dict(os.environ))
     ok = p.returncode == 0
     tail = (p.stdout + p.stderr).strip().splitlines()[-1:] or [""]
     report.data["gpu_tests"] = {"ok": ok, "summary": tail[0], "output_tail": "" if ok else (p.stdout + p.stderr)[-3000:]}
-    report.log(f"GPU tests (pytest -k cuda): {tail[0]} ({time.monotonic() - t0:.1f} s)")
+    report.log(f"GPU tests (pytest -k 'cuda or gpu'): {tail[0]} ({time.monotonic() - t0:.1f} s)")
     if not ok:
         print((p.stdout + p.stderr)[-3000:])
     return ok
@@ -256,7 +257,44 @@ def timer(report):
     return events
 
 
+def device_seconds(fn, reps=3):
+    """GPU time of one call of fn, from the profiler (best of reps): (kernels,
+    copies) in seconds, kernels being everything but memcpy and memset (the
+    ATen kernels strait launches count); None where the profiler recorded no
+    device activity (no GPU)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    best = None
+    for _ in range(reps):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        with profile(activities=activities) as prof:
+            fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+        kernels = copies = 0.0
+        seen = False
+        for e in prof.events():
+            if e.device_type != DeviceType.CUDA:
+                continue
+            seen = True
+            us = e.time_range.elapsed_us()
+            if e.name.startswith(("Memcpy", "Memset")):
+                copies += us
+            else:
+                kernels += us
+        if seen and (best is None or kernels + copies < sum(best)):
+            best = (kernels / 1e6, copies / 1e6)
+    return best
+
+
 def throughput(report, n):
+    """Each op timed whole (its payload crossing to or from the host
+    included, as in use) and, on a GPU, its kernels alone (the profiler):
+    the issue's targets are about the kernels, next to a device-to-device
+    copy of the input and the same transformation in torch ops."""
     dev = device(report)
     timed = timer(report)
     x = (torch.randn(n, device=dev) * 1e-2).contiguous()
@@ -280,7 +318,7 @@ def throughput(report, n):
     def torch_accumulate():
         acc[:n_blocks].view(-1, block).add_(q.float() * s, alpha=0.5)
 
-    payload = strait.encode(x, "int8", seed=1).to(dev)
+    payload = strait.encode(x, "int8", seed=1).cpu()  # payloads arrive on the host
     cases = [
         ("int8 encode", lambda: strait.encode(x, "int8", seed=1), torch_int8),
         ("topk(0.01) -> int8 encode", lambda: strait.encode(x, "topk(0.01) -> int8", seed=1), torch_topk),
@@ -289,17 +327,34 @@ def throughput(report, n):
     rows = []
     for name, ours, theirs in cases:
         t_ours, t_torch = timed(ours), timed(theirs)
-        rows.append({"case": name, "strait_gbs": gbytes / t_ours, "torch_gbs": gbytes / t_torch,
-                     "copy_gbs": gbytes / copy, "vs_torch": t_torch / t_ours, "vs_copy": copy / t_ours})
-    report.data["throughput"] = {"n": n, "copy_gbs": gbytes / copy, "rows": rows,
-                                 "targets": {"int8 encode": "of copy >= 80%",
-                                             "topk(0.01) -> int8 encode": "x torch >= 5",
-                                             "int8 decode-accumulate": "of copy >= 80%"}}
-    report.log(f"throughput at {n} float32 values on {dev} (a copy: {gbytes / copy:.1f} GB/s of input):")
-    report.log(f"  {'case':28s} {'strait GB/s':>12s} {'torch GB/s':>12s} {'x torch':>8s} {'of copy':>8s}  target")
+        row = {"case": name, "op_gbs": gbytes / t_ours, "torch_gbs": gbytes / t_torch, "copy_gbs": gbytes / copy,
+               "op_vs_torch": t_torch / t_ours, "op_vs_copy": copy / t_ours,
+               "kernels_gbs": None, "kernels_vs_torch": None, "kernels_vs_copy": None, "device_copies_s": None}
+        try:
+            on_device = device_seconds(ours)
+        except Exception as e:  # noqa: BLE001 - the whole-op figures stand without it
+            row["profiler_error"] = f"{type(e).__name__}: {e}"
+            on_device = None
+        if on_device and on_device[0] > 0:
+            kernels, copies = on_device
+            row.update(kernels_gbs=gbytes / kernels, kernels_vs_torch=t_torch / kernels,
+                       kernels_vs_copy=copy / kernels, device_copies_s=copies)
+        rows.append(row)
+    targets = {"int8 encode": "kernels of copy >= 80%", "topk(0.01) -> int8 encode": "kernels x torch >= 5",
+               "int8 decode-accumulate": "kernels of copy >= 80%"}
+    report.data["throughput"] = {"n": n, "copy_gbs": gbytes / copy, "rows": rows, "targets": targets}
+    report.log(f"throughput at {n} float32 values on {dev} (a copy: {gbytes / copy:.1f} GB/s of input; "
+               "op: the whole call, payload to or from the host included; kernels: on the GPU alone):")
+    report.log(f"  {'case':28s} {'op GB/s':>9s} {'kernels':>9s} {'torch':>9s} {'op/copy':>8s} {'k/copy':>8s} "
+               f"{'k x torch':>9s}  target")
+
+    def cell(v, spec, width):
+        return format("-" if v is None else format(v, spec), f">{width}s")
+
     for r in rows:
-        report.log(f"  {r['case']:28s} {r['strait_gbs']:12.1f} {r['torch_gbs']:12.1f} {r['vs_torch']:8.2f} "
-                   f"{r['vs_copy']:8.1%}  {report.data['throughput']['targets'][r['case']]}")
+        report.log(f"  {r['case']:28s} {r['op_gbs']:9.1f} {cell(r['kernels_gbs'], '.1f', 9)} {r['torch_gbs']:9.1f} "
+                   f"{r['op_vs_copy']:8.1%} {cell(r['kernels_vs_copy'], '.1%', 8)} "
+                   f"{cell(r['kernels_vs_torch'], '.2f', 9)}  {targets[r['case']]}")
     return True  # figures, not checks: the targets are benchmarks
 
 
@@ -330,10 +385,10 @@ transport: {{insecure: true, heartbeat_ms: 100, peer_timeout_ms: 5000, round_dea
                "--out", out, "--mode", mode, "--device", device(report), "--hidden", str(hidden)]
         t0 = time.monotonic()
         try:
-            p = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=dict(os.environ))
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=dict(os.environ))
             returncode, output = p.returncode, p.stdout + p.stderr
         except subprocess.TimeoutExpired as e:
-            returncode = "timeout (240 s)"
+            returncode = "timeout (180 s)"
             output = "".join(s.decode(errors="replace") if isinstance(s, bytes) else (s or "")
                              for s in (e.stdout, e.stderr))
         results = [json.load(open(os.path.join(out, n))) for n in sorted(os.listdir(out))]
