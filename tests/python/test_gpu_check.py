@@ -23,20 +23,47 @@ sys.path.insert(0, os.path.join(ROOT, "bench", "gpu"))
 
 @pytest.fixture(scope="module")
 def rehearsal(tmp_path_factory):
+    """`./strait gpu-check --rehearse`: bundles into gpu/ (the build's
+    extension and its Debian libraries, as for a lent machine) and runs the
+    script with it."""
     out = tmp_path_factory.mktemp("gpu-check")
-    r = subprocess.run([sys.executable, CHECK, "--rehearse", "--sizes", "1,4099,65536", "--out", str(out)],
-                       env=ENV, capture_output=True, text=True, timeout=600)
+    r = subprocess.run([os.path.join(ROOT, "strait"), "gpu-check", "--rehearse", "--sizes", "1,4099,65536",
+                        "--out", str(out)], env=ENV, capture_output=True, text=True, timeout=600)
     return r, json.load(open(out / "gpu-check.json")), (out / "gpu-check.txt").read_text()
+
+
+def device_codecs_built():
+    import strait
+
+    info = strait.build_info()
+    return bool(info["cuda"]) and int(info.get("device_codecs", 0)) == 1 and "90" in info["cuda_archs"].split(",")
 
 
 def test_every_section_runs_and_passes(rehearsal):
     r, report, _ = rehearsal
-    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
-    assert report["ok"] is True and report["rehearsal"] is True
-    assert list(report["sections"]) == ["what runs", "identity", "GPU tests", "throughput", "job every_step",
-                                        "job diloco"]
-    assert all(s["ok"] for s in report["sections"].values()), report["sections"]
+    assert report["rehearsal"] is True
+    assert list(report["sections"]) == ["what runs", "identity", "GPU tests", "job every_step", "job diloco",
+                                        "throughput"]
+    sections = {k: v["ok"] for k, v in report["sections"].items()}
+    # A bundle for a GPU must hold device codecs for sm_90: without the CUDA
+    # toolkit here the build has none, and the rehearsal says so.
+    assert sections.pop("what runs") == device_codecs_built(), (r.stdout + r.stderr)[-4000:]
+    assert all(sections.values()), (r.stdout + r.stderr)[-4000:]
+    assert report["ok"] is device_codecs_built() and r.returncode == (0 if device_codecs_built() else 1)
     assert report["info"]["torch"] == torch.__version__
+
+
+def test_the_bundle_supplies_every_library_the_extension_needs(rehearsal):
+    _, report, table = rehearsal
+    info = report["info"]
+    assert info["bundle"] is True and info["built_for_torch"] == torch.__version__
+    assert info["library"].endswith(os.path.join("gpu", "lib", "libstrait_torch.so"))
+    names = {os.path.basename(p).split(".so")[0] for p in info["libraries_from_its_folder"]}
+    assert {"libstrait_torch", "libzmq", "libprotobuf", "libsodium", "libyaml-cpp"} <= names
+    assert info["libraries_from_elsewhere"] == [], info["libraries_from_elsewhere"]
+    assert "loaded from the bundle" in table and "NOT FROM THE BUNDLE" not in table
+    if not device_codecs_built():
+        assert "NO DEVICE CODECS" in table or "NOT BUILT FOR sm_90" in table
 
 
 def test_identity_covers_every_codec_at_every_size(rehearsal):
@@ -63,7 +90,10 @@ def test_the_jobs_end_with_identical_replicas_and_report_host_memory(rehearsal):
         assert job["identical"] and job["returncode"] == 0, job
         assert sorted(r["site"] for r in job["results"]) == ["a", "b"]
         for r in job["results"]:
-            assert r["device"] == "cpu" and r["model_bytes"] > 0 and r["host_growth_bytes"] >= 0
+            # A 64-wide MLP (0.1 MiB): what strait itself holds on the host
+            # while training it 40 steps (3-4 MiB measured) is bounded.
+            assert r["device"] == "cpu" and r["steps"] == 40 and 0 < r["model_bytes"] < 2**20
+            assert r["host_growth_bytes"] < 64 * 2**20, r
 
 
 def test_the_throughput_rows_name_the_issue_targets(rehearsal):
