@@ -534,9 +534,11 @@ void DiLoCo::Impl::applyInflight(Inflight in, at::Tensor loc, const Inflight* pe
 // Every worker adopts site 0's initial parameters. Sites compare a digest
 // first (a control message of 8 bytes, computed where the parameters are:
 // on the GPU for CUDA tensors): when they already agree (the same seed), no
-// parameters cross, nor leave the device; otherwise site 0 sends its own,
-// uncompressed, and the other sites send nothing (only then does a host
-// copy of the model exist, for the wire).
+// parameters cross the border; otherwise site 0 sends its own, uncompressed,
+// and the other sites send nothing (only then does the leader hold a host
+// copy of the model, for the wire). Inside the site the leader's result is
+// broadcast either way (workers built without a common seed agree too): on
+// the GPU with NCCL, through the host with gloo.
 at::Tensor DiLoCo::Impl::agree(const at::Tensor& flat) {
   at::Tensor out = flat.detach().reshape({-1}).to(s.decodeDevice(device), at::kFloat, /*non_blocking=*/false,
                                                   /*copy=*/true);

@@ -88,6 +88,23 @@ Layout parseLayout(const std::string& text, size_t params, const std::string& wh
   return out;
 }
 
+// GPU work handed to the engine's thread: an event on the calling thread's
+// current stream of `device` (nothing for the CPU), which the engine's
+// stream then waits for, so the engine reads what the caller wrote.
+std::shared_ptr<c10::Event> markCurrentStream(const at::Device& device) {
+  if (device.is_cpu()) return nullptr;
+  const c10::impl::VirtualGuardImpl impl(device.type());
+  auto event = std::make_shared<c10::Event>(device.type());
+  event->record(impl.getStream(device));
+  return event;
+}
+
+void waitOnCurrentStream(const std::shared_ptr<c10::Event>& event, const at::Device& device) {
+  if (!event) return;
+  const c10::impl::VirtualGuardImpl impl(device.type());
+  event->block(impl.getStream(device));
+}
+
 }  // namespace
 
 // A bucket handed over: its buffer, its future, and on the leader its round.
@@ -506,13 +523,10 @@ struct EveryStep::Impl {
     const bool begins = step_begins;
     step_begins = last;
     try {
-      if (b.written) {
-        // Everything below runs on this thread's current stream: after the
-        // caller's writes to the buffer. (The future's completion records
-        // this stream in turn, for the caller's wait().)
-        const c10::impl::VirtualGuardImpl impl(b.buffer.device().type());
-        b.written->block(impl.getStream(b.buffer.device()));
-      }
+      // Everything below runs on this thread's current stream: after the
+      // caller's writes to the buffer. (The future's completion records
+      // this stream in turn, for the caller's wait().)
+      waitOnCurrentStream(b.written, b.buffer.device());
       if (begins) beginStep();
       if (!registered.empty() && b.ddp) {
         // A step whose buckets hold parameters not registered (not the
@@ -616,12 +630,8 @@ c10::intrusive_ptr<c10::ivalue::Future> EveryStep::Impl::submitBucket(at::Tensor
   b.ddp = ddp;
   b.numel = buffer.numel();
   std::vector<c10::Device> devices;
-  if (!buffer.device().is_cpu()) {
-    devices.push_back(buffer.device());
-    const c10::impl::VirtualGuardImpl impl(buffer.device().type());
-    b.written = std::make_shared<c10::Event>(buffer.device().type());
-    b.written->record(impl.getStream(buffer.device()));
-  }
+  if (!buffer.device().is_cpu()) devices.push_back(buffer.device());
+  b.written = markCurrentStream(buffer.device());
   b.future = c10::make_intrusive<c10::ivalue::Future>(c10::TensorType::get(), devices);
   auto future = b.future;
   submit([this, b = std::move(b), index, params = std::move(params), last, agree]() mutable {
@@ -642,8 +652,9 @@ void EveryStep::average(std::vector<at::Tensor>& tensors, const std::vector<at::
   at::Tensor buffer = at::cat(flat);
   // The parameters (if given) are the layout and are compared across sites
   // at the first step; otherwise the tensors' shapes are the layout.
-  impl_->submitBucket(buffer, 0, params.empty() ? tensors : params, true, !params.empty(), false);
+  const auto done = impl_->submitBucket(buffer, 0, params.empty() ? tensors : params, true, !params.empty(), false);
   finishStep();
+  done->wait();  // GPU tensors: this thread's stream waits for the engine's, which wrote the buffer
   int64_t at = 0;
   for (at::Tensor& t : tensors) {
     t.detach().copy_(buffer.narrow(0, at, t.numel()).view(t.sizes()));
@@ -695,7 +706,12 @@ void EveryStep::checkpoint(int64_t step, const std::vector<at::Tensor>& params, 
   const auto t0 = Clock::now();
   try {
     Impl::Snapshot snap;
-    d.onEngine([&] { snap = d.snapshot(step, params, extra); });
+    // The parameters as the caller's stream left them (the optimizer's step).
+    const auto written = markCurrentStream(params.empty() ? at::Device(at::kCPU) : params.front().device());
+    d.onEngine([&] {
+      if (!params.empty()) waitOnCurrentStream(written, params.front().device());
+      snap = d.snapshot(step, params, extra);
+    });
     const std::string path = s.checkpoints->save(
         uint64_t(step), core::digestSum(snap.all.data_ptr<float>(), size_t(snap.all.numel())), snap.st);
     char took[32];
