@@ -8,6 +8,7 @@ unsharded."""
 
 import argparse
 import faulthandler
+import gc
 import hashlib
 import json
 import os
@@ -113,6 +114,21 @@ def main():
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     session = strait.init(args.config, site=args.site, policy=args.policy)
+    result = train(args, session)
+    with open(args.out, "w") as f:
+        json.dump(result, f)
+    session.close()
+    # The model's FSDP2 state holds the site's process group; freed here
+    # (train()'s frame, and the cycles among modules and hooks), the group
+    # ends with destroy_process_group, gloo's threads joined while Python
+    # runs. Left to interpreter teardown, a gloo thread still letting go of
+    # a finished all-gather's tensor aborted the process ("terminate called
+    # without an active exception", 1 run in about 10 on a loaded machine).
+    gc.collect()
+    dist.destroy_process_group()
+
+
+def train(args, session):
     # Each site its own initial values (DiLoCo starts every site from site
     # 0's) and its own data.
     torch.manual_seed(100 + session.site_index)
@@ -144,10 +160,7 @@ def main():
                   "from_reference": from_reference(params, args.steps)}
     else:
         result = train_diloco(net, opt, session, params, start, x, y, args.steps)
-    with open(args.out, "w") as f:
-        json.dump(result, f)
-    session.close()
-    dist.destroy_process_group()
+    return result
 
 
 if __name__ == "__main__":
