@@ -746,7 +746,10 @@ void EveryStep::serveJoins(int64_t step, const std::vector<at::Tensor>& params, 
   Impl& d = *impl_;
   Session::Impl& s = d.s;
   if (!s.leader) return;
+  // The parameters as the caller's stream left them, as for a checkpoint.
+  const auto written = markCurrentStream(params.empty() ? at::Device(at::kCPU) : params.front().device());
   d.onEngine([&] {
+    if (!params.empty()) waitOnCurrentStream(written, params.front().device());
     d.answerJoins();  // requests that came between rounds: nothing to release
     std::vector<transport::PeerRound> to;
     {
