@@ -89,20 +89,33 @@ Layout parseLayout(const std::string& text, size_t params, const std::string& wh
 }
 
 // GPU work handed to the engine's thread: an event on the calling thread's
-// current stream of `device` (nothing for the CPU), which the engine's
-// stream then waits for, so the engine reads what the caller wrote.
-std::shared_ptr<c10::Event> markCurrentStream(const at::Device& device) {
-  if (device.is_cpu()) return nullptr;
+// current stream of a device (none for the CPU), which the engine's thread
+// then makes its own current stream wait for, so the engine reads what the
+// caller wrote.
+struct StreamMark {
+  std::shared_ptr<c10::Event> event;  // shared: a Bucket travels in a std::function
+  at::Device device{at::kCPU};
+
+  void waitOnCurrentStream() const {
+    if (!event) return;
+    const c10::impl::VirtualGuardImpl impl(device.type());
+    event->block(impl.getStream(device));
+  }
+};
+
+StreamMark markCurrentStream(const at::Device& device) {
+  StreamMark mark;
+  mark.device = device;
+  if (device.is_cpu()) return mark;
   const c10::impl::VirtualGuardImpl impl(device.type());
-  auto event = std::make_shared<c10::Event>(device.type());
-  event->record(impl.getStream(device));
-  return event;
+  mark.event = std::make_shared<c10::Event>(device.type());
+  mark.event->record(impl.getStream(device));
+  return mark;
 }
 
-void waitOnCurrentStream(const std::shared_ptr<c10::Event>& event, const at::Device& device) {
-  if (!event) return;
-  const c10::impl::VirtualGuardImpl impl(device.type());
-  event->block(impl.getStream(device));
+// Where a step's parameters live (the optimizer's step wrote them there).
+StreamMark markCurrentStream(const std::vector<at::Tensor>& params) {
+  return markCurrentStream(params.empty() ? at::Device(at::kCPU) : params.front().device());
 }
 
 }  // namespace
@@ -115,9 +128,9 @@ struct Bucket {
   std::exception_ptr error;  // the leader could not start its round
   int64_t numel = 0;
   bool ddp = false;  // handed over by DDP's hook (not average()): its layout is recorded, and regrouped
-  // A GPU buffer: recorded on the caller's current stream when handed over
+  // A GPU buffer: marked on the caller's current stream when handed over
   // (DDP's reducer wrote it there); the engine's stream waits for it.
-  std::shared_ptr<c10::Event> written;
+  StreamMark written;
 };
 
 struct EveryStep::Impl {
@@ -526,7 +539,7 @@ struct EveryStep::Impl {
       // Everything below runs on this thread's current stream: after the
       // caller's writes to the buffer. (The future's completion records
       // this stream in turn, for the caller's wait().)
-      waitOnCurrentStream(b.written, b.buffer.device());
+      b.written.waitOnCurrentStream();
       if (begins) beginStep();
       if (!registered.empty() && b.ddp) {
         // A step whose buckets hold parameters not registered (not the
@@ -707,9 +720,9 @@ void EveryStep::checkpoint(int64_t step, const std::vector<at::Tensor>& params, 
   try {
     Impl::Snapshot snap;
     // The parameters as the caller's stream left them (the optimizer's step).
-    const auto written = markCurrentStream(params.empty() ? at::Device(at::kCPU) : params.front().device());
+    const StreamMark written = markCurrentStream(params);
     d.onEngine([&] {
-      if (!params.empty()) waitOnCurrentStream(written, params.front().device());
+      written.waitOnCurrentStream();
       snap = d.snapshot(step, params, extra);
     });
     const std::string path = s.checkpoints->save(
@@ -747,9 +760,9 @@ void EveryStep::serveJoins(int64_t step, const std::vector<at::Tensor>& params, 
   Session::Impl& s = d.s;
   if (!s.leader) return;
   // The parameters as the caller's stream left them, as for a checkpoint.
-  const auto written = markCurrentStream(params.empty() ? at::Device(at::kCPU) : params.front().device());
+  const StreamMark written = markCurrentStream(params);
   d.onEngine([&] {
-    if (!params.empty()) waitOnCurrentStream(written, params.front().device());
+    written.waitOnCurrentStream();
     d.answerJoins();  // requests that came between rounds: nothing to release
     std::vector<transport::PeerRound> to;
     {
