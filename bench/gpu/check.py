@@ -43,6 +43,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, os.path.join(ROOT, "torch_ext", "python"))
+sys.path.insert(0, os.path.join(ROOT, "bench", "codecs"))
 
 import strait  # noqa: E402
 
@@ -96,7 +97,8 @@ def loaded_libraries():
     seen = []
     with open("/proc/self/maps") as f:
         for line in f:
-            path = line.split()[-1] if len(line.split()) >= 6 else ""
+            fields = line.split()
+            path = fields[-1] if len(fields) >= 6 else ""
             if ".so" in os.path.basename(path) and path not in seen:
                 seen.append(path)
     return seen
@@ -130,8 +132,8 @@ def what_runs(report):
     report.log(f"extension {strait.library_path}, built for torch {built_for}"
                + (f"; {len(report.data['info']['libraries_from_its_folder'])} libraries loaded from the bundle"
                   if bundled else " (not a bundle: its libraries come from the system)"))
-    # The same release and CUDA major version: "2.11.0+cu130" and "2.11.0"
-    # of a CUDA 13 torch are one build.
+    # The same release: "2.11.0+cu130" and "2.11.0" of a CUDA 13 torch are
+    # one build (another CUDA major would not have loaded the extension).
     ok = built_for.split("+")[0] == torch.__version__.split("+")[0]
     if not ok:
         report.log(f"  BUILT FOR ANOTHER TORCH: {built_for}, here {torch.__version__}")
@@ -234,14 +236,9 @@ def timer(report):
     """Best of `reps` runs of fn, in seconds: CUDA events on the GPU, the
     wall clock in a rehearsal."""
     if report.data["rehearsal"]:
-        def wall(fn, reps=3):
-            best = float("inf")
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                fn()
-                best = min(best, time.perf_counter() - t0)
-            return best
-        return wall
+        from torch_codecs import best_seconds  # the codec benchmark's wall-clock best-of
+
+        return lambda fn, reps=3: best_seconds(fn, reps)
 
     def events(fn, reps=5):
         best = float("inf")
